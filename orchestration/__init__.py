@@ -1,0 +1,1 @@
+"""Orchestration: config, data, the GRPO entry point, metrics."""

@@ -1,0 +1,248 @@
+"""Typed run configuration: one dataclass per component, YAML presets, ``a.b=c`` overrides.
+
+Schema and merging come from OmegaConf structured configs: an unknown key or a value of
+the wrong type fails at load with the key's full path. Value ranges and choices that a
+type cannot express are checked by :func:`validate`, which names the key and what is
+allowed. Each component receives only its own section (``config.rollout`` goes to the
+rollout worker, ``config.trainer`` to the trainer, ...).
+
+Every field is documented once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user: which key, what is wrong, what to do."""
+
+
+@dataclass
+class ModelConfig:
+    # A built-in architecture ("tiny": ~1M-parameter Qwen3 with a character tokenizer,
+    # "small": ~100M-parameter Qwen3), built locally and warm-started on the task.
+    # Ignored when `path` is set.
+    name: str = "tiny"
+    # A local Hugging Face model directory (config.json, weights, tokenizer). No hub downloads.
+    path: str | None = None
+    # Supervised warm-start steps for a built-in model (0 = start from random weights).
+    warm_start_steps: int = 400
+    warm_start_lr: float = 3e-3
+    warm_start_batch: int = 64
+    # Training and rollout dtype. CPU runs use float32.
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    # "arithmetic" (built-in, seeded) or a local .jsonl / .parquet file or a directory
+    # saved with `datasets.Dataset.save_to_disk`.
+    source: str = "arithmetic"
+    # Column names for file datasets (the built-in task always uses "prompt"/"answer").
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    # Built-in task: number of distinct training prompts, operand digits, operators.
+    num_prompts: int = 4096
+    min_digits: int = 1
+    max_digits: int = 2
+    operators: str = "+-"
+    seed: int = 1234
+    # Prompts longer than this (in tokens) are an error naming the row.
+    max_prompt_tokens: int = 64
+
+
+@dataclass
+class RolloutConfig:
+    # "vllm" (the rollout engine) or "hf" (transformers `generate`, the reference path).
+    backend: str = "vllm"
+    num_workers: int = 1
+    # Group size N: responses sampled per prompt.
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 8
+    # Extra stop strings (the tokenizer's EOS always stops).
+    stop: list[str] = field(default_factory=list)
+    # CPU threads for this worker's engine.
+    threads: int = 1
+    # vLLM: KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE); max_model_len.
+    kv_cache_gib: int = 1
+    max_model_len: int = 128
+    # vLLM: fraction of GPU memory for the engine (GPU presets only).
+    gpu_memory_utilization: float = 0.5
+    # vLLM: eager mode is required on CPU; CUDA graphs on GPU.
+    enforce_eager: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    max_grad_norm: float = 1.0
+    # Sequences per forward/backward; gradients accumulate over the whole step.
+    micro_batch_size: int = 64
+    threads: int = 1
+    device: str = "cpu"
+
+
+@dataclass
+class AlgorithmConfig:
+    # Advantage estimator: "grpo" (group mean/std) or "dr_grpo" (group mean only).
+    advantage: str = "grpo"
+    # Loss aggregation: "token_mean" (DAPO), "seq_mean" (original GRPO), "seq_sum_norm"
+    # (Dr. GRPO: token sum over a constant, max_tokens).
+    loss_agg: str = "token_mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    # KL to the initial policy (k3 estimator); 0 disables and skips the reference model.
+    kl_coef: float = 0.0
+    # Prompts per step (each gets `rollout.n` responses).
+    prompts_per_step: int = 16
+    # Reward functions as "module:function" import paths, TRL signature
+    # fn(prompts, completions, **columns) -> list[float]. Rewards are summed.
+    reward_fns: list[str] = field(default_factory=lambda: ["rollout.rewards:arithmetic_reward"])
+    # What to do when a reward function raises on a sample: "fail" or "zero" (reward 0, counted).
+    on_reward_error: str = "fail"
+
+
+@dataclass
+class OrchestrationConfig:
+    steps: int = 60
+    seed: int = 0
+    # Policy versions a sample may lag the trainer (0 = synchronous on-policy).
+    max_staleness: int = 0
+    # CPUs given to a local Ray started by the job (ignored when joining a cluster).
+    num_cpus: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    # Run directory: metrics.jsonl, TensorBoard events, the resolved config.
+    dir: str = "runs/tiny"
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def resolve_preset(path_or_name: str) -> Path:
+    """A preset path as given, else relative to the repository, else `configs/<name>.yaml`."""
+    for candidate in (Path(path_or_name), REPO_ROOT / path_or_name, PRESET_DIR / f"{path_or_name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = ", ".join(sorted(p.name for p in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {path_or_name!r} not found; presets in {PRESET_DIR}: {presets}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML preset <- ``a.b=c`` overrides, typed and validated."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    where = "defaults"
+    try:
+        if path is not None:
+            where = str(path)
+            layers.append(OmegaConf.load(resolve_preset(str(path))))
+        for item in overrides:
+            where = f"override {item!r}"
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form section.key=value")
+            layers.append(OmegaConf.from_dotlist([item]))
+        merged = OmegaConf.merge(*layers)
+        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"{where}: bad config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}. "
+                          f"Valid keys are the fields of orchestration/config.py.") from None
+    validate(config)
+    return config
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {sorted(allowed)}")
+
+
+def _check(key: str, ok: bool, what: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: must be {what}")
+
+
+def validate(config: Config) -> None:
+    """Value checks a type cannot express. Registries are consulted, not copied."""
+    from policy.grpo import ADVANTAGES, LOSS_AGGREGATIONS
+    from policy.models import BUILTIN_MODELS
+
+    m, d, r, t, a, o = (config.model, config.data, config.rollout, config.trainer,
+                        config.algorithm, config.orchestration)
+    if m.path is None:
+        _choice("model.name", m.name, BUILTIN_MODELS)
+    elif not Path(m.path).is_dir():
+        raise ConfigError(f"model.path={m.path!r} is not a directory; give a local Hugging Face "
+                          f"model directory (config.json + weights + tokenizer)")
+    _check("model.warm_start_steps", m.warm_start_steps >= 0, ">= 0", m.warm_start_steps)
+    _choice("model.dtype", m.dtype, {"float32", "bfloat16", "float16", "float64"})
+    if d.source != "arithmetic" and not Path(d.source).exists():
+        raise ConfigError(f"data.source={d.source!r}: no such file or directory; give 'arithmetic', a local "
+                          f".jsonl/.parquet file or a directory saved with datasets' save_to_disk")
+    _check("data.num_prompts", d.num_prompts >= 1, ">= 1", d.num_prompts)
+    _check("data.min_digits", 1 <= d.min_digits <= d.max_digits <= 9,
+           "1 <= data.min_digits <= data.max_digits <= 9", (d.min_digits, d.max_digits))
+    _check("data.operators", bool(d.operators) and set(d.operators) <= set("+-*"),
+           "a non-empty string of the characters '+-*'", d.operators)
+    _check("data.max_prompt_tokens", d.max_prompt_tokens >= 1, ">= 1", d.max_prompt_tokens)
+    _choice("rollout.backend", r.backend, {"vllm", "hf"})
+    _check("rollout.num_workers", r.num_workers >= 1, ">= 1", r.num_workers)
+    _check("rollout.n", r.n >= 2, ">= 2 (group-relative advantages need two responses)", r.n)
+    _check("rollout.temperature", r.temperature > 0, "> 0 (GRPO needs sampling)", r.temperature)
+    _check("rollout.top_p", 0 < r.top_p <= 1, "in (0, 1]", r.top_p)
+    _check("rollout.max_tokens", r.max_tokens >= 1, ">= 1", r.max_tokens)
+    _check("rollout.threads", r.threads >= 1, ">= 1", r.threads)
+    _check("rollout.max_model_len", r.max_model_len >= d.max_prompt_tokens + r.max_tokens,
+           f">= data.max_prompt_tokens + rollout.max_tokens = {d.max_prompt_tokens + r.max_tokens}",
+           r.max_model_len)
+    _check("trainer.lr", t.lr > 0, "> 0", t.lr)
+    _check("trainer.micro_batch_size", t.micro_batch_size >= 1, ">= 1", t.micro_batch_size)
+    _check("trainer.threads", t.threads >= 1, ">= 1", t.threads)
+    _check("trainer.max_grad_norm", t.max_grad_norm > 0, "> 0", t.max_grad_norm)
+    _choice("algorithm.advantage", a.advantage, ADVANTAGES)
+    _choice("algorithm.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
+    _check("algorithm.clip_low", 0 <= a.clip_low < 1, "in [0, 1)", a.clip_low)
+    _check("algorithm.clip_high", a.clip_high >= 0, ">= 0", a.clip_high)
+    _check("algorithm.kl_coef", a.kl_coef >= 0, ">= 0", a.kl_coef)
+    _check("algorithm.prompts_per_step", a.prompts_per_step >= 1, ">= 1", a.prompts_per_step)
+    _check("algorithm.reward_fns", len(a.reward_fns) >= 1 and all(":" in s for s in a.reward_fns),
+           "a non-empty list of 'module:function' paths", a.reward_fns)
+    _choice("algorithm.on_reward_error", a.on_reward_error, {"fail", "zero"})
+    _check("orchestration.steps", o.steps >= 1, ">= 1", o.steps)
+    _check("orchestration.max_staleness", o.max_staleness == 0,
+           "0: only the synchronous loop exists so far (async is tracked separately)", o.max_staleness)
+    _check("orchestration.num_cpus", o.num_cpus >= 1, ">= 1", o.num_cpus)
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

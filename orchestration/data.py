@@ -1,0 +1,112 @@
+"""Prompt datasets: the built-in arithmetic task, or jsonl / parquet / saved HF datasets.
+
+Every row becomes ``{"prompt": str, "answer": str, **other columns}``. A malformed row
+fails at load with its index and the missing field; a prompt longer than
+``data.max_prompt_tokens`` fails with its index and the fix.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import datasets
+
+
+class DataError(ValueError):
+    pass
+
+
+def arithmetic_problem(rng: random.Random, min_digits: int, max_digits: int, operators: str) -> dict:
+    """One problem such as ``"47+8="`` with answer ``"55"`` (subtraction may go negative)."""
+    def operand() -> int:
+        digits = rng.randint(min_digits, max_digits)
+        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+    a, b, op = operand(), operand(), rng.choice(operators)
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return {"prompt": f"{a}{op}{b}=", "answer": str(value)}
+
+
+def arithmetic_dataset(num: int, min_digits: int, max_digits: int, operators: str, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [arithmetic_problem(rng, min_digits, max_digits, operators) for _ in range(num)]
+
+
+def _load_rows(source: str) -> list[dict]:
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data.source={source!r}: no such file or directory; give 'arithmetic', "
+                        f"a .jsonl/.parquet file or a directory saved with Dataset.save_to_disk")
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"data.source={source!r}: a DatasetDict without a 'train' split "
+                                f"(splits: {list(ds)})")
+            ds = ds["train"]
+    elif path.suffix in (".jsonl", ".json"):
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.suffix == ".parquet":
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        raise DataError(f"data.source={source!r}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+    return ds.to_list()
+
+
+def load_prompts(data_cfg, tokenizer) -> list[dict]:
+    """Rows with "prompt" and "answer" (plus their other columns), validated."""
+    if data_cfg.source == "arithmetic":
+        rows = arithmetic_dataset(data_cfg.num_prompts, data_cfg.min_digits, data_cfg.max_digits,
+                                  data_cfg.operators, data_cfg.seed)
+        prompt_field, answer_field = "prompt", "answer"
+    else:
+        rows = _load_rows(data_cfg.source)
+        prompt_field, answer_field = data_cfg.prompt_field, data_cfg.answer_field
+    if not rows:
+        raise DataError(f"data.source={data_cfg.source!r} has no rows")
+    out = []
+    for i, row in enumerate(rows):
+        for name, key in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
+            if row.get(key) is None:
+                raise DataError(f"{data_cfg.source}: row {i} has no field {key!r} ({name}); "
+                                f"its fields are {sorted(row)}. Fix the row or set {name}.")
+        prompt = row[prompt_field]
+        if not isinstance(prompt, str) or not prompt:
+            raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} must be a non-empty string, "
+                            f"got {prompt!r}")
+        n_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        if n_tokens > data_cfg.max_prompt_tokens:
+            raise DataError(f"{data_cfg.source}: row {i}: prompt is {n_tokens} tokens, longer than "
+                            f"data.max_prompt_tokens={data_cfg.max_prompt_tokens}; raise the limit "
+                            f"(and rollout.max_model_len) or shorten the prompt")
+        extra = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+        out.append({**extra, "prompt": prompt, "answer": str(row[answer_field])})
+    return out
+
+
+class PromptStream:
+    """Epochs over the rows in a seeded random order; yields (index, row) batches.
+
+    The cursor (epoch, position) is all the state there is, so a run can record it.
+    """
+
+    def __init__(self, rows: list[dict], seed: int):
+        self.rows, self.seed = rows, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, size: int) -> list[tuple[int, dict]]:
+        batch = []
+        while len(batch) < size:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffle(self.epoch)
+            i = self._order[self.position]
+            self.position += 1
+            batch.append((i, self.rows[i]))
+        return batch

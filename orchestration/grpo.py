@@ -1,0 +1,135 @@
+"""GRPO on Ray: ``python -m orchestration.grpo --config configs/tiny.yaml [a.b=c ...]``.
+
+One step of the synchronous loop (``orchestration.max_staleness=0``):
+
+    rows --RolloutWorker.generate--> groups (n responses, behaviour logprobs, version v)
+         --reward fns-->             rewarded groups
+         --TrainerActor.step-->      policy v+1
+         --TrainerActor.export --> RolloutWorker.update_weights (checksum + probe verified)
+
+Weights go trainer -> Ray object store -> worker without passing through this driver.
+Metrics go to ``<logging.dir>/metrics.jsonl``, TensorBoard, Ray gauges (the dashboard) and
+a console progress bar. The final policy is saved to ``<logging.dir>/checkpoint``.
+Embed it with ``orchestration.grpo.main(config)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from orchestration.config import Config, ConfigError, load_config, to_yaml
+from orchestration.data import DataError, PromptStream, load_prompts
+from orchestration.metrics import RunLogger
+from orchestration.model_prep import prepare_model
+from orchestration.trainer_actor import TrainerActor
+from policy.models import load_tokenizer
+from rollout.rewards import RewardError, load_reward_fn, score_groups
+from rollout.worker import RolloutWorker
+
+log = logging.getLogger("rlaccel")
+
+
+def init_ray(config: Config) -> None:
+    """Join the cluster of a `ray job submit` (RAY_ADDRESS is set), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL":
+                        os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:  # address="local" ignores a stale cluster file from an earlier `ray start`
+        ray.init(address="local", num_cpus=config.orchestration.num_cpus, include_dashboard=False,
+                 runtime_env=env, log_to_driver=True)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 7_919 + step * 104_729) % (2 ** 31)
+
+
+def main(config: Config, progress: bool = True) -> list[dict]:
+    """Run GRPO as configured; returns the per-step metrics (also in metrics.jsonl)."""
+    o, a = config.orchestration, config.algorithm
+    run_dir = Path(config.logging.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(config))
+
+    model_dir = prepare_model(config, progress=progress)
+    tokenizer = load_tokenizer(model_dir)
+    rows = load_prompts(config.data, tokenizer)
+    reward_fns = {path: load_reward_fn(path) for path in a.reward_fns}
+    stream = PromptStream(rows, o.seed)
+    probe_ids = tokenizer(rows[0]["prompt"] + rows[0]["answer"], add_special_tokens=False).input_ids
+
+    init_ray(config)
+    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(
+        str(model_dir), config.rollout, config.model.dtype, o.seed)
+    trainer = ray.remote(num_cpus=1)(TrainerActor).remote(
+        str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
+        config.rollout.max_tokens, config.model.dtype, probe_ids)
+
+    logger = RunLogger(run_dir, config.logging.tensorboard)
+    history: list[dict] = []
+    bar = tqdm(range(o.steps), desc="GRPO", disable=not progress, dynamic_ncols=True)
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = stream.next_batch(a.prompts_per_step)
+            groups, metrics = ray.get(worker.generate.remote(batch, step_seed(o.seed, step)))
+            metrics.update(score_groups(groups, reward_fns, a.on_reward_error))
+            step_metrics = trainer.step.remote(groups)
+            state, version, checksum, probe = trainer.export.options(num_returns=4).remote()
+            synced = worker.update_weights.remote(state, version, checksum, probe)
+            train_metrics, sync_metrics = ray.get([step_metrics, synced])
+            metrics.update(train_metrics)
+            metrics.update(sync_metrics)
+            metrics["step_s"] = time.perf_counter() - t0
+            metrics["epoch"] = float(stream.epoch)
+            logger.log(step, metrics)
+            history.append({"step": step, **metrics})
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", roll_tok_s=f"{metrics['rollout_tok_s']:.0f}",
+                            roll_s=f"{metrics['rollout_s']:.2f}", upd_s=f"{metrics['update_s']:.2f}")
+        ray.get(trainer.save.remote(str(run_dir / "checkpoint")))
+    finally:
+        logger.close()
+        bar.close()
+        for actor in (worker, trainer):
+            ray.kill(actor)
+    return history
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m orchestration.grpo", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/tiny.yaml",
+                        help="YAML preset (a path, or a name in configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. orchestration.steps=10")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def cli(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config_path, overrides = parse_args(argv)
+    try:
+        config = load_config(config_path, overrides)
+        history = main(config, progress=True)
+    except (ConfigError, DataError, RewardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    first = history[: max(1, len(history) // 10)]
+    last = history[-max(1, len(history) // 10):]
+    mean = lambda hs: sum(h["reward"] for h in hs) / len(hs)  # noqa: E731
+    print(f"done: {len(history)} steps; mean reward first 10% {mean(first):.3f}, last 10% {mean(last):.3f}; "
+          f"logs in {config.logging.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,59 @@
+"""Run metrics: one JSON line per step, TensorBoard scalars, Ray gauges for the dashboard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# Ray gauges exported to the dashboard / Prometheus under `ray job submit`.
+GAUGES = {
+    "reward": "Mean reward of the step's samples",
+    "rollout_tok_s": "Rollout (sampling) tokens per second",
+    "update_tok_s": "Trainer update tokens (prompt+response) per second",
+    "rollout_s": "Seconds spent sampling in the step",
+    "update_s": "Seconds spent in the trainer update in the step",
+    "sync_s": "Seconds spent in the weight sync in the step",
+    "step_s": "Wall-clock seconds of the step",
+}
+
+
+class RunLogger:
+    def __init__(self, directory: str | Path, tensorboard: bool = True):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.dir / "metrics.jsonl", "w")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self._gauges = {}
+        try:
+            import ray
+            from ray.util.metrics import Gauge
+            if ray.is_initialized():
+                self._gauges = {k: Gauge(f"rlaccel_{k}", description=d) for k, d in GAUGES.items()}
+        except Exception:  # metrics are best effort outside a Ray job
+            self._gauges = {}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in record.items():
+            if k == "step" or not math.isfinite(v):
+                continue
+            if self._tb is not None:
+                self._tb.add_scalar(k, v, step)
+            if k in self._gauges:
+                self._gauges[k].set(v)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(directory: str | Path) -> list[dict]:
+    with open(Path(directory) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,61 @@
+"""Resolve ``config.model`` to a local model directory every component loads.
+
+A local ``model.path`` is used as is. A built-in model is built, warm-started on the run's
+prompts and cached under ``$RLACCEL_CACHE`` (default ``<repo>/.cache``), keyed by a hash of
+everything that determines it; the directory is written to a temporary name and renamed,
+so an interrupted build never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from orchestration.config import REPO_ROOT, Config
+from orchestration.data import load_prompts
+from policy.models import build_char_tokenizer, build_model, num_parameters, save_model
+from policy.warm_start import warm_start
+
+log = logging.getLogger(__name__)
+WARM_START_VERSION = 1  # bump when the recipe changes, to invalidate caches
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLACCEL_CACHE", REPO_ROOT / ".cache"))
+
+
+def prepare_model(config: Config, progress: bool = True) -> Path:
+    m = config.model
+    if m.path is not None:
+        return Path(m.path)
+    key_src = json.dumps({"v": WARM_START_VERSION, "model": dataclasses.asdict(m),
+                          "data": dataclasses.asdict(config.data)}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{m.name}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = build_char_tokenizer()
+    model = build_model(m.name, tokenizer, seed=config.orchestration.seed, dtype=getattr(torch, m.dtype))
+    log.info("building model %r (%.2fM parameters) into %s", m.name, num_parameters(model) / 1e6, target)
+    if m.warm_start_steps > 0:
+        rows = load_prompts(config.data, tokenizer)
+        examples = [(r["prompt"], r["answer"]) for r in rows]
+        losses = warm_start(model, tokenizer, examples, m.warm_start_steps, m.warm_start_lr, m.warm_start_batch,
+                            seed=config.orchestration.seed, progress=progress)
+        log.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    (tmp / "rlaccel_build.json").write_text(key_src)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,1 @@
+"""GRPO policy: models, tokenizer, logprobs, losses, trainer (no Ray, no vLLM)."""

@@ -1,0 +1,100 @@
+"""Causal LMs for the policy: built-in Qwen3 configs with a local character tokenizer, or a
+local Hugging Face directory. Nothing is downloaded.
+
+Built-in models are written to a directory (config.json, safetensors, tokenizer) so that
+every consumer (the trainer, vLLM, TRL) loads the very same files.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
+
+PAD, EOS = "<|pad|>", "<|endoftext|>"
+CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
+
+# Qwen3 architecture (GQA, RoPE, q/k norm). `vocab_size` may exceed the tokenizer's
+# size, as in real Qwen checkpoints; "small" pads to 32k so its LM head costs what a real
+# vocabulary costs.
+BUILTIN_MODELS: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=128, max_position_embeddings=512),
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=4096),
+}
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, plus pad and EOS (no BOS, as Qwen)."""
+    vocab = {PAD: 0, EOS: 1}
+    vocab.update({c: i + 2 for i, c in enumerate(CHARS)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS,
+                                   model_max_length=4096, clean_up_tokenization_spaces=False)
+
+
+def build_model(name: str, tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A freshly initialised built-in model with the tokenizer's special ids."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; choose one of {sorted(BUILTIN_MODELS)}")
+    spec = BUILTIN_MODELS[name]
+    assert spec["vocab_size"] >= len(tokenizer), (spec["vocab_size"], len(tokenizer))
+    config = Qwen3Config(**spec, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None, torch_dtype=str(dtype).removeprefix("torch."))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_model(model, tokenizer, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_tokenizer(directory: str | Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(directory: str | Path, dtype: str | torch.dtype = torch.float32):
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="sdpa")
+
+
+def num_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """BLAKE2b over names, shapes, dtypes and bytes of every tensor, in name order."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def sync_tolerance(dtype: str) -> float:
+    """Max |logp_engine − logp_trainer| accepted when verifying a weight sync.
+
+    Two float32 implementations of the same forward agree to ~1e-6 here; 1e-3 leaves room
+    for kernel differences while any real weight mismatch moves logprobs by far more.
+    Half precision rounds activations at ~4e-3 relative, so its bound is 0.1.
+    """
+    return 1e-3 if dtype in ("float32", "float64") else 1e-1

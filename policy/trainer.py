@@ -1,0 +1,156 @@
+"""PolicyTrainer: per-token logprobs, the GRPO loss, backward and an AdamW step.
+
+A plain class (no Ray): the trainer actor in ``orchestration/`` is a thin shell around it.
+Old logprobs are recomputed by the trainer (one optimizer step per rollout batch, so the
+ratio is exactly 1 in value, as in verl's default); the sampler's behaviour logprobs are
+compared against them every step and reported as ``logp_mismatch_max``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from policy.batch import Group, pad_sequences
+from policy.grpo import ADVANTAGES, StepTotals, grpo_loss
+from policy.models import load_model, load_tokenizer
+
+
+def token_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of ``batch.targets`` at ``temperature``; [B, R], zero on padding.
+
+    The LM head is applied to the whole row, then the predicting positions are gathered.
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    logits = out.logits  # [B, L, V]
+    V = logits.shape[-1]
+    picked = logits.gather(1, batch.predict_pos[..., None].expand(-1, -1, V))  # [B, R, V]
+    logp = torch.log_softmax(picked.float() / temperature, dim=-1)
+    logp = logp.gather(-1, batch.targets[..., None]).squeeze(-1)  # [B, R]
+    return logp * batch.response_mask
+
+
+class PolicyTrainer:
+    def __init__(self, model_dir: str | Path, trainer_cfg, algorithm_cfg, temperature: float,
+                 max_tokens: int, dtype: str = "float32"):
+        self.cfg, self.algo = trainer_cfg, algorithm_cfg
+        self.temperature, self.max_tokens = temperature, max_tokens
+        torch.set_num_threads(trainer_cfg.threads)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = load_model(model_dir, dtype).to(trainer_cfg.device)
+        self.model.train()
+        self.ref_model = None
+        if algorithm_cfg.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay,
+            betas=(trainer_cfg.beta1, trainer_cfg.beta2))
+        self.version = 0
+
+    # ---- training -------------------------------------------------------------------
+
+    def step(self, groups: list[Group]) -> dict[str, float]:
+        """One optimizer step on complete, rewarded groups; returns metrics."""
+        t0 = time.perf_counter()
+        for g in groups:
+            if g.rewards is None or len(g.rewards) != g.n:
+                raise ValueError(f"group of prompt {g.index} has no rewards for its {g.n} responses")
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)  # [G, N]
+        if not torch.isfinite(rewards).all():
+            bad = [g.index for g in groups if not torch.isfinite(torch.tensor(g.rewards)).all()]
+            raise ValueError(f"non-finite rewards in step {self.version} (prompt indices {bad}); "
+                             f"check the reward functions")
+        advantages = ADVANTAGES[self.algo.advantage](rewards).flatten().float()  # [G*N]
+        prompts = [g.prompt_ids for g in groups for _ in range(g.n)]
+        responses = [r for g in groups for r in g.responses]
+        behaviour = [lp for g in groups for lp in g.behaviour_logprobs]
+        totals = StepTotals(tokens=max(sum(map(len, responses)), 1), sequences=len(responses),
+                            max_tokens=self.max_tokens)
+        sums: dict[str, float] = {}
+        mismatch = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        mb = self.cfg.micro_batch_size
+        for lo in range(0, len(responses), mb):
+            sl = slice(lo, lo + mb)
+            batch = pad_sequences(prompts[sl], responses[sl], self.tokenizer.pad_token_id)
+            batch = _to(batch, self.cfg.device)
+            logp = token_logprobs(self.model, batch, self.temperature)
+            ref_logp = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logp = token_logprobs(self.ref_model, batch, self.temperature)
+            loss, m = grpo_loss(logp, logp.detach(), advantages[sl].to(self.cfg.device), batch.response_mask,
+                                totals, self.algo.loss_agg, self.algo.clip_low, self.algo.clip_high,
+                                self.algo.kl_coef, ref_logp)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(
+                    f"non-finite loss at policy version {self.version} (micro-batch starting at sequence {lo}); "
+                    f"the weights were not updated. Lower trainer.lr or check the model dtype.")
+            loss.backward()
+            rows = min(mb, len(responses) - lo)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v * rows
+            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            mismatch = max(mismatch, _max_mismatch(logp.detach().cpu(), behaviour[sl], batch.response_mask.cpu()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient norm at policy version {self.version}; "
+                                     f"the weights were not updated")
+        self.optimizer.step()
+        self.version += 1
+        seconds = time.perf_counter() - t0
+        n = len(responses)
+        metrics = {k: (v if k == "loss" else v / n) for k, v in sums.items()}
+        metrics.update(grad_norm=float(grad_norm), logp_mismatch_max=mismatch, update_s=seconds,
+                       update_tokens=float(sum(len(p) + len(r) for p, r in zip(prompts, responses))),
+                       version=float(self.version))
+        metrics["update_tok_s"] = metrics["update_tokens"] / seconds
+        return metrics
+
+    @torch.no_grad()
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_t | tokens_<t) at temperature 1 for t >= 1: the weight-sync probe."""
+        logits = self.model(torch.tensor([token_ids], device=self.cfg.device)).logits[0, :-1].float()
+        target = torch.tensor(token_ids[1:], device=self.cfg.device)[:, None]
+        return torch.log_softmax(logits, -1).gather(-1, target)[:, 0].tolist()
+
+    # ---- state ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Current policy weights in Hugging Face checkpoint names (detached CPU copies)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        torch.save({"optimizer": self.optimizer.state_dict(), "version": self.version},
+                   directory / "trainer_state.pt")
+        return directory
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.model.load_state_dict(load_model(directory).state_dict())
+        state = torch.load(directory / "trainer_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state["version"])
+
+
+def _to(batch, device):
+    if device == "cpu":
+        return batch
+    return type(batch)(*(getattr(batch, f).to(device) for f in batch.__dataclass_fields__))
+
+
+def _max_mismatch(logp: torch.Tensor, behaviour: list[list[float]], mask: torch.Tensor) -> float:
+    """max |trainer logp − behaviour logp| over real response tokens."""
+    ref = torch.zeros_like(logp)
+    for i, lps in enumerate(behaviour):
+        ref[i, :len(lps)] = torch.tensor(lps, dtype=logp.dtype)
+    return float(((logp - ref).abs() * mask).max()) if mask.any() else 0.0

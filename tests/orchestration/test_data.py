@@ -1,0 +1,71 @@
+import json
+
+import datasets
+import pytest
+
+from orchestration.config import ConfigError, load_config
+from orchestration.data import DataError, PromptStream, arithmetic_dataset, load_prompts
+from policy.models import build_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+def test_arithmetic_is_seeded_and_correct():
+    rows = arithmetic_dataset(200, 1, 3, "+-*", seed=7)
+    assert rows == arithmetic_dataset(200, 1, 3, "+-*", seed=7)
+    assert rows != arithmetic_dataset(200, 1, 3, "+-*", seed=8)
+    for r in rows:
+        expr = r["prompt"].removesuffix("=")
+        assert str(eval(expr)) == r["answer"]  # the checker, not the generator, evaluates
+
+
+def _cfg(tmp_path, source, *extra):
+    return load_config(None, [f"data.source={source}", *extra]).data
+
+
+def test_jsonl_parquet_and_saved_dataset(tmp_path, tokenizer):
+    rows = [{"question": "1+1=", "solution": "2", "level": 1}, {"question": "2+3=", "solution": "5", "level": 2}]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for source in (jl, tmp_path / "d.parquet", tmp_path / "saved"):
+        out = load_prompts(_cfg(tmp_path, source, "data.prompt_field=question", "data.answer_field=solution"),
+                           tokenizer)
+        assert out == [{"level": 1, "prompt": "1+1=", "answer": "2"}, {"level": 2, "prompt": "2+3=", "answer": "5"}]
+
+
+def test_missing_field_names_row_and_field(tmp_path, tokenizer):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2="}))
+    with pytest.raises(DataError, match=r"row 1 has no field 'answer'.*data.answer_field"):
+        load_prompts(_cfg(tmp_path, jl), tokenizer)
+
+
+def test_too_long_prompt_names_row_and_fix(tmp_path, tokenizer):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"prompt": "1" * 100, "answer": "2"}))
+    with pytest.raises(DataError, match=r"row 0: prompt is 100 tokens.*max_prompt_tokens"):
+        load_prompts(_cfg(tmp_path, jl), tokenizer)
+
+
+def test_missing_source_file(tmp_path, tokenizer):
+    with pytest.raises(ConfigError, match="data.source=.*no such file"):
+        _cfg(tmp_path, tmp_path / "nope.jsonl")
+    data_cfg = _cfg(tmp_path, tmp_path)
+    data_cfg.source = str(tmp_path / "gone.jsonl")  # deleted after the config was checked
+    with pytest.raises(DataError, match="no such file"):
+        load_prompts(data_cfg, tokenizer)
+
+
+def test_prompt_stream_covers_each_row_once_per_epoch():
+    rows = [{"i": i} for i in range(10)]
+    stream = PromptStream(rows, seed=3)
+    first = [i for i, _ in stream.next_batch(4) + stream.next_batch(6)]
+    assert sorted(first) == list(range(10)) and stream.epoch == 0
+    second = [i for i, _ in stream.next_batch(10)]
+    assert sorted(second) == list(range(10)) and stream.epoch == 1 and second != first
