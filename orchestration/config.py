@@ -90,7 +90,10 @@ class TrainerConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     max_grad_norm: float = 1.0
-    # Sequences per forward/backward; gradients accumulate over the whole step.
+    # Optimizer steps per rollout batch (the batch is split into this many mini-batches,
+    # PPO-style; ratios are taken against the policy before the first of them).
+    mini_batches: int = 1
+    # Sequences per forward/backward; gradients accumulate over a mini-batch.
     micro_batch_size: int = 64
     threads: int = 1
     device: str = "cpu"
@@ -222,6 +225,7 @@ def validate(config: Config) -> None:
            f">= data.max_prompt_tokens + rollout.max_tokens = {d.max_prompt_tokens + r.max_tokens}",
            r.max_model_len)
     _check("trainer.lr", t.lr > 0, "> 0", t.lr)
+    _check("trainer.mini_batches", t.mini_batches >= 1, ">= 1", t.mini_batches)
     _check("trainer.micro_batch_size", t.micro_batch_size >= 1, ">= 1", t.micro_batch_size)
     _check("trainer.threads", t.threads >= 1, ">= 1", t.threads)
     _check("trainer.max_grad_norm", t.max_grad_norm > 0, "> 0", t.max_grad_norm)

@@ -54,9 +54,10 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 7_919 + step * 104_729) % (2 ** 31)
 
 
-def main(config: Config, progress: bool = True) -> list[dict]:
+def main(config: Config, progress: bool | None = None) -> list[dict]:
     """Run GRPO as configured; returns the per-step metrics (also in metrics.jsonl)."""
     o, a = config.orchestration, config.algorithm
+    progress = config.logging.progress_bar if progress is None else progress
     run_dir = Path(config.logging.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(config))
@@ -119,15 +120,16 @@ def cli(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
     try:
         config = load_config(config_path, overrides)
-        history = main(config, progress=True)
+        history = main(config)
     except (ConfigError, DataError, RewardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     first = history[: max(1, len(history) // 10)]
     last = history[-max(1, len(history) // 10):]
     mean = lambda hs: sum(h["reward"] for h in hs) / len(hs)  # noqa: E731
+    mismatch = max(h["logp_mismatch_max"] for h in history)
     print(f"done: {len(history)} steps; mean reward first 10% {mean(first):.3f}, last 10% {mean(last):.3f}; "
-          f"logs in {config.logging.dir}")
+          f"max |trainer - sampler| logprob {mismatch:.1e}; logs in {config.logging.dir}")
     return 0
 
 

@@ -53,7 +53,8 @@ class PolicyTrainer:
     # ---- training -------------------------------------------------------------------
 
     def step(self, groups: list[Group]) -> dict[str, float]:
-        """One optimizer step on complete, rewarded groups; returns metrics."""
+        """Update the policy on complete, rewarded groups (``trainer.mini_batches`` optimizer
+        steps, one policy version); returns metrics."""
         t0 = time.perf_counter()
         for g in groups:
             if g.rewards is None or len(g.rewards) != g.n:
@@ -67,50 +68,67 @@ class PolicyTrainer:
         prompts = [g.prompt_ids for g in groups for _ in range(g.n)]
         responses = [r for g in groups for r in g.responses]
         behaviour = [lp for g in groups for lp in g.behaviour_logprobs]
-        totals = StepTotals(tokens=max(sum(map(len, responses)), 1), sequences=len(responses),
-                            max_tokens=self.max_tokens)
+        n = len(responses)
+        # Old logprobs: the trainer's policy before this step's first update. With one
+        # mini-batch they are the current logprobs, detached (free); with more, one extra
+        # no-grad pass computes them up front.
+        old: list[torch.Tensor] | None = None
+        if self.cfg.mini_batches > 1:
+            with torch.no_grad():
+                old = [row[:len(responses[i])] for batch, idx in self._micro_batches(prompts, responses, range(n))
+                       for i, row in zip(idx, token_logprobs(self.model, batch, self.temperature).cpu())]
+        size = -(-n // self.cfg.mini_batches)
         sums: dict[str, float] = {}
-        mismatch = 0.0
-        self.optimizer.zero_grad(set_to_none=True)
-        mb = self.cfg.micro_batch_size
-        for lo in range(0, len(responses), mb):
-            sl = slice(lo, lo + mb)
-            batch = pad_sequences(prompts[sl], responses[sl], self.tokenizer.pad_token_id)
-            batch = _to(batch, self.cfg.device)
-            logp = token_logprobs(self.model, batch, self.temperature)
-            ref_logp = None
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    ref_logp = token_logprobs(self.ref_model, batch, self.temperature)
-            loss, m = grpo_loss(logp, logp.detach(), advantages[sl].to(self.cfg.device), batch.response_mask,
-                                totals, self.algo.loss_agg, self.algo.clip_low, self.algo.clip_high,
-                                self.algo.kl_coef, ref_logp)
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(
-                    f"non-finite loss at policy version {self.version} (micro-batch starting at sequence {lo}); "
-                    f"the weights were not updated. Lower trainer.lr or check the model dtype.")
-            loss.backward()
-            rows = min(mb, len(responses) - lo)
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v * rows
-            sums["loss"] = sums.get("loss", 0.0) + float(loss)
-            mismatch = max(mismatch, _max_mismatch(logp.detach().cpu(), behaviour[sl], batch.response_mask.cpu()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
+        mismatch, grad_norms = 0.0, []
+        for start in range(0, n, size):
+            mini = range(start, min(start + size, n))
+            totals = StepTotals(tokens=max(sum(len(responses[i]) for i in mini), 1), sequences=len(mini),
+                                max_tokens=self.max_tokens)
             self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite gradient norm at policy version {self.version}; "
-                                     f"the weights were not updated")
-        self.optimizer.step()
+            for batch, idx in self._micro_batches(prompts, responses, mini):
+                logp = token_logprobs(self.model, batch, self.temperature)
+                old_logp = logp.detach() if old is None else _pad_rows([old[i] for i in idx], logp)
+                ref_logp = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref_logp = token_logprobs(self.ref_model, batch, self.temperature)
+                loss, m = grpo_loss(logp, old_logp, advantages[idx].to(logp.device), batch.response_mask,
+                                    totals, self.algo.loss_agg, self.algo.clip_low, self.algo.clip_high,
+                                    self.algo.kl_coef, ref_logp)
+                if not torch.isfinite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(
+                        f"non-finite loss at policy version {self.version} (sequences {idx[0]}..{idx[-1]}); "
+                        f"the weights were not updated. Lower trainer.lr or check the model dtype.")
+                loss.backward()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(idx)
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / self.cfg.mini_batches
+                mismatch = max(mismatch, _max_mismatch(old_logp.cpu(), [behaviour[i] for i in idx],
+                                                       batch.response_mask.cpu()))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"non-finite gradient norm at policy version {self.version}; "
+                                         f"the weights were not updated")
+            self.optimizer.step()
+            grad_norms.append(float(grad_norm))
         self.version += 1
         seconds = time.perf_counter() - t0
-        n = len(responses)
         metrics = {k: (v if k == "loss" else v / n) for k, v in sums.items()}
-        metrics.update(grad_norm=float(grad_norm), logp_mismatch_max=mismatch, update_s=seconds,
+        metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), logp_mismatch_max=mismatch, update_s=seconds,
                        update_tokens=float(sum(len(p) + len(r) for p, r in zip(prompts, responses))),
                        version=float(self.version))
         metrics["update_tok_s"] = metrics["update_tokens"] / seconds
         return metrics
+
+    def _micro_batches(self, prompts, responses, indices):
+        """(padded batch on the device, its sequence indices) in chunks of micro_batch_size."""
+        indices = list(indices)
+        for lo in range(0, len(indices), self.cfg.micro_batch_size):
+            idx = indices[lo:lo + self.cfg.micro_batch_size]
+            batch = pad_sequences([prompts[i] for i in idx], [responses[i] for i in idx], self.tokenizer.pad_token_id)
+            yield _to(batch, self.cfg.device), idx
 
     @torch.no_grad()
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -146,6 +164,14 @@ def _to(batch, device):
     if device == "cpu":
         return batch
     return type(batch)(*(getattr(batch, f).to(device) for f in batch.__dataclass_fields__))
+
+
+def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per-sequence 1-D tensors, zero-padded to ``like``'s [B, R]."""
+    out = torch.zeros_like(like)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row.to(like.device, like.dtype)
+    return out
 
 
 def _max_mismatch(logp: torch.Tensor, behaviour: list[list[float]], mask: torch.Tensor) -> float:

@@ -1,0 +1,40 @@
+"""`ray job submit` against a local Ray head, as the README documents it."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _ray(*args, env, timeout=300):
+    return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_ray_job_submit_runs_the_entry_point(tmp_path):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TMPDIR": str(tmp_path / "ray")}
+    env.pop("RAY_ADDRESS", None)
+    port = 8265 + (os.getpid() % 500)
+    started = _ray("start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
+                   "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}", env=env)
+    assert started.returncode == 0, started.stderr
+    try:
+        run_dir = tmp_path / "run"
+        job = _ray("job", "submit", f"--address=http://127.0.0.1:{port}", "--", "python", "-m",
+                   "orchestration.grpo", "--config", "configs/tiny.yaml", "orchestration.steps=3",
+                   f"logging.dir={run_dir}", "logging.progress_bar=false", env=env, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 3
+    finally:
+        _ray("stop", "--force", env=env)
+        time.sleep(1)
