@@ -38,6 +38,8 @@ class ModelConfig:
     warm_start_steps: int = 400
     warm_start_lr: float = 3e-3
     warm_start_batch: int = 64
+    # Label smoothing of the warm start: > 0 leaves the policy diffuse (see policy/warm_start.py).
+    warm_start_label_smoothing: float = 0.0
     # Training and rollout dtype. CPU runs use float32.
     dtype: str = "float32"
 
@@ -204,6 +206,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.path={m.path!r} is not a directory; give a local Hugging Face "
                           f"model directory (config.json + weights + tokenizer)")
     _check("model.warm_start_steps", m.warm_start_steps >= 0, ">= 0", m.warm_start_steps)
+    _check("model.warm_start_label_smoothing", 0 <= m.warm_start_label_smoothing < 1, "in [0, 1)",
+           m.warm_start_label_smoothing)
     _choice("model.dtype", m.dtype, {"float32", "bfloat16", "float16", "float64"})
     if d.source != "arithmetic" and not Path(d.source).exists():
         raise ConfigError(f"data.source={d.source!r}: no such file or directory; give 'arithmetic', a local "

@@ -98,12 +98,25 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", roll_tok_s=f"{metrics['rollout_tok_s']:.0f}",
                             roll_s=f"{metrics['rollout_s']:.2f}", upd_s=f"{metrics['update_s']:.2f}")
         ray.get(trainer.save.remote(str(run_dir / "checkpoint")))
+    except BaseException:
+        # Keep what was learned so far (the trainer is a separate process and usually alive).
+        saved = _try_save(trainer, run_dir / "checkpoint-interrupted")
+        log.error("run stopped at step %d of %d; %s", len(history), o.steps,
+                  f"policy saved to {saved}" if saved else "the policy could not be saved")
+        raise
     finally:
         logger.close()
         bar.close()
         for actor in (worker, trainer):
             ray.kill(actor)
     return history
+
+
+def _try_save(trainer, directory: Path) -> str | None:
+    try:
+        return ray.get(trainer.save.remote(str(directory)), timeout=120)
+    except Exception:  # the trainer itself may be what failed
+        return None
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:

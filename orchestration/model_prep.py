@@ -48,7 +48,8 @@ def prepare_model(config: Config, progress: bool = True) -> Path:
         rows = load_prompts(config.data, tokenizer)
         examples = [(r["prompt"], r["answer"]) for r in rows]
         losses = warm_start(model, tokenizer, examples, m.warm_start_steps, m.warm_start_lr, m.warm_start_batch,
-                            seed=config.orchestration.seed, progress=progress)
+                            seed=config.orchestration.seed, progress=progress,
+                            label_smoothing=m.warm_start_label_smoothing)
         log.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

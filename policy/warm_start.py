@@ -3,6 +3,11 @@
 RL from a random 1M-parameter model would never see a reward; a few hundred SFT steps give
 a policy that is right some of the time when sampling at temperature 1 — above zero, far
 from solved — which is where GRPO has signal. Loss on answer tokens and EOS only.
+
+``label_smoothing`` ε trains towards (1 − ε)·one-hot + ε·uniform (Szegedy et al. 2016), so
+the warm-started policy is diffuse: its mode is often right while samples at temperature 1
+often are not, like a pretrained model before RL. GRPO's first gains on such a policy come
+from concentrating probability on what it already knows, and then from learning more.
 """
 
 from __future__ import annotations
@@ -13,11 +18,10 @@ import torch
 from tqdm import tqdm
 
 from policy.batch import pad_sequences
-from policy.trainer import token_logprobs
 
 
 def warm_start(model, tokenizer, examples: list[tuple[str, str]], steps: int, lr: float, batch_size: int,
-               seed: int = 0, progress: bool = True) -> list[float]:
+               seed: int = 0, progress: bool = True, label_smoothing: float = 0.0) -> list[float]:
     """Trains ``model`` in place; returns the loss per step."""
     rng = random.Random(seed)
     encoded = [(tokenizer(p, add_special_tokens=False).input_ids,
@@ -30,8 +34,11 @@ def warm_start(model, tokenizer, examples: list[tuple[str, str]], steps: int, lr
     for _ in bar:
         chunk = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
         batch = pad_sequences([p for p, _ in chunk], [a for _, a in chunk], tokenizer.pad_token_id)
-        logp = token_logprobs(model, batch)
-        loss = -(logp.sum() / batch.response_mask.sum())
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = logits.gather(1, batch.predict_pos[..., None].expand(-1, -1, logits.shape[-1]))  # [B, R, V]
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none",
+                                                      label_smoothing=label_smoothing)  # [B, R]
+        loss = (per_token * batch.response_mask).sum() / batch.response_mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
