@@ -1,8 +1,10 @@
 """`ray job submit` against a local Ray head, as the README documents it."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,11 +22,15 @@ def _ray(*args, env, timeout=300):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_ray_job_submit_runs_the_entry_point(tmp_path):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TMPDIR": str(tmp_path / "ray")}
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Unix socket paths must stay < 108 bytes
+    # Ray >= 2.5x turns token auth on for `ray start` once ~/.ray/auth_token exists, but its job
+    # client only sends the token when RAY_AUTH_MODE=token is set explicitly (README).
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    assert _ray("get-auth-token", "--generate", env=env).returncode == 0  # no-op when ~/.ray/auth_token exists
     port = 8265 + (os.getpid() % 500)
     started = _ray("start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
-                   "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}", env=env)
+                   "--include-dashboard=true", f"--temp-dir={ray_tmp}", env=env)
     assert started.returncode == 0, started.stderr
     try:
         run_dir = tmp_path / "run"
@@ -38,3 +44,4 @@ def test_ray_job_submit_runs_the_entry_point(tmp_path):
     finally:
         _ray("stop", "--force", env=env)
         time.sleep(1)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
