@@ -130,7 +130,7 @@ def main() -> None:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    plan = {"tiny": ([1, 4, 16, 64], 64), "small": ([1, 4, 16, 64], 32)}
+    plan = {"tiny": ([1, 4, 16, 64, 256], 64), "small": ([1, 4, 16, 64], 32)}
     if args.quick:
         plan = {"tiny": ([1, 16], 16)}
     rows = []

@@ -43,11 +43,30 @@ def init_ray(config: Config) -> None:
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL":
                         os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+    needed = config.rollout.num_workers + 1  # one CPU slot per rollout worker and the trainer
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
+        have = ray.cluster_resources().get("CPU", 0)
+        if have < needed:
+            raise ConfigError(f"the Ray cluster has {have:g} CPUs but rollout.num_workers="
+                              f"{config.rollout.num_workers} workers + 1 trainer need {needed}; "
+                              f"lower rollout.num_workers or add nodes")
     else:  # address="local" ignores a stale cluster file from an earlier `ray start`
-        ray.init(address="local", num_cpus=config.orchestration.num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=max(config.orchestration.num_cpus, needed), include_dashboard=False,
                  runtime_env=env, log_to_driver=True)
+
+
+COUNTS = {"rollout_tokens", "rollout_sequences", "rollout_truncated"}
+
+
+def merge_worker_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]:
+    """Workers run in parallel: counts add up; seconds and diffs are the slowest/worst."""
+    merged = {k: (sum if k in COUNTS else max)(m[k] for m in per_worker) for k in per_worker[0]}
+    if "rollout_tokens" in merged:
+        merged["rollout_tok_s"] = merged["rollout_tokens"] / merged["rollout_s"]
+        merged["response_len"] = merged["rollout_tokens"] / merged["rollout_sequences"]
+        merged["truncated_frac"] = merged["rollout_truncated"] / merged["rollout_sequences"]
+    return merged
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -70,8 +89,9 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     probe_ids = tokenizer(rows[0]["prompt"] + rows[0]["answer"], add_special_tokens=False).input_ids
 
     init_ray(config)
-    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(
-        str(model_dir), config.rollout, config.model.dtype, o.seed)
+    workers = [ray.remote(num_cpus=1)(RolloutWorker).remote(
+        str(model_dir), config.rollout, config.model.dtype, o.seed, worker_id=i)
+        for i in range(config.rollout.num_workers)]
     trainer = ray.remote(num_cpus=1)(TrainerActor).remote(
         str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
         config.rollout.max_tokens, config.model.dtype, probe_ids)
@@ -83,14 +103,20 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
         for step in bar:
             t0 = time.perf_counter()
             batch = stream.next_batch(a.prompts_per_step)
-            groups, metrics = ray.get(worker.generate.remote(batch, step_seed(o.seed, step)))
+            batch_order = {index: k for k, (index, _) in enumerate(batch)}
+            shards = [batch[i::len(workers)] for i in range(len(workers))]
+            outs = ray.get([w.generate.remote(shard, step_seed(o.seed, step) + i)
+                            for i, (w, shard) in enumerate(zip(workers, shards)) if shard])
+            groups = sorted((g for gs, _ in outs for g in gs), key=lambda g: batch_order[g.index])
+            metrics = merge_worker_metrics([m for _, m in outs])
             metrics.update(score_groups(groups, reward_fns, a.on_reward_error))
             step_metrics = trainer.step.remote(groups)
             state, version, checksum, probe = trainer.export.options(num_returns=4).remote()
-            synced = worker.update_weights.remote(state, version, checksum, probe)
-            train_metrics, sync_metrics = ray.get([step_metrics, synced])
+            # the weights are put in the object store once and read by every worker
+            synced = [w.update_weights.remote(state, version, checksum, probe) for w in workers]
+            train_metrics, *sync_metrics = ray.get([step_metrics, *synced])
             metrics.update(train_metrics)
-            metrics.update(sync_metrics)
+            metrics.update(merge_worker_metrics(sync_metrics))
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
             logger.log(step, metrics)
@@ -107,7 +133,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     finally:
         logger.close()
         bar.close()
-        for actor in (worker, trainer):
+        for actor in (*workers, trainer):
             ray.kill(actor)
     return history
 

@@ -24,6 +24,7 @@ ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",   # engine in-process inside its Ray actor
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",   # Ray places the actor; vLLM must not pin cores
     "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",         # vLLM logs every engine's full config at INFO
 }
 
 

@@ -47,12 +47,10 @@ class RolloutWorker:
                 behaviour_logprobs=[c.logprobs for c in comps], version=self.version,
                 completions=self.tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True),
                 finish_reasons=[c.finish_reason for c in comps], row=row, index=index))
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(r) for g in groups for r in g.responses)
-        return groups, {"rollout_s": seconds, "rollout_tokens": float(tokens), "rollout_tok_s": tokens / seconds,
-                        "response_len": tokens / max(sum(g.n for g in groups), 1),
-                        "truncated_frac": sum(f == "length" for g in groups for f in g.finish_reasons)
-                        / max(sum(g.n for g in groups), 1)}
+        return groups, {"rollout_s": time.perf_counter() - t0,
+                        "rollout_tokens": float(sum(len(r) for g in groups for r in g.responses)),
+                        "rollout_sequences": float(sum(g.n for g in groups)),
+                        "rollout_truncated": float(sum(f == "length" for g in groups for f in g.finish_reasons))}
 
     def update_weights(self, state_dict: dict[str, torch.Tensor], version: int, checksum: str,
                        probe: tuple[list[int], list[float]] | None = None) -> dict:

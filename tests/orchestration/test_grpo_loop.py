@@ -55,6 +55,15 @@ def test_loop_with_vllm_engine(tmp_path, cache):
     assert max(h["sync_probe_diff"] for h in history) < 1e-4
 
 
+def test_loop_with_two_rollout_workers(tmp_path, cache):
+    config = _config(tmp_path, "hf")
+    config.rollout.num_workers = 2
+    config.algorithm.prompts_per_step = 5  # uneven shards: 3 + 2 prompts
+    history = main(config, progress=False)
+    _check_run(tmp_path, history)
+    assert all(h["rollout_sequences"] == 5 * config.rollout.n for h in history)
+
+
 def test_cli_reports_config_errors_without_a_traceback(capsys):
     assert cli(["--config", "tiny", "rollout.n=1"]) == 2
     assert "rollout.n=1" in capsys.readouterr().err
