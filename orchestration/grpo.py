@@ -39,21 +39,20 @@ log = logging.getLogger("rlaccel")
 
 def init_ray(config: Config) -> None:
     """Join the cluster of a `ray job submit` (RAY_ADDRESS is set), else start a local Ray."""
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL":
-                        os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
     needed = config.rollout.num_workers + 1  # one CPU slot per rollout worker and the trainer
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
-        have = ray.cluster_resources().get("CPU", 0)
-        if have < needed:
-            raise ConfigError(f"the Ray cluster has {have:g} CPUs but rollout.num_workers="
-                              f"{config.rollout.num_workers} workers + 1 trainer need {needed}; "
-                              f"lower rollout.num_workers or add nodes")
-    else:  # address="local" ignores a stale cluster file from an earlier `ray start`
-        ray.init(address="local", num_cpus=max(config.orchestration.num_cpus, needed), include_dashboard=False,
-                 runtime_env=env, log_to_driver=True)
+    if not ray.is_initialized():
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL":
+                            os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env=env, log_to_driver=True)
+        else:  # address="local" ignores a stale cluster file from an earlier `ray start`
+            ray.init(address="local", num_cpus=max(config.orchestration.num_cpus, needed),
+                     include_dashboard=False, runtime_env=env, log_to_driver=True)
+    have = ray.cluster_resources().get("CPU", 0)
+    if have < needed:  # the actors would wait for CPUs forever
+        raise ConfigError(f"the Ray cluster has {have:g} CPUs but rollout.num_workers="
+                          f"{config.rollout.num_workers} workers + 1 trainer need {needed}; lower "
+                          f"rollout.num_workers or add CPUs (orchestration.num_cpus for a local Ray)")
 
 
 COUNTS = {"rollout_tokens", "rollout_sequences", "rollout_truncated"}

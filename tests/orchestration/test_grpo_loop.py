@@ -5,7 +5,7 @@ import json
 import pytest
 import ray
 
-from orchestration.config import load_config
+from orchestration.config import ConfigError, load_config
 from orchestration.grpo import cli, main
 from orchestration.metrics import read_metrics
 
@@ -55,7 +55,18 @@ def test_loop_with_vllm_engine(tmp_path, cache):
     assert max(h["sync_probe_diff"] for h in history) < 1e-4
 
 
+def test_too_few_cpus_is_an_error_not_a_hang(tmp_path, cache):
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    config = _config(tmp_path, "hf")
+    config.rollout.num_workers = 2
+    with pytest.raises(ConfigError, match="has 2 CPUs but rollout.num_workers=2 workers"):
+        main(config, progress=False)
+    ray.shutdown()
+
+
 def test_loop_with_two_rollout_workers(tmp_path, cache):
+    ray.shutdown()  # main() starts a local Ray with a CPU slot for each actor
     config = _config(tmp_path, "hf")
     config.rollout.num_workers = 2
     config.algorithm.prompts_per_step = 5  # uneven shards: 3 + 2 prompts
