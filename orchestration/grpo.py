@@ -102,11 +102,10 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
         for step in bar:
             t0 = time.perf_counter()
             batch = stream.next_batch(a.prompts_per_step)
-            batch_order = {index: k for k, (index, _) in enumerate(batch)}
-            shards = [batch[i::len(workers)] for i in range(len(workers))]
-            outs = ray.get([w.generate.remote(shard, step_seed(o.seed, step) + i)
-                            for i, (w, shard) in enumerate(zip(workers, shards)) if shard])
-            groups = sorted((g for gs, _ in outs for g in gs), key=lambda g: batch_order[g.index])
+            size = -(-len(batch) // len(workers))  # contiguous shards keep the batch order
+            outs = ray.get([w.generate.remote(batch[k * size:(k + 1) * size], step_seed(o.seed, step) + k)
+                            for k, w in enumerate(workers) if batch[k * size:(k + 1) * size]])
+            groups = [g for gs, _ in outs for g in gs]
             metrics = merge_worker_metrics([m for _, m in outs])
             metrics.update(score_groups(groups, reward_fns, a.on_reward_error))
             step_metrics = trainer.step.remote(groups)
