@@ -99,6 +99,11 @@ class TrainerConfig:
     micro_batch_size: int = 64
     threads: int = 1
     device: str = "cpu"
+    # Pack each group as one row [prompt | r_1 | … | r_N] so the prompt is processed once
+    # (attention/layout.py); exact, see tests/policy/test_packed.py.
+    shared_prompt: bool = False
+    # Shared-prompt attention backend: "regions" (fast, exact) or "reference" (dense mask).
+    attention_backend: str = "regions"
 
 
 @dataclass
@@ -195,6 +200,7 @@ def _check(key: str, ok: bool, what: str, value) -> None:
 
 def validate(config: Config) -> None:
     """Value checks a type cannot express. Registries are consulted, not copied."""
+    from attention.shared_prompt import BACKENDS
     from policy.grpo import ADVANTAGES, LOSS_AGGREGATIONS
     from policy.models import BUILTIN_MODELS
 
@@ -233,6 +239,7 @@ def validate(config: Config) -> None:
     _check("trainer.micro_batch_size", t.micro_batch_size >= 1, ">= 1", t.micro_batch_size)
     _check("trainer.threads", t.threads >= 1, ">= 1", t.threads)
     _check("trainer.max_grad_norm", t.max_grad_norm > 0, "> 0", t.max_grad_norm)
+    _choice("trainer.attention_backend", t.attention_backend, BACKENDS)
     _choice("algorithm.advantage", a.advantage, ADVANTAGES)
     _choice("algorithm.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
     _check("algorithm.clip_low", 0 <= a.clip_low < 1, "in [0, 1)", a.clip_low)

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from policy.batch import Group, pad_sequences
+from attention.layout import balance_groups
 from policy.grpo import ADVANTAGES, StepTotals, grpo_loss
 from policy.models import load_model, load_tokenizer
+from policy.packed import packed_token_logprobs, upcast
 
 
 def token_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
@@ -28,7 +30,7 @@ def token_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
     logits = out.logits  # [B, L, V]
     V = logits.shape[-1]
     picked = logits.gather(1, batch.predict_pos[..., None].expand(-1, -1, V))  # [B, R, V]
-    logp = torch.log_softmax(picked.float() / temperature, dim=-1)
+    logp = torch.log_softmax(upcast(picked) / temperature, dim=-1)
     logp = logp.gather(-1, batch.targets[..., None]).squeeze(-1)  # [B, R]
     return logp * batch.response_mask
 
@@ -69,14 +71,18 @@ class PolicyTrainer:
         responses = [r for g in groups for r in g.responses]
         behaviour = [lp for g in groups for lp in g.behaviour_logprobs]
         n = len(responses)
+        self._response_len = [len(r) for r in responses]
         # Old logprobs: the trainer's policy before this step's first update. With one
         # mini-batch they are the current logprobs, detached (free); with more, one extra
         # no-grad pass computes them up front.
         old: list[torch.Tensor] | None = None
         if self.cfg.mini_batches > 1:
             with torch.no_grad():
-                old = [row[:len(responses[i])] for batch, idx in self._micro_batches(prompts, responses, range(n))
-                       for i, row in zip(idx, token_logprobs(self.model, batch, self.temperature).cpu())]
+                old = [None] * n
+                for idx in self._micro_batches(prompts, range(n)):
+                    lp, _ = self._logprobs(self.model, prompts, responses, idx)
+                    for i, row in zip(idx, lp.cpu()):
+                        old[i] = row[:len(responses[i])]
         size = -(-n // self.cfg.mini_batches)
         sums: dict[str, float] = {}
         mismatch, grad_norms = 0.0, []
@@ -85,14 +91,14 @@ class PolicyTrainer:
             totals = StepTotals(tokens=max(sum(len(responses[i]) for i in mini), 1), sequences=len(mini),
                                 max_tokens=self.max_tokens)
             self.optimizer.zero_grad(set_to_none=True)
-            for batch, idx in self._micro_batches(prompts, responses, mini):
-                logp = token_logprobs(self.model, batch, self.temperature)
+            for idx in self._micro_batches(prompts, mini):
+                logp, mask = self._logprobs(self.model, prompts, responses, idx)
                 old_logp = logp.detach() if old is None else _pad_rows([old[i] for i in idx], logp)
                 ref_logp = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref_logp = token_logprobs(self.ref_model, batch, self.temperature)
-                loss, m = grpo_loss(logp, old_logp, advantages[idx].to(logp.device), batch.response_mask,
+                        ref_logp, _ = self._logprobs(self.ref_model, prompts, responses, idx)
+                loss, m = grpo_loss(logp, old_logp, advantages[idx].to(logp.device), mask,
                                     totals, self.algo.loss_agg, self.algo.clip_low, self.algo.clip_high,
                                     self.algo.kl_coef, ref_logp)
                 if not torch.isfinite(loss):
@@ -105,7 +111,7 @@ class PolicyTrainer:
                     sums[k] = sums.get(k, 0.0) + v * len(idx)
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / self.cfg.mini_batches
                 mismatch = max(mismatch, _max_mismatch(old_logp.cpu(), [behaviour[i] for i in idx],
-                                                       batch.response_mask.cpu()))
+                                                       mask.cpu()))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -122,13 +128,31 @@ class PolicyTrainer:
         metrics["update_tok_s"] = metrics["update_tokens"] / seconds
         return metrics
 
-    def _micro_batches(self, prompts, responses, indices):
-        """(padded batch on the device, its sequence indices) in chunks of micro_batch_size."""
+    def _micro_batches(self, prompts, indices) -> list[list[int]]:
+        """Sequence indices per forward/backward. Unpacked: chunks of micro_batch_size.
+        Packed: whole same-prompt runs (groups), balanced by packed token count."""
         indices = list(indices)
-        for lo in range(0, len(indices), self.cfg.micro_batch_size):
-            idx = indices[lo:lo + self.cfg.micro_batch_size]
-            batch = pad_sequences([prompts[i] for i in idx], [responses[i] for i in idx], self.tokenizer.pad_token_id)
-            yield _to(batch, self.cfg.device), idx
+        mb = self.cfg.micro_batch_size
+        if not self.cfg.shared_prompt:
+            return [indices[lo:lo + mb] for lo in range(0, len(indices), mb)]
+        runs: list[list[int]] = []
+        for i in indices:
+            if runs and prompts[runs[-1][-1]] == prompts[i]:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        lens = [len(prompts[r[0]]) + sum(self._response_len[i] for i in r) for r in runs]
+        bins = balance_groups([len(r) for r in runs], lens, mb)
+        return [[i for g in b for i in runs[g]] for b in bins]
+
+    def _logprobs(self, model, prompts, responses, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp [len(idx), R], response mask [len(idx), R]) of sequences ``idx``."""
+        ps, rs = [prompts[i] for i in idx], [responses[i] for i in idx]
+        if self.cfg.shared_prompt:
+            return packed_token_logprobs(model, ps, rs, self.tokenizer.pad_token_id, self.temperature,
+                                         self.cfg.attention_backend)
+        batch = _to(pad_sequences(ps, rs, self.tokenizer.pad_token_id), self.cfg.device)
+        return token_logprobs(model, batch, self.temperature), batch.response_mask
 
     @torch.no_grad()
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:

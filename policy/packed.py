@@ -1,0 +1,44 @@
+"""Per-token logprobs through the packed shared-prompt layout (``trainer.shared_prompt``).
+
+Same values as :func:`policy.trainer.token_logprobs` on the unpacked rows (pinned by
+tests/policy/test_packed.py), with the prompt processed once per group and the LM head
+applied only at the distinct predicting positions (P−1 once per group, then every response
+token but the last).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from attention.hf import shared_prompt_attention_enabled
+from attention.layout import pack, predicting_positions
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the softmax; float32/64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def packed_token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                          temperature: float = 1.0, backend: str = "regions") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [S, R_max], mask [S, R_max]) for the S (prompt, response) pairs, in their order;
+    consecutive pairs with the same prompt share one packed row."""
+    batch = pack(prompts, responses, pad_id)
+    device = next(model.parameters()).device
+    with shared_prompt_attention_enabled(model):
+        hidden = model.model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                             shared_prompt_batch=batch, shared_prompt_backend=backend,
+                             use_cache=False).last_hidden_state                     # [B, L, d]
+    per_row = []
+    for b, row in enumerate(batch.rows):
+        valid = row.response_valid.to(device)
+        where = predicting_positions(row).to(device)[valid]                          # [ΣR]
+        unique, inverse = torch.unique(where, return_inverse=True)
+        logprobs = torch.log_softmax(upcast(model.lm_head(hidden[b, unique])) / temperature, dim=-1)  # [U, V]
+        targets = batch.input_ids[b].to(device)[row.response_index.to(device)[valid]]
+        per_row.append(logprobs[inverse, targets].split(row.response_lens))          # N × [R_n]
+    per_seq = [per_row[b][n] for b, n in zip(batch.seq_row, batch.seq_response)]
+    logp = pad_sequence(per_seq, batch_first=True)
+    mask = pad_sequence([torch.ones(len(r), dtype=logp.dtype, device=device) for r in responses], batch_first=True)
+    return logp, mask

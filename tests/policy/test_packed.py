@@ -1,0 +1,118 @@
+"""Packed (P+ΣR) logprobs and gradients equal the unpacked N(P+R) ones, for real HF models."""
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from orchestration.config import load_config
+from policy.batch import Group, pad_sequences
+from policy.packed import packed_token_logprobs
+from policy.trainer import PolicyTrainer, token_logprobs
+
+VOCAB = 50
+
+
+def _rms_norm_in_input_precision(self, hidden_states):
+    upcast = hidden_states.float() if hidden_states.dtype in (torch.float16, torch.bfloat16) else hidden_states
+    variance = upcast.pow(2).mean(-1, keepdim=True)
+    return self.weight * (upcast * torch.rsqrt(variance + self.variance_epsilon)).to(hidden_states.dtype)
+
+
+@pytest.fixture(autouse=True)
+def exact_float64_norms(monkeypatch):
+    """transformers' RMSNorm casts its input to float32 even in a float64 model, which rounds
+    the backward's gradients to float32: the N unpacked prompt copies are rounded one by one,
+    the packed prompt once after summing, so the two differ at ~1e-7 relative for reasons
+    that have nothing to do with packing. The float64 comparison therefore runs the norms in
+    the input's precision (the same formula otherwise)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    for cls in (LlamaRMSNorm, Qwen3RMSNorm):
+        monkeypatch.setattr(cls, "forward", _rms_norm_in_input_precision)
+
+
+def _model(arch: str, dtype=torch.float64):
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=8, tie_word_embeddings=True))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+    model.set_attn_implementation("sdpa")
+    return model.to(dtype)
+
+
+def _groups(n: int, prompt_lens=(7, 3), seed=0):
+    rng = random.Random(seed)
+    prompts, responses = [], []
+    for P in prompt_lens:
+        prompt = [rng.randrange(2, VOCAB) for _ in range(P)]
+        for _ in range(n):
+            prompts.append(prompt)
+            responses.append([rng.randrange(2, VOCAB) for _ in range(rng.randint(1, 9))])
+    return prompts, responses
+
+
+def _unpacked(model, prompts, responses, T):
+    batch = pad_sequences(prompts, responses, 0)
+    return token_logprobs(model, batch, T), batch.response_mask
+
+
+def _grads(model, logp, mask, w):
+    model.zero_grad()
+    (logp * mask * w[:, :logp.shape[1]]).sum().backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("n", [1, 2, 8])
+@pytest.mark.parametrize("backend", ["reference", "regions"])
+def test_packed_equals_unpacked_float64(arch, n, backend):
+    model = _model(arch)
+    prompts, responses = _groups(n)
+    ref, mask = _unpacked(model, prompts, responses, 0.8)
+    out, out_mask = packed_token_logprobs(model, prompts, responses, 0, 0.8, backend)
+    assert torch.equal(out_mask, mask[:, :out.shape[1]])
+    assert (out - ref[:, :out.shape[1]]).abs().max() <= 1e-10
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g_ref = _grads(model, ref, mask, w)
+    g_out = _grads(model, out, out_mask, w)
+    for name in g_ref:
+        assert (g_out[name] - g_ref[name]).abs().max() <= 1e-10, name
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_packed_float32_error_within_twice_unpacked(arch):
+    """Against the float64 result, packed float32 may err at most ~2x as much as unpacked float32."""
+    prompts, responses = _groups(8, prompt_lens=(11, 5))
+    exact, _ = _unpacked(_model(arch), prompts, responses, 1.0)
+    m32 = _model(arch, torch.float32)
+    with torch.no_grad():
+        unpacked, mask = _unpacked(m32, prompts, responses, 1.0)
+        packed, _ = packed_token_logprobs(m32, prompts, responses, 0, 1.0, "regions")
+    R = packed.shape[1]
+    err_unpacked = ((unpacked.double() - exact) * mask).abs().max()
+    err_packed = ((packed.double() - exact[:, :R]) * mask[:, :R]).abs().max()
+    assert err_packed <= 2 * err_unpacked + 1e-6
+
+
+def test_trainer_step_is_the_same_packed_or_not(tiny_model_dir):
+    """One GRPO step (float64) with trainer.shared_prompt on and off gives the same weights."""
+    def step(shared):
+        cfg = load_config(None, ["trainer.lr=1e-2", "model.dtype=float64", "trainer.micro_batch_size=6",
+                                 f"trainer.shared_prompt={shared}", "trainer.mini_batches=2"])
+        trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
+        groups = [Group(prompt=str(g), prompt_ids=p, responses=rs, behaviour_logprobs=[[0.0] * len(r) for r in rs],
+                        version=0, completions=[""] * 4, rewards=[1.0, 0.0, 0.5, 0.0])
+                  for g, (p, rs) in enumerate([([3, 74, 3, 82], [[4, 1], [5, 1], [4, 4, 1], [1]]),
+                                               ([9, 76, 9, 9, 82], [[6], [7, 7, 1], [8, 1], [9, 9, 9, 1]])])]
+        metrics = trainer.step(groups)
+        return trainer.state_dict(), metrics
+    plain, m_plain = step(False)
+    packed, m_packed = step(True)
+    assert abs(m_plain["loss"] - m_packed["loss"]) <= 1e-12
+    for k in plain:
+        assert (plain[k] - packed[k]).abs().max() <= 1e-10, k
