@@ -122,6 +122,9 @@ class AlgorithmConfig:
     # Reward functions as "module:function" import paths, TRL signature
     # fn(prompts, completions, **columns) -> list[float]. Rewards are summed.
     reward_fns: list[str] = field(default_factory=lambda: ["rollout.rewards:arithmetic_reward"])
+    # Truncation C of the behaviour importance weight min(π_prox/π_behav, C) applied to
+    # samples from an older policy version (policy/grpo.py).
+    is_cap: float = 2.0
     # What to do when a reward function raises on a sample: "fail" or "zero" (reward 0, counted).
     on_reward_error: str = "fail"
 
@@ -250,8 +253,8 @@ def validate(config: Config) -> None:
            "a non-empty list of 'module:function' paths", a.reward_fns)
     _choice("algorithm.on_reward_error", a.on_reward_error, {"fail", "zero"})
     _check("orchestration.steps", o.steps >= 1, ">= 1", o.steps)
-    _check("orchestration.max_staleness", o.max_staleness == 0,
-           "0: only the synchronous loop exists so far (async is tracked separately)", o.max_staleness)
+    _check("orchestration.max_staleness", o.max_staleness >= 0, ">= 0", o.max_staleness)
+    _check("algorithm.is_cap", a.is_cap >= 1, ">= 1", a.is_cap)
     _check("orchestration.num_cpus", o.num_cpus >= 1, ">= 1", o.num_cpus)
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import ray
@@ -98,16 +99,38 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     logger = RunLogger(run_dir, config.logging.tensorboard)
     history: list[dict] = []
     bar = tqdm(range(o.steps), desc="GRPO", disable=not progress, dynamic_ncols=True)
+    # Rollouts in flight, oldest first. At the start of step t, max_staleness + 1 of them are
+    # queued on the workers; one is consumed and the others keep sampling, with the weights
+    # of version <= t, while the trainer trains, ahead of the update to t + 1. So a batch
+    # consumed at step t was sampled with version >= t - max_staleness. 0 is the sync loop.
+    in_flight: deque = deque()
+    submitted = 0
+    regenerated = 0
+
+    def submit(batch) -> list:
+        nonlocal submitted
+        size = -(-len(batch) // len(workers))  # contiguous shards keep the batch order
+        refs = [w.generate.remote(batch[k * size:(k + 1) * size], step_seed(o.seed, submitted) + k)
+                for k, w in enumerate(workers) if batch[k * size:(k + 1) * size]]
+        submitted += 1
+        return refs
+
     try:
         for step in bar:
             t0 = time.perf_counter()
-            batch = stream.next_batch(a.prompts_per_step)
-            size = -(-len(batch) // len(workers))  # contiguous shards keep the batch order
-            outs = ray.get([w.generate.remote(batch[k * size:(k + 1) * size], step_seed(o.seed, step) + k)
-                            for k, w in enumerate(workers) if batch[k * size:(k + 1) * size]])
+            while len(in_flight) < o.max_staleness + 1:
+                in_flight.append(submit(stream.next_batch(a.prompts_per_step)))
+            outs = ray.get(in_flight.popleft())
             groups = [g for gs, _ in outs for g in gs]
             metrics = merge_worker_metrics([m for _, m in outs])
+            too_old = [g for g in groups if step - g.version > o.max_staleness]
+            if too_old:  # never silently dropped: sampled again with the current weights
+                regenerated += len(too_old)
+                fresh = [g for gs, _ in ray.get(submit([(g.index, g.row) for g in too_old])) for g in gs]
+                groups = [g for g in groups if step - g.version <= o.max_staleness] + fresh
             metrics.update(score_groups(groups, reward_fns, a.on_reward_error))
+            # The max_staleness rollouts still queued run on the workers while the trainer
+            # trains; the weight update below is queued behind them.
             step_metrics = trainer.step.remote(groups)
             state, version, checksum, probe = trainer.export.options(num_returns=4).remote()
             # the weights are put in the object store once and read by every worker
@@ -117,6 +140,9 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
             metrics.update(merge_worker_metrics(sync_metrics))
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
+            metrics["regenerated_groups"] = float(regenerated)
+            metrics["trainer_idle_frac"] = max(0.0, 1 - metrics["update_s"] / metrics["step_s"])
+            metrics["rollout_idle_frac"] = max(0.0, 1 - metrics["rollout_s"] / metrics["step_s"])
             logger.log(step, metrics)
             history.append({"step": step, **metrics})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", roll_tok_s=f"{metrics['rollout_tok_s']:.0f}",

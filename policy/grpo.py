@@ -12,6 +12,13 @@ Per-token loss (PPO clip, with the asymmetric "clip-higher" of DAPO, arXiv 2503.
 KL_t is the k3 estimator of KL(π_θ ‖ π_ref) (Schulman, "Approximating KL divergence"):
     KL_t = exp(ref_logp − logp) − (ref_logp − logp) − 1  ≥ 0.
 
+Off-policy samples (async rollout with bounded staleness) follow the decoupled PPO objective
+of AReaL (arXiv 2505.24298): the clip ratio is taken against the proximal policy (the
+trainer's policy at the start of the step, ``old_logp``) and the surrogate is multiplied by
+a truncated behaviour importance weight w_t = min(π_prox/π_behav, C) (truncated IS, as in
+Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"),
+computed by the trainer and passed as ``is_weight``. On-policy samples get w = 1 exactly.
+
 Advantage estimators (``ADVANTAGES``):
   * ``grpo``     A = (r − mean_group(r)) / (std_group(r) + eps)   (DeepSeekMath, arXiv 2402.03300;
                   unbiased std, as TRL and verl)
@@ -100,6 +107,7 @@ def grpo_loss(
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
     ref_logp: torch.Tensor | None = None,  # [B, T], required when kl_coef > 0
+    is_weight: torch.Tensor | None = None,  # [B, T] behaviour importance weight (no grad), see below
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO surrogate for one micro-batch; returns (loss, metrics)."""
     B, T = logp.shape
@@ -111,6 +119,9 @@ def grpo_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if is_weight is not None:
+        assert is_weight.shape == (B, T), is_weight.shape
+        per_token = per_token * is_weight.detach().to(logp.dtype)
     metrics: dict[str, float] = {}
     if kl_coef > 0:
         assert ref_logp is not None and ref_logp.shape == (B, T), "kl_coef > 0 needs ref_logp [B, T]"

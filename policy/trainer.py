@@ -70,6 +70,7 @@ class PolicyTrainer:
         prompts = [g.prompt_ids for g in groups for _ in range(g.n)]
         responses = [r for g in groups for r in g.responses]
         behaviour = [lp for g in groups for lp in g.behaviour_logprobs]
+        versions = [g.version for g in groups for _ in range(g.n)]
         n = len(responses)
         self._response_len = [len(r) for r in responses]
         # Old logprobs: the trainer's policy before this step's first update. With one
@@ -98,9 +99,10 @@ class PolicyTrainer:
                 if self.ref_model is not None:
                     with torch.no_grad():
                         ref_logp, _ = self._logprobs(self.ref_model, prompts, responses, idx)
+                is_weight = self._behaviour_weight(old_logp, [behaviour[i] for i in idx], [versions[i] for i in idx])
                 loss, m = grpo_loss(logp, old_logp, advantages[idx].to(logp.device), mask,
                                     totals, self.algo.loss_agg, self.algo.clip_low, self.algo.clip_high,
-                                    self.algo.kl_coef, ref_logp)
+                                    self.algo.kl_coef, ref_logp, is_weight)
                 if not torch.isfinite(loss):
                     self.optimizer.zero_grad(set_to_none=True)
                     raise FloatingPointError(
@@ -110,8 +112,9 @@ class PolicyTrainer:
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v * len(idx)
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / self.cfg.mini_batches
+                on_policy = torch.tensor([float(versions[i] == self.version) for i in idx])[:, None]
                 mismatch = max(mismatch, _max_mismatch(old_logp.cpu(), [behaviour[i] for i in idx],
-                                                       mask.cpu()))
+                                                       mask.cpu() * on_policy))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -119,9 +122,11 @@ class PolicyTrainer:
                                          f"the weights were not updated")
             self.optimizer.step()
             grad_norms.append(float(grad_norm))
+        staleness = [self.version - v for v in versions]  # policy versions behind, at training time
         self.version += 1
         seconds = time.perf_counter() - t0
         metrics = {k: (v if k == "loss" else v / n) for k, v in sums.items()}
+        metrics.update(staleness_mean=sum(staleness) / n, staleness_max=float(max(staleness)))
         metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), logp_mismatch_max=mismatch, update_s=seconds,
                        update_tokens=float(sum(len(p) + len(r) for p, r in zip(prompts, responses))),
                        version=float(self.version))
@@ -144,6 +149,17 @@ class PolicyTrainer:
         lens = [len(prompts[r[0]]) + sum(self._response_len[i] for i in r) for r in runs]
         bins = balance_groups([len(r) for r in runs], lens, mb)
         return [[i for g in b for i in runs[g]] for b in bins]
+
+    def _behaviour_weight(self, old_logp: torch.Tensor, behaviour: list[list[float]],
+                          versions: list[int]) -> torch.Tensor | None:
+        """Truncated importance weight min(π_prox/π_behav, C) for samples of an older policy
+        version; exactly 1 for on-policy samples (None when all are on-policy)."""
+        if all(v >= self.version for v in versions):
+            return None
+        behav = _pad_rows([torch.tensor(b, dtype=old_logp.dtype) for b in behaviour], old_logp)
+        weight = torch.exp(old_logp - behav).clamp(max=self.algo.is_cap)
+        stale = torch.tensor([v < self.version for v in versions], device=old_logp.device)[:, None]
+        return torch.where(stale, weight, torch.ones_like(weight))
 
     def _logprobs(self, model, prompts, responses, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp [len(idx), R], response mask [len(idx), R]) of sequences ``idx``."""

@@ -92,3 +92,13 @@ def test_failed_run_keeps_the_policy_and_names_the_sample(tmp_path, cache):
 
 def reward_that_breaks(prompts, completions, **_):
     raise RuntimeError("judge unavailable")
+
+
+@pytest.mark.parametrize("max_staleness", [1, 2])
+def test_async_loop_respects_the_staleness_bound(tmp_path, cache, max_staleness):
+    config = _config(tmp_path, "hf")
+    config.orchestration.max_staleness = max_staleness
+    config.orchestration.steps = 5
+    history = main(config, progress=False)
+    assert [h["staleness_max"] for h in history] == [min(s, max_staleness) for s in range(5)]
+    assert history[-1]["regenerated_groups"] == 0

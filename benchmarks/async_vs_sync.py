@@ -1,0 +1,100 @@
+"""Async (bounded staleness) vs synchronous GRPO on the tiny preset, same seed, one run.
+
+For orchestration.max_staleness = 0, 1, 2: wall-clock (sum of step times, engine start-up
+excluded, the same for all) until the 10-step moving average of the reward first reaches
+the target, the final reward (mean of the last 10% of steps), and the idle fractions of
+rollout and trainer. With max_staleness = 0 the trainer gets both cores (its best
+setting); with overlap each side gets one core, so the sync run is also measured with one
+trainer thread to separate the effect of overlap from that of threads.
+
+    python benchmarks/async_vs_sync.py [--quick]
+
+Writes benchmarks/results/async_vs_sync.json (a list of {max_staleness, wall_s_to_target,
+target_reward, final_reward, rollout_idle_frac, trainer_idle_frac, ...}) and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+TARGET = 0.25
+WINDOW = 10
+
+
+def run(max_staleness: int, trainer_threads: int, steps: int, run_dir: Path) -> dict:
+    import ray
+
+    from orchestration.config import load_config
+    from orchestration.grpo import main
+    config = load_config("configs/tiny.yaml", [f"orchestration.max_staleness={max_staleness}",
+                                               f"trainer.threads={trainer_threads}", f"orchestration.steps={steps}",
+                                               f"logging.dir={run_dir}", "logging.tensorboard=false"])
+    try:
+        history = main(config, progress=False)
+    finally:
+        ray.shutdown()
+    reward = [h["reward"] for h in history]
+    wall, hit = 0.0, None
+    curve = []
+    for i, h in enumerate(history):
+        wall += h["step_s"]
+        avg = sum(reward[max(0, i - WINDOW + 1):i + 1]) / min(i + 1, WINDOW)
+        curve.append((wall, avg))
+        if hit is None and i >= WINDOW - 1 and avg >= TARGET:
+            hit = wall
+    tail = max(1, len(reward) // 10)
+    busy = lambda k: sum(h[k] for h in history)  # noqa: E731
+    return {"max_staleness": max_staleness, "trainer_threads": trainer_threads, "wall_s_to_target": hit,
+            "target_reward": TARGET, "final_reward": sum(reward[-tail:]) / tail, "wall_s_total": wall,
+            "rollout_idle_frac": max(0.0, 1 - busy("rollout_s") / wall),
+            "trainer_idle_frac": max(0.0, 1 - busy("update_s") / wall),
+            "steps": len(history), "curve": curve}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        xs, ys = zip(*r["curve"])
+        ax.plot(xs, ys, label=f"max_staleness={r['max_staleness']}, trainer threads={r['trainer_threads']}")
+    ax.axhline(TARGET, color="grey", ls=":", label=f"target {TARGET}")
+    ax.set_xlabel("wall-clock seconds (sum of step times)")
+    ax.set_ylabel(f"reward, {WINDOW}-step moving average")
+    ax.set_title("tiny preset, seed 0, 2 CPU cores")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="40 steps per run (smoke)")
+    parser.add_argument("--out", default=str(RESULTS / "async_vs_sync.json"))
+    args = parser.parse_args()
+    steps = 40 if args.quick else 200
+    plan = [(0, 2), (0, 1), (1, 1), (2, 1)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for s, threads in plan:
+            row = run(s, threads, steps, Path(tmp) / f"s{s}t{threads}")
+            rows.append(row)
+            print(f"max_staleness={s} trainer_threads={threads}: to {TARGET}: {row['wall_s_to_target']} s, "
+                  f"total {row['wall_s_total']:.1f} s, final reward {row['final_reward']:.3f}, idle rollout "
+                  f"{row['rollout_idle_frac']:.2f} trainer {row['trainer_idle_frac']:.2f}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    plot(rows, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
