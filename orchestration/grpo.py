@@ -106,6 +106,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     in_flight: deque = deque()
     submitted = 0
     regenerated = 0
+    pending_sync: list = []
 
     def submit(batch) -> list:
         nonlocal submitted
@@ -133,11 +134,14 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
             # trains; the weight update below is queued behind them.
             step_metrics = trainer.step.remote(groups)
             state, version, checksum, probe = trainer.export.options(num_returns=4).remote()
-            # the weights are put in the object store once and read by every worker
-            synced = [w.update_weights.remote(state, version, checksum, probe) for w in workers]
-            train_metrics, *sync_metrics = ray.get([step_metrics, *synced])
-            metrics.update(train_metrics)
-            metrics.update(merge_worker_metrics(sync_metrics))
+            # The weights are put in the object store once and read by every worker. Nothing
+            # waits for the update here: each worker runs it before any rollout submitted
+            # after it (actor call order), and its verification result is collected one step
+            # later, off the trainer's critical path (step 0 has no earlier update: zeros).
+            metrics.update(merge_worker_metrics(ray.get(pending_sync)) if pending_sync
+                           else {"sync_s": 0.0, "sync_probe_diff": 0.0})
+            pending_sync = [w.update_weights.remote(state, version, checksum, probe) for w in workers]
+            metrics.update(ray.get(step_metrics))
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
             metrics["regenerated_groups"] = float(regenerated)
@@ -147,6 +151,8 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
             history.append({"step": step, **metrics})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", roll_tok_s=f"{metrics['rollout_tok_s']:.0f}",
                             roll_s=f"{metrics['rollout_s']:.2f}", upd_s=f"{metrics['update_s']:.2f}")
+        if pending_sync:
+            ray.get(pending_sync)  # the last update must verify too
         ray.get(trainer.save.remote(str(run_dir / "checkpoint")))
     except BaseException:
         # Keep what was learned so far (the trainer is a separate process and usually alive).

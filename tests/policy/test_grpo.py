@@ -98,3 +98,12 @@ def test_kl_term_is_added_per_token():
 def test_shape_mismatch_fails_at_entry():
     with pytest.raises(AssertionError):
         _loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3))
+
+
+def test_behaviour_weight_multiplies_the_surrogate():
+    logp = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    weight = torch.tensor([[0.5, 2.0]])
+    loss, _ = _loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), is_weight=weight)
+    assert loss.item() == pytest.approx(-(0.5 + 2.0) / 2)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.25, -1.0]]))

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -87,3 +89,14 @@ def test_mini_batches_take_several_steps_against_the_pre_update_policy(tiny_mode
     assert trainer.optimizer.state_dict()["state"][0]["step"] == 3  # three optimizer steps
     assert metrics["logp_mismatch_max"] < 1e-5  # old logprobs were taken before the first update
     assert metrics["ratio_mean"] != 1.0  # later mini-batches see a moved policy
+
+
+def test_stale_samples_get_the_truncated_behaviour_weight(trainer):
+    old = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]])
+    behaviour = [[-1.5, -0.5], [-3.0, -1.0]]
+    assert trainer._behaviour_weight(old, behaviour, [0, 0]) is None  # all on-policy (version 0)
+    trainer.version = 1
+    w = trainer._behaviour_weight(old, behaviour, [0, 1])
+    # row 0 is one version old: min(exp(old - behaviour), C=2); row 1 is on-policy: exactly 1
+    expected = torch.tensor([[min(math.exp(0.5), 2.0), math.exp(-1.5)], [1.0, 1.0]])
+    assert torch.allclose(w, expected)
