@@ -16,14 +16,13 @@ target_reward, final_reward, rollout_idle_frac, trainer_idle_frac, ...}) and a P
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, write_results  # noqa: E402  (benchmarks/common.py)
+
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
 TARGET = 0.25
 WINDOW = 10
 
@@ -90,10 +89,7 @@ def main() -> None:
             print(f"max_staleness={s} trainer_threads={threads}: to {TARGET}: {row['wall_s_to_target']} s, "
                   f"total {row['wall_s_total']:.1f} s, final reward {row['final_reward']:.3f}, idle rollout "
                   f"{row['rollout_idle_frac']:.2f} trainer {row['trainer_idle_frac']:.2f}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    plot(rows, out.with_suffix(".png"))
+    write_results(rows, args.out, plot)
 
 
 if __name__ == "__main__":

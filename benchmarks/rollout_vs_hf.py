@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -23,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, write_results  # noqa: E402  (benchmarks/common.py)
+
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def build(name: str, directory: Path) -> Path:
@@ -143,10 +142,7 @@ def main() -> None:
             rows += [{"model": name, "batch": b, "vllm_tok_s": vl[b], "hf_tok_s": hf[b], "speedup": vl[b] / hf[b],
                       "new_tokens": new_tokens, "threads": threads, "machine": platform.processor() or platform.machine()}
                      for b in batches]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    plot(rows, out.with_suffix(".png"))
+    write_results(rows, args.out, plot)
     for r in rows:
         print(f"{r['model']:5s} batch {r['batch']:3d}: vLLM {r['vllm_tok_s']:9.1f}  HF {r['hf_tok_s']:9.1f} tok/s  "
               f"-> {r['speedup']:.2f}x")

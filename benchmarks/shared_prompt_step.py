@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, write_results  # noqa: E402  (benchmarks/common.py)
+
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
 GRID = [(8, 128, 32), (16, 256, 32), (8, 256, 64), (16, 512, 64), (8, 128, 128), (8, 2048, 128)]
 QUICK_GRID = [(8, 128, 32), (8, 256, 64)]
 VARIANTS = ["unpacked", "reference", "regions"]
@@ -140,10 +140,7 @@ def main() -> None:
                   f"reference {res['reference']['seconds']:.2f}s  regions {res['regions']['seconds']:.2f}s  "
                   f"-> {row['speedup']:.2f}x ({best}; {row['speedup'] / row['rho']:.2f} of rho)  "
                   f"RSS {row['peak_rss_mb_unpacked']:.0f} -> {row['peak_rss_mb_packed']:.0f} MB", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    plot(rows, out.with_suffix(".png"))
+    write_results(rows, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """The synchronous GRPO loop through real Ray actors, on both rollout engines."""
 
-import json
 
 import pytest
 import ray
