@@ -1,4 +1,3 @@
-
 from attention.layout import balance_groups, dense_mask, pack, predicting_positions, token_reduction
 
 

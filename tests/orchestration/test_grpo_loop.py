@@ -1,4 +1,4 @@
-"""The synchronous GRPO loop through real Ray actors, on both rollout engines."""
+"""The GRPO loop (sync and bounded-staleness async) through real Ray actors, on both rollout engines."""
 
 
 import pytest
