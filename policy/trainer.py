@@ -72,7 +72,6 @@ class PolicyTrainer:
         behaviour = [lp for g in groups for lp in g.behaviour_logprobs]
         versions = [g.version for g in groups for _ in range(g.n)]
         n = len(responses)
-        self._response_len = [len(r) for r in responses]
         # Old logprobs: the trainer's policy before this step's first update. With one
         # mini-batch they are the current logprobs, detached (free); with more, one extra
         # no-grad pass computes them up front.
@@ -80,7 +79,7 @@ class PolicyTrainer:
         if self.cfg.mini_batches > 1:
             with torch.no_grad():
                 old = [None] * n
-                for idx in self._micro_batches(prompts, range(n)):
+                for idx in self._micro_batches(prompts, responses, range(n)):
                     lp, _ = self._logprobs(self.model, prompts, responses, idx)
                     for i, row in zip(idx, lp.cpu()):
                         old[i] = row[:len(responses[i])]
@@ -92,7 +91,7 @@ class PolicyTrainer:
             totals = StepTotals(tokens=max(sum(len(responses[i]) for i in mini), 1), sequences=len(mini),
                                 max_tokens=self.max_tokens)
             self.optimizer.zero_grad(set_to_none=True)
-            for idx in self._micro_batches(prompts, mini):
+            for idx in self._micro_batches(prompts, responses, mini):
                 logp, mask = self._logprobs(self.model, prompts, responses, idx)
                 old_logp = logp.detach() if old is None else _pad_rows([old[i] for i in idx], logp)
                 ref_logp = None
@@ -107,7 +106,7 @@ class PolicyTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise FloatingPointError(
                         f"non-finite loss at policy version {self.version} (sequences {idx[0]}..{idx[-1]}); "
-                        f"the weights were not updated. Lower trainer.lr or check the model dtype.")
+                        f"this mini-batch was not applied. Lower trainer.lr or check the model dtype.")
                 loss.backward()
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v * len(idx)
@@ -119,7 +118,7 @@ class PolicyTrainer:
             if not torch.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise FloatingPointError(f"non-finite gradient norm at policy version {self.version}; "
-                                         f"the weights were not updated")
+                                         f"this mini-batch was not applied")
             self.optimizer.step()
             grad_norms.append(float(grad_norm))
         staleness = [self.version - v for v in versions]  # policy versions behind, at training time
@@ -133,7 +132,7 @@ class PolicyTrainer:
         metrics["update_tok_s"] = metrics["update_tokens"] / seconds
         return metrics
 
-    def _micro_batches(self, prompts, indices) -> list[list[int]]:
+    def _micro_batches(self, prompts, responses, indices) -> list[list[int]]:
         """Sequence indices per forward/backward. Unpacked: chunks of micro_batch_size.
         Packed: whole same-prompt runs (groups), balanced by packed token count."""
         indices = list(indices)
@@ -146,7 +145,7 @@ class PolicyTrainer:
                 runs[-1].append(i)
             else:
                 runs.append([i])
-        lens = [len(prompts[r[0]]) + sum(self._response_len[i] for i in r) for r in runs]
+        lens = [len(prompts[r[0]]) + sum(len(responses[i]) for i in r) for r in runs]
         bins = balance_groups([len(r) for r in runs], lens, mb)
         return [[i for g in b for i in runs[g]] for b in bins]
 
