@@ -9,7 +9,8 @@ One step of the synchronous loop (``orchestration.max_staleness=0``):
 
 Weights go trainer -> Ray object store -> worker without passing through this driver.
 Metrics go to ``<logging.dir>/metrics.jsonl``, TensorBoard, Ray gauges (the dashboard) and
-a console progress bar. The final policy is saved to ``<logging.dir>/checkpoint``.
+a console progress bar; every trained response to ``<logging.dir>/trajectories.parquet``.
+The final policy is saved to ``<logging.dir>/checkpoint``.
 Embed it with ``orchestration.grpo.main(config)``.
 """
 
@@ -30,6 +31,7 @@ from orchestration.config import Config, ConfigError, load_config, to_yaml
 from orchestration.data import DataError, PromptStream, load_prompts
 from orchestration.metrics import RunLogger
 from orchestration.model_prep import prepare_model
+from orchestration.trajectories import TrajectoryLog
 from orchestration.trainer_actor import TrainerActor
 from policy.models import load_tokenizer
 from rollout.rewards import RewardError, load_reward_fn, score_groups
@@ -97,6 +99,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
         config.rollout.max_tokens, config.model.dtype, probe_ids)
 
     logger = RunLogger(run_dir, config.logging.tensorboard)
+    trajectories = TrajectoryLog(run_dir / "trajectories.parquet")
     history: list[dict] = []
     bar = tqdm(range(o.steps), desc="GRPO", disable=not progress, dynamic_ncols=True)
     # Rollouts in flight, oldest first. At the start of step t, max_staleness + 1 of them are
@@ -142,6 +145,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
                            else {"sync_s": 0.0, "sync_probe_diff": 0.0})
             pending_sync = [w.update_weights.remote(state, version, checksum, probe) for w in workers]
             metrics.update(ray.get(step_metrics))
+            trajectories.write(step, groups)
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
             metrics["regenerated_groups"] = float(regenerated)
@@ -162,6 +166,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
         raise
     finally:
         logger.close()
+        trajectories.close()
         bar.close()
         for actor in (*workers, trainer):
             ray.kill(actor)

@@ -1,6 +1,7 @@
 """The GRPO loop (sync and bounded-staleness async) through real Ray actors, on both rollout engines."""
 
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 
@@ -41,6 +42,12 @@ def test_loop_with_transformers_engine(tmp_path, cache):
     history = main(_config(tmp_path, "hf"), progress=False)
     _check_run(tmp_path, history)
     assert max(h["logp_mismatch_max"] for h in history) < 1e-4
+    log = pq.read_table(tmp_path / "run" / "trajectories.parquet").to_pylist()
+    assert len(log) == 3 * 4 * 8  # steps x prompts x n: every trained response, once
+    assert [r["step"] for r in log] == sorted(r["step"] for r in log)
+    assert all(len(r["response_ids"]) == len(r["behaviour_logprobs"]) for r in log)
+    by_step = {s: sum(r["reward"] for r in log if r["step"] == s) / 32 for s in range(3)}
+    assert by_step == pytest.approx({h["step"]: h["reward"] for h in history})
 
 
 @pytest.mark.vllm
