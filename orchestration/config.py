@@ -137,6 +137,11 @@ class OrchestrationConfig:
     max_staleness: int = 0
     # CPUs given to a local Ray started by the job (ignored when joining a cluster).
     num_cpus: int = 2
+    # Write a lossless checkpoint every this many steps to <logging.dir>/checkpoints/step-N
+    # (0: none; the final policy is always saved to <logging.dir>/checkpoint).
+    checkpoint_every: int = 0
+    # Resume from such a checkpoint directory (also `--resume DIR` on the command line).
+    resume: str | None = None
 
 
 @dataclass
@@ -256,6 +261,10 @@ def validate(config: Config) -> None:
     _check("orchestration.max_staleness", o.max_staleness >= 0, ">= 0", o.max_staleness)
     _check("algorithm.is_cap", a.is_cap >= 1, ">= 1", a.is_cap)
     _check("orchestration.num_cpus", o.num_cpus >= 1, ">= 1", o.num_cpus)
+    _check("orchestration.checkpoint_every", o.checkpoint_every >= 0, ">= 0", o.checkpoint_every)
+    if o.resume is not None and not (Path(o.resume) / "loop_state.json").is_file():
+        raise ConfigError(f"orchestration.resume={o.resume!r} is not an rlaccel checkpoint directory "
+                          f"(no loop_state.json); give <logging.dir>/checkpoints/step-N")
 
 
 def to_yaml(config: Config) -> str:

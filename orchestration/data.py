@@ -100,6 +100,13 @@ class PromptStream:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffle(self.epoch)
+
     def next_batch(self, size: int) -> list[tuple[int, dict]]:
         batch = []
         while len(batch) < size:

@@ -27,6 +27,7 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
+from orchestration import checkpoint
 from orchestration.config import Config, ConfigError, load_config, to_yaml
 from orchestration.data import DataError, PromptStream, load_prompts
 from orchestration.metrics import RunLogger
@@ -90,47 +91,65 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     stream = PromptStream(rows, o.seed)
     probe_ids = tokenizer(rows[0]["prompt"] + rows[0]["answer"], add_special_tokens=False).input_ids
 
+    state = checkpoint.load(o.resume) if o.resume else None
+    start = state["step"] if state else 0
+    if state:
+        stream.restore(state["stream"])
+        log.info("resuming at step %d from %s", start, o.resume)
+
     init_ray(config)
+    # Workers start from the checkpoint's weights; the trainer from the original model (its
+    # KL reference) and then loads the checkpoint's weights and optimizer.
     workers = [ray.remote(num_cpus=1)(RolloutWorker).remote(
-        str(model_dir), config.rollout, config.model.dtype, o.seed, worker_id=i)
+        str(o.resume or model_dir), config.rollout, config.model.dtype, o.seed, worker_id=i,
+        version=state["version"] if state else 0)
         for i in range(config.rollout.num_workers)]
     trainer = ray.remote(num_cpus=1)(TrainerActor).remote(
         str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
         config.rollout.max_tokens, config.model.dtype, probe_ids)
+    if state:
+        ray.get(trainer.load.remote(o.resume))
 
-    logger = RunLogger(run_dir, config.logging.tensorboard)
-    trajectories = TrajectoryLog(run_dir / "trajectories.parquet")
+    logger = RunLogger(run_dir, config.logging.tensorboard, append=bool(state))
+    trajectories = TrajectoryLog(run_dir / (f"trajectories.from-step{start}.parquet" if state
+                                            else "trajectories.parquet"))
     history: list[dict] = []
-    bar = tqdm(range(o.steps), desc="GRPO", disable=not progress, dynamic_ncols=True)
-    # Rollouts in flight, oldest first. At the start of step t, max_staleness + 1 of them are
-    # queued on the workers; one is consumed and the others keep sampling, with the weights
-    # of version <= t, while the trainer trains, ahead of the update to t + 1. So a batch
-    # consumed at step t was sampled with version >= t - max_staleness. 0 is the sync loop.
+    bar = tqdm(range(start, o.steps), desc="GRPO", disable=not progress, dynamic_ncols=True,
+               initial=start, total=o.steps)
+    # Rollouts in flight, oldest first: (refs, batch, seed). At the start of step t,
+    # max_staleness + 1 of them are queued on the workers; one is consumed and the others keep
+    # sampling, with the weights of version <= t, while the trainer trains, ahead of the
+    # update to t + 1. So a batch consumed at step t was sampled with version >= t -
+    # max_staleness. 0 is the synchronous loop.
     in_flight: deque = deque()
-    submitted = 0
-    regenerated = 0
+    submitted = state["submitted"] if state else 0
+    regenerated = state["regenerated"] if state else 0
     pending_sync: list = []
 
-    def submit(batch) -> list:
+    def submit(batch, seed: int | None = None) -> tuple:
         nonlocal submitted
+        if seed is None:
+            seed, submitted = step_seed(o.seed, submitted), submitted + 1
         size = -(-len(batch) // len(workers))  # contiguous shards keep the batch order
-        refs = [w.generate.remote(batch[k * size:(k + 1) * size], step_seed(o.seed, submitted) + k)
+        refs = [w.generate.remote(batch[k * size:(k + 1) * size], seed + k)
                 for k, w in enumerate(workers) if batch[k * size:(k + 1) * size]]
-        submitted += 1
-        return refs
+        return refs, batch, seed
+
+    for batch, seed in (state["in_flight"] if state else []):  # sampled again, none lost
+        in_flight.append(submit([tuple(item) for item in batch], seed))
 
     try:
         for step in bar:
             t0 = time.perf_counter()
             while len(in_flight) < o.max_staleness + 1:
                 in_flight.append(submit(stream.next_batch(a.prompts_per_step)))
-            outs = ray.get(in_flight.popleft())
+            outs = ray.get(in_flight.popleft()[0])
             groups = [g for gs, _ in outs for g in gs]
             metrics = merge_worker_metrics([m for _, m in outs])
             too_old = [g for g in groups if step - g.version > o.max_staleness]
             if too_old:  # never silently dropped: sampled again with the current weights
                 regenerated += len(too_old)
-                fresh = [g for gs, _ in ray.get(submit([(g.index, g.row) for g in too_old])) for g in gs]
+                fresh = [g for gs, _ in ray.get(submit([(g.index, g.row) for g in too_old])[0]) for g in gs]
                 groups = [g for g in groups if step - g.version <= o.max_staleness] + fresh
             metrics.update(score_groups(groups, reward_fns, a.on_reward_error))
             # The max_staleness rollouts still queued run on the workers while the trainer
@@ -155,6 +174,11 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
             history.append({"step": step, **metrics})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", roll_tok_s=f"{metrics['rollout_tok_s']:.0f}",
                             roll_s=f"{metrics['rollout_s']:.2f}", upd_s=f"{metrics['update_s']:.2f}")
+            if o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
+                checkpoint.save(run_dir / "checkpoints" / f"step-{step + 1}", trainer, {
+                    "step": step + 1, "version": int(metrics["version"]), "submitted": submitted,
+                    "regenerated": regenerated, "stream": stream.state(),
+                    "in_flight": [[list(batch), seed] for _, batch, seed in in_flight]})
         if pending_sync:
             ray.get(pending_sync)  # the last update must verify too
         ray.get(trainer.save.remote(str(run_dir / "checkpoint")))
@@ -184,9 +208,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m orchestration.grpo", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml",
                         help="YAML preset (a path, or a name in configs/)")
+    parser.add_argument("--resume", metavar="DIR", help="continue from <logging.dir>/checkpoints/step-N")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. orchestration.steps=10")
     args = parser.parse_args(argv)
-    return args.config, args.overrides
+    return args.config, args.overrides + ([f"orchestration.resume={args.resume}"] if args.resume else [])
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -19,10 +19,10 @@ GAUGES = {
 
 
 class RunLogger:
-    def __init__(self, directory: str | Path, tensorboard: bool = True):
+    def __init__(self, directory: str | Path, tensorboard: bool = True, append: bool = False):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.dir / "metrics.jsonl", "w")
+        self._jsonl = open(self.dir / "metrics.jsonl", "a" if append else "w")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

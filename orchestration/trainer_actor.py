@@ -24,3 +24,7 @@ class TrainerActor:
 
     def save(self, directory: str) -> str:
         return str(self.trainer.save_checkpoint(directory))
+
+    def load(self, directory: str) -> int:
+        self.trainer.load_checkpoint(directory)
+        return self.trainer.version

@@ -29,11 +29,13 @@ def make_engine(model_dir: str, rollout_cfg, dtype: str, seed: int):
 
 
 class RolloutWorker:
-    def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0, worker_id: int = 0):
+    def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0, worker_id: int = 0,
+                 version: int = 0):
+        """``version``: the policy version of the weights in ``model_dir`` (a checkpoint's)."""
         self.cfg, self.dtype, self.worker_id = rollout_cfg, dtype, worker_id
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = make_engine(model_dir, rollout_cfg, dtype, seed)
-        self.version = 0
+        self.version = version
 
     def generate(self, batch: list[tuple[int, dict]], seed: int) -> tuple[list[Group], dict]:
         """Sample ``n`` responses for each (index, row); returns groups and metrics."""
