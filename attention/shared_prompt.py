@@ -18,8 +18,10 @@ keys gives the same softmax over the same key set in one kernel, so no merge is 
 autograd through SDPA's own backward sums the gradients of the shared prompt keys/values
 over the prompt's queries and all N responses (the expand is a broadcast whose backward is
 that sum). This also avoids the known pitfall of composing separate attention calls whose
-backward ignores the gradient of the LSE. The GPU variant with flash-attn varlen kernels
-(where the LSE merge is needed, inside one autograd function) is not written yet.
+backward ignores the gradient of the LSE.
+  * ``flex``: FlexAttention with a block mask derived from the segment ids — for GPUs
+    (torch 2.13 has no FlexAttention backward on CPU). The flash-attn varlen variant, where
+    the region outputs must be merged by LSE inside one autograd function, is not written.
 """
 
 from __future__ import annotations
@@ -73,6 +75,24 @@ def _row_regions(q, k, v, row: RowLayout, scaling: float) -> torch.Tensor:
 @_register("regions")
 def regions_attention(q, k, v, batch: PackedBatch, scaling: float) -> torch.Tensor:
     return torch.stack([_row_regions(q[b], k[b], v[b], row, scaling) for b, row in enumerate(batch.rows)])
+
+
+@_register("flex")
+def flex_attention_backend(q, k, v, batch: PackedBatch, scaling: float) -> torch.Tensor:
+    """FlexAttention with a block mask from the segment ids (the GPU path: it skips fully
+    masked blocks, i.e. response × other response). torch 2.13 runs its forward on CPU,
+    unfused, but has no CPU backward: train with it on GPU only."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    seg = batch.segment_ids.to(q.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qs, ks = seg[b, q_idx], seg[b, kv_idx]
+        layout = (kv_idx <= q_idx) & (ks >= 0) & (qs >= 0) & ((ks == 0) | (ks == qs))
+        return layout | ((qs < 0) & (q_idx == kv_idx))  # a padding query sees itself only
+
+    B, _, L, _ = q.shape
+    block_mask = create_block_mask(mask_mod, B, None, L, L, device=str(q.device))
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def shared_prompt_attention(q, k, v, batch: PackedBatch, scaling: float, backend: str = "regions") -> torch.Tensor:

@@ -102,7 +102,8 @@ class TrainerConfig:
     # Pack each group as one row [prompt | r_1 | … | r_N] so the prompt is processed once
     # (attention/layout.py); exact, see tests/policy/test_packed.py.
     shared_prompt: bool = False
-    # Shared-prompt attention backend: "regions" (fast, exact) or "reference" (dense mask).
+    # Shared-prompt attention backend: "regions" (CPU fast path), "reference" (dense mask),
+    # "flex" (FlexAttention block mask; training needs a GPU).
     attention_backend: str = "regions"
 
 

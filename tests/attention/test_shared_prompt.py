@@ -77,8 +77,42 @@ def test_float32_error_is_within_twice_the_references():
     assert err_reg <= 2 * err_ref + 1e-7
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("prompt_lens, response_lens", CASES)
+def test_flex_forward_equals_reference(prompt_lens, response_lens):
+    """FlexAttention's forward runs (unfused) on CPU; its backward needs a GPU (below)."""
+    batch = _batch(prompt_lens, response_lens)
+    q, k, v = (t.detach() for t in _qkv(batch))
+    valid = (batch.segment_ids >= 0)[:, None, :, None]
+    ref = shared_prompt_attention(q, k, v, batch, 0.35, "reference") * valid
+    out = shared_prompt_attention(q, k, v, batch, 0.35, "flex") * valid
+    assert (out - ref).abs().max() <= 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no CPU backward in torch 2.13")
+def test_flex_gradients_equal_reference_on_gpu():
+    """float32 flex gradients may err at most ~2x as much as the float32 dense reference's,
+    both measured against the float64 reference."""
+    batch = _batch([7, 3], [[5, 2, 6], [4, 4]])
+    q64, k64, v64 = (t.detach().cuda().requires_grad_() for t in _qkv(batch))
+    valid = (batch.segment_ids >= 0)[:, None, :, None].cuda()
+    w = torch.randn(q64.shape, dtype=torch.float64, device="cuda")
+
+    def grads(backend, *qkv):
+        out = shared_prompt_attention(*qkv, batch, 0.35, backend) * valid
+        return torch.autograd.grad((out * w.to(out.dtype)).sum(), qkv)
+
+    exact = grads("reference", q64, k64, v64)
+    qkv32 = [t.detach().float().requires_grad_() for t in (q64, k64, v64)]
+    err_ref = max((a.double() - e).abs().max() for a, e in zip(grads("reference", *qkv32), exact))
+    qkv32 = [t.detach().float().requires_grad_() for t in (q64, k64, v64)]
+    err_flex = max((a.double() - e).abs().max() for a, e in zip(grads("flex", *qkv32), exact))
+    assert err_flex <= 2 * err_ref + 1e-6
+
+
 def test_unknown_backend():
     batch = _batch([2], [[1]])
     with pytest.raises(ValueError, match="choose one of"):
         shared_prompt_attention(*_qkv(batch), batch, 1.0, "flash")
-    assert set(BACKENDS) == {"reference", "regions"}
+    assert set(BACKENDS) == {"reference", "regions", "flex"}
