@@ -67,6 +67,9 @@ class RolloutConfig:
     # "vllm" (the rollout engine) or "hf" (transformers `generate`, the reference path).
     backend: str = "vllm"
     num_workers: int = 1
+    # Times Ray restarts a rollout worker whose process died; its unfinished prompts are
+    # re-sampled after it gets the current weights.
+    max_restarts: int = 3
     # Group size N: responses sampled per prompt.
     n: int = 8
     temperature: float = 1.0
@@ -235,6 +238,7 @@ def validate(config: Config) -> None:
     _check("data.max_prompt_tokens", d.max_prompt_tokens >= 1, ">= 1", d.max_prompt_tokens)
     _choice("rollout.backend", r.backend, {"vllm", "hf"})
     _check("rollout.num_workers", r.num_workers >= 1, ">= 1", r.num_workers)
+    _check("rollout.max_restarts", r.max_restarts >= 0, ">= 0", r.max_restarts)
     _check("rollout.n", r.n >= 2, ">= 2 (group-relative advantages need two responses)", r.n)
     _check("rollout.temperature", r.temperature > 0, "> 0 (GRPO needs sampling)", r.temperature)
     _check("rollout.top_p", 0 < r.top_p <= 1, "in (0, 1]", r.top_p)

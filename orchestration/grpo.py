@@ -59,6 +59,8 @@ def init_ray(config: Config) -> None:
                           f"rollout.num_workers or add CPUs (orchestration.num_cpus for a local Ray)")
 
 
+# A worker process that died (RayActorError) or is being restarted by Ray.
+WORKER_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 COUNTS = {"rollout_tokens", "rollout_sequences", "rollout_truncated"}
 
 
@@ -100,7 +102,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     init_ray(config)
     # Workers start from the checkpoint's weights; the trainer from the original model (its
     # KL reference) and then loads the checkpoint's weights and optimizer.
-    workers = [ray.remote(num_cpus=1)(RolloutWorker).remote(
+    workers = [ray.remote(num_cpus=1, max_restarts=config.rollout.max_restarts)(RolloutWorker).remote(
         str(o.resume or model_dir), config.rollout, config.model.dtype, o.seed, worker_id=i,
         version=state["version"] if state else 0)
         for i in range(config.rollout.num_workers)]
@@ -125,15 +127,59 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     submitted = state["submitted"] if state else 0
     regenerated = state["regenerated"] if state else 0
     pending_sync: list = []
+    last_export = None  # refs of the latest (weights, version, checksum, probe)
+    restarts = 0
 
     def submit(batch, seed: int | None = None) -> tuple:
         nonlocal submitted
         if seed is None:
             seed, submitted = step_seed(o.seed, submitted), submitted + 1
         size = -(-len(batch) // len(workers))  # contiguous shards keep the batch order
-        refs = [w.generate.remote(batch[k * size:(k + 1) * size], seed + k)
-                for k, w in enumerate(workers) if batch[k * size:(k + 1) * size]]
-        return refs, batch, seed
+        shards = [(k, batch[k * size:(k + 1) * size]) for k in range(len(workers)) if batch[k * size:(k + 1) * size]]
+        refs = [workers[k].generate.remote(shard, seed + k) for k, shard in shards]
+        return refs, batch, seed, shards
+
+    def on_restarted(method, *args, timeout_s: float = 300.0):
+        """Call an actor method, waiting while Ray restarts the actor."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(method.remote(*args))
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def resync(k: int) -> None:
+        """Give worker k (e.g. just restarted by Ray, with its start-up weights) the current ones."""
+        if last_export is not None:
+            on_restarted(workers[k].update_weights, *last_export)
+
+    def collect(entry) -> list:
+        """Results of a submitted batch. A shard whose worker died is sampled again on the
+        worker Ray restarted, after it received the current weights: nothing is lost."""
+        nonlocal restarts
+        refs, _, seed, shards = entry
+        outs = []
+        for ref, (k, shard) in zip(refs, shards):
+            try:
+                outs.append(ray.get(ref))
+            except WORKER_GONE as exc:
+                restarts += 1
+                log.warning("rollout worker %d died (%s); re-sampling its %d prompts on the restarted worker",
+                            k, type(exc).__name__, len(shard))
+                resync(k)
+                outs.append(on_restarted(workers[k].generate, shard, seed + k))
+        return outs
+
+    def sync_results(refs: list) -> list[dict]:
+        results = []
+        for k, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except WORKER_GONE:  # the worker died: collect() re-syncs it
+                pass
+        return results
 
     for batch, seed in (state["in_flight"] if state else []):  # sampled again, none lost
         in_flight.append(submit([tuple(item) for item in batch], seed))
@@ -143,31 +189,34 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
             t0 = time.perf_counter()
             while len(in_flight) < o.max_staleness + 1:
                 in_flight.append(submit(stream.next_batch(a.prompts_per_step)))
-            outs = ray.get(in_flight.popleft()[0])
+            outs = collect(in_flight.popleft())
             groups = [g for gs, _ in outs for g in gs]
             metrics = merge_worker_metrics([m for _, m in outs])
             too_old = [g for g in groups if step - g.version > o.max_staleness]
             if too_old:  # never silently dropped: sampled again with the current weights
                 regenerated += len(too_old)
-                fresh = [g for gs, _ in ray.get(submit([(g.index, g.row) for g in too_old])[0]) for g in gs]
+                for k in range(len(workers)):
+                    resync(k)
+                fresh = [g for gs, _ in collect(submit([(g.index, g.row) for g in too_old])) for g in gs]
                 groups = [g for g in groups if step - g.version <= o.max_staleness] + fresh
             metrics.update(score_groups(groups, reward_fns, a.on_reward_error))
             # The max_staleness rollouts still queued run on the workers while the trainer
             # trains; the weight update below is queued behind them.
             step_metrics = trainer.step.remote(groups)
-            state, version, checksum, probe = trainer.export.options(num_returns=4).remote()
+            last_export = trainer.export.options(num_returns=4).remote()
             # The weights are put in the object store once and read by every worker. Nothing
             # waits for the update here: each worker runs it before any rollout submitted
             # after it (actor call order), and its verification result is collected one step
             # later, off the trainer's critical path (step 0 has no earlier update: zeros).
-            metrics.update(merge_worker_metrics(ray.get(pending_sync)) if pending_sync
-                           else {"sync_s": 0.0, "sync_probe_diff": 0.0})
-            pending_sync = [w.update_weights.remote(state, version, checksum, probe) for w in workers]
+            synced = sync_results(pending_sync)
+            metrics.update(merge_worker_metrics(synced) if synced else {"sync_s": 0.0, "sync_probe_diff": 0.0})
+            pending_sync = [w.update_weights.remote(*last_export) for w in workers]
             metrics.update(ray.get(step_metrics))
             trajectories.write(step, groups)
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
             metrics["regenerated_groups"] = float(regenerated)
+            metrics["worker_restarts"] = float(restarts)
             metrics["trainer_idle_frac"] = max(0.0, 1 - metrics["update_s"] / metrics["step_s"])
             metrics["rollout_idle_frac"] = max(0.0, 1 - metrics["rollout_s"] / metrics["step_s"])
             logger.log(step, metrics)
@@ -178,9 +227,8 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
                 checkpoint.save(run_dir / "checkpoints" / f"step-{step + 1}", trainer, {
                     "step": step + 1, "version": int(metrics["version"]), "submitted": submitted,
                     "regenerated": regenerated, "stream": stream.state(),
-                    "in_flight": [[list(batch), seed] for _, batch, seed in in_flight]})
-        if pending_sync:
-            ray.get(pending_sync)  # the last update must verify too
+                    "in_flight": [[list(batch), seed] for _, batch, seed, _ in in_flight]})
+        sync_results(pending_sync)  # the last update must verify too
         ray.get(trainer.save.remote(str(run_dir / "checkpoint")))
     except BaseException:
         # Keep what was learned so far (the trainer is a separate process and usually alive).

@@ -144,3 +144,39 @@ def test_checkpoint_and_resume_lose_and_double_nothing(tmp_path, cache, max_stal
     if max_staleness == 0:  # synchronous and seeded: the resumed run is the straight run, exactly
         assert combined == straight_record
         assert [h["reward"] for h in straight[3:]] == [h["reward"] for h in resumed]
+
+
+_calls = {"n": 0}
+
+
+def reward_that_kills_the_rollout_worker(prompts, completions, answer, **kw):
+    """Scores normally; on its second call SIGKILLs every rollout worker process."""
+    import os
+    import signal
+
+    import psutil
+    _calls["n"] += 1
+    if _calls["n"] == 2:
+        for proc in psutil.process_iter(["cmdline"]):
+            if proc.info["cmdline"] and proc.info["cmdline"][0].startswith("ray::RolloutWorker"):
+                os.kill(proc.pid, signal.SIGKILL)
+    from rollout.rewards import arithmetic_reward
+    return arithmetic_reward(prompts, completions, answer)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, max_staleness):
+    _calls["n"] = 0
+    config = _config(tmp_path, "hf")
+    config.orchestration.steps, config.orchestration.max_staleness = 4, max_staleness
+    config.data.num_prompts = 16  # 4 steps x 4 prompts: one epoch
+    config.algorithm.reward_fns = ["tests.orchestration.test_grpo_loop:reward_that_kills_the_rollout_worker"]
+    history = main(config, progress=False)
+    assert [h["step"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["worker_restarts"] + history[-1]["regenerated_groups"] >= 1
+    record = _trained_record(tmp_path / "run")
+    counts: dict[int, int] = {}
+    for _, index, _, _ in record:
+        counts[index] = counts.get(index, 0) + 1
+    assert counts == {i: 8 for i in range(16)}  # every prompt trained once, n responses each
+    assert max(h["staleness_max"] for h in history) <= max_staleness
