@@ -34,9 +34,13 @@ def test_ray_job_submit_runs_the_entry_point(tmp_path):
     assert started.returncode == 0, started.stderr
     try:
         run_dir = tmp_path / "run"
-        job = _ray("job", "submit", f"--address=http://127.0.0.1:{port}", "--", "python", "-m",
-                   "orchestration.grpo", "--config", "configs/tiny.yaml", "orchestration.steps=3",
-                   f"logging.dir={run_dir}", "logging.progress_bar=false", env=env, timeout=600)
+        for _ in range(30):  # the head's job agent may need a few seconds after `ray start`
+            job = _ray("job", "submit", f"--address=http://127.0.0.1:{port}", "--", "python", "-m",
+                       "orchestration.grpo", "--config", "configs/tiny.yaml", "orchestration.steps=3",
+                       f"logging.dir={run_dir}", "logging.progress_bar=false", env=env, timeout=600)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -150,15 +150,18 @@ _calls = {"n": 0}
 
 
 def reward_that_kills_the_rollout_worker(prompts, completions, answer, **kw):
-    """Scores normally; on its second call SIGKILLs every rollout worker process."""
+    """Scores normally; on its second call SIGKILLs this Ray session's rollout worker processes
+    (children of its raylet, so that a concurrent run elsewhere on the machine is untouched)."""
     import os
     import signal
 
     import psutil
     _calls["n"] += 1
     if _calls["n"] == 2:
-        for proc in psutil.process_iter(["cmdline"]):
-            if proc.info["cmdline"] and proc.info["cmdline"][0].startswith("ray::RolloutWorker"):
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        for proc in psutil.Process(raylet).children():
+            cmdline = proc.cmdline()
+            if cmdline and cmdline[0].startswith("ray::RolloutWorker"):
                 os.kill(proc.pid, signal.SIGKILL)
     from rollout.rewards import arithmetic_reward
     return arithmetic_reward(prompts, completions, answer)
