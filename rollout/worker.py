@@ -36,9 +36,14 @@ class RolloutWorker:
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = make_engine(model_dir, rollout_cfg, dtype, seed)
         self.version = version
+        # Set when an update fails verification: the engine's weights are then unknown, and
+        # the worker refuses to sample until a verified update succeeds.
+        self.sync_error: str | None = None
 
     def generate(self, batch: list[tuple[int, dict]], seed: int) -> tuple[list[Group], dict]:
         """Sample ``n`` responses for each (index, row); returns groups and metrics."""
+        if self.sync_error:
+            raise WeightSyncError(f"refusing to sample: {self.sync_error}")
         t0 = time.perf_counter()
         prompt_ids = [self.tokenizer(row["prompt"], add_special_tokens=False).input_ids for _, row in batch]
         outputs = self.engine.generate(prompt_ids, seed)
@@ -62,6 +67,7 @@ class RolloutWorker:
         if received != checksum:
             raise WeightSyncError(f"worker {self.worker_id}: weights for version {version} arrived corrupted "
                                   f"(checksum {received} != {checksum}); the engine keeps version {self.version}")
+        self.sync_error = "a weight update is in progress"
         self.engine.load_weights(state_dict)
         metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0}
         if probe is not None:
@@ -69,11 +75,12 @@ class RolloutWorker:
             got = self.engine.prompt_logprobs(ids)
             diff = max(abs(a - b) for a, b in zip(got, expected))
             if diff > sync_tolerance(self.dtype):
-                raise WeightSyncError(
+                self.sync_error = (
                     f"worker {self.worker_id}: after loading version {version} the engine's probe logprobs differ "
                     f"from the trainer's by {diff:.2e} (> {sync_tolerance(self.dtype):.0e}): the engine is not "
                     f"sampling with the new weights. This is a vLLM adapter failure (rollout/vllm_adapter.py).")
+                raise WeightSyncError(self.sync_error)
             metrics["sync_probe_diff"] = diff
-        self.version = version
+        self.version, self.sync_error = version, None
         metrics["sync_s"] = time.perf_counter() - t0
         return metrics

@@ -58,3 +58,8 @@ def test_update_is_verified_by_the_probe(worker, tiny_model_dir, tiny_model_dir_
     with pytest.raises(WeightSyncError, match="not sampling with the new weights"):
         worker.update_weights(state_a, 2, state_checksum(state_a), (probe_ids, expected))
     assert worker.version == 1
+    # ... and the worker refuses to sample with unverified weights until a verified update
+    with pytest.raises(WeightSyncError, match="refusing to sample"):
+        worker.generate(ROWS, seed=0)
+    worker.update_weights(state_b, 3, state_checksum(state_b), (probe_ids, expected))
+    assert worker.version == 3 and worker.generate(ROWS, seed=0)[0][0].version == 3
