@@ -233,7 +233,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     except BaseException:
         # Keep what was learned so far (the trainer is a separate process and usually alive).
         saved = _try_save(trainer, run_dir / "checkpoint-interrupted")
-        log.error("run stopped at step %d of %d; %s", len(history), o.steps,
+        log.error("run stopped at step %d of %d; %s", start + len(history), o.steps,
                   f"policy saved to {saved}" if saved else "the policy could not be saved")
         raise
     finally:
