@@ -11,7 +11,6 @@ Every field is documented once, here.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,7 +273,3 @@ def validate(config: Config) -> None:
 
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)

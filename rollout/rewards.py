@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import re
 from typing import Callable
 
 from policy.batch import Group
@@ -49,9 +48,6 @@ def load_reward_fn(path: str) -> RewardFn:
     if not callable(fn):
         raise RewardError(f"algorithm.reward_fns: {path!r} is not callable")
     return fn
-
-
-_FN_NAME = re.compile(r"[^:]+$")
 
 
 def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = "fail") -> dict[str, float]:
@@ -94,7 +90,7 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                 raise RewardError(f"reward function {name} returned {v} for prompt={prompts[i]!r} "
                                   f"completion={completions[i]!r}; rewards must be finite numbers")
             total[i] += v
-        metrics[f"reward/{_FN_NAME.search(name).group(0)}"] = sum(values) / len(values)
+        metrics[f"reward/{name.rsplit(':', 1)[-1]}"] = sum(values) / len(values)
     pos = 0
     for g in groups:
         g.rewards = total[pos:pos + g.n]
