@@ -19,15 +19,13 @@ import json
 import shutil
 from pathlib import Path
 
-import ray
-
 STATE_FILE = "loop_state.json"
 
 
 def save(directory: Path, trainer, state: dict) -> Path:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    ray.get(trainer.save.remote(str(tmp)))
+    trainer.save(str(tmp))  # every rank: weights from rank 0, optimizer partitions from each
     (tmp / STATE_FILE).write_text(json.dumps(state))
     if directory.exists():
         shutil.rmtree(directory)

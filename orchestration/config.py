@@ -107,6 +107,11 @@ class TrainerConfig:
     # Shared-prompt attention backend: "regions" (CPU fast path), "reference" (dense mask),
     # "flex" (FlexAttention block mask; training needs a GPU).
     attention_backend: str = "regions"
+    # Data-parallel trainer ranks (Ray actors, one CPU slot each). > 1 trains under DeepSpeed
+    # ZeRO over torch.distributed (gloo on CPU, NCCL on GPU); policy/distributed.py.
+    world_size: int = 1
+    # ZeRO stage for world_size > 1: 1 (optimizer states partitioned) or 2 (+ gradients).
+    zero_stage: int = 1
 
 
 @dataclass
@@ -145,6 +150,17 @@ class OrchestrationConfig:
     checkpoint_every: int = 0
     # Resume from such a checkpoint directory (also `--resume DIR` on the command line).
     resume: str | None = None
+    # Keep up to max_staleness + 1 rollout batches in flight, but only as many as it takes
+    # to keep the trainer busy (measured rollout vs update time); false: always all of them.
+    adaptive_in_flight: bool = True
+    # Ray placement group strategy for the rollout workers and trainer ranks: PACK (fill
+    # nodes in turn), SPREAD (across nodes), STRICT_PACK, STRICT_SPREAD.
+    placement_strategy: str = "PACK"
+    # A local Ray started by the job binds its node, dashboard and metrics endpoints here
+    # (0.0.0.0 exposes them to the network); a cluster joined with RAY_ADDRESS keeps its own.
+    bind_host: str = "127.0.0.1"
+    # Start the dashboard with a local Ray (`ray job submit` clusters have their own).
+    dashboard: bool = False
 
 
 @dataclass
@@ -248,10 +264,25 @@ def validate(config: Config) -> None:
            r.max_model_len)
     _check("trainer.lr", t.lr > 0, "> 0", t.lr)
     _check("trainer.mini_batches", t.mini_batches >= 1, ">= 1", t.mini_batches)
+    _check("trainer.mini_batches", t.mini_batches <= a.prompts_per_step,
+           f"<= algorithm.prompts_per_step={a.prompts_per_step} (a mini-batch holds whole groups)", t.mini_batches)
     _check("trainer.micro_batch_size", t.micro_batch_size >= 1, ">= 1", t.micro_batch_size)
     _check("trainer.threads", t.threads >= 1, ">= 1", t.threads)
     _check("trainer.max_grad_norm", t.max_grad_norm > 0, "> 0", t.max_grad_norm)
     _choice("trainer.attention_backend", t.attention_backend, BACKENDS)
+    _check("trainer.world_size", t.world_size >= 1, ">= 1", t.world_size)
+    if t.zero_stage == 3:
+        raise ConfigError("trainer.zero_stage=3 is not supported: ZeRO-3 partitions the parameters, which the "
+                          "packed attention path and the weight export read whole; use 1 or 2")
+    _choice("trainer.zero_stage", t.zero_stage, {1, 2})
+    if t.world_size > 1:
+        _check("algorithm.prompts_per_step", a.prompts_per_step >= t.world_size,
+               f">= trainer.world_size={t.world_size} (every rank trains whole groups)", a.prompts_per_step)
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("trainer.world_size > 1 needs DeepSpeed; run scripts/install.sh (it installs "
+                              "deepspeed), or set trainer.world_size=1") from None
     _choice("algorithm.advantage", a.advantage, ADVANTAGES)
     _choice("algorithm.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
     _check("algorithm.clip_low", 0 <= a.clip_low < 1, "in [0, 1)", a.clip_low)
@@ -266,6 +297,8 @@ def validate(config: Config) -> None:
     _check("algorithm.is_cap", a.is_cap >= 1, ">= 1", a.is_cap)
     _check("orchestration.num_cpus", o.num_cpus >= 1, ">= 1", o.num_cpus)
     _check("orchestration.checkpoint_every", o.checkpoint_every >= 0, ">= 0", o.checkpoint_every)
+    _choice("orchestration.placement_strategy", o.placement_strategy,
+            {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})
     if o.resume is not None and not (Path(o.resume) / "loop_state.json").is_file():
         raise ConfigError(f"orchestration.resume={o.resume!r} is not an rlaccel checkpoint directory "
                           f"(no loop_state.json); give <logging.dir>/checkpoints/step-N")

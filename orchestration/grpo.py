@@ -17,7 +17,9 @@ Embed it with ``orchestration.grpo.main(config)``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -25,6 +27,8 @@ from collections import deque
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from orchestration import checkpoint
@@ -33,7 +37,7 @@ from orchestration.data import DataError, PromptStream, load_prompts
 from orchestration.metrics import RunLogger
 from orchestration.model_prep import prepare_model
 from orchestration.trajectories import TrajectoryLog
-from orchestration.trainer_actor import TrainerActor
+from orchestration.trainer_actor import TrainerActor, TrainerGroup
 from policy.models import load_tokenizer
 from rollout.rewards import RewardError, load_reward_fn, score_groups
 from rollout.worker import RolloutWorker
@@ -42,26 +46,57 @@ log = logging.getLogger("rlaccel")
 
 
 def init_ray(config: Config) -> None:
-    """Join the cluster of a `ray job submit` (RAY_ADDRESS is set), else start a local Ray."""
-    needed = config.rollout.num_workers + 1  # one CPU slot per rollout worker and the trainer
+    """Join the cluster of a `ray job submit` (RAY_ADDRESS is set), else start a local Ray
+    bound to ``orchestration.bind_host``."""
+    o = config.orchestration
+    needed = slots(config)
     if not ray.is_initialized():
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL":
                             os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
         if os.environ.get("RAY_ADDRESS"):
             ray.init(runtime_env=env, log_to_driver=True)
         else:  # address="local" ignores a stale cluster file from an earlier `ray start`
-            ray.init(address="local", num_cpus=max(config.orchestration.num_cpus, needed),
-                     include_dashboard=False, runtime_env=env, log_to_driver=True)
+            if o.bind_host in ("127.0.0.1", "localhost"):
+                # Ray turns a loopback node address into the machine's outward IP and then serves
+                # the metrics endpoint on 0.0.0.0; its single-machine mode (macOS's default) keeps
+                # every address on loopback. A local Ray has no other nodes to reach it.
+                from ray._private import ray_constants
+                os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+                ray_constants.ENABLE_RAY_CLUSTER = False
+            ray.init(address="local", num_cpus=max(o.num_cpus, needed), include_dashboard=o.dashboard,
+                     dashboard_host=o.bind_host, _node_ip_address=o.bind_host, runtime_env=env,
+                     log_to_driver=True)
     have = ray.cluster_resources().get("CPU", 0)
     if have < needed:  # the actors would wait for CPUs forever
         raise ConfigError(f"the Ray cluster has {have:g} CPUs but rollout.num_workers="
-                          f"{config.rollout.num_workers} workers + 1 trainer need {needed}; lower "
-                          f"rollout.num_workers or add CPUs (orchestration.num_cpus for a local Ray)")
+                          f"{config.rollout.num_workers} workers + trainer.world_size={config.trainer.world_size} "
+                          f"trainer ranks need {needed}; lower them or add CPUs (orchestration.num_cpus for a "
+                          f"local Ray)")
+
+
+def slots(config: Config) -> int:
+    """CPU slots (placement-group bundles): one per rollout worker and per trainer rank."""
+    return config.rollout.num_workers + config.trainer.world_size
+
+
+def place(config: Config, timeout_s: float = 120.0):
+    """A placement group with a bundle per rollout worker, then one per trainer rank."""
+    pg = placement_group([{"CPU": 1}] * slots(config), strategy=config.orchestration.placement_strategy)
+    if not pg.wait(timeout_s):
+        remove_placement_group(pg)
+        raise ConfigError(f"could not place {slots(config)} one-CPU bundles with orchestration.placement_strategy="
+                          f"{config.orchestration.placement_strategy} within {timeout_s:.0f}s (cluster: "
+                          f"{ray.cluster_resources()}); use PACK/SPREAD or add nodes")
+    return pg
+
+
+def in_bundle(pg, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
 
 # A worker process that died (RayActorError) or is being restarted by Ray.
 WORKER_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-COUNTS = {"rollout_tokens", "rollout_sequences", "rollout_truncated"}
+COUNTS = {"rollout_tokens", "rollout_sequences", "rollout_truncated", "sync_bytes"}
 
 
 def merge_worker_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]:
@@ -72,6 +107,13 @@ def merge_worker_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]
         merged["response_len"] = merged["rollout_tokens"] / merged["rollout_sequences"]
         merged["truncated_frac"] = merged["rollout_truncated"] / merged["rollout_sequences"]
     return merged
+
+
+def in_flight_depth(max_staleness: int, rollout_s: float, update_s: float) -> int:
+    """Rollout batches to keep in flight: the one consumed next plus enough queued behind it
+    that the workers keep sampling through one trainer update (ceil(update / rollout)), and no
+    more than the staleness bound allows (max_staleness + 1). More would only add staleness."""
+    return min(max_staleness + 1, 1 + math.ceil(update_s / max(rollout_s, 1e-6)))
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -100,17 +142,24 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
         log.info("resuming at step %d from %s", start, o.resume)
 
     init_ray(config)
+    pg = place(config)
     # Workers start from the checkpoint's weights; the trainer from the original model (its
-    # KL reference) and then loads the checkpoint's weights and optimizer.
-    workers = [ray.remote(num_cpus=1, max_restarts=config.rollout.max_restarts)(RolloutWorker).remote(
+    # KL reference) and then loads the checkpoint's weights and optimizer. A restarted worker
+    # returns to its bundle.
+    nw = config.rollout.num_workers
+    workers = [ray.remote(num_cpus=1, max_restarts=config.rollout.max_restarts)(RolloutWorker).options(
+        scheduling_strategy=in_bundle(pg, i)).remote(
         str(o.resume or model_dir), config.rollout, config.model.dtype, o.seed, worker_id=i,
-        version=state["version"] if state else 0)
-        for i in range(config.rollout.num_workers)]
-    trainer = ray.remote(num_cpus=1)(TrainerActor).remote(
+        version=state["version"] if state else 0) for i in range(nw)]
+    trainer = TrainerGroup(
+        [ray.remote(num_cpus=1)(TrainerActor).options(scheduling_strategy=in_bundle(pg, nw + r)).remote(r)
+         for r in range(config.trainer.world_size)],
         str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
         config.rollout.max_tokens, config.model.dtype, probe_ids)
     if state:
-        ray.get(trainer.load.remote(o.resume))
+        trainer.load(o.resume)
+    (run_dir / "placement.json").write_text(json.dumps({
+        "rollout_workers": ray.get([w.node_id.remote() for w in workers]), "trainer_ranks": trainer.node_ids()}))
 
     logger = RunLogger(run_dir, config.logging.tensorboard, append=bool(state))
     trajectories = TrajectoryLog(run_dir / (f"trajectories.from-step{start}.parquet" if state
@@ -129,6 +178,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     pending_sync: list = []
     last_export = None  # refs of the latest (weights, version, checksum, probe)
     restarts = 0
+    depth, timing = o.max_staleness + 1, None  # batches kept in flight; EMA of (rollout_s, update_s)
 
     def submit(batch, seed: int | None = None) -> tuple:
         nonlocal submitted
@@ -187,7 +237,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     try:
         for step in bar:
             t0 = time.perf_counter()
-            while len(in_flight) < o.max_staleness + 1:
+            while len(in_flight) < depth:
                 in_flight.append(submit(stream.next_batch(a.prompts_per_step)))
             outs = collect(in_flight.popleft())
             groups = [g for gs, _ in outs for g in gs]
@@ -200,10 +250,12 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
                 fresh = [g for gs, _ in collect(submit([(g.index, g.row) for g in too_old])) for g in gs]
                 groups = [g for g in groups if step - g.version <= o.max_staleness] + fresh
             metrics.update(score_groups(groups, reward_fns, a.on_reward_error))
+            sampled = [lp for g in groups for lps in g.behaviour_logprobs for lp in lps]
+            metrics["entropy"] = -sum(sampled) / max(len(sampled), 1)  # E[-log p] of sampled tokens
             # The max_staleness rollouts still queued run on the workers while the trainer
             # trains; the weight update below is queued behind them.
-            step_metrics = trainer.step.remote(groups)
-            last_export = trainer.export.options(num_returns=4).remote()
+            step_metrics = trainer.step(groups)
+            last_export = trainer.export()
             # The weights are put in the object store once and read by every worker. Nothing
             # waits for the update here: each worker runs it before any rollout submitted
             # after it (actor call order), and its verification result is collected one step
@@ -211,7 +263,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
             synced = sync_results(pending_sync)
             metrics.update(merge_worker_metrics(synced) if synced else {"sync_s": 0.0, "sync_probe_diff": 0.0})
             pending_sync = [w.update_weights.remote(*last_export) for w in workers]
-            metrics.update(ray.get(step_metrics))
+            metrics.update(trainer.metrics(step_metrics))
             trajectories.write(step, groups)
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
@@ -219,6 +271,12 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
             metrics["worker_restarts"] = float(restarts)
             metrics["trainer_idle_frac"] = max(0.0, 1 - metrics["update_s"] / metrics["step_s"])
             metrics["rollout_idle_frac"] = max(0.0, 1 - metrics["rollout_s"] / metrics["step_s"])
+            metrics["in_flight"] = float(depth)
+            if o.adaptive_in_flight:
+                now = (metrics["rollout_s"], metrics["update_s"])
+                timing = now if timing is None else tuple(0.8 * t + 0.2 * x for t, x in zip(timing, now))
+                depth = in_flight_depth(o.max_staleness, *timing)
+            logger.observe("staleness", [step - g.version for g in groups])
             logger.log(step, metrics)
             history.append({"step": step, **metrics})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", roll_tok_s=f"{metrics['rollout_tok_s']:.0f}",
@@ -229,7 +287,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
                     "regenerated": regenerated, "stream": stream.state(),
                     "in_flight": [[list(batch), seed] for _, batch, seed, _ in in_flight]})
         sync_results(pending_sync)  # the last update must verify too
-        ray.get(trainer.save.remote(str(run_dir / "checkpoint")))
+        trainer.save(str(run_dir / "checkpoint"))
     except BaseException:
         # Keep what was learned so far (the trainer is a separate process and usually alive).
         saved = _try_save(trainer, run_dir / "checkpoint-interrupted")
@@ -240,14 +298,15 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
         logger.close()
         trajectories.close()
         bar.close()
-        for actor in (*workers, trainer):
+        for actor in (*workers, *trainer.actors):
             ray.kill(actor)
+        remove_placement_group(pg)
     return history
 
 
 def _try_save(trainer, directory: Path) -> str | None:
     try:
-        return ray.get(trainer.save.remote(str(directory)), timeout=120)
+        return trainer.save(str(directory), timeout=120)
     except Exception:  # the trainer itself may be what failed
         return None
 

@@ -15,7 +15,18 @@ GAUGES = {
     "update_s": "Seconds spent in the trainer update in the step",
     "sync_s": "Seconds spent in the weight sync in the step",
     "step_s": "Wall-clock seconds of the step",
+    "sync_bytes": "Bytes of weights received by the rollout workers in the last sync",
+    "trainer_idle_frac": "Fraction of the step the trainer was idle",
+    "rollout_idle_frac": "Fraction of the step the rollout workers were idle",
+    "in_flight": "Rollout batches kept in flight (the buffer depth)",
+    "staleness_mean": "Mean policy versions a trained sample lagged the trainer",
+    "regenerated_groups": "Groups sampled again because they exceeded orchestration.max_staleness (total)",
+    "worker_restarts": "Rollout workers restarted by Ray (total)",
+    "entropy": "Mean negative log-probability of the sampled tokens",
+    "kl": "KL to the reference policy (k3 estimator)",
 }
+# Ray histograms: name -> (description, bucket boundaries).
+HISTOGRAMS = {"staleness": ("Policy versions each trained group lagged the trainer", [0.5, 1.5, 2.5, 3.5, 4.5, 8.5])}
 
 
 class RunLogger:
@@ -27,14 +38,16 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-        self._gauges = {}
+        self._gauges, self._histograms = {}, {}
         try:
             import ray
-            from ray.util.metrics import Gauge
+            from ray.util.metrics import Gauge, Histogram
             if ray.is_initialized():
                 self._gauges = {k: Gauge(f"rlaccel_{k}", description=d) for k, d in GAUGES.items()}
+                self._histograms = {k: Histogram(f"rlaccel_{k}", description=d, boundaries=b)
+                                    for k, (d, b) in HISTOGRAMS.items()}
         except Exception:  # metrics are best effort outside a Ray job
-            self._gauges = {}
+            self._gauges, self._histograms = {}, {}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -47,6 +60,12 @@ class RunLogger:
                 self._tb.add_scalar(k, v, step)
             if k in self._gauges:
                 self._gauges[k].set(v)
+
+    def observe(self, name: str, values: list[float]) -> None:
+        """Observations for the Ray histogram ``rlaccel_<name>`` (e.g. per-group staleness)."""
+        if name in self._histograms:
+            for v in values:
+                self._histograms[name].observe(float(v))
 
     def close(self) -> None:
         self._jsonl.close()

@@ -1,20 +1,51 @@
-"""The trainer actor: a thin Ray shell around :class:`policy.trainer.PolicyTrainer`."""
+"""The trainer: ``trainer.world_size`` Ray actors around :class:`policy.trainer.PolicyTrainer`.
+
+One rank is a plain trainer; several form a data-parallel group (DeepSpeed ZeRO over
+torch.distributed, policy/distributed.py). The driver talks to :class:`TrainerGroup`: a step's
+groups are split over the ranks by token count, every rank returns the same (group-reduced)
+metrics, rank 0 exports the weights (ZeRO 0–2 keep whole parameters on every rank).
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+
+import ray
+
+from orchestration.config import REPO_ROOT
 from policy.batch import Group
 from policy.models import state_checksum
-from policy.trainer import PolicyTrainer
+from policy.trainer import PolicyTrainer, mini_batch_ids
 
 
 class TrainerActor:
-    def __init__(self, model_dir: str, trainer_cfg, algorithm_cfg, temperature: float, max_tokens: int,
-                 dtype: str, probe_ids: list[int]):
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+        self.trainer: PolicyTrainer | None = None
+
+    def address(self) -> tuple[str, int]:
+        """(node IP, a free port): the rendezvous of the group, asked of rank 0."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def setup(self, model_dir: str, trainer_cfg, algorithm_cfg, temperature: float, max_tokens: int,
+              dtype: str, probe_ids: list[int], master: tuple[str, int] | None = None) -> None:
+        if trainer_cfg.world_size > 1:
+            from policy.distributed import init_process_group
+            # DeepSpeed compiles a CPU op on its first start (~30 s): once per checkout, not per run.
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+            init_process_group(self.rank, trainer_cfg.world_size, *master, trainer_cfg.device)
         self.trainer = PolicyTrainer(model_dir, trainer_cfg, algorithm_cfg, temperature, max_tokens, dtype)
         self.probe_ids = probe_ids
 
-    def step(self, groups: list[Group]) -> dict[str, float]:
-        return self.trainer.step(groups)
+    def step(self, groups: list[Group], mini_batch: list[int] | None = None) -> dict[str, float]:
+        return self.trainer.step(groups, mini_batch)
 
     def export(self):
         """(weights, version, checksum, probe) for a verified weight sync."""
@@ -28,3 +59,55 @@ class TrainerActor:
     def load(self, directory: str) -> int:
         self.trainer.load_checkpoint(directory)
         return self.trainer.version
+
+
+def split_groups(groups: list[Group], ranks: int) -> list[list[Group]]:
+    """Whole groups per rank, balanced by token count (largest first onto the lightest rank),
+    each rank's groups in their original order."""
+    cost = [len(g.prompt_ids) * g.n + sum(len(r) for r in g.responses) for g in groups]
+    load, shards = [0] * ranks, [[] for _ in range(ranks)]
+    for i in sorted(range(len(groups)), key=lambda i: -cost[i]):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        load[r] += cost[i]
+        shards[r].append(i)
+    return [[groups[i] for i in sorted(s)] for s in shards]
+
+
+class TrainerGroup:
+    """The driver's handle on the trainer ranks (a list of :class:`TrainerActor` handles)."""
+
+    def __init__(self, actors: list, model_dir: str, trainer_cfg, algorithm_cfg, temperature: float,
+                 max_tokens: int, dtype: str, probe_ids: list[int]):
+        self.actors, self.mini_batches = actors, trainer_cfg.mini_batches
+        master = ray.get(actors[0].address.remote()) if len(actors) > 1 else None
+        ray.get([a.setup.remote(model_dir, trainer_cfg, algorithm_cfg, temperature, max_tokens, dtype, probe_ids,
+                                master) for a in actors])
+
+    def step(self, groups: list[Group]) -> list:
+        """Refs of every rank's metrics (identical on every rank); :meth:`metrics` reads them.
+        Mini-batch m is the m-th run of the groups (as in one process), split over the ranks."""
+        R, ids = len(self.actors), mini_batch_ids(len(groups), self.mini_batches)
+        shards: list[list[Group]] = [[] for _ in range(R)]
+        minis: list[list[int]] = [[] for _ in range(R)]
+        for m in range(self.mini_batches):
+            for r, part in enumerate(split_groups([g for g, i in zip(groups, ids) if i == m], R)):
+                shards[r] += part
+                minis[r] += [m] * len(part)
+        return [a.step.remote(shard, mini) for a, shard, mini in zip(self.actors, shards, minis)]
+
+    @staticmethod
+    def metrics(refs: list) -> dict[str, float]:
+        return ray.get(refs)[0]
+
+    def export(self):
+        """Refs of rank 0's (weights, version, checksum, probe)."""
+        return self.actors[0].export.options(num_returns=4).remote()
+
+    def save(self, directory: str, timeout: float | None = None) -> str:
+        return ray.get([a.save.remote(directory) for a in self.actors], timeout=timeout)[0]
+
+    def load(self, directory: str) -> int:
+        return ray.get([a.load.remote(directory) for a in self.actors])[0]
+
+    def node_ids(self) -> list[str]:
+        return ray.get([a.node_id.remote() for a in self.actors])

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from policy.batch import Group, pad_sequences
 from attention.layout import balance_groups
+from policy.batch import Group, pad_sequences
+from policy.distributed import DeepSpeedUpdate, LocalUpdate
 from policy.grpo import ADVANTAGES, StepTotals, grpo_loss
 from policy.models import load_model, load_tokenizer
 from policy.packed import packed_token_logprobs, upcast
@@ -35,6 +36,11 @@ def token_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
     return logp * batch.response_mask
 
 
+def mini_batch_ids(num_groups: int, mini_batches: int) -> list[int]:
+    """The mini-batch of each group of a step: the groups in order, in ``mini_batches`` runs."""
+    return [g * mini_batches // num_groups for g in range(num_groups)]
+
+
 class PolicyTrainer:
     def __init__(self, model_dir: str | Path, trainer_cfg, algorithm_cfg, temperature: float,
                  max_tokens: int, dtype: str = "float32"):
@@ -47,16 +53,17 @@ class PolicyTrainer:
         self.ref_model = None
         if algorithm_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay,
-            betas=(trainer_cfg.beta1, trainer_cfg.beta2))
+        # One process, or this rank of a data-parallel group (torch.distributed already set up).
+        self.update = (LocalUpdate if trainer_cfg.world_size == 1 else DeepSpeedUpdate)(self.model, trainer_cfg)
         self.version = 0
 
     # ---- training -------------------------------------------------------------------
 
-    def step(self, groups: list[Group]) -> dict[str, float]:
+    def step(self, groups: list[Group], mini_batch: list[int] | None = None) -> dict[str, float]:
         """Update the policy on complete, rewarded groups (``trainer.mini_batches`` optimizer
-        steps, one policy version); returns metrics."""
+        steps, one policy version); returns metrics. ``mini_batch[g]`` is the mini-batch of
+        group g: by default the groups in order, split into ``trainer.mini_batches`` runs; a
+        data-parallel rank gets its share of each from the driver."""
         t0 = time.perf_counter()
         for g in groups:
             if g.rewards is None or len(g.rewards) != g.n:
@@ -72,6 +79,10 @@ class PolicyTrainer:
         behaviour = [lp for g in groups for lp in g.behaviour_logprobs]
         versions = [g.version for g in groups for _ in range(g.n)]
         n = len(responses)
+        M = self.cfg.mini_batches
+        if mini_batch is None:
+            mini_batch = mini_batch_ids(len(groups), M)
+        seq_mini = [m for g, m in zip(groups, mini_batch) for _ in range(g.n)]
         # Old logprobs: the trainer's policy before this step's first update. With one
         # mini-batch they are the current logprobs, detached (free); with more, one extra
         # no-grad pass computes them up front.
@@ -83,15 +94,21 @@ class PolicyTrainer:
                     lp, _ = self._logprobs(self.model, prompts, responses, idx)
                     for i, row in zip(idx, lp.cpu()):
                         old[i] = row[:len(responses[i])]
-        size = -(-n // self.cfg.mini_batches)
         sums: dict[str, float] = {}
         mismatch, grad_norms = 0.0, []
-        for start in range(0, n, size):
-            mini = range(start, min(start + size, n))
-            totals = StepTotals(tokens=max(sum(len(responses[i]) for i in mini), 1), sequences=len(mini),
+        for m in range(M):  # always M mini-batches (maybe empty on a rank): the group steps together
+            mini = [i for i in range(n) if seq_mini[i] == m]
+            tokens, sequences = self.update.all_sum([sum(len(responses[i]) for i in mini), len(mini)])
+            if sequences == 0:  # fewer groups than mini-batches: nothing to step on (on any rank)
+                continue
+            totals = StepTotals(tokens=max(int(tokens), 1), sequences=max(int(sequences), 1),
                                 max_tokens=self.max_tokens)
-            self.optimizer.zero_grad(set_to_none=True)
-            for idx in self._micro_batches(prompts, responses, mini):
+            self.update.zero_grad()
+            micro = self._micro_batches(prompts, responses, mini)
+            # Every rank of a group runs the same number of backwards (ZeRO-2 reduces in each).
+            backwards_due = int(self.update.all_max([len(micro)])[0])
+            finite, backwards = True, 0
+            for idx in micro:
                 logp, mask = self._logprobs(self.model, prompts, responses, idx)
                 old_logp = logp.detach() if old is None else _pad_rows([old[i] for i in idx], logp)
                 ref_logp = None
@@ -99,36 +116,43 @@ class PolicyTrainer:
                     with torch.no_grad():
                         ref_logp, _ = self._logprobs(self.ref_model, prompts, responses, idx)
                 is_weight = self._behaviour_weight(old_logp, [behaviour[i] for i in idx], [versions[i] for i in idx])
-                loss, m = grpo_loss(logp, old_logp, advantages[idx].to(logp.device), mask,
-                                    totals, self.algo.loss_agg, self.algo.clip_low, self.algo.clip_high,
-                                    self.algo.kl_coef, ref_logp, is_weight)
-                if not torch.isfinite(loss):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise FloatingPointError(
-                        f"non-finite loss at policy version {self.version} (sequences {idx[0]}..{idx[-1]}); "
-                        f"this mini-batch was not applied. Lower trainer.lr or check the model dtype.")
-                loss.backward()
-                for k, v in m.items():
+                loss, mb = grpo_loss(logp, old_logp, advantages[idx].to(logp.device), mask,
+                                     totals, self.algo.loss_agg, self.algo.clip_low, self.algo.clip_high,
+                                     self.algo.kl_coef, ref_logp, is_weight)
+                finite = finite and bool(torch.isfinite(loss))
+                if finite:  # after a non-finite loss nothing more is accumulated; the step is refused below
+                    self.update.backward(loss)
+                    backwards += 1
+                for k, v in mb.items():
                     sums[k] = sums.get(k, 0.0) + v * len(idx)
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / self.cfg.mini_batches
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / M
                 on_policy = torch.tensor([float(versions[i] == self.version) for i in idx])[:, None]
                 mismatch = max(mismatch, _max_mismatch(old_logp.cpu(), [behaviour[i] for i in idx],
                                                        mask.cpu() * on_policy))
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"non-finite gradient norm at policy version {self.version}; "
-                                         f"this mini-batch was not applied")
-            self.optimizer.step()
-            grad_norms.append(float(grad_norm))
+            self.update.pad_backwards(backwards_due - backwards)
+            if self.update.all_max([0.0 if finite else 1.0])[0] > 0:  # every rank of a group raises
+                self.update.zero_grad()
+                raise FloatingPointError(
+                    f"non-finite loss at policy version {self.version} (mini-batch {m}); it was not applied. "
+                    f"Lower trainer.lr or check the model dtype.")
+            try:
+                grad_norms.append(self.update.step())
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"{exc} (policy version {self.version})") from None
+        keys = sorted(sums)
+        sums = dict(zip(keys, self.update.all_sum([sums[k] for k in keys])))
+        mismatch = self.update.all_max([mismatch])[0]
+        n = max(int(self.update.all_sum([n])[0]), 1)
         staleness = [self.version - v for v in versions]  # policy versions behind, at training time
+        stale_sum, update_tokens = self.update.all_sum(
+            [sum(staleness), sum(len(p) + len(r) for p, r in zip(prompts, responses))])
+        stale_max = self.update.all_max([max(staleness, default=0)])[0]
         self.version += 1
-        seconds = time.perf_counter() - t0
+        seconds = self.update.all_max([time.perf_counter() - t0])[0]
         metrics = {k: (v if k == "loss" else v / n) for k, v in sums.items()}
-        metrics.update(staleness_mean=sum(staleness) / n, staleness_max=float(max(staleness)))
-        metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), logp_mismatch_max=mismatch, update_s=seconds,
-                       update_tokens=float(sum(len(p) + len(r) for p, r in zip(prompts, responses))),
-                       version=float(self.version))
+        metrics.update(staleness_mean=stale_sum / n, staleness_max=stale_max)
+        metrics.update(grad_norm=sum(grad_norms) / max(len(grad_norms), 1), logp_mismatch_max=mismatch, update_s=seconds,
+                       update_tokens=update_tokens, version=float(self.version))
         metrics["update_tok_s"] = metrics["update_tokens"] / seconds
         return metrics
 
@@ -185,18 +209,18 @@ class PolicyTrainer:
     def save_checkpoint(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        torch.save({"optimizer": self.optimizer.state_dict(), "version": self.version},
-                   directory / "trainer_state.pt")
+        if self.update.rank == 0:  # every rank holds the same weights
+            self.model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+            torch.save({"version": self.version}, directory / "trainer_state.pt")
+        self.update.save(directory)  # a group: every rank its optimizer partition
         return directory
 
     def load_checkpoint(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.model.load_state_dict(load_model(directory).state_dict())
-        state = torch.load(directory / "trainer_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.version = int(state["version"])
+        self.update.load(directory)
+        self.version = int(torch.load(directory / "trainer_state.pt", weights_only=True)["version"])
 
 
 def _to(batch, device):

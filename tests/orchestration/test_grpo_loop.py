@@ -104,10 +104,20 @@ def reward_that_breaks(prompts, completions, **_):
 def test_async_loop_respects_the_staleness_bound(tmp_path, cache, max_staleness):
     config = _config(tmp_path, "hf")
     config.orchestration.max_staleness = max_staleness
+    config.orchestration.adaptive_in_flight = False  # all max_staleness + 1 batches in flight
     config.orchestration.steps = 5
     history = main(config, progress=False)
     assert [h["staleness_max"] for h in history] == [min(s, max_staleness) for s in range(5)]
+    assert [h["in_flight"] for h in history] == [max_staleness + 1] * 5
     assert history[-1]["regenerated_groups"] == 0
+
+
+def test_in_flight_depth_covers_one_update_within_the_bound():
+    from orchestration.grpo import in_flight_depth
+    assert in_flight_depth(2, rollout_s=0.1, update_s=0.3) == 3  # trainer-bound: all the bound allows
+    assert in_flight_depth(5, rollout_s=0.1, update_s=0.25) == 4  # 1 consumed + 3 sampled during the update
+    assert in_flight_depth(3, rollout_s=0.4, update_s=0.1) == 2  # rollout-bound: one queued is enough
+    assert in_flight_depth(0, rollout_s=0.1, update_s=1.0) == 1  # synchronous stays synchronous
 
 
 def _trained_record(*run_dirs):

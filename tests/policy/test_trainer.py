@@ -71,14 +71,14 @@ def test_checkpoint_round_trip(trainer, tiny_model_dir, tmp_path):
     other.load_checkpoint(tmp_path / "ckpt")
     assert other.version == 1
     assert state_checksum(other.state_dict()) == state_checksum(trainer.state_dict())
-    assert torch.equal(other.optimizer.state_dict()["state"][0]["exp_avg"],
-                       trainer.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(other.update.optimizer.state_dict()["state"][0]["exp_avg"],
+                       trainer.update.optimizer.state_dict()["state"][0]["exp_avg"])
 
 
 def test_mini_batches_take_several_steps_against_the_pre_update_policy(tiny_model_dir):
     cfg = load_config(None, ["trainer.lr=1e-3", "trainer.mini_batches=3", "trainer.micro_batch_size=2"])
     trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, temperature=1.0, max_tokens=8)
-    groups = _groups([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    groups = _groups([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # a group each
     for g in groups:  # behaviour logprobs = the trainer's own, as from an exact sampler
         batch = pad_sequences([g.prompt_ids] * g.n, g.responses, 0)
         with torch.no_grad():
@@ -86,7 +86,7 @@ def test_mini_batches_take_several_steps_against_the_pre_update_policy(tiny_mode
         g.behaviour_logprobs = [lp[i, :len(r)].tolist() for i, r in enumerate(g.responses)]
     metrics = trainer.step(groups)
     assert trainer.version == 1
-    assert trainer.optimizer.state_dict()["state"][0]["step"] == 3  # three optimizer steps
+    assert trainer.update.optimizer.state_dict()["state"][0]["step"] == 3  # three optimizer steps
     assert metrics["logp_mismatch_max"] < 1e-5  # old logprobs were taken before the first update
     assert metrics["ratio_mean"] != 1.0  # later mini-batches see a moved policy
 
