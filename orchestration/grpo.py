@@ -263,8 +263,8 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
             synced = sync_results(pending_sync)
             metrics.update(merge_worker_metrics(synced) if synced else {"sync_s": 0.0, "sync_probe_diff": 0.0})
             pending_sync = [w.update_weights.remote(*last_export) for w in workers]
+            trajectories.write(step, groups)  # while the trainer trains
             metrics.update(trainer.metrics(step_metrics))
-            trajectories.write(step, groups)
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
             metrics["regenerated_groups"] = float(regenerated)
