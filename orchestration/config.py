@@ -85,6 +85,14 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     # vLLM: eager mode is required on CPU; CUDA graphs on GPU.
     enforce_eager: bool = True
+    # Speculative rollout: a drafter head directory written by `python -m mtp.train` (vLLM's
+    # `eagle` method), verified by lossless probabilistic rejection sampling; null = off.
+    draft_model: str | None = None
+    # Draft tokens per step (k).
+    num_speculative_tokens: int = 3
+    # "probabilistic": drafts sampled from the head's q, full q in the acceptance test;
+    # "greedy": vLLM's default (argmax drafts, q treated as one-hot).
+    draft_sample_method: str = "probabilistic"
 
 
 @dataclass
@@ -172,6 +180,27 @@ class LoggingConfig:
 
 
 @dataclass
+class MTPConfig:
+    """Drafter heads for speculative rollout (`python -m mtp.train`)."""
+    # Draft steps unrolled in training (the recursion the engine runs).
+    k: int = 3
+    # "tv": KL(p‖q) warm start, then the multi-step acceptance objective Σ_k Π_{j≤k} α_j;
+    # "ce": cross-entropy on the policy's sampled tokens (the baseline).
+    objective: str = "tv"
+    # Self-distillation data: the policy's own samples (rollout.n each) on this many prompts,
+    # plus held-out prompts for the offline and in-vLLM acceptance report.
+    prompts: int = 512
+    heldout_prompts: int = 64
+    steps: int = 600
+    warm_steps: int = 150
+    lr: float = 1e-3
+    batch: int = 64
+    threads: int = 2
+    # Where the vLLM draft checkpoint goes (default <logging.dir>/drafter).
+    out: str | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,6 +209,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
 
 
 def resolve_preset(path_or_name: str) -> Path:
@@ -259,6 +289,14 @@ def validate(config: Config) -> None:
     _check("rollout.top_p", 0 < r.top_p <= 1, "in (0, 1]", r.top_p)
     _check("rollout.max_tokens", r.max_tokens >= 1, ">= 1", r.max_tokens)
     _check("rollout.threads", r.threads >= 1, ">= 1", r.threads)
+    if r.draft_model is not None:
+        if r.backend != "vllm":
+            raise ConfigError("rollout.draft_model needs rollout.backend=vllm (speculative decoding is vLLM's)")
+        if not (Path(r.draft_model) / "config.json").is_file():
+            raise ConfigError(f"rollout.draft_model={r.draft_model!r} is not a drafter directory (no config.json); "
+                              f"train one with `python -m mtp.train`")
+    _check("rollout.num_speculative_tokens", r.num_speculative_tokens >= 1, ">= 1", r.num_speculative_tokens)
+    _choice("rollout.draft_sample_method", r.draft_sample_method, {"probabilistic", "greedy"})
     _check("rollout.max_model_len", r.max_model_len >= d.max_prompt_tokens + r.max_tokens,
            f">= data.max_prompt_tokens + rollout.max_tokens = {d.max_prompt_tokens + r.max_tokens}",
            r.max_model_len)
@@ -299,6 +337,10 @@ def validate(config: Config) -> None:
     _check("orchestration.checkpoint_every", o.checkpoint_every >= 0, ">= 0", o.checkpoint_every)
     _choice("orchestration.placement_strategy", o.placement_strategy,
             {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})
+    _check("mtp.k", config.mtp.k >= 1, ">= 1", config.mtp.k)
+    _choice("mtp.objective", config.mtp.objective, {"tv", "ce"})
+    _check("mtp.warm_steps", 0 <= config.mtp.warm_steps <= config.mtp.steps, "in [0, mtp.steps]",
+           config.mtp.warm_steps)
     if o.resume is not None and not (Path(o.resume) / "loop_state.json").is_file():
         raise ConfigError(f"orchestration.resume={o.resume!r} is not an rlaccel checkpoint directory "
                           f"(no loop_state.json); give <logging.dir>/checkpoints/step-N")

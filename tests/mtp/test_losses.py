@@ -1,0 +1,46 @@
+import math
+
+import torch
+
+from mtp import losses
+
+
+def test_acceptance_is_one_minus_total_variation():
+    p = torch.tensor([[2.0, 0.0, -1.0]])
+    assert torch.allclose(losses.acceptance(p, p), torch.ones(1))
+    disjoint = losses.acceptance(torch.tensor([[50.0, -50.0]]), torch.tensor([[-50.0, 50.0]]))
+    assert float(disjoint) < 1e-20
+    pp, qq = torch.softmax(p, -1), torch.softmax(torch.tensor([[0.0, 1.0, 0.0]]), -1)
+    tv = 0.5 * (pp - qq).abs().sum()
+    assert torch.allclose(losses.acceptance(p, torch.tensor([[0.0, 1.0, 0.0]])), 1 - tv)
+
+
+def test_acceptance_uses_the_temperature():
+    p, q = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    hot = losses.acceptance(p, q, temperature=100.0)
+    assert float(hot) > 0.99 > float(losses.acceptance(p, q))
+
+
+def test_expected_accepted_chains_the_steps():
+    a = [torch.tensor([0.9, 0.5]), torch.tensor([0.8, 1.0]), torch.tensor([0.5, 0.0])]
+    want = torch.tensor([0.9 + 0.72 + 0.36, 0.5 + 0.5 + 0.0])
+    assert torch.allclose(losses.expected_accepted(a), want)
+    mask = torch.tensor([1.0, 0.0])
+    assert math.isclose(float(losses.acceptance_objective(a, mask)), -1.98, rel_tol=1e-6)
+
+
+def test_kl_keeps_a_gradient_where_tv_has_almost_none():
+    # the head is confident on the wrong token: TV's gradient nearly vanishes, KL's does not
+    p = torch.tensor([[8.0, 0.0, 0.0]])
+    q = torch.tensor([[0.0, 0.0, 12.0]], requires_grad=True)
+    mask = torch.ones(1)
+    (g_tv,) = torch.autograd.grad(losses.tv(p, q, mask), q)
+    (g_kl,) = torch.autograd.grad(losses.kl(p, q, mask), q)
+    assert g_tv.abs().max() < 1e-4 < 0.5 < g_kl.abs().max()
+
+
+def test_ce_is_the_mean_negative_log_likelihood():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+    targets = torch.tensor([[0, 1]])
+    got = losses.ce(logits, targets, torch.ones(1, 2))
+    assert math.isclose(float(got), -(math.log(0.5) + math.log(0.8)) / 2, rel_tol=1e-6)
