@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from mtp import losses
-from mtp.heads import EagleHead, policy_states
+from mtp.batch import draft_targets, loss_fn, predicted_acceptance
+from mtp.heads import EagleHead
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.data import DataError, load_prompts
 from orchestration.model_prep import prepare_model
@@ -52,61 +52,6 @@ def sample_sequences(model_dir: Path, config: Config, prompts: list[list[int]],
         del engine
         gc.collect()
     return [[(p + c.token_ids, len(p)) for c in group if c.token_ids] for p, group in zip(prompts, outs)]
-
-
-def draft_targets(policy, head: EagleHead, seqs: list[tuple[list[int], int]], k: int, pad_id: int):
-    """Per draft step j = 1..k: (p logits, q logits, sampled targets, valid mask), all [B, L-1(, V)].
-
-    Row t is the anchor "last accepted position t": draft step j predicts x_{t+j+1}. Anchors
-    start at the last prompt position (decode drafting) and a step is valid while its target
-    lies inside the sequence.
-    """
-    tokens = pad_sequence([torch.tensor(s) for s, _ in seqs], batch_first=True, padding_value=pad_id)
-    lengths = torch.tensor([len(s) for s, _ in seqs])
-    prompt_lens = torch.tensor([p for _, p in seqs])
-    B, L = tokens.shape
-    attention = (torch.arange(L)[None] < lengths[:, None]).long()
-    with torch.no_grad():
-        hidden, logits = policy_states(policy, tokens, attention)
-    outs = head.unroll(policy.model.embed_tokens, tokens, hidden, k)
-    t = torch.arange(L - 1)[None]
-    anchor = t >= (prompt_lens[:, None] - 1)
-    logits = torch.cat([logits, logits.new_zeros(B, k, logits.shape[-1])], 1)
-    padded = torch.cat([tokens, tokens.new_full((B, k + 1), pad_id)], 1)
-    steps = []
-    for j in range(1, k + 1):
-        valid = (anchor & (t + j + 1 < lengths[:, None])).float()
-        steps.append((logits[:, j:j + L - 1], policy.lm_head(outs[j - 1]), padded[:, j + 1:j + L], valid))
-    return steps
-
-
-def loss_fn(steps, objective: str, warm: bool, temperature: float) -> torch.Tensor:
-    if objective == "ce":
-        return sum(losses.ce(q, y, v) for _, q, y, v in steps)
-    if warm:
-        return sum(losses.kl(p, q, v, temperature) for p, q, _, v in steps)
-    alphas = [losses.acceptance(p, q, temperature) for p, q, _, _ in steps]
-    return losses.acceptance_objective(alphas, steps[0][3], [v for *_, v in steps])
-
-
-@torch.no_grad()
-def predicted_acceptance(policy, head, seqs, k: int, temperature: float, pad_id: int, batch: int = 64) -> dict:
-    """Offline: P(first j drafts accepted) per round and the conditional per-position rate."""
-    reached, rounds = torch.zeros(k), 0.0
-    for lo in range(0, len(seqs), batch):
-        steps = draft_targets(policy, head, seqs[lo:lo + batch], k, pad_id)
-        alphas = [losses.acceptance(p, q, temperature) for p, q, _, _ in steps]
-        chained = losses.chain(alphas, [v for *_, v in steps])
-        reached += torch.stack([c.sum() for c in chained]).float()
-        rounds += float(steps[0][3].sum())
-    first_j = (reached / max(rounds, 1)).tolist()
-    return {"accepted_per_draft": first_j, "acceptance_per_pos": _conditional(first_j),
-            "mean_accepted_len": 1 + sum(first_j), "rounds": rounds}
-
-
-def _conditional(first_j: list[float]) -> list[float]:
-    prev = [1.0] + first_j[:-1]
-    return [a / b if b > 0 else 0.0 for a, b in zip(first_j, prev)]
 
 
 def measured_acceptance(model_dir: Path, draft_dir: Path, config: Config, prompts: list[list[int]], seed: int) -> dict:

@@ -198,6 +198,11 @@ class MTPConfig:
     threads: int = 2
     # Where the vLLM draft checkpoint goes (default <logging.dir>/drafter).
     out: str | None = None
+    # During RL (with rollout.draft_model): keep training the head on each batch against the
+    # updated policy (mtp.objective, no warm start) and sync it with the policy; false: frozen.
+    maintain: bool = False
+    maintain_lr: float = 3e-4
+    maintain_steps: int = 1
 
 
 @dataclass
@@ -341,6 +346,11 @@ def validate(config: Config) -> None:
     _choice("mtp.objective", config.mtp.objective, {"tv", "ce"})
     _check("mtp.warm_steps", 0 <= config.mtp.warm_steps <= config.mtp.steps, "in [0, mtp.steps]",
            config.mtp.warm_steps)
+    if config.mtp.maintain:
+        if r.draft_model is None:
+            raise ConfigError("mtp.maintain=true needs rollout.draft_model (a head from `python -m mtp.train`)")
+        if t.world_size != 1:
+            raise ConfigError("mtp.maintain=true is implemented for trainer.world_size=1 only")
     if o.resume is not None and not (Path(o.resume) / "loop_state.json").is_file():
         raise ConfigError(f"orchestration.resume={o.resume!r} is not an rlaccel checkpoint directory "
                           f"(no loop_state.json); give <logging.dir>/checkpoints/step-N")

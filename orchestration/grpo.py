@@ -17,6 +17,7 @@ Embed it with ``orchestration.grpo.main(config)``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -101,7 +102,18 @@ COUNTS = {"rollout_tokens", "rollout_sequences", "rollout_truncated", "sync_byte
 
 def merge_worker_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]:
     """Workers run in parallel: counts add up; seconds and diffs are the slowest/worst."""
-    merged = {k: (sum if k in COUNTS else max)(m[k] for m in per_worker) for k in per_worker[0]}
+    merged = {k: (sum if k in COUNTS or k.startswith("spec_") else max)(m[k] for m in per_worker)
+              for k in per_worker[0]}
+    if merged.get("spec_drafts"):  # speculative rollout: acceptance given the earlier drafts accepted
+        reached = merged["spec_drafts"]
+        for i in range(1, 64):
+            if f"spec_accepted_pos{i}" not in merged:
+                break
+            accepted = merged[f"spec_accepted_pos{i}"]
+            merged[f"spec_acceptance_pos{i}"] = accepted / reached if reached else 0.0
+            reached = accepted
+        merged["spec_mean_accepted_len"] = 1 + merged["spec_accepted"] / merged["spec_drafts"]
+        merged["spec_acceptance"] = merged["spec_accepted"] / max(merged["spec_draft_tokens"], 1)
     if "rollout_tokens" in merged:
         merged["rollout_tok_s"] = merged["rollout_tokens"] / merged["rollout_s"]
         merged["response_len"] = merged["rollout_tokens"] / merged["rollout_sequences"]
@@ -147,15 +159,19 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
     # KL reference) and then loads the checkpoint's weights and optimizer. A restarted worker
     # returns to its bundle.
     nw = config.rollout.num_workers
+    rollout_cfg = config.rollout
+    if o.resume and (Path(o.resume) / "drafter").is_dir():  # the maintained head of the checkpoint
+        rollout_cfg = dataclasses.replace(rollout_cfg, draft_model=str(Path(o.resume) / "drafter"))
     workers = [ray.remote(num_cpus=1, max_restarts=config.rollout.max_restarts)(RolloutWorker).options(
         scheduling_strategy=in_bundle(pg, i)).remote(
-        str(o.resume or model_dir), config.rollout, config.model.dtype, o.seed, worker_id=i,
+        str(o.resume or model_dir), rollout_cfg, config.model.dtype, o.seed, worker_id=i,
         version=state["version"] if state else 0) for i in range(nw)]
     trainer = TrainerGroup(
         [ray.remote(num_cpus=1)(TrainerActor).options(scheduling_strategy=in_bundle(pg, nw + r)).remote(r)
          for r in range(config.trainer.world_size)],
         str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
-        config.rollout.max_tokens, config.model.dtype, probe_ids)
+        config.rollout.max_tokens, config.model.dtype, probe_ids,
+        drafter=(config.rollout.draft_model, config.mtp) if config.mtp.maintain else None)
     if state:
         trainer.load(o.resume)
     (run_dir / "placement.json").write_text(json.dumps({

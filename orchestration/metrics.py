@@ -24,6 +24,9 @@ GAUGES = {
     "worker_restarts": "Rollout workers restarted by Ray (total)",
     "entropy": "Mean negative log-probability of the sampled tokens",
     "kl": "KL to the reference policy (k3 estimator)",
+    "spec_acceptance": "Speculative rollout: accepted / drafted tokens",
+    "spec_acceptance_pos1": "Speculative rollout: acceptance of the first draft token",
+    "spec_mean_accepted_len": "Speculative rollout: tokens emitted per target forward",
 }
 # Ray histograms: name -> (description, bucket boundaries).
 HISTOGRAMS = {"staleness": ("Policy versions each trained group lagged the trainer", [0.5, 1.5, 2.5, 3.5, 4.5, 8.5])}

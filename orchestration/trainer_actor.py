@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import ray
 
@@ -35,7 +36,9 @@ class TrainerActor:
         return ray.get_runtime_context().get_node_id()
 
     def setup(self, model_dir: str, trainer_cfg, algorithm_cfg, temperature: float, max_tokens: int,
-              dtype: str, probe_ids: list[int], master: tuple[str, int] | None = None) -> None:
+              dtype: str, probe_ids: list[int], master: tuple[str, int] | None = None,
+              drafter: tuple[str, object] | None = None) -> None:
+        """``drafter``: (head directory, mtp config) to maintain the drafter head online."""
         if trainer_cfg.world_size > 1:
             from policy.distributed import init_process_group
             # DeepSpeed compiles a CPU op on its first start (~30 s): once per checkout, not per run.
@@ -43,21 +46,37 @@ class TrainerActor:
             init_process_group(self.rank, trainer_cfg.world_size, *master, trainer_cfg.device)
         self.trainer = PolicyTrainer(model_dir, trainer_cfg, algorithm_cfg, temperature, max_tokens, dtype)
         self.probe_ids = probe_ids
+        self.maintainer = None
+        if drafter is not None:
+            from mtp.maintain import HeadMaintainer
+            self.maintainer = HeadMaintainer(drafter[0], drafter[1], temperature, self.trainer.tokenizer.pad_token_id,
+                                             trainer_cfg.device)
 
     def step(self, groups: list[Group], mini_batch: list[int] | None = None) -> dict[str, float]:
-        return self.trainer.step(groups, mini_batch)
+        metrics = self.trainer.step(groups, mini_batch)
+        if self.maintainer is not None:  # the head follows the updated policy
+            metrics.update(self.maintainer.step(self.trainer.model, groups))
+        return metrics
 
     def export(self):
-        """(weights, version, checksum, probe) for a verified weight sync."""
+        """(weights, version, checksum, probe) for a verified weight sync; a maintained drafter
+        head's weights travel in the same state dict (``drafter.`` prefix)."""
         state = self.trainer.state_dict()
+        if self.maintainer is not None:
+            state.update(self.maintainer.state())
         probe = (self.probe_ids, self.trainer.probe_logprobs(self.probe_ids))
         return state, self.trainer.version, state_checksum(state), probe
 
     def save(self, directory: str) -> str:
-        return str(self.trainer.save_checkpoint(directory))
+        path = self.trainer.save_checkpoint(directory)
+        if self.maintainer is not None:
+            self.maintainer.save(path)
+        return str(path)
 
     def load(self, directory: str) -> int:
         self.trainer.load_checkpoint(directory)
+        if self.maintainer is not None:
+            self.maintainer.load(Path(directory))
         return self.trainer.version
 
 
@@ -77,11 +96,11 @@ class TrainerGroup:
     """The driver's handle on the trainer ranks (a list of :class:`TrainerActor` handles)."""
 
     def __init__(self, actors: list, model_dir: str, trainer_cfg, algorithm_cfg, temperature: float,
-                 max_tokens: int, dtype: str, probe_ids: list[int]):
+                 max_tokens: int, dtype: str, probe_ids: list[int], drafter: tuple[str, object] | None = None):
         self.actors, self.mini_batches = actors, trainer_cfg.mini_batches
         master = ray.get(actors[0].address.remote()) if len(actors) > 1 else None
         ray.get([a.setup.remote(model_dir, trainer_cfg, algorithm_cfg, temperature, max_tokens, dtype, probe_ids,
-                                master) for a in actors])
+                                master, drafter) for a in actors])
 
     def step(self, groups: list[Group]) -> list:
         """Refs of every rank's metrics (identical on every rank); :meth:`metrics` reads them.

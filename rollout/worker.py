@@ -20,6 +20,21 @@ class WeightSyncError(RuntimeError):
     pass
 
 
+def spec_metrics(before: dict, after: dict) -> dict[str, float]:
+    """Speculative-decoding counts of one generate call (summed over workers by the driver):
+    rounds (``spec_drafts``), drafted and accepted tokens, and per position i the rounds whose
+    first i+1 drafts were all accepted."""
+    if not after:
+        return {}
+    out = {"spec_drafts": float(after["drafts"] - before.get("drafts", 0)),
+           "spec_draft_tokens": float(after["draft_tokens"] - before.get("draft_tokens", 0)),
+           "spec_accepted": float(after["accepted"] - before.get("accepted", 0))}
+    old = before.get("accepted_per_pos", [0] * len(after["accepted_per_pos"]))
+    for i, (a, b) in enumerate(zip(after["accepted_per_pos"], old)):
+        out[f"spec_accepted_pos{i + 1}"] = float(a - b)
+    return out
+
+
 def make_engine(model_dir: str, rollout_cfg, dtype: str, seed: int):
     if rollout_cfg.backend == "vllm":
         from rollout.vllm_engine import VLLMEngine
@@ -46,7 +61,9 @@ class RolloutWorker:
             raise WeightSyncError(f"refusing to sample: {self.sync_error}")
         t0 = time.perf_counter()
         prompt_ids = [self.tokenizer(row["prompt"], add_special_tokens=False).input_ids for _, row in batch]
+        before = self._spec_counters()
         outputs = self.engine.generate(prompt_ids, seed)
+        spec = spec_metrics(before, self._spec_counters())
         groups = []
         for (index, row), ids, comps in zip(batch, prompt_ids, outputs):
             groups.append(Group(
@@ -57,7 +74,11 @@ class RolloutWorker:
         return groups, {"rollout_s": time.perf_counter() - t0,
                         "rollout_tokens": float(sum(len(r) for g in groups for r in g.responses)),
                         "rollout_sequences": float(sum(g.n for g in groups)),
-                        "rollout_truncated": float(sum(f == "length" for g in groups for f in g.finish_reasons))}
+                        "rollout_truncated": float(sum(f == "length" for g in groups for f in g.finish_reasons)),
+                        **spec}
+
+    def _spec_counters(self) -> dict:
+        return self.engine.spec_counters() if hasattr(self.engine, "spec_counters") else {}
 
     def node_id(self) -> str:
         """The Ray node this worker runs on (placement report)."""

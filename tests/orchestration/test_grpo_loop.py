@@ -2,6 +2,7 @@
 
 
 import pyarrow.parquet as pq
+import torch
 import pytest
 import ray
 
@@ -193,3 +194,26 @@ def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, max_sta
         counts[index] = counts.get(index, 0) + 1
     assert counts == {i: 8 for i in range(16)}  # every prompt trained once, n responses each
     assert max(h["staleness_max"] for h in history) <= max_staleness
+
+
+@pytest.mark.vllm
+def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache):
+    """Rollout with an EAGLE drafter in vLLM, the head maintained by the trainer and synced with
+    the policy (verified), acceptance reported per step, the head saved in checkpoints."""
+    from mtp.heads import EagleHead
+    from orchestration.model_prep import prepare_model
+    from policy.models import load_model
+    config = _config(tmp_path, "vllm")
+    head = EagleHead.for_policy(load_model(prepare_model(config, progress=False)))
+    config.rollout.draft_model = str(head.save_vllm(tmp_path / "drafter"))
+    config.rollout.num_speculative_tokens = 2
+    config.mtp.maintain, config.mtp.k = True, 2
+    config.orchestration.checkpoint_every = 2
+    history = main(config, progress=False)
+    _check_run(tmp_path, history)
+    for h in history:
+        assert h["spec_drafts"] > 0 and 0.0 <= h["spec_acceptance_pos1"] <= 1.0 and h["spec_mean_accepted_len"] >= 1.0
+        assert 0.0 < h["head_alpha1"] <= 1.0
+    assert max(h["logp_mismatch_max"] for h in history) < 1e-3  # speculation leaves the logprobs exact
+    saved = EagleHead.load_vllm(tmp_path / "run" / "checkpoints" / "step-2" / "drafter")
+    assert not torch.equal(saved.fc.weight, head.fc.weight)  # the maintained head moved

@@ -1,0 +1,67 @@
+"""Batches for the drafter head: the policy's sequences -> per draft step (p, q, targets, valid),
+the training loss, and the offline acceptance estimate. Used by ``mtp.train`` (before RL) and
+by the trainer's online maintenance (during RL)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from mtp import losses
+from mtp.heads import EagleHead, policy_states
+
+
+def draft_targets(policy, head: EagleHead, seqs: list[tuple[list[int], int]], k: int, pad_id: int):
+    """Per draft step j = 1..k: (p logits, q logits, sampled targets, valid mask), all [B, L-1(, V)].
+
+    Row t is the anchor "last accepted position t": draft step j predicts x_{t+j+1}. Anchors
+    start at the last prompt position (decode drafting) and a step is valid while its target
+    lies inside the sequence.
+    """
+    tokens = pad_sequence([torch.tensor(s) for s, _ in seqs], batch_first=True, padding_value=pad_id)
+    lengths = torch.tensor([len(s) for s, _ in seqs])
+    prompt_lens = torch.tensor([p for _, p in seqs])
+    B, L = tokens.shape
+    attention = (torch.arange(L)[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        hidden, logits = policy_states(policy, tokens, attention)
+    outs = head.unroll(policy.model.embed_tokens, tokens, hidden, k)
+    lm_head = policy.lm_head.weight.detach()  # shared with the policy, trained by neither loss
+    t = torch.arange(L - 1)[None]
+    anchor = t >= (prompt_lens[:, None] - 1)
+    logits = torch.cat([logits, logits.new_zeros(B, k, logits.shape[-1])], 1)
+    padded = torch.cat([tokens, tokens.new_full((B, k + 1), pad_id)], 1)
+    steps = []
+    for j in range(1, k + 1):
+        valid = (anchor & (t + j + 1 < lengths[:, None])).float()
+        steps.append((logits[:, j:j + L - 1], F.linear(outs[j - 1], lm_head), padded[:, j + 1:j + L], valid))
+    return steps
+
+
+def loss_fn(steps, objective: str, warm: bool, temperature: float) -> torch.Tensor:
+    if objective == "ce":
+        return sum(losses.ce(q, y, v) for _, q, y, v in steps)
+    if warm:
+        return sum(losses.kl(p, q, v, temperature) for p, q, _, v in steps)
+    alphas = [losses.acceptance(p, q, temperature) for p, q, _, _ in steps]
+    return losses.acceptance_objective(alphas, steps[0][3], [v for *_, v in steps])
+
+
+@torch.no_grad()
+def predicted_acceptance(policy, head, seqs, k: int, temperature: float, pad_id: int, batch: int = 64) -> dict:
+    """Offline, over every decode anchor of ``seqs``: P(first j drafts accepted) per round, and
+    the per-position rate P(draft j accepted | drafts < j accepted) over the rounds in which
+    draft j's target lies inside the sequence (vLLM counts nothing past a finished sequence)."""
+    reached, verified, rounds = torch.zeros(k), torch.zeros(k), 0.0
+    for lo in range(0, len(seqs), batch):
+        steps = draft_targets(policy, head, seqs[lo:lo + batch], k, pad_id)
+        alphas = [losses.acceptance(p, q, temperature) for p, q, _, _ in steps]
+        chained = losses.chain(alphas)
+        for j, (_, _, _, valid) in enumerate(steps):
+            reached[j] += float((chained[j] * valid).sum())
+            verified[j] += float(((chained[j - 1] if j else torch.ones_like(valid)) * valid).sum())
+        rounds += float(steps[0][3].sum())
+    first_j = (reached / max(rounds, 1)).tolist()
+    return {"accepted_per_draft": first_j, "acceptance_per_pos": (reached / verified.clamp(min=1e-9)).tolist(),
+            "mean_accepted_len": 1 + sum(first_j), "rounds": rounds}

@@ -1,0 +1,61 @@
+"""Online maintenance of the drafter head during RL: after each policy update, a few optimizer
+steps on the head alone, against the updated policy's distributions of the batch just trained
+on (detached: the policy is not touched). The head follows the moving policy so acceptance does
+not decay (Bebop). Its weights travel with the policy's in the verified weight sync, under the
+``drafter.`` prefix, and are saved in the trainer's checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from mtp import losses
+from mtp.batch import draft_targets, loss_fn
+from mtp.heads import EagleHead
+
+PREFIX = "drafter."
+HEAD_DIR = "drafter"
+
+
+class HeadMaintainer:
+    def __init__(self, head_dir: str | Path, mtp_cfg, temperature: float, pad_id: int, device: str = "cpu"):
+        self.cfg, self.temperature, self.pad_id = mtp_cfg, temperature, pad_id
+        self.head = EagleHead.load_vllm(head_dir).to(device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=mtp_cfg.maintain_lr, weight_decay=0.0)
+
+    def step(self, policy, groups) -> dict[str, float]:
+        t0 = time.perf_counter()
+        seqs = [(g.prompt_ids + r, len(g.prompt_ids)) for g in groups for r in g.responses if r]
+        alpha = 0.0
+        for _ in range(self.cfg.maintain_steps):
+            steps = draft_targets(policy, self.head, seqs, self.cfg.k, self.pad_id)
+            loss = loss_fn(steps, self.cfg.objective, False, self.temperature)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
+            self.optimizer.step()
+            with torch.no_grad():
+                alpha = float(losses.masked_mean(losses.acceptance(steps[0][0], steps[0][1], self.temperature),
+                                                 steps[0][3]))
+        return {"head_alpha1": alpha, "head_maintain_s": time.perf_counter() - t0}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {PREFIX + k: v.detach().to("cpu", copy=True) for k, v in self.head.state_dict().items()}
+
+    def save(self, directory: Path) -> None:
+        self.head.save_vllm(directory / HEAD_DIR)
+        torch.save(self.optimizer.state_dict(), directory / "drafter_optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        self.head.load_state_dict(EagleHead.load_vllm(directory / HEAD_DIR).state_dict())
+        self.optimizer.load_state_dict(torch.load(directory / "drafter_optimizer.pt", weights_only=True))
+
+
+def split_drafter(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(policy weights, drafter weights without the prefix) of a synced state dict."""
+    policy = {k: v for k, v in state.items() if not k.startswith(PREFIX)}
+    head = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    return policy, head
