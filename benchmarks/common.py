@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def write_results(rows: list[dict], out: str | Path, plot: Callable[[list[dict], Path], None]) -> Path:
+def write_results(rows: list[dict] | dict, out: str | Path, plot: Callable[..., None]) -> Path:
     """rows as JSON at ``out`` and the plot beside it as PNG."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

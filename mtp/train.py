@@ -110,8 +110,8 @@ def train(config: Config, progress: bool = True) -> dict:
         optimizer.step()
         with torch.no_grad():
             alpha1 = losses.masked_mean(losses.acceptance(steps[0][0], steps[0][1], T), steps[0][3])
-        history.append({"step": step, "loss": float(loss), "alpha1": float(alpha1)})
-        bar.set_postfix(loss=f"{float(loss):.3f}", alpha1=f"{float(alpha1):.3f}")
+        history.append({"step": step, "loss": float(loss.detach()), "alpha1": float(alpha1)})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", alpha1=f"{float(alpha1):.3f}")
     head.eval()
     predicted = predicted_acceptance(policy, head, heldout_seqs, m.k, T, tokenizer.pad_token_id)
     head.save_vllm(out)

@@ -93,6 +93,9 @@ class RolloutConfig:
     # "probabilistic": drafts sampled from the head's q, full q in the acceptance test;
     # "greedy": vLLM's default (argmax drafts, q treated as one-hot).
     draft_sample_method: str = "probabilistic"
+    # Draft tokens by live batch size, [[lo, hi, k], ...] (vLLM's
+    # num_speculative_tokens_per_batch_size; k = 0 turns speculation off); null: always k.
+    spec_schedule: list[list[int]] | None = None
 
 
 @dataclass

@@ -32,6 +32,9 @@ class VLLMEngine:
                 "method": "eagle", "model": str(rollout_cfg.draft_model),
                 "num_speculative_tokens": rollout_cfg.num_speculative_tokens,
                 "draft_sample_method": rollout_cfg.draft_sample_method, "rejection_sample_method": "standard"})
+            if rollout_cfg.spec_schedule:
+                kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [
+                    tuple(r) for r in rollout_cfg.spec_schedule]
         self.llm = LLM(**kwargs)
         quiet_benign_warnings()
         if self.speculative:

@@ -215,5 +215,11 @@ def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache):
         assert h["spec_drafts"] > 0 and 0.0 <= h["spec_acceptance_pos1"] <= 1.0 and h["spec_mean_accepted_len"] >= 1.0
         assert 0.0 < h["head_alpha1"] <= 1.0
     assert max(h["logp_mismatch_max"] for h in history) < 1e-3  # speculation leaves the logprobs exact
-    saved = EagleHead.load_vllm(tmp_path / "run" / "checkpoints" / "step-2" / "drafter")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    saved = EagleHead.load_vllm(ckpt / "drafter")
     assert not torch.equal(saved.fc.weight, head.fc.weight)  # the maintained head moved
+    assert (ckpt / "drafter_optimizer.pt").is_file()
+    # resume: the trainer restores head + head optimizer, the workers draft with the saved head
+    config.orchestration.resume, config.logging.dir = str(ckpt), str(tmp_path / "resumed")
+    resumed = main(config, progress=False)
+    assert [h["step"] for h in resumed] == [2] and resumed[0]["spec_drafts"] > 0

@@ -1,0 +1,199 @@
+"""Speculative rollout with trained drafter heads, in one run.
+
+Part "rl" (tiny preset): train a CE-only head and a TV head with ``mtp.train`` on the warm-started
+policy, then run GRPO three times with speculative rollout (k = 3): CE head frozen, TV head frozen,
+TV head maintained online; record vLLM's position-1 acceptance at every RL step.
+
+Part "throughput" (small, ~100M preset): train a TV head, then decode tokens/s at live batch 1, 4,
+16, 64 (one sequence per prompt, 64 new tokens, EOS ignored so every run emits the same number
+of tokens) without speculation, with k = 3, and with an adaptive schedule (vLLM's
+``num_speculative_tokens_per_batch_size``) that turns speculation on only for the batch sizes
+where the measured on/off step costs and acceptance made it faster.
+
+    python benchmarks/spec_rollout.py [--quick] [--part rl|throughput|all]
+
+Writes benchmarks/results/spec_rollout.json ({model, k, rows: [{batch, off_tok_s, on_tok_s,
+adaptive_tok_s}], acceptance_per_pos, rl_acceptance: {ce_frozen, tv_frozen, tv_maintained}})
+and spec_rollout.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, ROOT, write_results  # noqa: E402  (benchmarks/common.py)
+
+sys.path.insert(0, str(ROOT))
+K = 3
+BATCHES = (1, 4, 16, 64)
+
+
+def train_head(preset: str, objective: str, out: Path, overrides: list[str]) -> dict:
+    from mtp.train import train
+    from orchestration.config import load_config
+    config = load_config(preset, [f"mtp.objective={objective}", f"mtp.k={K}", f"mtp.out={out}",
+                                  f"logging.dir={out.parent / 'mtp-run'}", *overrides])
+    return train(config, progress=False)
+
+
+def rl_acceptance(head: Path, maintain: bool, steps: int, run_dir: Path) -> list[float]:
+    import ray
+
+    from orchestration.config import load_config
+    from orchestration.grpo import main
+    config = load_config("configs/tiny.yaml", [
+        f"rollout.draft_model={head}", f"rollout.num_speculative_tokens={K}", f"mtp.k={K}",
+        f"mtp.maintain={maintain}", f"orchestration.steps={steps}", f"logging.dir={run_dir}",
+        "logging.tensorboard=false"])
+    try:
+        history = main(config, progress=False)
+    finally:
+        ray.shutdown()
+    return [h["spec_acceptance_pos1"] for h in history]
+
+
+def tokens_per_s(engine, batch: int, max_tokens: int, repeats: int) -> tuple[float, dict]:
+    from vllm import SamplingParams
+
+    from rollout.vllm_adapter import spec_decode_rates
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:batch]]
+    params = SamplingParams(n=1, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=7, detokenize=False)
+    engine.llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+    best, rates = 0.0, {}
+    for _ in range(repeats):
+        before = engine.spec_counters()
+        t0 = time.perf_counter()
+        outs = engine.llm.generate(prompts, params, use_tqdm=False)
+        rate = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+        if rate > best:
+            best, rates = rate, spec_decode_rates(before, engine.spec_counters())
+    return best, rates
+
+
+PROMPTS: list[list[int]] = []
+
+
+def throughput(head: Path, model_dir: Path, config, quick: bool) -> tuple[list[dict], list[float]]:
+    from rollout.vllm_engine import VLLMEngine
+    max_tokens, repeats = (32, 1) if quick else (64, 2)
+    base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)
+    off = VLLMEngine(str(model_dir), base, config.model.dtype, 0)
+    on = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K),
+                    config.model.dtype, 0)
+    rows, per_pos = [], []
+    for b in BATCHES:
+        off_rate, _ = tokens_per_s(off, b, max_tokens, repeats)
+        on_rate, rates = tokens_per_s(on, b, max_tokens, repeats)
+        rows.append({"batch": b, "off_tok_s": off_rate, "on_tok_s": on_rate,
+                     "acceptance_per_pos": rates.get("acceptance_per_pos"),
+                     "mean_accepted_len": rates.get("mean_accepted_len")})
+        per_pos = per_pos or rates.get("acceptance_per_pos", [])
+        print(f"batch {b}: off {off_rate:.1f} tok/s, on {on_rate:.1f} tok/s ({on_rate / off_rate:.2f}x), "
+              f"acceptance {rates.get('acceptance_per_pos')}", flush=True)
+    # Adaptive: k for each live batch size from the measured costs (on/off tokens per second at
+    # the measured acceptance), as vLLM's per-batch-size schedule [(lo, hi, k)].
+    schedule = []
+    for i, r in enumerate(rows):
+        lo = 1 if i == 0 else rows[i - 1]["batch"] + 1
+        hi = r["batch"] if i + 1 < len(rows) else 1 << 16
+        schedule.append((lo, hi, K if r["on_tok_s"] > r["off_tok_s"] else 0))
+    adaptive = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
+                                                              spec_schedule=schedule), config.model.dtype, 0)
+    for r in rows:
+        r["adaptive_tok_s"], _ = tokens_per_s(adaptive, r["batch"], max_tokens, repeats)
+        best = max(r["on_tok_s"], r["off_tok_s"])
+        print(f"batch {r['batch']}: adaptive {r['adaptive_tok_s']:.1f} tok/s = {r['adaptive_tok_s'] / best:.2f} of "
+              f"the better of on/off", flush=True)
+    for r, (_, _, k) in zip(rows, schedule):
+        r["adaptive_k"] = k
+    del off, on, adaptive
+    gc.collect()
+    return rows, per_pos
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if result.get("rows"):
+        xs = [r["batch"] for r in result["rows"]]
+        for key, label in (("off_tok_s", "no speculation"), ("on_tok_s", f"k={result['k']}"),
+                           ("adaptive_tok_s", "adaptive")):
+            axes[0].plot(xs, [r[key] for r in result["rows"]], marker="o", label=label)
+        axes[0].set_xscale("log", base=2)
+        axes[0].set_xlabel("live batch (sequences)")
+        axes[0].set_ylabel("decode tokens/s")
+        axes[0].set_title(f"{result['model']}, 2 CPU cores")
+        axes[0].legend()
+    for name, series in result.get("rl_acceptance", {}).items():
+        axes[1].plot(series, label=name)
+    axes[1].set_xlabel("RL step")
+    axes[1].set_ylabel("position-1 acceptance (vLLM)")
+    axes[1].set_title("tiny preset, T = 1")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short head training and RL runs (smoke)")
+    parser.add_argument("--part", choices=("rl", "throughput", "all"), default="all")
+    parser.add_argument("--out", default=str(RESULTS / "spec_rollout.json"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update(k=K)
+    q = args.quick
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.part in ("rl", "all"):
+            train_overrides = ["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128"] if q else \
+                ["mtp.steps=2000", "mtp.warm_steps=300", "mtp.lr=2e-3"]
+            heads = {}
+            for objective in ("ce", "tv"):
+                report = train_head("configs/tiny.yaml", objective, tmp / f"head-{objective}", train_overrides)
+                heads[objective] = tmp / f"head-{objective}"
+                result[f"tiny_{objective}_head"] = {"predicted": report["predicted"], "vllm": report["vllm"]}
+                print(f"tiny {objective} head: acceptance per position predicted "
+                      f"{report['predicted']['acceptance_per_pos']}, vLLM {report['vllm'].get('acceptance_per_pos')}",
+                      flush=True)
+            steps = 20 if q else 200
+            result["rl_acceptance"] = {
+                "ce_frozen": rl_acceptance(heads["ce"], False, steps, tmp / "rl-ce"),
+                "tv_frozen": rl_acceptance(heads["tv"], False, steps, tmp / "rl-tv"),
+                "tv_maintained": rl_acceptance(heads["tv"], True, steps, tmp / "rl-tvm")}
+            for name, series in result["rl_acceptance"].items():
+                tail = series[-max(1, len(series) // 10):]
+                print(f"{name}: position-1 acceptance first {series[0]:.3f}, last 10% {sum(tail) / len(tail):.3f}, "
+                      f"min {min(series):.3f}", flush=True)
+        if args.part in ("throughput", "all"):
+            from orchestration.config import load_config
+            from orchestration.model_prep import prepare_model
+            from policy.models import load_tokenizer
+            from orchestration.data import load_prompts
+            config = load_config("configs/small.yaml", [])
+            model_dir = prepare_model(config, progress=False)
+            tok = load_tokenizer(model_dir)
+            PROMPTS[:] = [tok(r["prompt"], add_special_tokens=False).input_ids
+                          for r in load_prompts(config.data, tok)[-max(BATCHES):]]
+            overrides = ["mtp.steps=30", "mtp.warm_steps=10", "mtp.prompts=32", "mtp.heldout_prompts=8",
+                         "mtp.batch=8"] if q else \
+                ["mtp.steps=400", "mtp.warm_steps=100", "mtp.prompts=256", "mtp.heldout_prompts=16", "mtp.batch=16"]
+            report = train_head("configs/small.yaml", "tv", tmp / "head-small", overrides)
+            result["small_tv_head"] = {"predicted": report["predicted"], "vllm": report["vllm"]}
+            rows, per_pos = throughput(tmp / "head-small", model_dir, config, q)
+            result.update(model="small (~100M Qwen3)", rows=rows, acceptance_per_pos=per_pos)
+    write_results(result, args.out, plot)
+
+
+if __name__ == "__main__":
+    main()
