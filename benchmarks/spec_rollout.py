@@ -59,11 +59,11 @@ def rl_acceptance(head: Path, maintain: bool, steps: int, run_dir: Path) -> list
     return [h["spec_acceptance_pos1"] for h in history]
 
 
-def tokens_per_s(engine, batch: int, max_tokens: int, repeats: int) -> tuple[float, dict]:
+def tokens_per_s(engine, prompt_ids: list[list[int]], max_tokens: int, repeats: int) -> tuple[float, dict]:
     from vllm import SamplingParams
 
-    from rollout.vllm_adapter import spec_decode_rates
-    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:batch]]
+    from rollout.vllm_adapter import spec_decode_delta, spec_decode_rates
+    prompts = [{"prompt_token_ids": p} for p in prompt_ids]
     params = SamplingParams(n=1, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=7, detokenize=False)
     engine.llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
     best, rates = 0.0, {}
@@ -73,14 +73,11 @@ def tokens_per_s(engine, batch: int, max_tokens: int, repeats: int) -> tuple[flo
         outs = engine.llm.generate(prompts, params, use_tqdm=False)
         rate = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
         if rate > best:
-            best, rates = rate, spec_decode_rates(before, engine.spec_counters())
+            best, rates = rate, spec_decode_rates(spec_decode_delta(before, engine.spec_counters()))
     return best, rates
 
 
-PROMPTS: list[list[int]] = []
-
-
-def throughput(head: Path, model_dir: Path, config, quick: bool) -> tuple[list[dict], list[float]]:
+def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool) -> tuple[list[dict], list[float]]:
     from rollout.vllm_engine import VLLMEngine
     max_tokens, repeats = (32, 1) if quick else (64, 2)
     base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)
@@ -89,8 +86,8 @@ def throughput(head: Path, model_dir: Path, config, quick: bool) -> tuple[list[d
                     config.model.dtype, 0)
     rows, per_pos = [], []
     for b in BATCHES:
-        off_rate, _ = tokens_per_s(off, b, max_tokens, repeats)
-        on_rate, rates = tokens_per_s(on, b, max_tokens, repeats)
+        off_rate, _ = tokens_per_s(off, prompts[:b], max_tokens, repeats)
+        on_rate, rates = tokens_per_s(on, prompts[:b], max_tokens, repeats)
         rows.append({"batch": b, "off_tok_s": off_rate, "on_tok_s": on_rate,
                      "acceptance_per_pos": rates.get("acceptance_per_pos"),
                      "mean_accepted_len": rates.get("mean_accepted_len")})
@@ -107,7 +104,7 @@ def throughput(head: Path, model_dir: Path, config, quick: bool) -> tuple[list[d
     adaptive = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
                                                               spec_schedule=schedule), config.model.dtype, 0)
     for r in rows:
-        r["adaptive_tok_s"], _ = tokens_per_s(adaptive, r["batch"], max_tokens, repeats)
+        r["adaptive_tok_s"], _ = tokens_per_s(adaptive, prompts[:r["batch"]], max_tokens, repeats)
         best = max(r["on_tok_s"], r["off_tok_s"])
         print(f"batch {r['batch']}: adaptive {r['adaptive_tok_s']:.1f} tok/s = {r['adaptive_tok_s'] / best:.2f} of "
               f"the better of on/off", flush=True)
@@ -183,14 +180,14 @@ def main() -> None:
             config = load_config("configs/small.yaml", [])
             model_dir = prepare_model(config, progress=False)
             tok = load_tokenizer(model_dir)
-            PROMPTS[:] = [tok(r["prompt"], add_special_tokens=False).input_ids
-                          for r in load_prompts(config.data, tok)[-max(BATCHES):]]
+            prompts = [tok(r["prompt"], add_special_tokens=False).input_ids
+                       for r in load_prompts(config.data, tok)[-max(BATCHES):]]
             overrides = ["mtp.steps=30", "mtp.warm_steps=10", "mtp.prompts=32", "mtp.heldout_prompts=8",
                          "mtp.batch=8"] if q else \
                 ["mtp.steps=400", "mtp.warm_steps=100", "mtp.prompts=256", "mtp.heldout_prompts=16", "mtp.batch=16"]
             report = train_head("configs/small.yaml", "tv", tmp / "head-small", overrides)
             result["small_tv_head"] = {"predicted": report["predicted"], "vllm": report["vllm"]}
-            rows, per_pos = throughput(tmp / "head-small", model_dir, config, q)
+            rows, per_pos = throughput(tmp / "head-small", model_dir, config, prompts, q)
             result.update(model="small (~100M Qwen3)", rows=rows, acceptance_per_pos=per_pos)
     write_results(result, args.out, plot)
 

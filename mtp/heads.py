@@ -145,12 +145,11 @@ class EagleHead(nn.Module):
         self.layers = nn.ModuleList([Layer(config)])
 
     @classmethod
-    def for_policy(cls, policy, seed: int = 0) -> "EagleHead":
+    def for_policy(cls, policy) -> "EagleHead":
         """A head sized for ``policy`` (a transformers causal LM); its decoder layer starts as a
         copy of the policy's last layer (attention and MLP weights), ``fc`` as [0 | I]
         (pass the hidden state through): a head that starts near "the policy's next layer"."""
         config = HeadConfig.from_policy(policy.config)
-        torch.manual_seed(seed)
         head = cls(config).to(next(policy.parameters()).dtype)
         last = policy.model.layers[-1]
         layer = head.layers[0]

@@ -56,7 +56,7 @@ def sample_sequences(model_dir: Path, config: Config, prompts: list[list[int]],
 
 def measured_acceptance(model_dir: Path, draft_dir: Path, config: Config, prompts: list[list[int]], seed: int) -> dict:
     """Acceptance vLLM measures drafting with the exported head (k = mtp.k) on ``prompts``."""
-    from rollout.vllm_adapter import spec_decode_rates
+    from rollout.vllm_adapter import spec_decode_delta, spec_decode_rates
     from rollout.vllm_engine import VLLMEngine
     rollout = dataclasses.replace(config.rollout, draft_model=str(draft_dir), num_speculative_tokens=config.mtp.k)
     engine = VLLMEngine(str(model_dir), rollout, config.model.dtype, seed)
@@ -65,7 +65,7 @@ def measured_acceptance(model_dir: Path, draft_dir: Path, config: Config, prompt
         t0 = time.perf_counter()
         outs = engine.generate(prompts, seed)
         seconds = time.perf_counter() - t0
-        rates = spec_decode_rates(before, engine.spec_counters())
+        rates = spec_decode_rates(spec_decode_delta(before, engine.spec_counters()))
     finally:
         del engine
         gc.collect()
@@ -94,7 +94,7 @@ def train(config: Config, progress: bool = True) -> dict:
     log.info("sampled %d sequences in %.1fs", len(train_seqs) + len(heldout_seqs), time.perf_counter() - t0)
 
     policy = load_model(model_dir, config.model.dtype).eval().requires_grad_(False)
-    head = EagleHead.for_policy(policy, seed)
+    head = EagleHead.for_policy(policy)
     optimizer = torch.optim.AdamW(head.parameters(), lr=m.lr, weight_decay=0.0)
     rng = random.Random(seed + 1)
     T = config.rollout.temperature

@@ -41,6 +41,7 @@ from orchestration.trajectories import TrajectoryLog
 from orchestration.trainer_actor import TrainerActor, TrainerGroup
 from policy.models import load_tokenizer
 from rollout.rewards import RewardError, load_reward_fn, score_groups
+from rollout.vllm_adapter import spec_decode_rates
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger("rlaccel")
@@ -104,16 +105,13 @@ def merge_worker_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]
     """Workers run in parallel: counts add up; seconds and diffs are the slowest/worst."""
     merged = {k: (sum if k in COUNTS or k.startswith("spec_") else max)(m[k] for m in per_worker)
               for k in per_worker[0]}
-    if merged.get("spec_drafts"):  # speculative rollout: acceptance given the earlier drafts accepted
-        reached = merged["spec_drafts"]
-        for i in range(1, 64):
-            if f"spec_accepted_pos{i}" not in merged:
-                break
-            accepted = merged[f"spec_accepted_pos{i}"]
-            merged[f"spec_acceptance_pos{i}"] = accepted / reached if reached else 0.0
-            reached = accepted
-        merged["spec_mean_accepted_len"] = 1 + merged["spec_accepted"] / merged["spec_drafts"]
-        merged["spec_acceptance"] = merged["spec_accepted"] / max(merged["spec_draft_tokens"], 1)
+    k = sum(key.startswith("spec_accepted_pos") for key in merged)
+    rates = spec_decode_rates({"drafts": merged.get("spec_drafts", 0), "draft_tokens": merged.get("spec_draft_tokens"),
+                               "accepted": merged.get("spec_accepted"),
+                               "accepted_per_pos": [merged[f"spec_accepted_pos{i}"] for i in range(1, k + 1)]})
+    if rates:  # speculative rollout: acceptance per position given the earlier drafts accepted
+        merged.update({f"spec_acceptance_pos{i + 1}": a for i, a in enumerate(rates["acceptance_per_pos"])})
+        merged.update(spec_mean_accepted_len=rates["mean_accepted_len"], spec_acceptance=rates["draft_acceptance"])
     if "rollout_tokens" in merged:
         merged["rollout_tok_s"] = merged["rollout_tokens"] / merged["rollout_s"]
         merged["response_len"] = merged["rollout_tokens"] / merged["rollout_sequences"]

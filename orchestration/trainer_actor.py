@@ -3,7 +3,7 @@
 One rank is a plain trainer; several form a data-parallel group (DeepSpeed ZeRO over
 torch.distributed, policy/distributed.py). The driver talks to :class:`TrainerGroup`: a step's
 groups are split over the ranks by token count, every rank returns the same (group-reduced)
-metrics, rank 0 exports the weights (ZeRO 0–2 keep whole parameters on every rank).
+metrics, rank 0 exports the weights (ZeRO 1–2 keep whole parameters on every rank).
 """
 
 from __future__ import annotations

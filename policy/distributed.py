@@ -95,8 +95,7 @@ class DeepSpeedUpdate:
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
-        if hasattr(self.engine.optimizer, "zero_grad"):
-            self.engine.optimizer.zero_grad()
+        self.engine.optimizer.zero_grad()
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loss is normalised by global totals; DeepSpeed averages over ranks: sum = × world.

@@ -101,7 +101,7 @@ class PolicyTrainer:
             tokens, sequences = self.update.all_sum([sum(len(responses[i]) for i in mini), len(mini)])
             if sequences == 0:  # fewer groups than mini-batches: nothing to step on (on any rank)
                 continue
-            totals = StepTotals(tokens=max(int(tokens), 1), sequences=max(int(sequences), 1),
+            totals = StepTotals(tokens=max(int(tokens), 1), sequences=int(sequences),
                                 max_tokens=self.max_tokens)
             self.update.zero_grad()
             micro = self._micro_batches(prompts, responses, mini)

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+log = logging.getLogger(__name__)
+
 # Environment the engine needs, set before vLLM is imported in the process.
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",   # engine in-process inside its Ray actor
@@ -104,8 +106,6 @@ def reload_drafter(llm, state_dict: dict[str, torch.Tensor]) -> None:
 # is unaffected. `ensure_lossless_speculation` runs a self-test in the engine process and,
 # only if it fails, replaces the function with the dtype-preserving torch version below.
 
-log = logging.getLogger(__name__)
-
 
 def expand_batch_to_tokens(x: torch.Tensor, cu_num_tokens: torch.Tensor, num_tokens: int,
                            replace_from: int = 0, replace_to: int = 0) -> torch.Tensor:
@@ -163,17 +163,26 @@ def spec_decode_counters(llm) -> dict:
     return out
 
 
-def spec_decode_rates(before: dict, after: dict) -> dict[str, float | list[float]]:
-    """Per-position acceptance (given the earlier positions accepted) and mean accepted length
-    between two :func:`spec_decode_counters` snapshots."""
-    drafts = after.get("drafts", 0) - before.get("drafts", 0)
+def spec_decode_delta(before: dict, after: dict) -> dict:
+    """The counters of the interval between two :func:`spec_decode_counters` snapshots
+    ({} for an engine without drafter)."""
+    if not after:
+        return {}
+    delta = {k: after[k] - before.get(k, 0) for k in ("drafts", "draft_tokens", "accepted")}
+    old = before.get("accepted_per_pos", [0] * len(after["accepted_per_pos"]))
+    delta["accepted_per_pos"] = [a - b for a, b in zip(after["accepted_per_pos"], old)]
+    return delta
+
+
+def spec_decode_rates(counts: dict) -> dict[str, float | list[float]]:
+    """From interval counters: per-position acceptance given the earlier positions accepted,
+    P(first i+1 drafts accepted), mean tokens per target forward, accepted / drafted tokens."""
+    drafts = counts.get("drafts", 0)
     if drafts <= 0:
         return {}
-    per_pos = [a - b for a, b in zip(after["accepted_per_pos"], before.get("accepted_per_pos",
-                                                                        [0] * len(after["accepted_per_pos"])))]
+    per_pos = counts["accepted_per_pos"]
     reached = [drafts] + per_pos[:-1]  # drafts whose position i was verified at all
     return {"acceptance_per_pos": [a / r if r else 0.0 for a, r in zip(per_pos, reached)],
             "accepted_per_draft": [a / drafts for a in per_pos],
-            "mean_accepted_len": 1 + (after["accepted"] - before.get("accepted", 0)) / drafts,
-            "draft_acceptance": (after["accepted"] - before.get("accepted", 0)) /
-                                max(after["draft_tokens"] - before.get("draft_tokens", 0), 1)}
+            "mean_accepted_len": 1 + counts["accepted"] / drafts,
+            "draft_acceptance": counts["accepted"] / max(counts["draft_tokens"], 1)}

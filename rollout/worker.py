@@ -14,6 +14,7 @@ import torch
 
 from policy.batch import Group
 from policy.models import load_tokenizer, state_checksum, sync_tolerance
+from rollout.vllm_adapter import spec_decode_delta
 
 
 class WeightSyncError(RuntimeError):
@@ -21,17 +22,14 @@ class WeightSyncError(RuntimeError):
 
 
 def spec_metrics(before: dict, after: dict) -> dict[str, float]:
-    """Speculative-decoding counts of one generate call (summed over workers by the driver):
-    rounds (``spec_drafts``), drafted and accepted tokens, and per position i the rounds whose
-    first i+1 drafts were all accepted."""
-    if not after:
+    """Speculative-decoding counts of one generate call as flat metrics (summed over workers by
+    the driver): ``spec_drafts``, ``spec_draft_tokens``, ``spec_accepted`` and, per position i,
+    ``spec_accepted_pos{i}`` (rounds whose first i drafts were all accepted)."""
+    delta = spec_decode_delta(before, after)
+    if not delta:
         return {}
-    out = {"spec_drafts": float(after["drafts"] - before.get("drafts", 0)),
-           "spec_draft_tokens": float(after["draft_tokens"] - before.get("draft_tokens", 0)),
-           "spec_accepted": float(after["accepted"] - before.get("accepted", 0))}
-    old = before.get("accepted_per_pos", [0] * len(after["accepted_per_pos"]))
-    for i, (a, b) in enumerate(zip(after["accepted_per_pos"], old)):
-        out[f"spec_accepted_pos{i + 1}"] = float(a - b)
+    out = {f"spec_{k}": float(delta[k]) for k in ("drafts", "draft_tokens", "accepted")}
+    out.update({f"spec_accepted_pos{i + 1}": float(a) for i, a in enumerate(delta["accepted_per_pos"])})
     return out
 
 
