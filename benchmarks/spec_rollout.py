@@ -77,42 +77,41 @@ def tokens_per_s(engine, prompt_ids: list[list[int]], max_tokens: int, repeats: 
     return best, rates
 
 
-def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool) -> tuple[list[dict], list[float]]:
+def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool) -> dict:
+    """Decode tokens/s without speculation, with k = K, and adaptive (rollout.adaptive_spec: step
+    costs calibrated by the engine at start-up, k per batch size re-derived from the live
+    acceptance, here the acceptance the k = K engine measured at the same batch size)."""
     from rollout.vllm_engine import VLLMEngine
     max_tokens, repeats = (32, 1) if quick else (64, 2)
     base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)
     off = VLLMEngine(str(model_dir), base, config.model.dtype, 0)
     on = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K),
                     config.model.dtype, 0)
+    adaptive = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
+                                                              adaptive_spec=True), config.model.dtype, 0)
     rows, per_pos = [], []
     for b in BATCHES:
         off_rate, _ = tokens_per_s(off, prompts[:b], max_tokens, repeats)
         on_rate, rates = tokens_per_s(on, prompts[:b], max_tokens, repeats)
-        rows.append({"batch": b, "off_tok_s": off_rate, "on_tok_s": on_rate,
-                     "acceptance_per_pos": rates.get("acceptance_per_pos"),
+        adaptive.adaptive.reset(rates.get("acceptance_per_pos") or [0.0] * K)
+        adaptive_rate, _ = tokens_per_s(adaptive, prompts[:b], max_tokens, repeats)
+        best = max(on_rate, off_rate)
+        rows.append({"batch": b, "off_tok_s": off_rate, "on_tok_s": on_rate, "adaptive_tok_s": adaptive_rate,
+                     "adaptive_k": adaptive.adaptive.k_at(b), "acceptance_per_pos": rates.get("acceptance_per_pos"),
                      "mean_accepted_len": rates.get("mean_accepted_len")})
         per_pos = per_pos or rates.get("acceptance_per_pos", [])
-        print(f"batch {b}: off {off_rate:.1f} tok/s, on {on_rate:.1f} tok/s ({on_rate / off_rate:.2f}x), "
+        print(f"batch {b}: off {off_rate:.1f} tok/s, on {on_rate:.1f} ({on_rate / off_rate:.2f}x), adaptive "
+              f"{adaptive_rate:.1f} (k={rows[-1]['adaptive_k']}, {adaptive_rate / best:.2f} of the better), "
               f"acceptance {rates.get('acceptance_per_pos')}", flush=True)
-    # Adaptive: k for each live batch size from the measured costs (on/off tokens per second at
-    # the measured acceptance), as vLLM's per-batch-size schedule [(lo, hi, k)].
-    schedule = []
-    for i, r in enumerate(rows):
-        lo = 1 if i == 0 else rows[i - 1]["batch"] + 1
-        hi = r["batch"] if i + 1 < len(rows) else 1 << 16
-        schedule.append((lo, hi, K if r["on_tok_s"] > r["off_tok_s"] else 0))
-    adaptive = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
-                                                              spec_schedule=schedule), config.model.dtype, 0)
-    for r in rows:
-        r["adaptive_tok_s"], _ = tokens_per_s(adaptive, prompts[:r["batch"]], max_tokens, repeats)
-        best = max(r["on_tok_s"], r["off_tok_s"])
-        print(f"batch {r['batch']}: adaptive {r['adaptive_tok_s']:.1f} tok/s = {r['adaptive_tok_s'] / best:.2f} of "
-              f"the better of on/off", flush=True)
-    for r, (_, _, k) in zip(rows, schedule):
-        r["adaptive_k"] = k
+    # Where the time goes: seconds per engine step at each batch size and k (the calibration), and
+    # the speed-up k = K would give if every draft were accepted: (K + 1) tokens per step at the
+    # step cost of k = K over one token at the step cost of k = 0.
+    costs = adaptive.adaptive.step_s
+    breakdown = {"step_s": {str(b): {str(k): s for k, s in ks.items()} for b, ks in costs.items()},
+                 "ceiling_speedup_all_accepted": {str(b): (K + 1) * ks[0] / ks[K] for b, ks in costs.items()}}
     del off, on, adaptive
     gc.collect()
-    return rows, per_pos
+    return {"rows": rows, "acceptance_per_pos": per_pos, "breakdown": breakdown}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -187,8 +186,7 @@ def main() -> None:
                 ["mtp.steps=400", "mtp.warm_steps=100", "mtp.prompts=256", "mtp.heldout_prompts=16", "mtp.batch=16"]
             report = train_head("configs/small.yaml", "tv", tmp / "head-small", overrides)
             result["small_tv_head"] = {"predicted": report["predicted"], "vllm": report["vllm"]}
-            rows, per_pos = throughput(tmp / "head-small", model_dir, config, prompts, q)
-            result.update(model="small (~100M Qwen3)", rows=rows, acceptance_per_pos=per_pos)
+            result.update(model="small (~100M Qwen3)", **throughput(tmp / "head-small", model_dir, config, prompts, q))
     write_results(result, args.out, plot)
 
 

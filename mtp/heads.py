@@ -16,8 +16,9 @@ q + j - 1, attending to the first-pass KV at positions ≤ q and to its own earl
 :meth:`EagleHead.unroll` runs k such steps for every anchor at once (the "training-time
 test" attention pattern), so a loss sees the recursion the engine runs.
 
-Embedding and LM head are the policy's (vLLM shares them); the head owns ``fc`` and one
-Llama decoder layer, named as vLLM loads them (``fc.weight``, ``layers.0.…``).
+Embedding and LM head are the policy's (vLLM shares them); the head owns ``fc`` and
+``mtp.layers`` Llama decoder layers (layers after the first with their input norm, as vLLM
+builds them), named as vLLM loads them (``fc.weight``, ``layers.0.…``).
 """
 
 from __future__ import annotations
@@ -42,21 +43,22 @@ class HeadConfig:
     rope_theta: float
     vocab_size: int
     max_position_embeddings: int
+    num_layers: int = 1
 
     @classmethod
-    def from_policy(cls, config) -> "HeadConfig":
-        """The head mirrors one decoder layer of the policy (a Hugging Face config)."""
+    def from_policy(cls, config, num_layers: int = 1) -> "HeadConfig":
+        """The head's layers mirror a decoder layer of the policy (a Hugging Face config)."""
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         return cls(config.hidden_size, config.intermediate_size, config.num_attention_heads,
                    config.num_key_value_heads, getattr(config, "head_dim", None) or
                    config.hidden_size // config.num_attention_heads, config.rms_norm_eps, float(theta),
-                   config.vocab_size, config.max_position_embeddings)
+                   config.vocab_size, config.max_position_embeddings, num_layers)
 
     def vllm_config(self) -> dict:
         """config.json of the draft checkpoint: vLLM's ``eagle`` method builds
-        ``EagleLlamaForCausalLM`` from a Llama config (``model_type`` "llama", one layer)."""
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
+        ``EagleLlamaForCausalLM`` from a Llama config (``model_type`` "llama")."""
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": self.num_layers,
                 "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
                 "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
                 "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu",
@@ -129,12 +131,23 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    """Llama decoder layer without its input norm (vLLM's layer 0 of an EAGLE head)."""
+    """Llama decoder layer; layer 0 of an EAGLE head has no input norm (vLLM's
+    ``LlamaDecoderLayer(disable_input_layernorm=True)``), later layers do."""
 
-    def __init__(self, c: HeadConfig):
+    def __init__(self, c: HeadConfig, input_norm: bool = False):
         super().__init__()
         self.self_attn, self.mlp = Attention(c), MLP(c)
+        if input_norm:
+            self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, pos, past_kv, mask):
+        """(x + attn + mlp, (k, v) of these rows); ``past_kv`` extra keys/values or None."""
+        a = self.input_layernorm(x) if hasattr(self, "input_layernorm") else x
+        q, k, v = self.self_attn.qkv(a, pos)
+        keys, values = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+        s = x + self.self_attn.attend(q, keys, values, mask)
+        return s + self.mlp(self.post_attention_layernorm(s)), (k, v)
 
 
 class EagleHead(nn.Module):
@@ -142,39 +155,44 @@ class EagleHead(nn.Module):
         super().__init__()
         self.config = config
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
-        self.layers = nn.ModuleList([Layer(config)])
+        self.layers = nn.ModuleList([Layer(config, input_norm=i > 0) for i in range(config.num_layers)])
 
     @classmethod
-    def for_policy(cls, policy) -> "EagleHead":
-        """A head sized for ``policy`` (a transformers causal LM); its decoder layer starts as a
-        copy of the policy's last layer (attention and MLP weights), ``fc`` as [0 | I]
-        (pass the hidden state through): a head that starts near "the policy's next layer"."""
-        config = HeadConfig.from_policy(policy.config)
+    def for_policy(cls, policy, num_layers: int = 1) -> "EagleHead":
+        """A head sized for ``policy`` (a transformers causal LM); each decoder layer starts as a
+        copy of the policy's last layer (attention and MLP weights), layers after the first with
+        zero output projections (identity through the residual), ``fc`` as [0 | I] (pass the
+        hidden state through): a head that starts near "the policy's next layer"."""
+        config = HeadConfig.from_policy(policy.config, num_layers)
         head = cls(config).to(next(policy.parameters()).dtype)
         last = policy.model.layers[-1]
-        layer = head.layers[0]
         with torch.no_grad():
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(layer.self_attn, name).weight.copy_(getattr(last.self_attn, name).weight)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                getattr(layer.mlp, name).weight.copy_(getattr(last.mlp, name).weight)
-            layer.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+            for i, layer in enumerate(head.layers):
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    getattr(layer.self_attn, name).weight.copy_(getattr(last.self_attn, name).weight)
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    getattr(layer.mlp, name).weight.copy_(getattr(last.mlp, name).weight)
+                layer.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+                if i > 0:
+                    layer.input_layernorm.weight.copy_(last.input_layernorm.weight)
+                    layer.self_attn.o_proj.weight.zero_()
+                    layer.mlp.down_proj.weight.zero_()
             H = config.hidden_size
             head.fc.weight.zero_()
             head.fc.weight[:, H:].copy_(torch.eye(H))
         return head
 
     def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
-        """One draft block over T rows: returns (out [B, T, H], (k, v) of these rows).
-        ``past_kv`` (k, v) are extra keys the rows may attend to, ``mask`` [T, T_past + T]."""
-        layer = self.layers[0]
-        z = self.fc(torch.cat([emb, h], dim=-1))
-        q, k, v = layer.self_attn.qkv(z, pos)
-        keys, values = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+        """One draft block over T rows: returns (out [B, T, H], [(k, v) of these rows per layer]).
+        ``past_kv`` [(k, v) per layer] are extra keys the rows may attend to, ``mask`` [T, T_past + T]."""
+        x = self.fc(torch.cat([emb, h], dim=-1))
         if mask is None:
-            mask = torch.ones(z.shape[1], z.shape[1], dtype=torch.bool, device=z.device).tril()
-        s = z + layer.self_attn.attend(q, keys, values, mask)
-        return s + layer.mlp(layer.post_attention_layernorm(s)), (k, v)
+            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, pos, None if past_kv is None else past_kv[i], mask)
+            kvs.append(kv)
+        return x, kvs
 
     def unroll(self, embed: nn.Module, tokens: torch.Tensor, hidden: torch.Tensor, k: int,
                draft_tokens: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -193,7 +211,7 @@ class EagleHead(nn.Module):
         T = L - 1
         pos = torch.arange(T, device=tokens.device).expand(B, T)
         out, kv = self.block(embed(tokens[:, 1:]), hidden[:, :T], pos)
-        outs, keys, values = [out], [kv[0]], [kv[1]]
+        outs, kvs = [out], [kv]  # kvs[step][layer] = (k, v)
         causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
         diag = torch.eye(T, dtype=torch.bool, device=tokens.device)
         for j in range(2, k + 1):
@@ -203,11 +221,11 @@ class EagleHead(nn.Module):
                 idx = (torch.arange(T, device=tokens.device) + j).clamp(max=L - 1)
                 tok = tokens[:, idx]
             mask = torch.cat([causal] + [diag] * (j - 1), dim=1)  # first pass ≤ t, own earlier steps, itself
-            out, kv = self.block(embed(tok), outs[-1], pos + (j - 1),
-                                 (torch.cat(keys, 2), torch.cat(values, 2)), mask)
+            past = [(torch.cat([s[i][0] for s in kvs], 2), torch.cat([s[i][1] for s in kvs], 2))
+                    for i in range(len(self.layers))]
+            out, kv = self.block(embed(tok), outs[-1], pos + (j - 1), past, mask)
             outs.append(out)
-            keys.append(kv[0])
-            values.append(kv[1])
+            kvs.append(kv)
         return outs
 
     # ---- vLLM draft checkpoint ----------------------------------------------------------
@@ -231,7 +249,8 @@ class EagleHead(nn.Module):
         c = json.loads((directory / "config.json").read_text())
         config = HeadConfig(c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
                             c["num_key_value_heads"], c["head_dim"], c["rms_norm_eps"],
-                            c["rope_parameters"]["rope_theta"], c["vocab_size"], c["max_position_embeddings"])
+                            c["rope_parameters"]["rope_theta"], c["vocab_size"], c["max_position_embeddings"],
+                            c.get("num_hidden_layers", 1))
         state = load_file(str(directory / "model.safetensors"))
         head = cls(config).to(next(iter(state.values())).dtype)
         head.load_state_dict(state)

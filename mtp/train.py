@@ -21,6 +21,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -94,8 +95,11 @@ def train(config: Config, progress: bool = True) -> dict:
     log.info("sampled %d sequences in %.1fs", len(train_seqs) + len(heldout_seqs), time.perf_counter() - t0)
 
     policy = load_model(model_dir, config.model.dtype).eval().requires_grad_(False)
-    head = EagleHead.for_policy(policy)
+    head = EagleHead.for_policy(policy, m.layers)
     optimizer = torch.optim.AdamW(head.parameters(), lr=m.lr, weight_decay=0.0)
+    # Cosine decay to 10% of mtp.lr: the last steps refine the acceptance the constant rate oscillates around.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, m.steps) / max(1, m.steps))))
     rng = random.Random(seed + 1)
     T = config.rollout.temperature
     history = []
@@ -108,6 +112,7 @@ def train(config: Config, progress: bool = True) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         with torch.no_grad():
             alpha1 = losses.masked_mean(losses.acceptance(steps[0][0], steps[0][1], T), steps[0][3])
         history.append({"step": step, "loss": float(loss.detach()), "alpha1": float(alpha1)})

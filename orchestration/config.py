@@ -57,6 +57,9 @@ class DataConfig:
     max_digits: int = 2
     operators: str = "+-"
     seed: int = 1234
+    # Built-in task: solved examples ("a+b=c" lines, the same for every prompt) put before each
+    # question, a long shared prompt prefix (each example is ~7-10 tokens with the tiny tokenizer).
+    few_shot: int = 0
     # Prompts longer than this (in tokens) are an error naming the row.
     max_prompt_tokens: int = 64
 
@@ -96,6 +99,10 @@ class RolloutConfig:
     # Draft tokens by live batch size, [[lo, hi, k], ...] (vLLM's
     # num_speculative_tokens_per_batch_size; k = 0 turns speculation off); null: always k.
     spec_schedule: list[list[int]] | None = None
+    # Choose k per live batch size from this engine's measured step costs (a calibration at
+    # start-up, a few seconds) and the live acceptance, re-derived as acceptance drifts; k = 0
+    # skips the drafter (rollout/adaptive.py). Overrides spec_schedule.
+    adaptive_spec: bool = False
 
 
 @dataclass
@@ -190,6 +197,9 @@ class MTPConfig:
     # "tv": KL(p‖q) warm start, then the multi-step acceptance objective Σ_k Π_{j≤k} α_j;
     # "ce": cross-entropy on the policy's sampled tokens (the baseline).
     objective: str = "tv"
+    # Decoder layers in the head (vLLM's eagle drafter runs any number; more = closer to the
+    # policy, each costs one more layer per draft step).
+    layers: int = 1
     # Self-distillation data: the policy's own samples (rollout.n each) on this many prompts,
     # plus held-out prompts for the offline and in-vLLM acceptance report.
     prompts: int = 512
@@ -284,6 +294,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.source={d.source!r}: no such file or directory; give 'arithmetic', a local "
                           f".jsonl/.parquet file or a directory saved with datasets' save_to_disk")
     _check("data.num_prompts", d.num_prompts >= 1, ">= 1", d.num_prompts)
+    _check("data.few_shot", d.few_shot >= 0, ">= 0", d.few_shot)
     _check("data.min_digits", 1 <= d.min_digits <= d.max_digits <= 9,
            "1 <= data.min_digits <= data.max_digits <= 9", (d.min_digits, d.max_digits))
     _check("data.operators", bool(d.operators) and set(d.operators) <= set("+-*"),
@@ -304,6 +315,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"rollout.draft_model={r.draft_model!r} is not a drafter directory (no config.json); "
                               f"train one with `python -m mtp.train`")
     _check("rollout.num_speculative_tokens", r.num_speculative_tokens >= 1, ">= 1", r.num_speculative_tokens)
+    if r.adaptive_spec and r.draft_model is None:
+        raise ConfigError("rollout.adaptive_spec=true needs rollout.draft_model (it chooses k for that drafter)")
     _choice("rollout.draft_sample_method", r.draft_sample_method, {"probabilistic", "greedy"})
     _check("rollout.max_model_len", r.max_model_len >= d.max_prompt_tokens + r.max_tokens,
            f">= data.max_prompt_tokens + rollout.max_tokens = {d.max_prompt_tokens + r.max_tokens}",
@@ -346,6 +359,7 @@ def validate(config: Config) -> None:
     _choice("orchestration.placement_strategy", o.placement_strategy,
             {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})
     _check("mtp.k", config.mtp.k >= 1, ">= 1", config.mtp.k)
+    _check("mtp.layers", config.mtp.layers >= 1, ">= 1", config.mtp.layers)
     _choice("mtp.objective", config.mtp.objective, {"tv", "ce"})
     _check("mtp.warm_steps", 0 <= config.mtp.warm_steps <= config.mtp.steps, "in [0, mtp.steps]",
            config.mtp.warm_steps)

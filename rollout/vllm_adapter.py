@@ -186,3 +186,91 @@ def spec_decode_rates(counts: dict) -> dict[str, float | list[float]]:
             "accepted_per_draft": [a / drafts for a in per_pos],
             "mean_accepted_len": 1 + counts["accepted"] / drafts,
             "draft_acceptance": counts["accepted"] / max(counts["draft_tokens"], 1)}
+
+
+# ---- adaptive speculation: k = 0 really turns the drafter off --------------------------------
+#
+# vLLM's per-batch-size schedule (`num_speculative_tokens_per_batch_size`, read by the scheduler
+# into `dynamic_sd_lookup`) sets how many drafts the proposer makes for the next step. At k = 0
+# vLLM 0.32 still runs the drafter's first pass (its KV cache fill) every step and still routes
+# sampling through the rejection sampler with zero drafts (measured 0.58-0.75x of a plain engine
+# on the ~100M preset at batch 4-64). `enable_drafter_skip` makes k = 0 cost what a plain engine
+# costs: a decode-only step scheduled with k = 0 skips the drafter forward, and a step that carries
+# no drafts samples with the plain sampler (same distribution; the rejection sampler with zero
+# drafts samples only its "bonus" token through that same sampler). Prefill steps and steps that
+# verify drafts still run the drafter, so its KV cache holds every prompt; positions decoded while
+# k = 0 are missing from it, which lowers acceptance after k goes back up (never exactness: the
+# rejection test uses the q the drafter actually proposed from).
+
+
+def _install_drafter_skip(worker) -> bool:
+    """Runs inside the engine's worker: wrap the proposer's ``propose`` and the runner's
+    ``_sample``; True if installed (False if already installed or there is no drafter)."""
+    import inspect
+    runner = worker.model_runner
+    drafter = getattr(runner, "drafter", None)
+    if drafter is None or getattr(runner, "_rlaccel_drafter_skip", None) is not None:
+        return False
+    propose, sample = drafter.propose, runner._sample
+    signature = inspect.signature(propose)
+    counts = runner._rlaccel_drafter_skip = {"skipped": 0, "plain_sampled": 0}
+
+    def propose_unless_off(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        k, meta = bound.arguments["num_speculative_tokens"], bound.arguments["common_attn_metadata"]
+        if k == 0 and meta.max_query_len == 1:  # decode-only step, no drafts wanted next
+            drafter.num_speculative_tokens = 0
+            drafter._last_draft_probs = None
+            counts["skipped"] += 1
+            return torch.empty(meta.batch_size(), 0, dtype=torch.int64, device=bound.arguments["target_token_ids"].device)
+        return propose(*args, **kwargs)
+
+    def sample_plain_without_drafts(logits, spec_decode_metadata):
+        if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+            runner.input_batch.update_async_output_token_ids()
+            counts["plain_sampled"] += 1
+            return runner.sampler(logits=logits, sampling_metadata=runner.input_batch.sampling_metadata)
+        return sample(logits, spec_decode_metadata)
+
+    drafter.propose = propose_unless_off
+    runner._sample = sample_plain_without_drafts
+    return True
+
+
+def _drafter_skip_counts(worker) -> dict:
+    return dict(getattr(worker.model_runner, "_rlaccel_drafter_skip", None) or {})
+
+
+def enable_drafter_skip(llm) -> None:
+    """Install the k = 0 fast path in every engine worker (see the comment above)."""
+    llm.collective_rpc(_install_drafter_skip)
+
+
+def drafter_skip_counts(llm) -> dict:
+    """Decode steps that skipped the drafter and steps sampled without the rejection sampler."""
+    out: dict = {}
+    for c in llm.collective_rpc(_drafter_skip_counts):
+        for key, value in c.items():
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def _scheduler(llm):
+    core = llm.llm_engine.engine_core
+    scheduler = getattr(getattr(core, "engine_core", None), "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "dynamic_sd_lookup"):
+        raise RuntimeError("the vLLM scheduler is not reachable in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0 is "
+                           "required for a live speculation schedule; rollout/vllm_adapter.py::set_spec_schedule)")
+    return scheduler
+
+
+def set_spec_schedule(llm, schedule: list[tuple[int, int, int]]) -> None:
+    """Replace the scheduler's per-batch-size k (``[(batch_lo, batch_hi, k)]``, k <= the engine's
+    num_speculative_tokens) while the engine runs; vLLM reads it each step."""
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+    scheduler = _scheduler(llm)
+    if scheduler.dynamic_sd_lookup is None:
+        raise ValueError("the engine was built without a speculation schedule (rollout.spec_schedule)")
+    scheduler.dynamic_sd_lookup = build_dynamic_sd_schedule_lookup(
+        [tuple(r) for r in schedule], vllm_max_batch_size=scheduler.scheduler_config.max_num_seqs,
+        vllm_num_speculative_tokens=scheduler.num_spec_tokens)

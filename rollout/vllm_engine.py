@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from rollout.engine import Completion
-from rollout.vllm_adapter import (ensure_lossless_speculation, quiet_benign_warnings, reload_drafter, reload_weights,
-                                   set_engine_env, spec_decode_counters)
+from rollout.vllm_adapter import (enable_drafter_skip, ensure_lossless_speculation, quiet_benign_warnings,
+                                   reload_drafter, reload_weights, set_engine_env, spec_decode_counters,
+                                   spec_decode_delta, spec_decode_rates)
 
 
 class VLLMEngine:
@@ -32,13 +33,36 @@ class VLLMEngine:
                 "method": "eagle", "model": str(rollout_cfg.draft_model),
                 "num_speculative_tokens": rollout_cfg.num_speculative_tokens,
                 "draft_sample_method": rollout_cfg.draft_sample_method, "rejection_sample_method": "standard"})
-            if rollout_cfg.spec_schedule:
-                kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [
-                    tuple(r) for r in rollout_cfg.spec_schedule]
+            schedule = rollout_cfg.spec_schedule
+            if rollout_cfg.adaptive_spec:  # a schedule makes vLLM's k settable per step; calibrated below
+                schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
+            if schedule:
+                kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [tuple(r) for r in schedule]
         self.llm = LLM(**kwargs)
         quiet_benign_warnings()
         if self.speculative:
             ensure_lossless_speculation(self.llm)
+            if schedule:
+                enable_drafter_skip(self.llm)  # k = 0 in the schedule costs what a plain engine costs
+        self.adaptive = None
+        if self.speculative and rollout_cfg.adaptive_spec:
+            self.adaptive = self._calibrate()
+
+    def _calibrate(self):
+        """Step costs at live batch 1, 4, 16, 64, 256 (up to vLLM's max_num_seqs) for every k, and
+        the acceptance to start from: the drafter's mtp.train report if it has one, else measured."""
+        import json
+        from pathlib import Path
+
+        from rollout.adaptive import AdaptiveSchedule, measure_step_costs
+        max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        batches = tuple(b for b in (1, 4, 16, 64, 256) if b <= max_seqs)
+        k = self.cfg.num_speculative_tokens
+        prompts = [[2 + (i * 7 + j) % 60 for j in range(8)] for i in range(16)]
+        costs = measure_step_costs(self, batches, tuple(range(k + 1)), prompts, tokens=8)
+        report = Path(self.cfg.draft_model) / "report.json"
+        acceptance = json.loads(report.read_text())["vllm"].get("acceptance_per_pos") if report.is_file() else None
+        return AdaptiveSchedule(self, costs, acceptance or [0.5] * k)
 
     def spec_counters(self) -> dict[str, list[int] | int]:
         """Cumulative speculative-decoding counters (drafts, draft tokens, accepted, per position)."""
@@ -54,7 +78,11 @@ class VLLMEngine:
     def generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[Completion]]:
         # One seed per prompt, spaced by n: vLLM gives child request i of a prompt seed + i.
         params = [self._params((seed * 1_000_003 + i * self.cfg.n) % (2 ** 31)) for i in range(len(prompt_ids))]
+        before = self.spec_counters() if self.adaptive else None
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        if self.adaptive:
+            rates = spec_decode_rates(spec_decode_delta(before, self.spec_counters()))
+            self.adaptive.observe(rates.get("acceptance_per_pos", []))
         results = []
         for out in outs:
             group = []

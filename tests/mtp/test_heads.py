@@ -1,5 +1,5 @@
-"""The EAGLE head: its block equals a transformers Llama decoder layer (without input norm)
-after fc, its parallel k-step unroll equals the engine's step-by-step drafting, and its draft
+"""The EAGLE head: its block equals fc then transformers Llama decoder layers (the first
+without input norm), for one and two layers; its parallel k-step unroll equals the engine's step-by-step drafting, and its draft
 checkpoint holds exactly the names vLLM's ``eagle`` loader accepts."""
 
 import json
@@ -18,9 +18,9 @@ def policy(tiny_model_dir):
     return load_model(tiny_model_dir).eval()
 
 
-@pytest.fixture(scope="module")
-def head(policy):
-    head = EagleHead.for_policy(policy)
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-layer", "2-layer"])
+def head(policy, request):
+    head = EagleHead.for_policy(policy, num_layers=request.param)
     torch.manual_seed(1)
     with torch.no_grad():  # away from the [0 | I] start so that every weight matters
         for p in head.parameters():
@@ -28,22 +28,29 @@ def head(policy):
     return head
 
 
-def test_block_is_fc_then_a_llama_layer_without_input_norm(head):
+def test_block_is_fc_then_llama_layers_first_without_input_norm(head):
     config = LlamaConfig(**{k: v for k, v in head.config.vllm_config().items() if k != "architectures"})
     config._attn_implementation = "sdpa"
-    layer = LlamaDecoderLayer(config, layer_idx=0)
-    layer.input_layernorm = torch.nn.Identity()
-    missing, unexpected = layer.load_state_dict({k.removeprefix("layers.0."): v for k, v in head.state_dict().items()
-                                                 if k.startswith("layers.0.")}, strict=False)
-    assert not missing and not unexpected
+    layers = []
+    for i in range(head.config.num_layers):
+        layer = LlamaDecoderLayer(config, layer_idx=i)
+        if i == 0:
+            layer.input_layernorm = torch.nn.Identity()
+        missing, unexpected = layer.load_state_dict({k.removeprefix(f"layers.{i}."): v for k, v in
+                                                     head.state_dict().items() if k.startswith(f"layers.{i}.")},
+                                                    strict=False)
+        assert not missing and not unexpected
+        layers.append(layer)
     torch.manual_seed(0)
     emb, h = torch.randn(2, 7, config.hidden_size), torch.randn(2, 7, config.hidden_size)
     pos = torch.arange(3, 10).expand(2, 7)
-    z = head.fc(torch.cat([emb, h], -1))
+    want = head.fc(torch.cat([emb, h], -1))
     with torch.no_grad():
-        want = layer(z, attention_mask=None, position_ids=pos, position_embeddings=LlamaRotaryEmbedding(config)(z, pos))
+        for layer in layers:
+            want = layer(want, attention_mask=None, position_ids=pos,
+                         position_embeddings=LlamaRotaryEmbedding(config)(want, pos))
+            want = want[0] if isinstance(want, tuple) else want
         got, _ = head.block(emb, h, pos)
-    want = want[0] if isinstance(want, tuple) else want
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
 
 
@@ -58,14 +65,13 @@ def test_unroll_equals_the_engines_step_by_step_drafting(policy, head):
     for q in (0, 4, 8):  # anchors whose k targets x_{q+2..q+k+1} lie inside the 12 tokens
         # the engine: first pass over rows 0..q, then one row per step with a growing KV cache
         pos = torch.arange(q + 1).expand(2, q + 1)
-        out, (keys, values) = head.block(embed(tokens[:, 1:q + 2]), hidden[:, :q + 1], pos)
+        out, cache = head.block(embed(tokens[:, 1:q + 2]), hidden[:, :q + 1], pos)  # [(k, v) per layer]
         prev = out[:, -1:]
         assert torch.allclose(prev, outs[0][:, q:q + 1], atol=1e-5)
         for j in range(2, k + 1):
-            mask = torch.ones(1, keys.shape[2] + 1, dtype=torch.bool)
-            prev, (k1, v1) = head.block(embed(tokens[:, q + j:q + j + 1]), prev,
-                                        torch.full((2, 1), q + j - 1), (keys, values), mask)
-            keys, values = torch.cat([keys, k1], 2), torch.cat([values, v1], 2)
+            mask = torch.ones(1, cache[0][0].shape[2] + 1, dtype=torch.bool)
+            prev, new = head.block(embed(tokens[:, q + j:q + j + 1]), prev, torch.full((2, 1), q + j - 1), cache, mask)
+            cache = [(torch.cat([c[0], n[0]], 2), torch.cat([c[1], n[1]], 2)) for c, n in zip(cache, new)]
             assert torch.allclose(prev, outs[j - 1][:, q:q + 1], atol=1e-5), (q, j)
 
 
@@ -73,10 +79,12 @@ def test_vllm_checkpoint_has_exactly_the_eagle_names(head, tmp_path):
     directory = head.save_vllm(tmp_path / "draft")
     from safetensors.torch import load_file
     names = set(load_file(str(directory / "model.safetensors")))
-    assert names == {"fc.weight", "layers.0.post_attention_layernorm.weight",
-                     *(f"layers.0.self_attn.{p}_proj.weight" for p in "qkvo"),
-                     *(f"layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down"))}
+    n = head.config.num_layers
+    assert names == {"fc.weight", *(f"layers.{i}.post_attention_layernorm.weight" for i in range(n)),
+                     *(f"layers.{i}.input_layernorm.weight" for i in range(1, n)),
+                     *(f"layers.{i}.self_attn.{p}_proj.weight" for i in range(n) for p in "qkvo"),
+                     *(f"layers.{i}.mlp.{p}_proj.weight" for i in range(n) for p in ("gate", "up", "down"))}
     config = json.loads((directory / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 1
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == n
     again = EagleHead.load_vllm(directory)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), head.state_dict().values()))

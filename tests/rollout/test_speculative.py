@@ -102,6 +102,22 @@ def engines(micro):
     rejection_sampler.expand_batch_to_tokens = original
 
 
+@pytest.fixture(scope="module")
+def adaptive(micro, engines):
+    """vLLM with the drafter, a per-batch-size schedule (k = 2 at live batch <= 2, else 0) and
+    rlaccel's k = 0 fast path (no drafter forward, plain sampler)."""
+    from vllm.v1.sample import rejection_sampler
+
+    from rollout.vllm_engine import VLLMEngine
+    _, root = micro
+    original = rejection_sampler.expand_batch_to_tokens
+    cfg = load_config(None, [f"rollout.draft_model={root / 'draft'}", "rollout.num_speculative_tokens=2",
+                             "rollout.spec_schedule=[[1,2,2],[3,65536,0]]",
+                             "rollout.max_model_len=64", "data.max_prompt_tokens=16"]).rollout
+    yield VLLMEngine(str(root / "policy"), cfg)
+    rejection_sampler.expand_batch_to_tokens = original
+
+
 def test_the_fix_is_in_place_and_drafts_are_verified(engines):
     from rollout.vllm_adapter import expand_works
     spec, original, _ = engines
@@ -148,3 +164,35 @@ def test_without_the_fix_the_distortion_is_detected(micro, engines, monkeypatch)
     p_value = _chi2_pvalue(counts, exact)
     print(f"without the fix: chi-square p = {p_value:.3g}, TV = {0.5 * float((counts / counts.sum() - exact).abs().sum()):.4f}")
     assert p_value < 1e-9
+
+
+def test_k0_fast_path_is_lossless(micro, adaptive):
+    """Large batches (k = 0): the drafter is skipped and the plain sampler samples; frequencies
+    still match the exact distribution."""
+    from rollout.vllm_adapter import drafter_skip_counts
+    model, _ = micro
+    before = drafter_skip_counts(adaptive.llm)
+    counts = _pairs(adaptive.llm, 1.0, 1.0, seed=21)
+    after = drafter_skip_counts(adaptive.llm)
+    assert after["skipped"] > before.get("skipped", 0) and after["plain_sampled"] > before.get("plain_sampled", 0)
+    p_value = _chi2_pvalue(counts, _exact_pairs(model, 1.0, 1.0))
+    print(f"k=0 fast path: chi-square p = {p_value:.3g}")
+    assert p_value > 1e-3
+
+
+def test_switching_k_mid_sequence_keeps_greedy_output(engines, adaptive):
+    """Four sequences of different lengths: the live batch shrinks from 4 to 1, so each long
+    sequence decodes with the drafter off (k = 0, skipped) and then on (k = 2) with positions
+    missing from the drafter's KV cache. Greedy output must equal the engine without drafter."""
+    from vllm import SamplingParams
+
+    from rollout.vllm_adapter import drafter_skip_counts
+    _, _, plain = engines
+    prompts = [{"prompt_token_ids": p} for p in ([2, 3, 4, 5], [7, 7, 2], [9, 3, 6, 8, 2, 4], [5])]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, detokenize=False) for m in (4, 8, 16, 24)]
+    before, skips = adaptive.spec_counters(), drafter_skip_counts(adaptive.llm)
+    got = [o.outputs[0].token_ids for o in adaptive.llm.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in plain.llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert adaptive.spec_counters()["drafts"] > before.get("drafts", 0)  # k = 2 once the batch is small
+    assert drafter_skip_counts(adaptive.llm)["skipped"] > skips.get("skipped", 0)  # k = 0 before

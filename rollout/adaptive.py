@@ -1,0 +1,123 @@
+"""Adaptive speculation: how many draft tokens (k, 0 = off) to verify at each live batch size.
+
+A speculative step at batch b with k drafts costs ``step_s[b][k]`` seconds and yields, per
+sequence, E_k = 1 + sum_{i<=k} prod_{j<=i} a_j tokens, where a_j is the measured acceptance of
+draft position j given the earlier ones were accepted (vLLM's per-position counters). Tokens
+per second are b * E_k / step_s[b][k]; k = 0 (drafter off) yields b / step_s[b][0]. The
+schedule takes, at every measured batch size, the k with the most tokens per second, in
+vLLM's ``num_speculative_tokens_per_batch_size`` form [(batch_lo, batch_hi, k)].
+
+Step costs do not depend on acceptance, so they are measured once per engine
+(:func:`measure_step_costs`); acceptance drifts as the policy trains, so the schedule is
+re-derived from the live acceptance (:class:`AdaptiveSchedule`). SpecDec++ / CLP choose the
+draft length per sequence from a predicted acceptance; vLLM 0.32 exposes k per batch size, so
+this picks k per batch size from the measured one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 1 << 16
+
+
+def expected_tokens(acceptance_per_pos: list[float], k: int) -> float:
+    """Tokens per sequence per step with k drafts: the verified bonus token plus the accepted prefix."""
+    total, run = 1.0, 1.0
+    for a in list(acceptance_per_pos)[:k]:
+        run *= a
+        total += run
+    return total
+
+
+def best_k(step_s: dict[int, float], acceptance_per_pos: list[float]) -> int:
+    """The k of ``step_s`` ({k: seconds per step} at one batch size) with the most tokens/s."""
+    return max(sorted(step_s), key=lambda k: expected_tokens(acceptance_per_pos, k) / step_s[k])
+
+
+def derive_schedule(step_s: dict[int, dict[int, float]], acceptance_per_pos: list[float]) -> list[list[int]]:
+    """[[lo, hi, k]] covering every batch size: each measured batch size b rules the sizes above
+    the previous measured one up to b; the largest also rules everything above it."""
+    sizes = sorted(step_s)
+    schedule, lo = [], 1
+    for i, b in enumerate(sizes):
+        hi = b if i + 1 < len(sizes) else MAX_BATCH
+        k = best_k(step_s[b], acceptance_per_pos)
+        if schedule and schedule[-1][2] == k:
+            schedule[-1][1] = hi
+        else:
+            schedule.append([lo, hi, k])
+        lo = hi + 1
+    return schedule
+
+
+def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], prompt_ids: list[list[int]],
+                       tokens: int = 16) -> dict[int, dict[int, float]]:
+    """Seconds per engine step at each live batch size and k, on ``engine`` (a speculative
+    :class:`rollout.vllm_engine.VLLMEngine` built with a schedule, so its k can be set live):
+    b sequences decode ``tokens`` tokens each (EOS ignored); steps = tokens / tokens-per-step
+    (vLLM's mean accepted length; 1 at k = 0)."""
+    from vllm import SamplingParams
+
+    from rollout.vllm_adapter import set_spec_schedule, spec_decode_delta, spec_decode_rates
+    params = SamplingParams(n=1, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0, detokenize=False)
+    costs: dict[int, dict[int, float]] = {}
+    try:
+        for k in ks:
+            set_spec_schedule(engine.llm, [(1, MAX_BATCH, k)])
+            engine.llm.generate([{"prompt_token_ids": prompt_ids[0]}], params, use_tqdm=False)  # warm-up
+            for b in batches:
+                prompts = [{"prompt_token_ids": prompt_ids[i % len(prompt_ids)]} for i in range(b)]
+                before = engine.spec_counters()
+                t0 = time.perf_counter()
+                engine.llm.generate(prompts, params, use_tqdm=False)
+                seconds = time.perf_counter() - t0
+                per_step = spec_decode_rates(spec_decode_delta(before, engine.spec_counters())).get("mean_accepted_len", 1.0)
+                costs.setdefault(b, {})[k] = seconds * (per_step if k else 1.0) / tokens
+    finally:
+        set_spec_schedule(engine.llm, engine.cfg.spec_schedule or [(1, MAX_BATCH, engine.cfg.num_speculative_tokens)])
+    return costs
+
+
+class AdaptiveSchedule:
+    """Keeps an engine's schedule derived from its measured step costs and the live acceptance:
+    ``observe`` the acceptance of each generate call (an exponential moving average), and the
+    schedule is re-derived and applied when it changes."""
+
+    def __init__(self, engine, step_s: dict[int, dict[int, float]], acceptance_per_pos: list[float],
+                 smoothing: float = 0.3):
+        self.engine, self.step_s, self.smoothing = engine, step_s, smoothing
+        self.acceptance = list(acceptance_per_pos)
+        self.schedule: list[list[int]] = []
+        self.changes = 0
+        self._apply()
+
+    def observe(self, acceptance_per_pos: list[float]) -> bool:
+        """Fold in one call's per-position acceptance; True if the schedule changed."""
+        if not acceptance_per_pos:
+            return False
+        s = self.smoothing
+        self.acceptance = [(1 - s) * old + s * new for old, new in zip(self.acceptance, acceptance_per_pos)]
+        return self._apply()
+
+    def reset(self, acceptance_per_pos: list[float]) -> bool:
+        """Take this acceptance as the current one (no smoothing); True if the schedule changed."""
+        self.acceptance = list(acceptance_per_pos)
+        return self._apply()
+
+    def k_at(self, batch: int) -> int:
+        return next(k for lo, hi, k in self.schedule if lo <= batch <= hi)
+
+    def _apply(self) -> bool:
+        from rollout.vllm_adapter import set_spec_schedule
+        schedule = derive_schedule(self.step_s, self.acceptance)
+        if schedule == self.schedule:
+            return False
+        set_spec_schedule(self.engine.llm, schedule)
+        if self.schedule:
+            log.info("speculation schedule %s -> %s (acceptance %s)", self.schedule, schedule,
+                     [round(a, 3) for a in self.acceptance])
+        self.schedule, self.changes = schedule, self.changes + 1
+        return True

@@ -1,0 +1,37 @@
+"""The adaptive speculation schedule (rollout/adaptive.py): pure arithmetic on measured costs."""
+
+import pytest
+
+from rollout.adaptive import MAX_BATCH, best_k, derive_schedule, expected_tokens
+
+
+def test_expected_tokens_is_the_accepted_prefix_plus_one():
+    assert expected_tokens([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5], 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens([1.0, 0.0, 1.0], 3) == 2.0  # nothing after a rejected position
+    assert expected_tokens([0.9], 3) == pytest.approx(1.9)  # only as many positions as measured
+
+
+def test_best_k_trades_tokens_per_step_for_step_cost():
+    acc = [0.8, 0.8, 0.8]
+    # memory-bound: a 4-token verify costs 1.3 steps -> k=3 (2.95 tokens / 1.3) beats off (1 / 1)
+    assert best_k({0: 1.0, 1: 1.1, 2: 1.2, 3: 1.3}, acc) == 3
+    # compute-bound: cost grows with the tokens verified -> off
+    assert best_k({0: 1.0, 1: 1.9, 2: 2.8, 3: 3.7}, acc) == 0
+    # low acceptance makes even cheap drafts lose
+    assert best_k({0: 1.0, 1: 1.1, 2: 1.2, 3: 1.3}, [0.05, 0.05, 0.05]) == 0
+
+
+def test_schedule_covers_every_batch_size_and_merges_equal_k():
+    cheap = {0: 1.0, 1: 1.05, 2: 1.1, 3: 1.15}
+    costly = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    schedule = derive_schedule({1: cheap, 4: cheap, 16: costly, 64: costly}, [0.8, 0.7, 0.6])
+    assert schedule == [[1, 4, 3], [5, MAX_BATCH, 0]]
+    covered = [k for lo, hi, k in schedule for _ in range(lo, min(hi, 100) + 1)]
+    assert len(covered) == 100
+
+
+def test_drift_in_acceptance_changes_the_schedule():
+    costs = {1: {0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6}, 16: {0: 1.0, 1: 1.5, 2: 2.2, 3: 2.9}}
+    assert derive_schedule(costs, [0.9, 0.9, 0.9]) == [[1, 1, 3], [2, MAX_BATCH, 1]]
+    assert derive_schedule(costs, [0.2, 0.2, 0.2]) == [[1, MAX_BATCH, 0]]
