@@ -58,6 +58,11 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
     if data_cfg.source == "arithmetic":
         rows = arithmetic_dataset(data_cfg.num_prompts, data_cfg.min_digits, data_cfg.max_digits,
                                   data_cfg.operators, data_cfg.seed)
+        if data_cfg.few_shot > 0:
+            shots = arithmetic_dataset(data_cfg.few_shot, data_cfg.min_digits, data_cfg.max_digits,
+                                       data_cfg.operators, data_cfg.seed + 1)
+            prefix = "".join(f"{r['prompt']}{r['answer']}\n" for r in shots)
+            rows = [{**r, "prompt": prefix + r["prompt"]} for r in rows]
         prompt_field, answer_field = "prompt", "answer"
     else:
         rows = _load_rows(data_cfg.source)

@@ -3,7 +3,7 @@ import json
 import datasets
 import pytest
 
-from orchestration.config import ConfigError, load_config
+from orchestration.config import ConfigError, DataConfig, load_config
 from orchestration.data import DataError, PromptStream, arithmetic_dataset, load_prompts
 from policy.models import build_char_tokenizer
 
@@ -69,3 +69,18 @@ def test_prompt_stream_covers_each_row_once_per_epoch():
     assert sorted(first) == list(range(10)) and stream.epoch == 0
     second = [i for i, _ in stream.next_batch(10)]
     assert sorted(second) == list(range(10)) and stream.epoch == 1 and second != first
+
+
+def test_few_shot_prefix_is_shared_and_keeps_the_answers(tokenizer):
+    base = DataConfig(num_prompts=20)
+    plain = load_prompts(base, tokenizer)
+    long = load_prompts(DataConfig(num_prompts=20, few_shot=32, max_prompt_tokens=400), tokenizer)
+    prefixes = {r["prompt"][:-len(p["prompt"])] for r, p in zip(long, plain)}
+    assert len(prefixes) == 1  # one few-shot block, the same before every question
+    prefix = prefixes.pop()
+    assert all(r["prompt"] == prefix + p["prompt"] and r["answer"] == p["answer"] for r, p in zip(long, plain))
+    lines = prefix.splitlines()
+    assert len(lines) == 32 and all(eval(line.replace("=", "==")) for line in lines)  # solved examples
+    assert len(tokenizer(long[0]["prompt"]).input_ids) >= 256
+    with pytest.raises(DataError, match="max_prompt_tokens"):
+        load_prompts(DataConfig(num_prompts=20, few_shot=32), tokenizer)
