@@ -152,14 +152,20 @@ def ensure_lossless_speculation(llm) -> bool:
 
 def spec_decode_counters(llm) -> dict:
     """vLLM's cumulative speculative-decoding counters: ``drafts``, ``draft_tokens``, ``accepted``
-    and ``accepted_per_pos`` (drafts whose first i+1 tokens were all accepted)."""
+    and ``accepted_per_pos`` (drafts whose first i+1 tokens were all accepted). With several engines
+    in one process these are their sums; take deltas around one engine's call."""
     names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
              "vllm:spec_decode_num_accepted_tokens": "accepted",
              "vllm:spec_decode_num_accepted_tokens_per_pos": "accepted_per_pos"}
-    out = {}
-    for m in llm.get_metrics():
+    out: dict = {}
+    for m in llm.get_metrics():  # summed: every engine of the process reports into one registry
         if m.name in names:
-            out[names[m.name]] = list(m.values) if hasattr(m, "values") else int(m.value)
+            key = names[m.name]
+            if hasattr(m, "values"):
+                old = out.get(key, [0] * len(m.values))
+                out[key] = [a + b for a, b in zip(old, m.values)]
+            else:
+                out[key] = out.get(key, 0) + int(m.value)
     return out
 
 
@@ -232,7 +238,20 @@ def _install_drafter_skip(worker) -> bool:
             return runner.sampler(logits=logits, sampling_metadata=runner.input_batch.sampling_metadata)
         return sample(logits, spec_decode_metadata)
 
+    propose_runner = runner.propose_draft_token_ids
+
+    def runner_propose_unless_off(scheduler_output, *args, **kwargs):
+        # The whole drafting step (its input bookkeeping too) when nothing is to be drafted and
+        # every scheduled sequence decodes one token (no prompt, no drafts verified this step).
+        if (scheduler_output.num_spec_tokens_to_schedule == 0 and not scheduler_output.scheduled_new_reqs
+                and max(scheduler_output.num_scheduled_tokens.values(), default=0) == 1):
+            drafter._last_draft_probs = None
+            counts["skipped"] += 1
+            return torch.empty(runner.input_batch.num_reqs, 0, dtype=torch.int64)
+        return propose_runner(scheduler_output, *args, **kwargs)
+
     drafter.propose = propose_unless_off
+    runner.propose_draft_token_ids = runner_propose_unless_off
     runner._sample = sample_plain_without_drafts
     return True
 
