@@ -83,23 +83,26 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     """Decode tokens/s without speculation, with k = K, and adaptive (rollout.adaptive_spec: step
     costs calibrated by the engine at start-up, k per batch size re-derived from the live
     acceptance, here the acceptance the k = K engine measured at the same batch size)."""
+    from rollout.adaptive import MAX_BATCH
+    from rollout.vllm_adapter import set_spec_schedule
     from rollout.vllm_engine import VLLMEngine
     max_tokens, repeats = (32, 1) if quick else (64, 2)
     base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)
     off = VLLMEngine(str(model_dir), base, config.model.dtype, 0)
-    on = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K),
-                    config.model.dtype, 0)
-    adaptive = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
-                                                              adaptive_spec=True), config.model.dtype, 0)
+    # One speculative engine serves "k = K" (its schedule forced to K) and "adaptive": vLLM's metrics
+    # registry reports only the last engine built in a process, and acceptance must be read.
+    spec = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
+                                                          adaptive_spec=True), config.model.dtype, 0)
     rows, per_pos = [], []
     for b in BATCHES:
         off_rate, _ = tokens_per_s(off, prompts[:b], max_tokens, repeats)
-        on_rate, rates = tokens_per_s(on, prompts[:b], max_tokens, repeats)
-        adaptive.adaptive.reset(rates.get("acceptance_per_pos") or [0.0] * K)
-        adaptive_rate, _ = tokens_per_s(adaptive, prompts[:b], max_tokens, repeats)
+        set_spec_schedule(spec.llm, [(1, MAX_BATCH, K)])
+        on_rate, rates = tokens_per_s(spec, prompts[:b], max_tokens, repeats)
+        spec.adaptive.reset(rates.get("acceptance_per_pos") or [0.0] * K)  # the live acceptance
+        adaptive_rate, _ = tokens_per_s(spec, prompts[:b], max_tokens, repeats)
         best = max(on_rate, off_rate)
         rows.append({"batch": b, "off_tok_s": off_rate, "on_tok_s": on_rate, "adaptive_tok_s": adaptive_rate,
-                     "adaptive_k": adaptive.adaptive.k_at(b), "acceptance_per_pos": rates.get("acceptance_per_pos"),
+                     "adaptive_k": spec.adaptive.k_at(b), "acceptance_per_pos": rates.get("acceptance_per_pos"),
                      "mean_accepted_len": rates.get("mean_accepted_len")})
         per_pos = per_pos or rates.get("acceptance_per_pos", [])
         print(f"batch {b}: off {off_rate:.1f} tok/s, on {on_rate:.1f} ({on_rate / off_rate:.2f}x), adaptive "
@@ -108,10 +111,10 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     # Where the time goes: seconds per engine step at each batch size and k (the calibration), and
     # the speed-up k = K would give if every draft were accepted: (K + 1) tokens per step at the
     # step cost of k = K over one token at the step cost of k = 0.
-    costs = adaptive.adaptive.step_s
+    costs = spec.adaptive.step_s
     breakdown = {"step_s": {str(b): {str(k): s for k, s in ks.items()} for b, ks in costs.items()},
                  "ceiling_speedup_all_accepted": {str(b): (K + 1) * ks[0] / ks[K] for b, ks in costs.items()}}
-    del off, on, adaptive
+    del off, spec
     gc.collect()
     return {"rows": rows, "acceptance_per_pos": per_pos, "breakdown": breakdown}
 

@@ -103,9 +103,11 @@ class AdaptiveSchedule:
         return self._apply()
 
     def reset(self, acceptance_per_pos: list[float]) -> bool:
-        """Take this acceptance as the current one (no smoothing); True if the schedule changed."""
-        self.acceptance = list(acceptance_per_pos)
-        return self._apply()
+        """Take this acceptance as the current one (no smoothing) and apply the derived schedule
+        even if the engine's was changed behind this object's back; True if it differs."""
+        self.acceptance, old, self.schedule = list(acceptance_per_pos), self.schedule, []
+        self._apply()
+        return self.schedule != old
 
     def k_at(self, batch: int) -> int:
         return next(k for lo, hi, k in self.schedule if lo <= batch <= hi)

@@ -152,13 +152,13 @@ def ensure_lossless_speculation(llm) -> bool:
 
 def spec_decode_counters(llm) -> dict:
     """vLLM's cumulative speculative-decoding counters: ``drafts``, ``draft_tokens``, ``accepted``
-    and ``accepted_per_pos`` (drafts whose first i+1 tokens were all accepted). With several engines
-    in one process these are their sums; take deltas around one engine's call."""
+    and ``accepted_per_pos`` (drafts whose first i+1 tokens were all accepted). vLLM's metrics
+    registry is per process and reports the engine built last: read counters from that one."""
     names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
              "vllm:spec_decode_num_accepted_tokens": "accepted",
              "vllm:spec_decode_num_accepted_tokens_per_pos": "accepted_per_pos"}
     out: dict = {}
-    for m in llm.get_metrics():  # summed: every engine of the process reports into one registry
+    for m in llm.get_metrics():
         if m.name in names:
             key = names[m.name]
             if hasattr(m, "values"):
