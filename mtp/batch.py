@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from mtp import losses
-from mtp.heads import EagleHead, policy_states
+from mtp.heads import DraftHead, policy_states
 
 
-def draft_targets(policy, head: EagleHead, seqs: list[tuple[list[int], int]], k: int, pad_id: int):
+def draft_targets(policy, head: DraftHead, seqs: list[tuple[list[int], int]], k: int, pad_id: int):
     """Per draft step j = 1..k: (p logits, q logits, sampled targets, valid mask), all [B, L-1(, V)].
 
     Row t is the anchor "last accepted position t": draft step j predicts x_{t+j+1}. Anchors
@@ -25,7 +25,7 @@ def draft_targets(policy, head: EagleHead, seqs: list[tuple[list[int], int]], k:
     B, L = tokens.shape
     attention = (torch.arange(L)[None] < lengths[:, None]).long()
     with torch.no_grad():
-        hidden, logits = policy_states(policy, tokens, attention)
+        hidden, logits = policy_states(policy, tokens, attention, pre_norm=head.pre_norm_hidden)
     outs = head.unroll(policy.model.embed_tokens, tokens, hidden, k)
     lm_head = policy.lm_head.weight.detach()  # shared with the policy, trained by neither loss
     t = torch.arange(L - 1)[None]

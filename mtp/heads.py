@@ -23,6 +23,7 @@ builds them), named as vLLM loads them (``fc.weight``, ``layers.0.…``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ class HeadConfig:
     vocab_size: int
     max_position_embeddings: int
     num_layers: int = 1
+    attention_bias: bool = False  # q/k/v biases (Qwen2 / MiMo layers have them)
 
     @classmethod
     def from_policy(cls, config, num_layers: int = 1) -> "HeadConfig":
@@ -83,9 +85,9 @@ class Attention(nn.Module):
     def __init__(self, c: HeadConfig):
         super().__init__()
         self.c = c
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def qkv(self, x: torch.Tensor, pos: torch.Tensor):
@@ -150,7 +152,52 @@ class Layer(nn.Module):
         return s + self.mlp(self.post_attention_layernorm(s)), (k, v)
 
 
-class EagleHead(nn.Module):
+class DraftHead(nn.Module):
+    """What every head form shares: the k-step unroll over ``block``. A form defines ``block``
+    (one draft step over T rows), ``layers`` (whose KV later steps attend to) and which policy
+    state its first pass takes (``pre_norm_hidden``)."""
+
+    pre_norm_hidden = False  # True: the policy's last hidden state before its final norm
+
+    def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
+        raise NotImplementedError
+
+    def unroll(self, embed: nn.Module, tokens: torch.Tensor, hidden: torch.Tensor, k: int,
+               draft_tokens: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The drafter's k steps for every anchor of a batch, teacher-forced.
+
+        tokens [B, L] (x_0..x_{L-1}), hidden [B, L, H] (f_t, the policy's states this form takes).
+        Step 1 runs the first pass: row t (t < L-1) takes x_{t+1} and f_t and predicts x_{t+2}.
+        Step j ≥ 2, row t (anchor q = t) takes the token drafted at step j-1 — ``draft_tokens[j-2]``
+        [B, L-1], by default the true x_{t+j} (the case in which step j is reached: all earlier
+        drafts accepted) — and step j-1's output, at position t + j - 1, attending to first-pass
+        keys at positions ≤ t and its own earlier steps. Returns the outputs [B, L-1, H] of each
+        step: row t of step j predicts x_{t+j+1} (rows whose target lies past the end are junk;
+        mask them).
+        """
+        B, L = tokens.shape
+        T = L - 1
+        pos = torch.arange(T, device=tokens.device).expand(B, T)
+        out, kv = self.block(embed(tokens[:, 1:]), hidden[:, :T], pos)
+        outs, kvs = [out], [kv]  # kvs[step][layer] = (k, v)
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        diag = torch.eye(T, dtype=torch.bool, device=tokens.device)
+        for j in range(2, k + 1):
+            if draft_tokens is not None:
+                tok = draft_tokens[j - 2]
+            else:  # x_{t+j}, padded past the end with x_{L-1} (those rows are junk anyway)
+                idx = (torch.arange(T, device=tokens.device) + j).clamp(max=L - 1)
+                tok = tokens[:, idx]
+            mask = torch.cat([causal] + [diag] * (j - 1), dim=1)  # first pass ≤ t, own earlier steps, itself
+            past = [(torch.cat([s[i][0] for s in kvs], 2), torch.cat([s[i][1] for s in kvs], 2))
+                    for i in range(len(self.layers))]
+            out, kv = self.block(embed(tok), outs[-1], pos + (j - 1), past, mask)
+            outs.append(out)
+            kvs.append(kv)
+        return outs
+
+
+class EagleHead(DraftHead):
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
@@ -194,49 +241,18 @@ class EagleHead(nn.Module):
             kvs.append(kv)
         return x, kvs
 
-    def unroll(self, embed: nn.Module, tokens: torch.Tensor, hidden: torch.Tensor, k: int,
-               draft_tokens: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The drafter's k steps for every anchor of a batch, teacher-forced.
-
-        tokens [B, L] (x_0..x_{L-1}), hidden [B, L, H] (f_t, the policy's post-norm states).
-        Step 1 runs the first pass: row t (t < L-1) takes x_{t+1} and f_t and predicts x_{t+2}.
-        Step j ≥ 2, row t (anchor q = t) takes the token drafted at step j-1 — ``draft_tokens[j-2]``
-        [B, L-1], by default the true x_{t+j} (the case in which step j is reached: all earlier
-        drafts accepted) — and step j-1's output, at position t + j - 1, attending to first-pass
-        keys at positions ≤ t and its own earlier steps. Returns the outputs [B, L-1, H] of each
-        step: row t of step j predicts x_{t+j+1} (rows whose target lies past the end are junk;
-        mask them).
-        """
-        B, L = tokens.shape
-        T = L - 1
-        pos = torch.arange(T, device=tokens.device).expand(B, T)
-        out, kv = self.block(embed(tokens[:, 1:]), hidden[:, :T], pos)
-        outs, kvs = [out], [kv]  # kvs[step][layer] = (k, v)
-        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        diag = torch.eye(T, dtype=torch.bool, device=tokens.device)
-        for j in range(2, k + 1):
-            if draft_tokens is not None:
-                tok = draft_tokens[j - 2]
-            else:  # x_{t+j}, padded past the end with x_{L-1} (those rows are junk anyway)
-                idx = (torch.arange(T, device=tokens.device) + j).clamp(max=L - 1)
-                tok = tokens[:, idx]
-            mask = torch.cat([causal] + [diag] * (j - 1), dim=1)  # first pass ≤ t, own earlier steps, itself
-            past = [(torch.cat([s[i][0] for s in kvs], 2), torch.cat([s[i][1] for s in kvs], 2))
-                    for i in range(len(self.layers))]
-            out, kv = self.block(embed(tok), outs[-1], pos + (j - 1), past, mask)
-            outs.append(out)
-            kvs.append(kv)
-        return outs
-
     # ---- vLLM draft checkpoint ----------------------------------------------------------
+
+    def vllm_state(self) -> dict[str, torch.Tensor]:
+        """The head's tensors under the names vLLM's EAGLE drafter loads."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
 
     def save_vllm(self, directory: str | Path) -> Path:
         """A directory vLLM loads with ``speculative_config={"method": "eagle", "model": dir}``."""
         from safetensors.torch import save_file
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(directory / "model.safetensors"))
+        save_file(self.vllm_state(), str(directory / "model.safetensors"))
         config = self.config.vllm_config()
         config["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
         (directory / "config.json").write_text(json.dumps(config, indent=1))
@@ -257,8 +273,142 @@ class EagleHead(nn.Module):
         return head
 
 
-def policy_states(policy, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """(f [B, L, H] final post-norm hidden states, logits [B, L, V]) of the policy."""
-    base = policy.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
+def policy_states(policy, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  pre_norm: bool = False):
+    """(f [B, L, H] the final hidden states — post-norm, or with ``pre_norm`` the input of the
+    final norm — and logits [B, L, V]) of the policy."""
+    captured = []
+    hook = policy.model.norm.register_forward_hook(lambda m, args, out: captured.append(args[0])) if pre_norm else None
+    try:
+        base = policy.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
+    finally:
+        if hook is not None:
+            hook.remove()
     hidden = base.last_hidden_state
-    return hidden, policy.lm_head(hidden)
+    return (captured[0] if pre_norm else hidden), policy.lm_head(hidden)
+
+
+# ---- native MTP layers (vLLM's "mtp" method) ---------------------------------------------------
+
+MIMO_PREFIX = "model.mtp_layers.0."
+NATIVE_FILE = "mtp.safetensors"
+
+
+class MiMoMTPHead(DraftHead):
+    """A native MTP layer in MiMo's form, computing what vLLM's ``mimo_mtp.py`` (vllm 0.32)
+    computes, so a layer trained here drafts the same tokens under ``method="mtp"``::
+
+        e   = RMSNorm_tok(E(tok)), zeroed at position 0
+        z   = input_proj([RMSNorm_hid(h) ‖ e])           note: hidden first, then the token
+        s   = Qwen2 decoder layer(z)                     input norm, q/k/v biases, residuals
+        out = RMSNorm_final(s);  logits = LM(out)        the policy's LM head, no further norm
+
+    The first pass takes h = the target's last hidden state *before* its final norm (MiMo's
+    model returns it un-normed; its ``compute_logits`` applies the norm); draft steps ≥ 2 take
+    the previous step's ``out``. vLLM runs MTP layer 0 for every draft step (its generic
+    proposer never passes a step index), as :meth:`DraftHead.unroll` does. In the checkpoint
+    the layer is ``model.mtp_layers.0.{token_layernorm, hidden_layernorm, input_proj,
+    final_layernorm, self_attn.*, mlp.*, input_layernorm, post_attention_layernorm}`` and the
+    config has ``architectures: [MiMoForCausalLM]``, ``num_nextn_predict_layers``.
+    """
+
+    pre_norm_hidden = True
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        if config.num_layers != 1:
+            raise ValueError("a MiMo MTP layer has one decoder block (vLLM drafts every step with MTP layer 0); "
+                             "set mtp.layers=1 with mtp.head=native")
+        self.config = config
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.token_layernorm, self.hidden_layernorm = RMSNorm(H, eps), RMSNorm(H, eps)
+        self.input_proj = nn.Linear(2 * H, H, bias=False)
+        self.layers = nn.ModuleList([Layer(config, input_norm=True)])
+        self.final_layernorm = RMSNorm(H, eps)
+
+    @classmethod
+    def for_policy(cls, policy, num_layers: int = 1) -> "MiMoMTPHead":
+        """A fresh layer for a Qwen2-form ``policy``: the block a copy of the policy's last layer,
+        ``input_proj`` = [I | 0] (the normed hidden state through), the final norm the policy's:
+        a layer that starts near "the policy's next layer". A checkpoint that already has MTP
+        layers starts from them instead (:meth:`load_vllm`)."""
+        config = dataclasses.replace(HeadConfig.from_policy(policy.config, num_layers), attention_bias=True)
+        head = cls(config).to(next(policy.parameters()).dtype)
+        last = policy.model.layers[-1]
+        with torch.no_grad():
+            head.layers[0].load_state_dict(last.state_dict())
+            head.final_layernorm.weight.copy_(policy.model.norm.weight)
+            H = config.hidden_size
+            head.input_proj.weight.zero_()
+            head.input_proj.weight[:, :H].copy_(torch.eye(H))
+        return head
+
+    def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
+        emb = emb.masked_fill((pos == 0)[..., None], 0.0)
+        x = self.input_proj(torch.cat([self.hidden_layernorm(h), self.token_layernorm(emb)], dim=-1))
+        if mask is None:
+            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+        x, kv = self.layers[0](x, pos, None if past_kv is None else past_kv[0], mask)
+        return self.final_layernorm(x), [kv]
+
+    def vllm_state(self) -> dict[str, torch.Tensor]:
+        """The layer's tensors under their checkpoint names (what vLLM's MiMo MTP loader maps)."""
+        return {MIMO_PREFIX + name.removeprefix("layers.0."): t.detach().contiguous().cpu()
+                for name, t in self.state_dict().items()}
+
+    def save_vllm(self, model_dir: str | Path) -> Path:
+        """Write the layer into ``model_dir`` (a saved policy checkpoint): ``mtp.safetensors``,
+        listed in the weight index if the checkpoint is sharded, and the config keys that make
+        vLLM build the MiMo target and its MTP drafter. Existing MTP tensors elsewhere in the
+        checkpoint are refused (they would load twice)."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        model_dir = Path(model_dir)
+        for f in model_dir.glob("*.safetensors"):
+            if f.name != NATIVE_FILE:
+                with safe_open(str(f), "pt") as st:
+                    if any(k.startswith("model.mtp_layers.") for k in st.keys()):
+                        raise ValueError(f"{f} already holds MTP layers; save the policy without them "
+                                         f"(policy.models.save_model) and write the trained layer there")
+        state = self.vllm_state()
+        save_file(state, str(model_dir / NATIVE_FILE))
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            data["weight_map"].update({k: NATIVE_FILE for k in state})
+            index.write_text(json.dumps(data, indent=1))
+        config_path = model_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update(architectures=["MiMoForCausalLM"], num_nextn_predict_layers=1)
+        config_path.write_text(json.dumps(config, indent=1))
+        return model_dir
+
+    @classmethod
+    def load_vllm(cls, model_dir: str | Path) -> "MiMoMTPHead":
+        """MTP layer 0 of a checkpoint (any of its safetensors files)."""
+        from safetensors import safe_open
+        from transformers import Qwen2Config
+        model_dir = Path(model_dir)
+        state = {}
+        for f in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                state.update({k[len(MIMO_PREFIX):]: st.get_tensor(k) for k in st.keys() if k.startswith(MIMO_PREFIX)})
+        if not state:
+            raise ValueError(f"{model_dir} has no native MTP layer ({MIMO_PREFIX}* tensors); train one with "
+                             f"`python -m mtp.train mtp.head=native`, or use rollout.draft_model with an EAGLE head")
+        config = dataclasses.replace(HeadConfig.from_policy(Qwen2Config.from_pretrained(str(model_dir))),
+                                     attention_bias=True)
+        head = cls(config).to(next(iter(state.values())).dtype)
+        block = {"layers.0." + k: v for k, v in state.items()
+                 if not k.split(".")[0] in ("token_layernorm", "hidden_layernorm", "input_proj", "final_layernorm")}
+        head.load_state_dict({**{k: v for k, v in state.items() if "layers.0." + k not in block}, **block})
+        return head
+
+
+def has_native_mtp(model_dir: str | Path) -> bool:
+    """The checkpoint is a MiMo-form model whose config declares native MTP layers."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    return "MiMoForCausalLM" in config.get("architectures", []) and config.get("num_nextn_predict_layers", 0) >= 1

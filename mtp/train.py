@@ -4,14 +4,19 @@
 
 1. The policy samples ``rollout.n`` responses to ``mtp.prompts`` training prompts and
    ``mtp.heldout_prompts`` held-out prompts (the rollout engine, the rollout temperature).
-2. An :class:`mtp.heads.EagleHead` is trained on the training sequences: ``mtp.k`` draft steps
+2. A drafter is trained on the training sequences — an :class:`mtp.heads.EagleHead`
+   (``mtp.head=eagle``) or the checkpoint's native MTP layer, :class:`mtp.heads.MiMoMTPHead`
+   (``mtp.head=native``, vLLM's ``mtp`` method; starts from the checkpoint's layer if it has one):
+   ``mtp.k`` draft steps
    unrolled as the engine runs them, targets p = the policy's distributions at the rollout
    temperature (``mtp.objective``: "tv" = KL warm start then the multi-step acceptance
    objective; "ce" = cross-entropy on the sampled tokens).
 3. Report: per-position acceptance predicted offline on the held-out sequences (from
    Σ min(p, q) along the unrolled chain) next to the acceptance vLLM measures when it drafts
    with the exported head on the held-out prompts. Agreement shows the exported head is the
-   trained one. Written to ``<out>/report.json`` with the vLLM draft checkpoint in ``<out>``.
+   trained one. Written to ``<out>/report.json`` with the vLLM draft checkpoint in ``<out>``
+   (``mtp.head=native``: ``<out>`` is the policy checkpoint with the trained MTP layer; train on
+   it with ``model.path=<out> rollout.spec_method=mtp``).
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ from tqdm import tqdm
 
 from mtp import losses
 from mtp.batch import draft_targets, loss_fn, predicted_acceptance
-from mtp.heads import EagleHead
+from mtp.heads import EagleHead, MiMoMTPHead, has_native_mtp
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.data import DataError, load_prompts
 from orchestration.model_prep import prepare_model
-from policy.models import load_model, load_tokenizer
+from policy.models import load_model, load_tokenizer, save_model
 
 log = logging.getLogger("rlaccel.mtp")
 
@@ -45,7 +50,7 @@ def sample_sequences(model_dir: Path, config: Config, prompts: list[list[int]],
                      seed: int) -> list[list[tuple[list[int], int]]]:
     """Per prompt: (prompt + response token ids, prompt length) of its rollout.n samples."""
     from rollout.worker import make_engine
-    engine = make_engine(str(model_dir), dataclasses.replace(config.rollout, draft_model=None),
+    engine = make_engine(str(model_dir), dataclasses.replace(config.rollout, draft_model=None, spec_method="eagle"),
                          config.model.dtype, seed)
     try:
         outs = engine.generate(prompts, seed)
@@ -56,10 +61,16 @@ def sample_sequences(model_dir: Path, config: Config, prompts: list[list[int]],
 
 
 def measured_acceptance(model_dir: Path, draft_dir: Path, config: Config, prompts: list[list[int]], seed: int) -> dict:
-    """Acceptance vLLM measures drafting with the exported head (k = mtp.k) on ``prompts``."""
+    """Acceptance vLLM measures drafting with the exported head (k = mtp.k) on ``prompts``;
+    ``mtp.head=native``: ``draft_dir`` is the checkpoint with the trained MTP layer."""
     from rollout.vllm_adapter import spec_decode_delta, spec_decode_rates
     from rollout.vllm_engine import VLLMEngine
-    rollout = dataclasses.replace(config.rollout, draft_model=str(draft_dir), num_speculative_tokens=config.mtp.k)
+    if config.mtp.head == "native":
+        model_dir, rollout = draft_dir, dataclasses.replace(config.rollout, draft_model=None, spec_method="mtp",
+                                                            num_speculative_tokens=config.mtp.k, adaptive_spec=False)
+    else:
+        rollout = dataclasses.replace(config.rollout, draft_model=str(draft_dir), spec_method="eagle",
+                                      num_speculative_tokens=config.mtp.k, adaptive_spec=False)
     engine = VLLMEngine(str(model_dir), rollout, config.model.dtype, seed)
     try:
         before = engine.spec_counters()
@@ -95,7 +106,13 @@ def train(config: Config, progress: bool = True) -> dict:
     log.info("sampled %d sequences in %.1fs", len(train_seqs) + len(heldout_seqs), time.perf_counter() - t0)
 
     policy = load_model(model_dir, config.model.dtype).eval().requires_grad_(False)
-    head = EagleHead.for_policy(policy, m.layers)
+    if m.head == "native":
+        if policy.config.model_type not in ("qwen2", "mimo"):
+            raise ConfigError(f"mtp.head=native trains a MiMo-form MTP layer (a Qwen2 decoder block); the policy "
+                              f"is {policy.config.model_type!r}: use mtp.head=eagle")
+        head = MiMoMTPHead.load_vllm(model_dir) if has_native_mtp(model_dir) else MiMoMTPHead.for_policy(policy, m.layers)
+    else:
+        head = EagleHead.for_policy(policy, m.layers)
     optimizer = torch.optim.AdamW(head.parameters(), lr=m.lr, weight_decay=0.0)
     # Cosine decay to 10% of mtp.lr: the last steps refine the acceptance the constant rate oscillates around.
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -119,6 +136,8 @@ def train(config: Config, progress: bool = True) -> dict:
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", alpha1=f"{float(alpha1):.3f}")
     head.eval()
     predicted = predicted_acceptance(policy, head, heldout_seqs, m.k, T, tokenizer.pad_token_id)
+    if m.head == "native":  # the policy checkpoint with the trained layer
+        save_model(policy, tokenizer, out)
     head.save_vllm(out)
     measured = measured_acceptance(model_dir, out, config, heldout_ids, seed + 2)
     report = {"objective": m.objective, "k": m.k, "temperature": T, "train_sequences": len(train_seqs),

@@ -91,6 +91,9 @@ class RolloutConfig:
     # Speculative rollout: a drafter head directory written by `python -m mtp.train` (vLLM's
     # `eagle` method), verified by lossless probabilistic rejection sampling; null = off.
     draft_model: str | None = None
+    # "eagle": the rlaccel head in rollout.draft_model drafts; "mtp": the model's own native MTP
+    # layers draft (vLLM's mtp method; a MiMo-form checkpoint, e.g. from mtp.train mtp.head=native).
+    spec_method: str = "eagle"
     # Draft tokens per step (k).
     num_speculative_tokens: int = 3
     # "probabilistic": drafts sampled from the head's q, full q in the acceptance test;
@@ -197,6 +200,10 @@ class MTPConfig:
     # "tv": KL(p‖q) warm start, then the multi-step acceptance objective Σ_k Π_{j≤k} α_j;
     # "ce": cross-entropy on the policy's sampled tokens (the baseline).
     objective: str = "tv"
+    # "eagle": an EAGLE-form head (a draft checkpoint for rollout.draft_model); "native": the
+    # model's own MTP layer in MiMo's form (vLLM's mtp method), written into a copy of the policy
+    # checkpoint at mtp.out (then model.path=<out> rollout.spec_method=mtp).
+    head: str = "eagle"
     # Decoder layers in the head (vLLM's eagle drafter runs any number; more = closer to the
     # policy, each costs one more layer per draft step).
     layers: int = 1
@@ -314,9 +321,15 @@ def validate(config: Config) -> None:
         if not (Path(r.draft_model) / "config.json").is_file():
             raise ConfigError(f"rollout.draft_model={r.draft_model!r} is not a drafter directory (no config.json); "
                               f"train one with `python -m mtp.train`")
+    _choice("rollout.spec_method", r.spec_method, {"eagle", "mtp"})
+    if r.spec_method == "mtp":
+        if r.draft_model is not None:
+            raise ConfigError("rollout.spec_method=mtp drafts with the model's own MTP layers: unset rollout.draft_model")
+        if r.backend != "vllm":
+            raise ConfigError("rollout.spec_method=mtp needs rollout.backend=vllm (speculative decoding is vLLM's)")
     _check("rollout.num_speculative_tokens", r.num_speculative_tokens >= 1, ">= 1", r.num_speculative_tokens)
-    if r.adaptive_spec and r.draft_model is None:
-        raise ConfigError("rollout.adaptive_spec=true needs rollout.draft_model (it chooses k for that drafter)")
+    if r.adaptive_spec and r.draft_model is None and r.spec_method != "mtp":
+        raise ConfigError("rollout.adaptive_spec=true needs a drafter (rollout.draft_model, or rollout.spec_method=mtp)")
     _choice("rollout.draft_sample_method", r.draft_sample_method, {"probabilistic", "greedy"})
     _check("rollout.max_model_len", r.max_model_len >= d.max_prompt_tokens + r.max_tokens,
            f">= data.max_prompt_tokens + rollout.max_tokens = {d.max_prompt_tokens + r.max_tokens}",
@@ -361,9 +374,16 @@ def validate(config: Config) -> None:
     _check("mtp.k", config.mtp.k >= 1, ">= 1", config.mtp.k)
     _check("mtp.layers", config.mtp.layers >= 1, ">= 1", config.mtp.layers)
     _choice("mtp.objective", config.mtp.objective, {"tv", "ce"})
+    _choice("mtp.head", config.mtp.head, {"eagle", "native"})
+    if config.mtp.head == "native":
+        _check("mtp.layers", config.mtp.layers == 1, "1 with mtp.head=native (vLLM drafts every step with MTP "
+               "layer 0)", config.mtp.layers)
     _check("mtp.warm_steps", 0 <= config.mtp.warm_steps <= config.mtp.steps, "in [0, mtp.steps]",
            config.mtp.warm_steps)
     if config.mtp.maintain:
+        if r.spec_method == "mtp":
+            raise ConfigError("mtp.maintain=true is implemented for EAGLE heads (rollout.draft_model); native MTP "
+                              "layers (rollout.spec_method=mtp) stay frozen during RL: set mtp.maintain=false")
         if r.draft_model is None:
             raise ConfigError("mtp.maintain=true needs rollout.draft_model (a head from `python -m mtp.train`)")
         if t.world_size != 1:

@@ -7,17 +7,18 @@ every consumer (the trainer, vLLM, TRL) loads the very same files.
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
 
-# Qwen3 architecture (GQA, RoPE, q/k norm). `vocab_size` may exceed the tokenizer's
+# Qwen3 architecture (GQA, RoPE, q/k norm) unless in QWEN2_FORM. `vocab_size` may exceed the tokenizer's
 # size, as in real Qwen checkpoints; "small" pads to 32k so its LM head costs what a real
 # vocabulary costs.
 BUILTIN_MODELS: dict[str, dict] = {
@@ -25,7 +26,12 @@ BUILTIN_MODELS: dict[str, dict] = {
                  num_key_value_heads=2, head_dim=32, vocab_size=128, max_position_embeddings=512),
     "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                   num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=4096),
+    # The tiny model in MiMo's form (Qwen2: q/k/v biases, no q/k norm), the base for a native MTP
+    # layer (`python -m mtp.train mtp.head=native`, then rollout.spec_method=mtp).
+    "tiny_mimo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
 }
+QWEN2_FORM = {"tiny_mimo"}
 
 
 def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
@@ -46,7 +52,8 @@ def build_model(name: str, tokenizer, seed: int = 0, dtype: torch.dtype = torch.
         raise ValueError(f"unknown built-in model {name!r}; choose one of {sorted(BUILTIN_MODELS)}")
     spec = BUILTIN_MODELS[name]
     assert spec["vocab_size"] >= len(tokenizer), (spec["vocab_size"], len(tokenizer))
-    config = Qwen3Config(**spec, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
+    config_class = Qwen2Config if name in QWEN2_FORM else Qwen3Config
+    config = config_class(**spec, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None, torch_dtype=str(dtype).removeprefix("torch."))
     torch.manual_seed(seed)
@@ -73,6 +80,13 @@ def load_tokenizer(directory: str | Path):
 
 def load_model(directory: str | Path, dtype: str | torch.dtype = torch.float32):
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    config = Path(directory) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "mimo":
+        # MiMo checkpoints are Qwen2 plus native MTP layers (remote code in transformers); the policy
+        # is the Qwen2 part, the MTP layers are vLLM's drafter (mtp.heads.MiMoMTPHead).
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        return Qwen2ForCausalLM.from_pretrained(str(directory), config=Qwen2Config.from_pretrained(str(directory)),
+                                                dtype=dtype, attn_implementation="sdpa")
     return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="sdpa")
 
 

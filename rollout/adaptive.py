@@ -54,28 +54,38 @@ def derive_schedule(step_s: dict[int, dict[int, float]], acceptance_per_pos: lis
 
 
 def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], prompt_ids: list[list[int]],
-                       tokens: int = 16) -> dict[int, dict[int, float]]:
-    """Seconds per engine step at each live batch size and k, on ``engine`` (a speculative
-    :class:`rollout.vllm_engine.VLLMEngine` built with a schedule, so its k can be set live):
-    b sequences decode ``tokens`` tokens each (EOS ignored); steps = tokens / tokens-per-step
-    (vLLM's mean accepted length; 1 at k = 0)."""
+                       tokens: int = 16, short: int = 4) -> dict[int, dict[int, float]]:
+    """Seconds per decode step at each live batch size and k, on ``engine`` (a speculative
+    :class:`rollout.vllm_engine.VLLMEngine` built with a schedule, so its k can be set live).
+
+    b sequences decode ``short`` and then ``tokens`` tokens each (EOS ignored); the difference of
+    the two runs' times over the difference of their decode steps is the cost of one decode step,
+    free of the prefill and of per-call overhead (which would otherwise be charged to the k with
+    the fewest steps). Decode steps per sequence: vLLM's draft count / b at k > 0 (one draft per
+    sequence per step), tokens - 1 at k = 0 (the first token comes from the prefill)."""
     from vllm import SamplingParams
 
-    from rollout.vllm_adapter import set_spec_schedule, spec_decode_delta, spec_decode_rates
-    params = SamplingParams(n=1, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0, detokenize=False)
+    from rollout.vllm_adapter import set_spec_schedule
     costs: dict[int, dict[int, float]] = {}
+
+    def run(prompts, n_tokens: int, k: int) -> tuple[float, float]:
+        params = SamplingParams(n=1, temperature=1.0, max_tokens=n_tokens, ignore_eos=True, seed=0, detokenize=False)
+        before = engine.spec_counters().get("drafts", 0)
+        t0 = time.perf_counter()
+        engine.llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        steps = (engine.spec_counters().get("drafts", 0) - before) / len(prompts) if k else n_tokens - 1
+        return seconds, steps
+
     try:
         for k in ks:
             set_spec_schedule(engine.llm, [(1, MAX_BATCH, k)])
-            engine.llm.generate([{"prompt_token_ids": prompt_ids[0]}], params, use_tqdm=False)  # warm-up
+            run([{"prompt_token_ids": prompt_ids[0]}], short, k)  # warm-up
             for b in batches:
                 prompts = [{"prompt_token_ids": prompt_ids[i % len(prompt_ids)]} for i in range(b)]
-                before = engine.spec_counters()
-                t0 = time.perf_counter()
-                engine.llm.generate(prompts, params, use_tqdm=False)
-                seconds = time.perf_counter() - t0
-                per_step = spec_decode_rates(spec_decode_delta(before, engine.spec_counters())).get("mean_accepted_len", 1.0)
-                costs.setdefault(b, {})[k] = seconds * (per_step if k else 1.0) / tokens
+                t_short, steps_short = run(prompts, short, k)
+                t_long, steps_long = run(prompts, tokens, k)
+                costs.setdefault(b, {})[k] = max(t_long - t_short, 1e-6) / max(steps_long - steps_short, 1.0)
     finally:
         set_spec_schedule(engine.llm, engine.cfg.spec_schedule or [(1, MAX_BATCH, engine.cfg.num_speculative_tokens)])
     return costs

