@@ -100,7 +100,7 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     # One speculative engine serves "k = K" (its schedule forced to K) and "adaptive": vLLM's metrics
     # registry reports only the last engine built in a process, and acceptance must be read.
     spec = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
-                                                          adaptive_spec=True), config.model.dtype, 0)
+                                                          adaptive_spec=True, adaptive_max_batch=max(BATCHES)), config.model.dtype, 0)
     rows, per_pos = [], []
     for b in BATCHES:
         def one_round(b=b, off=off, spec=spec):

@@ -106,6 +106,9 @@ class RolloutConfig:
     # start-up, a few seconds) and the live acceptance, re-derived as acceptance drifts; k = 0
     # skips the drafter (rollout/adaptive.py). Overrides spec_schedule.
     adaptive_spec: bool = False
+    # The largest live batch the calibration measures (larger batches take its k); 0: the most
+    # one rollout call decodes, algorithm.prompts_per_step × rollout.n.
+    adaptive_max_batch: int = 0
 
 
 @dataclass
@@ -267,6 +270,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{where}: bad config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}. "
                           f"Valid keys are the fields of orchestration/config.py.") from None
     validate(config)
+    if config.rollout.adaptive_max_batch == 0:
+        config.rollout.adaptive_max_batch = config.algorithm.prompts_per_step * config.rollout.n
     return config
 
 
@@ -330,6 +335,7 @@ def validate(config: Config) -> None:
     _check("rollout.num_speculative_tokens", r.num_speculative_tokens >= 1, ">= 1", r.num_speculative_tokens)
     if r.adaptive_spec and r.draft_model is None and r.spec_method != "mtp":
         raise ConfigError("rollout.adaptive_spec=true needs a drafter (rollout.draft_model, or rollout.spec_method=mtp)")
+    _check("rollout.adaptive_max_batch", r.adaptive_max_batch >= 0, ">= 0", r.adaptive_max_batch)
     _choice("rollout.draft_sample_method", r.draft_sample_method, {"probabilistic", "greedy"})
     _check("rollout.max_model_len", r.max_model_len >= d.max_prompt_tokens + r.max_tokens,
            f">= data.max_prompt_tokens + rollout.max_tokens = {d.max_prompt_tokens + r.max_tokens}",

@@ -67,14 +67,18 @@ class VLLMEngine:
             self.adaptive = self._calibrate()
 
     def _calibrate(self):
-        """Step costs at live batch 1, 4, 16, 64, 256 (up to vLLM's max_num_seqs) for every k, and
-        the acceptance to start from: the drafter's mtp.train report if it has one, else measured."""
+        """Step costs at live batch 1, 4, 16, 64, 256 (up to vLLM's max_num_seqs and the first size at
+        or above rollout.adaptive_max_batch, whose k then rules every larger batch) for every k, and
+        the acceptance to start from: the drafter's mtp.train report if it has one, else 0.5 per
+        position until the first generate call's counters replace it."""
         import json
         from pathlib import Path
 
         from rollout.adaptive import AdaptiveSchedule, measure_step_costs
         max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
-        batches = tuple(b for b in (1, 4, 16, 64, 256) if b <= max_seqs)
+        sizes = [b for b in (1, 4, 16, 64, 256) if b <= max_seqs]
+        cap = self.cfg.adaptive_max_batch or max_seqs  # up to the first size >= the largest live batch
+        batches = tuple(b for i, b in enumerate(sizes) if i == 0 or sizes[i - 1] < cap)
         k = self.cfg.num_speculative_tokens
         prompts = [[2 + (i * 7 + j) % 60 for j in range(8)] for i in range(16)]
         costs = measure_step_costs(self, batches, tuple(range(k + 1)), prompts)
