@@ -262,7 +262,7 @@ def prepare(cell: dict, tmp: Path, quick: bool, log_dir: Path) -> tuple[str, str
         steps = {"tiny": (["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128"] if quick else
                           ["mtp.steps=1500", "mtp.warm_steps=300", "mtp.lr=2e-3"]),
                  "small": (["mtp.steps=20", "mtp.warm_steps=5", "mtp.prompts=32", "mtp.heldout_prompts=8", "mtp.batch=8"]
-                           if quick else ["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128",
+                           if quick else ["mtp.steps=60", "mtp.warm_steps=20", "mtp.prompts=128",
                                           "mtp.heldout_prompts=8", "mtp.batch=16"])}[cell["model"]]
         cmd = [sys.executable, "-m", "mtp.train", "--config", cell["preset"], "mtp.objective=tv", "mtp.k=3",
                f"mtp.out={head}", f"logging.dir={tmp / 'mtp-run'}", *steps]

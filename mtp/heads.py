@@ -406,9 +406,15 @@ class MiMoMTPHead(DraftHead):
 
 
 def has_native_mtp(model_dir: str | Path) -> bool:
-    """The checkpoint is a MiMo-form model whose config declares native MTP layers."""
+    """The checkpoint's config declares native MTP layers that vLLM's ``mtp`` method drafts with:
+    ``num_nextn_predict_layers`` (MiMo, DeepSeek-V3, Qwen3-Next) or ``mtp_num_hidden_layers``
+    (Qwen3.5), at the top level or in ``text_config``. rlaccel trains only MiMo's form
+    (:class:`MiMoMTPHead`); the others draft frozen, as shipped."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         return False
     config = json.loads(path.read_text())
-    return "MiMoForCausalLM" in config.get("architectures", []) and config.get("num_nextn_predict_layers", 0) >= 1
+    for c in (config, config.get("text_config") or {}):
+        if (c.get("num_nextn_predict_layers") or 0) >= 1 or (c.get("mtp_num_hidden_layers") or 0) >= 1:
+            return True
+    return False

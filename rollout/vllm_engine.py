@@ -45,7 +45,7 @@ class VLLMEngine:
                 from mtp.heads import has_native_mtp
                 if not has_native_mtp(model_dir):
                     raise ValueError(f"rollout.spec_method=mtp: {model_dir} declares no native MTP layers (config.json "
-                                     f"architectures MiMoForCausalLM with num_nextn_predict_layers >= 1); train one "
+                                     f"num_nextn_predict_layers or mtp_num_hidden_layers >= 1); train one "
                                      f"with `python -m mtp.train mtp.head=native` or use rollout.spec_method=eagle")
                 spec["method"] = "mtp"
             else:

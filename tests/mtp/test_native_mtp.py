@@ -110,3 +110,15 @@ def test_checkpoint_round_trip_with_vllm_names(policy, head, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), policy.state_dict().values()))
     with pytest.raises(ValueError, match="has no native MTP layer"):
         MiMoMTPHead.load_vllm(save_model(policy, tokenizer, tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("config, native", [
+    ({"architectures": ["MiMoForCausalLM"], "num_nextn_predict_layers": 1}, True),
+    ({"architectures": ["DeepseekV3ForCausalLM"], "num_nextn_predict_layers": 1}, True),
+    ({"architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": {"mtp_num_hidden_layers": 1}}, True),
+    ({"architectures": ["MiMoForCausalLM"], "num_nextn_predict_layers": 0}, False),
+    ({"architectures": ["Qwen3ForCausalLM"]}, False),
+])
+def test_which_checkpoints_declare_native_mtp_layers(tmp_path, config, native):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert has_native_mtp(tmp_path) is native
