@@ -62,12 +62,14 @@ def rl_acceptance(head: Path, maintain: bool, steps: int, run_dir: Path) -> list
 
 
 def tokens_per_s(engine, prompt_ids: list[list[int]], max_tokens: int) -> tuple[float, dict]:
-    """One timed generate call: (decode tokens/s, the call's speculative rates)."""
+    """One timed generate call, after an untimed 2-token call on the same engine (so that no
+    measurement pays for switching from the other engine): (decode tokens/s, its speculative rates)."""
     from vllm import SamplingParams
 
     from rollout.vllm_adapter import spec_decode_delta, spec_decode_rates
     prompts = [{"prompt_token_ids": p} for p in prompt_ids]
     params = SamplingParams(n=1, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=7, detokenize=False)
+    engine.llm.generate(prompts[:1], SamplingParams(n=1, max_tokens=2, detokenize=False), use_tqdm=False)
     before = engine.spec_counters()
     t0 = time.perf_counter()
     outs = engine.llm.generate(prompts, params, use_tqdm=False)
@@ -75,16 +77,19 @@ def tokens_per_s(engine, prompt_ids: list[list[int]], max_tokens: int) -> tuple[
     return rate, spec_decode_rates(spec_decode_delta(before, engine.spec_counters()))
 
 
-def best_of(measure, rounds: int) -> dict[str, tuple[float, dict]]:
+def best_of(measure, rounds: int) -> tuple[dict[str, tuple[float, dict]], dict[str, list[float]]]:
     """``measure()`` returns {system: (tokens/s, rates)} for one round of every system, run back to
     back; over ``rounds`` interleaved rounds keep each system's best (load from other processes on
-    a shared machine then slows all systems' rounds alike instead of one system's block)."""
+    a shared machine then slows all systems' rounds alike instead of one system's block).
+    Returns (the best per system, every round's tokens/s per system)."""
     best: dict[str, tuple[float, dict]] = {}
+    every: dict[str, list[float]] = {}
     for _ in range(rounds):
         for name, (rate, rates) in measure().items():
+            every.setdefault(name, []).append(rate)
             if rate > best.get(name, (0.0, {}))[0]:
                 best[name] = (rate, rates)
-    return best
+    return best, every
 
 
 def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool) -> dict:
@@ -94,7 +99,7 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     from rollout.adaptive import MAX_BATCH
     from rollout.vllm_adapter import set_spec_schedule
     from rollout.vllm_engine import VLLMEngine
-    max_tokens, repeats = (32, 1) if quick else (64, 3)
+    max_tokens, repeats = (32, 1) if quick else (64, 5)
     base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)
     off = VLLMEngine(str(model_dir), base, config.model.dtype, 0)
     # One speculative engine serves "k = K" (its schedule forced to K) and "adaptive": vLLM's metrics
@@ -111,15 +116,19 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
             return {"off": off_rate, "on": on_rate, "adaptive": tokens_per_s(spec, prompts[:b], max_tokens)}
         for engine in (off, spec):  # warm-up
             tokens_per_s(engine, prompts[:1], 4)
-        got = best_of(one_round, repeats)
+        got, every = best_of(one_round, repeats)
         (off_rate, _), (on_rate, rates), (adaptive_rate, _) = got["off"], got["on"], got["adaptive"]
         best = max(on_rate, off_rate)
+        # Paired within each round (same load): adaptive over the better of off and k = K.
+        paired = sorted(a / max(o, n) for o, n, a in zip(every["off"], every["on"], every["adaptive"]))
         rows.append({"batch": b, "off_tok_s": off_rate, "on_tok_s": on_rate, "adaptive_tok_s": adaptive_rate,
+                     "rounds_tok_s": every, "adaptive_vs_better_median_round": paired[len(paired) // 2],
                      "adaptive_k": spec.adaptive.k_at(b), "acceptance_per_pos": rates.get("acceptance_per_pos"),
                      "mean_accepted_len": rates.get("mean_accepted_len")})
         per_pos = per_pos or rates.get("acceptance_per_pos", [])
         print(f"batch {b}: off {off_rate:.1f} tok/s, on {on_rate:.1f} ({on_rate / off_rate:.2f}x), adaptive "
-              f"{adaptive_rate:.1f} (k={rows[-1]['adaptive_k']}, {adaptive_rate / best:.2f} of the better), "
+              f"{adaptive_rate:.1f} (k={rows[-1]['adaptive_k']}, {adaptive_rate / best:.2f} of the better, median "
+              f"round {paired[len(paired) // 2]:.2f}), "
               f"acceptance {rates.get('acceptance_per_pos')}", flush=True)
     # Where the time goes: seconds per engine step at each batch size and k (the calibration), and
     # the speed-up k = K would give if every draft were accepted: (K + 1) tokens per step at the
@@ -168,8 +177,8 @@ def probe(job: dict) -> dict:
     for b in (1, 4):
         for engine in (off, on):  # warm-up
             tokens_per_s(engine, job["prompts"][:1], 4)
-        got = best_of(lambda: {"off": tokens_per_s(off, job["prompts"][:b], max_tokens),
-                               "on": tokens_per_s(on, job["prompts"][:b], max_tokens)}, repeats)
+        got, _ = best_of(lambda: {"off": tokens_per_s(off, job["prompts"][:b], max_tokens),
+                                  "on": tokens_per_s(on, job["prompts"][:b], max_tokens)}, repeats)
         out[f"off_b{b}"], out[f"on_b{b}"] = got["off"][0], got["on"][0]
     return out
 

@@ -35,3 +35,12 @@ def test_drift_in_acceptance_changes_the_schedule():
     costs = {1: {0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6}, 16: {0: 1.0, 1: 1.5, 2: 2.2, 3: 2.9}}
     assert derive_schedule(costs, [0.9, 0.9, 0.9]) == [[1, 1, 3], [2, MAX_BATCH, 1]]
     assert derive_schedule(costs, [0.2, 0.2, 0.2]) == [[1, MAX_BATCH, 0]]
+
+
+def test_step_costs_are_made_monotone_in_k_and_batch():
+    from rollout.adaptive import monotone
+    noisy = {1: {0: 0.019, 1: 0.038, 2: 0.029, 3: 0.039}, 4: {0: 0.021, 1: 0.030, 2: 0.042, 3: 0.080}}
+    fixed = monotone(noisy)
+    assert fixed[1] == {0: 0.019, 1: 0.038, 2: 0.038, 3: 0.039}  # k = 2 cannot cost less than k = 1
+    assert fixed[4] == {0: 0.021, 1: 0.038, 2: 0.042, 3: 0.080}  # batch 4 cannot cost less than batch 1
+    assert monotone(fixed) == fixed
