@@ -54,7 +54,7 @@ def derive_schedule(step_s: dict[int, dict[int, float]], acceptance_per_pos: lis
 
 
 def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], prompt_ids: list[list[int]],
-                       tokens: int = 16, short: int = 4, repeats: int = 2) -> dict[int, dict[int, float]]:
+                       tokens: int = 32, short: int = 4, repeats: int = 2) -> dict[int, dict[int, float]]:
     """Seconds per decode step at each live batch size and k, on ``engine`` (a speculative
     :class:`rollout.vllm_engine.VLLMEngine` built with a schedule, so its k can be set live).
 
@@ -62,8 +62,9 @@ def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], pr
     times (the fastest kept: noise on a shared machine only adds time); the difference of the two
     times over the difference of their decode steps is the cost of one decode step, free of the
     prefill and of per-call overhead (which would otherwise be charged to the k with the fewest
-    steps). Decode steps per sequence: vLLM's draft count / b at k > 0 (one draft per sequence per
-    step), tokens - 1 at k = 0 (the first token comes from the prefill). A step never costs less
+    steps). Steps are the engine steps ``LLM.generate`` runs, counted (not tokens over the mean
+    accepted length: sequences that accept less finish later, and the call lasts as long as the
+    slowest). A step never costs less
     with more drafts or more sequences, so the table is made non-decreasing in k and in b
     (:func:`monotone`): a noisy cell cannot make a larger k look free."""
     from vllm import SamplingParams
@@ -71,28 +72,36 @@ def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], pr
     from rollout.vllm_adapter import set_spec_schedule
     costs: dict[int, dict[int, float]] = {}
 
-    def run(prompts, n_tokens: int, k: int) -> tuple[float, float]:
+    llm_engine = engine.llm.llm_engine
+    step = llm_engine.step
+    calls = [0]
+
+    def counted_step(*args, **kwargs):
+        calls[0] += 1
+        return step(*args, **kwargs)
+
+    def run(prompts, n_tokens: int) -> tuple[float, int]:
         params = SamplingParams(n=1, temperature=1.0, max_tokens=n_tokens, ignore_eos=True, seed=0, detokenize=False)
-        best = (float("inf"), 0.0)
+        best = (float("inf"), 0)
         for _ in range(repeats):
-            before = engine.spec_counters().get("drafts", 0)
+            calls[0] = 0
             t0 = time.perf_counter()
             engine.llm.generate(prompts, params, use_tqdm=False)
-            seconds = time.perf_counter() - t0
-            steps = (engine.spec_counters().get("drafts", 0) - before) / len(prompts) if k else n_tokens - 1
-            best = min(best, (seconds, steps))
+            best = min(best, (time.perf_counter() - t0, calls[0]))
         return best
 
+    llm_engine.step = counted_step  # the engine steps LLM.generate runs, counted
     try:
         for k in ks:
             set_spec_schedule(engine.llm, [(1, MAX_BATCH, k)])
-            run([{"prompt_token_ids": prompt_ids[0]}], short, k)  # warm-up
+            run([{"prompt_token_ids": prompt_ids[0]}], short)  # warm-up
             for b in batches:
                 prompts = [{"prompt_token_ids": prompt_ids[i % len(prompt_ids)]} for i in range(b)]
-                t_short, steps_short = run(prompts, short, k)
-                t_long, steps_long = run(prompts, tokens, k)
-                costs.setdefault(b, {})[k] = max(t_long - t_short, 1e-6) / max(steps_long - steps_short, 1.0)
+                t_short, steps_short = run(prompts, short)
+                t_long, steps_long = run(prompts, tokens)
+                costs.setdefault(b, {})[k] = max(t_long - t_short, 1e-6) / max(steps_long - steps_short, 1)
     finally:
+        llm_engine.step = step  # the engine's own method again
         set_spec_schedule(engine.llm, engine.cfg.spec_schedule or [(1, MAX_BATCH, engine.cfg.num_speculative_tokens)])
     return monotone(costs)
 
