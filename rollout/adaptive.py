@@ -32,9 +32,18 @@ def expected_tokens(acceptance_per_pos: list[float], k: int) -> float:
     return total
 
 
-def best_k(step_s: dict[int, float], acceptance_per_pos: list[float]) -> int:
-    """The k of ``step_s`` ({k: seconds per step} at one batch size) with the most tokens/s."""
-    return max(sorted(step_s), key=lambda k: expected_tokens(acceptance_per_pos, k) / step_s[k])
+# Speculate only where the predicted gain over k = 0 exceeds this: calibrated step costs vary by
+# ~10% between repeats on a shared machine, and near a tie a mis-measured cost can only lose
+# (k = 0 is what plain decoding costs; a wrong k > 0 is not).
+MARGIN = 0.1
+
+
+def best_k(step_s: dict[int, float], acceptance_per_pos: list[float], margin: float = MARGIN) -> int:
+    """The k of ``step_s`` ({k: seconds per step} at one batch size) with the most tokens/s; k = 0
+    unless that beats k = 0 by more than ``margin``."""
+    rate = {k: expected_tokens(acceptance_per_pos, k) / step_s[k] for k in step_s}
+    k = max(sorted(rate), key=rate.get)
+    return 0 if k and 0 in rate and rate[k] < (1 + margin) * rate[0] else k
 
 
 def derive_schedule(step_s: dict[int, dict[int, float]], acceptance_per_pos: list[float]) -> list[list[int]]:

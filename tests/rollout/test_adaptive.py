@@ -20,6 +20,8 @@ def test_best_k_trades_tokens_per_step_for_step_cost():
     assert best_k({0: 1.0, 1: 1.9, 2: 2.8, 3: 3.7}, acc) == 0
     # low acceptance makes even cheap drafts lose
     assert best_k({0: 1.0, 1: 1.1, 2: 1.2, 3: 1.3}, [0.05, 0.05, 0.05]) == 0
+    # a predicted gain inside the calibration's noise (5% < the 10% margin) keeps the drafter off
+    assert best_k({0: 1.0, 1: 1.71}, [0.8]) == 0 and best_k({0: 1.0, 1: 1.71}, [0.8], margin=0.0) == 1
 
 
 def test_schedule_covers_every_batch_size_and_merges_equal_k():
