@@ -10,12 +10,17 @@ fails loudly if an upgrade changes it):
 * A *tied* LM head keeps a stale packed copy of the embedding after that reload until
   ``lm_head.quant_method.process_weights_after_loading(lm_head)`` runs again.
 * The prefix cache holds KV computed with the old weights: ``reset_prefix_cache()``.
+* In-process engines share the process's model-parallel groups, and each engine tears them
+  down when it is collected (see ``share_parallel_state``).
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import os
+import weakref
 
 import torch
 
@@ -35,6 +40,56 @@ def set_engine_env(kv_cache_gib: int, threads: int) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_live_engines = 0  # in-process engines of this process that have not shut down
+
+
+def _shutdown_engine_core(shutdown_all, shutdown_executor) -> None:
+    global _live_engines
+    _live_engines -= 1
+    if _live_engines <= 0:
+        shutdown_all()  # the last engine: its workers, then the process's parallel groups
+    else:
+        shutdown_executor()  # its workers only; the groups serve the engines still running
+
+
+def reserve_engine_slot():
+    """Call before building an in-process ``vllm.LLM``; returns the function to call with it
+    (``share_parallel_state(llm)``) or, if building it failed, with nothing.
+
+    Every in-process vLLM engine initialises, or reuses, the process-global model-parallel groups,
+    and vLLM's in-process client shuts its engine down when it is garbage-collected
+    (``InprocClient._finalizer`` → ``EngineCore.shutdown`` → ``cleanup_dist_env_and_memory``),
+    destroying those groups. An engine collected after another was built (a cyclic GC pass can
+    come at any time, e.g. during the next engine's first step) breaks every other engine in the
+    process with "pipeline model parallel group is not initialized". So: collect dead engines
+    before building a new one, and count the live ones; an engine's shutdown destroys the groups
+    only if it is the last."""
+    global _live_engines
+    gc.collect()  # dead engines shut down now, not in the middle of the next one's start
+    _live_engines += 1
+
+    def share_parallel_state(llm=None) -> None:
+        global _live_engines
+        if llm is None:
+            _live_engines -= 1
+            return
+        client = llm.llm_engine.engine_core
+        core = getattr(client, "engine_core", None)
+        finalizer = getattr(client, "_finalizer", None)
+        if core is None or finalizer is None or not hasattr(core, "model_executor"):
+            raise RuntimeError("vLLM's in-process client changed (InprocClient.engine_core / _finalizer): "
+                               "rollout/vllm_adapter.py::reserve_engine_slot must follow it")
+        core.shutdown = functools.partial(_shutdown_engine_core, core.shutdown, core.model_executor.shutdown)
+        finalizer.detach()
+        client._finalizer = weakref.finalize(client, core.shutdown)
+
+    return share_parallel_state
+
+
+def live_engines() -> int:
+    return _live_engines
 
 
 class _BenignReloadWarning(logging.Filter):

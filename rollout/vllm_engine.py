@@ -11,8 +11,8 @@ import torch
 
 from rollout.engine import Completion
 from rollout.vllm_adapter import (enable_drafter_skip, ensure_lossless_speculation, quiet_benign_warnings,
-                                   reload_drafter, reload_weights, set_engine_env, spec_decode_counters,
-                                   spec_decode_delta, spec_decode_rates)
+                                   reload_drafter, reload_weights, reserve_engine_slot, set_engine_env,
+                                   spec_decode_counters, spec_decode_delta, spec_decode_rates)
 
 
 MAX_NUM_SEQS = 256  # vLLM's default on CPU
@@ -56,7 +56,13 @@ class VLLMEngine:
                 schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
             if schedule:
                 kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [tuple(r) for r in schedule]
-        self.llm = LLM(**kwargs)
+        registered = reserve_engine_slot()
+        try:
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            registered()
+            raise
+        registered(self.llm)
         quiet_benign_warnings()
         if self.speculative:
             ensure_lossless_speculation(self.llm)
@@ -85,6 +91,12 @@ class VLLMEngine:
         report = Path(self.cfg.draft_model or self.model_dir) / "report.json"  # mtp.train writes it there
         acceptance = json.loads(report.read_text())["vllm"].get("acceptance_per_pos") if report.is_file() else None
         return AdaptiveSchedule(self, costs, acceptance or [0.5] * k)
+
+    def close(self) -> None:
+        """Shut the engine down now (its workers; the process's parallel groups with the last engine)."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
     def spec_counters(self) -> dict[str, list[int] | int]:
         """Cumulative speculative-decoding counters (drafts, draft tokens, accepted, per position)."""

@@ -83,8 +83,6 @@ def test_adapter_internals_still_exist(engine):
     assert engine.prompt_logprobs(PROMPTS[3]) == before
 
 
-# Last in the module: a second engine in one process tears down vLLM's process-global
-# parallel state when it is garbage-collected, which breaks the module's engine after it.
 def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg):
     from rollout.vllm_engine import VLLMEngine
     greedy_a = _greedy(engine)
@@ -98,6 +96,28 @@ def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_mode
     assert diff <= TOL
     engine.load_weights(load_model(tiny_model_dir).state_dict())
     assert _greedy(engine) == greedy_a
+
+
+def test_an_engine_shut_down_or_collected_leaves_the_others_running(engine, tiny_model_dir, rollout_cfg):
+    """vLLM destroys the process's model-parallel groups when an in-process engine is collected
+    or shut down; the adapter keeps them while another engine runs (vllm_adapter.reserve_engine_slot).
+    Without it the module's engine fails its next step ("pipeline model parallel group is not
+    initialized"), as CI saw when engines of an earlier test module were collected late."""
+    import gc
+
+    from rollout.vllm_adapter import live_engines
+    from rollout.vllm_engine import VLLMEngine
+    before, live = _greedy(engine), live_engines()
+    other = VLLMEngine(str(tiny_model_dir), rollout_cfg, seed=1)
+    assert live_engines() == live + 1
+    del other
+    gc.collect()
+    assert _greedy(engine) == before
+    assert live_engines() == live, "the collected engine did not shut down"
+    closed = VLLMEngine(str(tiny_model_dir), rollout_cfg, seed=2)
+    closed.close()
+    assert live_engines() == live
+    assert _greedy(engine) == before
 
 
 def test_native_mtp_on_a_model_without_mtp_layers_is_refused(tiny_model_dir):
