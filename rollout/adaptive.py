@@ -63,54 +63,57 @@ def derive_schedule(step_s: dict[int, dict[int, float]], acceptance_per_pos: lis
 
 
 def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], prompt_ids: list[list[int]],
-                       tokens: int = 32, short: int = 4, repeats: int = 2) -> dict[int, dict[int, float]]:
+                       steps: int = 8, warmup: int = 2, repeats: int = 2) -> dict[int, dict[int, float]]:
     """Seconds per decode step at each live batch size and k, on ``engine`` (a speculative
     :class:`rollout.vllm_engine.VLLMEngine` built with a schedule, so its k can be set live).
 
-    b sequences decode ``short`` and then ``tokens`` tokens each (EOS ignored), each ``repeats``
-    times (the fastest kept: noise on a shared machine only adds time); the difference of the two
-    times over the difference of their decode steps is the cost of one decode step, free of the
-    prefill and of per-call overhead (which would otherwise be charged to the k with the fewest
-    steps). Steps are the engine steps ``LLM.generate`` runs, counted (not tokens over the mean
-    accepted length: sequences that accept less finish later, and the call lasts as long as the
-    slowest). A step never costs less
-    with more drafts or more sequences, so the table is made non-decreasing in k and in b
+    b requests long enough never to finish in the window are added to the engine; after
+    ``warmup`` engine steps (the prefill and the first decodes) ``steps`` engine steps are timed,
+    each a decode step with k drafts for all b sequences, then the requests are aborted. That
+    is the step the schedule chooses between, and nothing else: no prefill, no per-call overhead,
+    no tail of sequences finishing at different times (an earlier calibration timed whole
+    ``generate`` calls and mis-estimated the step by ~30%). Each cell is measured ``repeats``
+    times and the fastest kept (noise on a shared machine only adds time). A step never costs
+    less with more drafts or more sequences, so the table is made non-decreasing in k and in b
     (:func:`monotone`): a noisy cell cannot make a larger k look free."""
+    import itertools
+
     from vllm import SamplingParams
 
     from rollout.vllm_adapter import set_spec_schedule
-    costs: dict[int, dict[int, float]] = {}
-
     llm_engine = engine.llm.llm_engine
-    step = llm_engine.step
-    calls = [0]
+    room = llm_engine.vllm_config.model_config.max_model_len - max(len(p) for p in prompt_ids) - 1
+    if room < (warmup + steps + 1) * (max(ks) + 1):
+        raise ValueError(f"step-cost calibration needs {(warmup + steps + 1) * (max(ks) + 1)} tokens after the "
+                         f"longest calibration prompt, rollout.max_model_len leaves {room}: raise "
+                         f"rollout.max_model_len or lower rollout.num_speculative_tokens")
+    params = SamplingParams(n=1, temperature=1.0, max_tokens=room, ignore_eos=True, seed=0, detokenize=False)
+    ids = itertools.count()
 
-    def counted_step(*args, **kwargs):
-        calls[0] += 1
-        return step(*args, **kwargs)
-
-    def run(prompts, n_tokens: int) -> tuple[float, int]:
-        params = SamplingParams(n=1, temperature=1.0, max_tokens=n_tokens, ignore_eos=True, seed=0, detokenize=False)
-        best = (float("inf"), 0)
-        for _ in range(repeats):
-            calls[0] = 0
+    def window(b: int) -> float:
+        requests = [f"rlaccel-calibration-{next(ids)}" for _ in range(b)]
+        for i, request in enumerate(requests):
+            llm_engine.add_request(request, {"prompt_token_ids": prompt_ids[i % len(prompt_ids)]}, params)
+        try:
+            for _ in range(warmup):
+                llm_engine.step()
             t0 = time.perf_counter()
-            engine.llm.generate(prompts, params, use_tqdm=False)
-            best = min(best, (time.perf_counter() - t0, calls[0]))
-        return best
+            for _ in range(steps):
+                llm_engine.step()
+            return (time.perf_counter() - t0) / steps
+        finally:
+            llm_engine.abort_request(requests)
+            while llm_engine.has_unfinished_requests():
+                llm_engine.step()
 
-    llm_engine.step = counted_step  # the engine steps LLM.generate runs, counted
+    costs: dict[int, dict[int, float]] = {}
     try:
         for k in ks:
             set_spec_schedule(engine.llm, [(1, MAX_BATCH, k)])
-            run([{"prompt_token_ids": prompt_ids[0]}], short)  # warm-up
+            window(1)  # warm-up
             for b in batches:
-                prompts = [{"prompt_token_ids": prompt_ids[i % len(prompt_ids)]} for i in range(b)]
-                t_short, steps_short = run(prompts, short)
-                t_long, steps_long = run(prompts, tokens)
-                costs.setdefault(b, {})[k] = max(t_long - t_short, 1e-6) / max(steps_long - steps_short, 1)
+                costs.setdefault(b, {})[k] = min(window(b) for _ in range(repeats))
     finally:
-        llm_engine.step = step  # the engine's own method again
         set_spec_schedule(engine.llm, engine.cfg.spec_schedule or [(1, MAX_BATCH, engine.cfg.num_speculative_tokens)])
     return monotone(costs)
 

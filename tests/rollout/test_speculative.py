@@ -336,8 +336,9 @@ def test_step_cost_calibration_covers_every_batch_size_and_k(adaptive):
     from rollout.adaptive import measure_step_costs, monotone
     from rollout.vllm_adapter import _scheduler
     schedule = list(_scheduler(adaptive.llm).dynamic_sd_lookup)
-    costs = measure_step_costs(adaptive, (1, 4), (0, 1, 2), [[2, 3, 4, 5], [7, 7, 2]], tokens=8, short=3, repeats=1)
+    costs = measure_step_costs(adaptive, (1, 4), (0, 1, 2), [[2, 3, 4, 5], [7, 7, 2]], steps=4, repeats=1)
     assert set(costs) == {1, 4} and all(set(row) == {0, 1, 2} for row in costs.values())
     assert all(0 < s < 10 for row in costs.values() for s in row.values())
     assert costs == monotone(costs)
     assert list(_scheduler(adaptive.llm).dynamic_sd_lookup) == schedule
+    assert not adaptive.llm.llm_engine.has_unfinished_requests(), "calibration requests left in the engine"
