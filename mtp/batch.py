@@ -39,13 +39,16 @@ def draft_targets(policy, head: DraftHead, seqs: list[tuple[list[int], int]], k:
     return steps
 
 
-def loss_fn(steps, objective: str, warm: bool, temperature: float) -> torch.Tensor:
+def loss_fn(steps, objective: str, warm: bool, temperature: float, kl_weight: float = 0.0) -> torch.Tensor:
+    """"ce": cross-entropy on the sampled tokens; "tv": KL(p‖q) while ``warm``, then the multi-step
+    acceptance objective plus ``kl_weight`` · KL(p‖q) (the anchor, see mtp/losses.py)."""
     if objective == "ce":
         return sum(losses.ce(q, y, v) for _, q, y, v in steps)
+    kl = sum(losses.kl(p, q, v, temperature) for p, q, _, v in steps) if warm or kl_weight else 0.0
     if warm:
-        return sum(losses.kl(p, q, v, temperature) for p, q, _, v in steps)
+        return kl
     alphas = [losses.acceptance(p, q, temperature) for p, q, _, _ in steps]
-    return losses.acceptance_objective(alphas, steps[0][3], [v for *_, v in steps])
+    return losses.acceptance_objective(alphas, steps[0][3], [v for *_, v in steps]) + kl_weight * kl
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ class HeadMaintainer:
         alpha = 0.0
         for _ in range(self.cfg.maintain_steps):
             steps = draft_targets(policy, self.head, seqs, self.cfg.k, self.pad_id)
-            loss = loss_fn(steps, self.cfg.objective, False, self.temperature)
+            loss = loss_fn(steps, self.cfg.objective, False, self.temperature, self.cfg.kl_weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)

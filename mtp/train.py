@@ -124,7 +124,7 @@ def train(config: Config, progress: bool = True) -> dict:
     for step in bar:
         batch = rng.sample(train_seqs, min(m.batch, len(train_seqs)))
         steps = draft_targets(policy, head, batch, m.k, tokenizer.pad_token_id)
-        loss = loss_fn(steps, m.objective, step < m.warm_steps, T)
+        loss = loss_fn(steps, m.objective, step < m.warm_steps, T, m.kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

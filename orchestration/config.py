@@ -216,6 +216,9 @@ class MTPConfig:
     heldout_prompts: int = 64
     steps: int = 600
     warm_steps: int = 150
+    # "tv" after the warm start (and in maintenance): weight of KL(p‖q) kept beside the acceptance
+    # objective, an anchor whose gradient never vanishes (see mtp/losses.py); 0 = the objective alone.
+    kl_weight: float = 0.1
     lr: float = 1e-3
     batch: int = 64
     threads: int = 2
@@ -386,6 +389,7 @@ def validate(config: Config) -> None:
                "layer 0)", config.mtp.layers)
     _check("mtp.warm_steps", 0 <= config.mtp.warm_steps <= config.mtp.steps, "in [0, mtp.steps]",
            config.mtp.warm_steps)
+    _check("mtp.kl_weight", config.mtp.kl_weight >= 0, ">= 0", config.mtp.kl_weight)
     if config.mtp.maintain:
         if r.spec_method == "mtp":
             raise ConfigError("mtp.maintain=true is implemented for EAGLE heads (rollout.draft_model); native MTP "

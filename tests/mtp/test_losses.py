@@ -39,6 +39,25 @@ def test_kl_keeps_a_gradient_where_tv_has_almost_none():
     assert g_tv.abs().max() < 1e-4 < 0.5 < g_kl.abs().max()
 
 
+def test_the_kl_anchor_adds_kl_to_the_acceptance_objective_after_the_warm_start():
+    from mtp.batch import loss_fn
+    torch.manual_seed(0)
+    steps = [(torch.randn(2, 5, 7), torch.randn(2, 5, 7, requires_grad=True), None, torch.ones(2, 5)) for _ in range(3)]
+    pure = loss_fn(steps, "tv", False, 1.0)
+    alphas = [losses.acceptance(p, q) for p, q, _, _ in steps]
+    assert torch.allclose(pure, losses.acceptance_objective(alphas, steps[0][3], [v for *_, v in steps]))
+    kl = sum(losses.kl(p, q, v) for p, q, _, v in steps)
+    assert torch.allclose(loss_fn(steps, "tv", False, 1.0, kl_weight=0.1), pure + 0.1 * kl)
+    assert torch.allclose(loss_fn(steps, "tv", True, 1.0, kl_weight=0.1), kl)  # warm start: KL alone
+    # a head confident on the wrong token: the objective alone has (almost) no gradient to follow
+    p = torch.tensor([[[8.0, 0.0, 0.0]]])
+    q = torch.tensor([[[0.0, 0.0, 12.0]]], requires_grad=True)
+    stuck = [(p, q, None, torch.ones(1, 1))]
+    (g_pure,) = torch.autograd.grad(loss_fn(stuck, "tv", False, 1.0), q)
+    (g_anchor,) = torch.autograd.grad(loss_fn(stuck, "tv", False, 1.0, kl_weight=0.1), q)
+    assert g_pure.abs().max() < 1e-4 < 0.05 < g_anchor.abs().max()
+
+
 def test_ce_is_the_mean_negative_log_likelihood():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
     targets = torch.tensor([[0, 1]])
