@@ -73,7 +73,8 @@ def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], pr
     is the step the schedule chooses between, and nothing else: no prefill, no per-call overhead,
     no tail of sequences finishing at different times (an earlier calibration timed whole
     ``generate`` calls and mis-estimated the step by ~30%). Each cell is measured ``repeats``
-    times and the fastest kept (noise on a shared machine only adds time). A step never costs
+    times, the cells interleaved, and the fastest kept (noise on a shared machine only adds time;
+    measured k by k, one slow spell once doubled every k > 0 cost). A step never costs
     less with more drafts or more sequences, so the table is made non-decreasing in k and in b
     (:func:`monotone`): a noisy cell cannot make a larger k look free."""
     import itertools
@@ -106,13 +107,16 @@ def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], pr
             while llm_engine.has_unfinished_requests():
                 llm_engine.step()
 
-    costs: dict[int, dict[int, float]] = {}
+    costs: dict[int, dict[int, float]] = {b: {} for b in batches}
     try:
-        for k in ks:
+        for k in ks:  # warm-up
             set_spec_schedule(engine.llm, [(1, MAX_BATCH, k)])
-            window(1)  # warm-up
+            window(1)
+        for _ in range(repeats):  # interleaved: a slow spell on a shared machine hits every k alike
             for b in batches:
-                costs.setdefault(b, {})[k] = min(window(b) for _ in range(repeats))
+                for k in ks:
+                    set_spec_schedule(engine.llm, [(1, MAX_BATCH, k)])
+                    costs[b][k] = min(costs[b].get(k, float("inf")), window(b))
     finally:
         set_spec_schedule(engine.llm, engine.cfg.spec_schedule or [(1, MAX_BATCH, engine.cfg.num_speculative_tokens)])
     return monotone(costs)
