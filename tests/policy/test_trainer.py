@@ -30,6 +30,20 @@ def test_padded_logprobs_equal_one_sequence_at_a_time(tiny_model_dir):
             assert torch.all(together[i, n:] == 0)
 
 
+def test_logprobs_equal_the_full_logits_reference(tiny_model_dir):
+    """The LM head applied only at the predicting positions equals the model's own full-row logits."""
+    model = load_model(tiny_model_dir, torch.float64).eval()
+    batch = pad_sequences([[5, 6, 7, 8], [9], [10, 11]], [[12, 13], [14, 15, 16, 17], [18]], pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        picked = logits.gather(1, batch.predict_pos[..., None].expand(-1, -1, logits.shape[-1]))
+        ref = torch.log_softmax(picked / 0.7, -1).gather(-1, batch.targets[..., None])[..., 0] * batch.response_mask
+        got = token_logprobs(model, batch, temperature=0.7)
+    # float64, the same operations on the same rows: equal up to rounding
+    assert torch.allclose(got, ref, atol=1e-12, rtol=0)
+    assert ref.abs().sum() > 0
+
+
 def _groups(rewards):
     return [Group(prompt="1+1=", prompt_ids=[3, 74, 3, 82], responses=[[4, 1], [5, 1], [4, 4, 1], [1]],
                   behaviour_logprobs=[[0.0] * 2, [0.0] * 2, [0.0] * 3, [0.0]], version=0,
