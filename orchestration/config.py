@@ -11,6 +11,8 @@ Every field is documented once, here.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -389,7 +391,8 @@ def validate(config: Config) -> None:
                "layer 0)", config.mtp.layers)
     _check("mtp.warm_steps", 0 <= config.mtp.warm_steps <= config.mtp.steps, "in [0, mtp.steps]",
            config.mtp.warm_steps)
-    _check("mtp.kl_weight", config.mtp.kl_weight >= 0, ">= 0", config.mtp.kl_weight)
+    _check("mtp.kl_weight", math.isfinite(config.mtp.kl_weight) and config.mtp.kl_weight >= 0, "finite, >= 0",
+           config.mtp.kl_weight)
     if config.mtp.maintain:
         if r.spec_method == "mtp":
             raise ConfigError("mtp.maintain=true is implemented for EAGLE heads (rollout.draft_model); native MTP "

@@ -22,17 +22,27 @@ from policy.models import load_model, load_tokenizer
 from policy.packed import packed_token_logprobs, upcast
 
 
+# Families whose forward is ``lm_head(model(...).last_hidden_state)`` with nothing after the head
+# (no logit scale or soft-cap), so the head can be applied at the predicting positions alone.
+PLAIN_LM_HEAD = {"qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "mimo"}
+
+
 def token_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities of ``batch.targets`` at ``temperature``; [B, R], zero on padding.
 
-    The LM head is applied only at the predicting positions (as TRL's ``logits_to_keep`` and
-    the packed path do): on a 32k vocabulary it is a quarter of a ~100M model, and the prompt
-    positions' logits are never used.
+    For the families in ``PLAIN_LM_HEAD`` the LM head is applied only at the predicting positions
+    (as TRL's ``logits_to_keep`` and the packed path do): on a 32k vocabulary it is a quarter of
+    a ~100M model, and the prompt positions' logits are never used.
     """
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         use_cache=False).last_hidden_state                      # [B, L, d]
-    picked = hidden.gather(1, batch.predict_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, d]
-    logp = torch.log_softmax(upcast(model.lm_head(picked)) / temperature, dim=-1)  # [B, R, V]
+    if model.config.model_type in PLAIN_LM_HEAD:
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             use_cache=False).last_hidden_state                  # [B, L, d]
+        picked = hidden.gather(1, batch.predict_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, d]
+        logits = model.lm_head(picked)                                           # [B, R, V]
+    else:  # the model's own forward (it may scale or soft-cap its logits), then gather
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = logits.gather(1, batch.predict_pos[..., None].expand(-1, -1, logits.shape[-1]))
+    logp = torch.log_softmax(upcast(logits) / temperature, dim=-1)
     logp = logp.gather(-1, batch.targets[..., None]).squeeze(-1)  # [B, R]
     return logp * batch.response_mask
 

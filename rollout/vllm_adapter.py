@@ -65,7 +65,9 @@ def reserve_engine_slot():
     come at any time, e.g. during the next engine's first step) breaks every other engine in the
     process with "pipeline model parallel group is not initialized". So: collect dead engines
     before building a new one, and count the live ones; an engine's shutdown destroys the groups
-    only if it is the last."""
+    only if it is the last. (A non-last shutdown runs the workers' own shutdown, which on CUDA also
+    resets vLLM's global workspace manager; rollout workers run one engine per process, so only
+    several engines in one process on a GPU would meet that.)"""
     global _live_engines
     gc.collect()  # dead engines shut down now, not in the middle of the next one's start
     _live_engines += 1
@@ -79,6 +81,7 @@ def reserve_engine_slot():
         core = getattr(client, "engine_core", None)
         finalizer = getattr(client, "_finalizer", None)
         if core is None or finalizer is None or not hasattr(core, "model_executor"):
+            _live_engines -= 1
             raise RuntimeError("vLLM's in-process client changed (InprocClient.engine_core / _finalizer): "
                                "rollout/vllm_adapter.py::reserve_engine_slot must follow it")
         core.shutdown = functools.partial(_shutdown_engine_core, core.shutdown, core.model_executor.shutdown)

@@ -58,11 +58,12 @@ class VLLMEngine:
                 kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [tuple(r) for r in schedule]
         registered = reserve_engine_slot()
         try:
-            self.llm = LLM(**kwargs)
+            llm = LLM(**kwargs)
         except BaseException:
             registered()
             raise
-        registered(self.llm)
+        registered(llm)
+        self.llm = llm
         quiet_benign_warnings()
         if self.speculative:
             ensure_lossless_speculation(self.llm)

@@ -30,8 +30,12 @@ def test_padded_logprobs_equal_one_sequence_at_a_time(tiny_model_dir):
             assert torch.all(together[i, n:] == 0)
 
 
-def test_logprobs_equal_the_full_logits_reference(tiny_model_dir):
-    """The LM head applied only at the predicting positions equals the model's own full-row logits."""
+@pytest.mark.parametrize("head_at_positions", [True, False])
+def test_logprobs_equal_the_full_logits_reference(tiny_model_dir, monkeypatch, head_at_positions):
+    """The LM head applied only at the predicting positions (and the whole-forward fallback for
+    families that post-process their logits) equals the model's own full-row logits."""
+    if not head_at_positions:
+        monkeypatch.setattr("policy.trainer.PLAIN_LM_HEAD", set())
     model = load_model(tiny_model_dir, torch.float64).eval()
     batch = pad_sequences([[5, 6, 7, 8], [9], [10, 11]], [[12, 13], [14, 15, 16, 17], [18]], pad_id=0)
     with torch.no_grad():
