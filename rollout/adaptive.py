@@ -16,6 +16,7 @@ this picks k per batch size from the measured one.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -77,8 +78,6 @@ def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], pr
     measured k by k, one slow spell once doubled every k > 0 cost). A step never costs
     less with more drafts or more sequences, so the table is made non-decreasing in k and in b
     (:func:`monotone`): a noisy cell cannot make a larger k look free."""
-    import itertools
-
     from vllm import SamplingParams
 
     from rollout.vllm_adapter import set_spec_schedule
@@ -103,9 +102,7 @@ def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], pr
                 llm_engine.step()
             return (time.perf_counter() - t0) / steps
         finally:
-            llm_engine.abort_request(requests)
-            while llm_engine.has_unfinished_requests():
-                llm_engine.step()
+            llm_engine.abort_request(requests)  # frees them in the scheduler at once
 
     costs: dict[int, dict[int, float]] = {b: {} for b in batches}
     try:

@@ -11,7 +11,7 @@ fails loudly if an upgrade changes it):
   ``lm_head.quant_method.process_weights_after_loading(lm_head)`` runs again.
 * The prefix cache holds KV computed with the old weights: ``reset_prefix_cache()``.
 * In-process engines share the process's model-parallel groups, and each engine tears them
-  down when it is collected (see ``share_parallel_state``).
+  down when it is collected (see ``build_llm``).
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def _shutdown_engine_core(shutdown_all, shutdown_executor) -> None:
         shutdown_executor()  # its workers only; the groups serve the engines still running
 
 
-def reserve_engine_slot():
-    """Call before building an in-process ``vllm.LLM``; returns the function to call with it
-    (``share_parallel_state(llm)``) or, if building it failed, with nothing.
+def build_llm(**kwargs):
+    """``vllm.LLM(**kwargs)`` in-process, sharing the process's model-parallel groups with the
+    other engines of the process.
 
     Every in-process vLLM engine initialises, or reuses, the process-global model-parallel groups,
     and vLLM's in-process client shuts its engine down when it is garbage-collected
@@ -69,26 +69,23 @@ def reserve_engine_slot():
     resets vLLM's global workspace manager; rollout workers run one engine per process, so only
     several engines in one process on a GPU would meet that.)"""
     global _live_engines
+    from vllm import LLM
     gc.collect()  # dead engines shut down now, not in the middle of the next one's start
-    _live_engines += 1
-
-    def share_parallel_state(llm=None) -> None:
-        global _live_engines
-        if llm is None:
-            _live_engines -= 1
-            return
+    _live_engines += 1  # before building: a dead engine collected meanwhile must not be the last
+    try:
+        llm = LLM(**kwargs)
         client = llm.llm_engine.engine_core
-        core = getattr(client, "engine_core", None)
-        finalizer = getattr(client, "_finalizer", None)
+        core, finalizer = getattr(client, "engine_core", None), getattr(client, "_finalizer", None)
         if core is None or finalizer is None or not hasattr(core, "model_executor"):
-            _live_engines -= 1
             raise RuntimeError("vLLM's in-process client changed (InprocClient.engine_core / _finalizer): "
-                               "rollout/vllm_adapter.py::reserve_engine_slot must follow it")
-        core.shutdown = functools.partial(_shutdown_engine_core, core.shutdown, core.model_executor.shutdown)
-        finalizer.detach()
-        client._finalizer = weakref.finalize(client, core.shutdown)
-
-    return share_parallel_state
+                               "rollout/vllm_adapter.py::build_llm must follow it")
+    except BaseException:
+        _live_engines -= 1
+        raise
+    core.shutdown = functools.partial(_shutdown_engine_core, core.shutdown, core.model_executor.shutdown)
+    finalizer.detach()
+    client._finalizer = weakref.finalize(client, core.shutdown)
+    return llm
 
 
 def live_engines() -> int:

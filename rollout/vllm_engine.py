@@ -11,7 +11,7 @@ import torch
 
 from rollout.engine import Completion
 from rollout.vllm_adapter import (enable_drafter_skip, ensure_lossless_speculation, quiet_benign_warnings,
-                                   reload_drafter, reload_weights, reserve_engine_slot, set_engine_env,
+                                   build_llm, reload_drafter, reload_weights, set_engine_env,
                                    spec_decode_counters, spec_decode_delta, spec_decode_rates)
 
 
@@ -21,7 +21,7 @@ MAX_NUM_SEQS = 256  # vLLM's default on CPU
 class VLLMEngine:
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0):
         set_engine_env(rollout_cfg.kv_cache_gib, rollout_cfg.threads)
-        from vllm import LLM, SamplingParams  # after the environment is set
+        from vllm import SamplingParams  # after the environment is set
 
         self._SamplingParams = SamplingParams
         self.cfg = rollout_cfg
@@ -56,14 +56,7 @@ class VLLMEngine:
                 schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
             if schedule:
                 kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [tuple(r) for r in schedule]
-        registered = reserve_engine_slot()
-        try:
-            llm = LLM(**kwargs)
-        except BaseException:
-            registered()
-            raise
-        registered(llm)
-        self.llm = llm
+        self.llm = build_llm(**kwargs)
         quiet_benign_warnings()
         if self.speculative:
             ensure_lossless_speculation(self.llm)

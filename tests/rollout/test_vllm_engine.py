@@ -100,7 +100,7 @@ def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_mode
 
 def test_an_engine_shut_down_or_collected_leaves_the_others_running(engine, tiny_model_dir, rollout_cfg):
     """vLLM destroys the process's model-parallel groups when an in-process engine is collected
-    or shut down; the adapter keeps them while another engine runs (vllm_adapter.reserve_engine_slot).
+    or shut down; the adapter keeps them while another engine runs (vllm_adapter.build_llm).
     Without it the module's engine fails its next step ("pipeline model parallel group is not
     initialized"), as CI saw when engines of an earlier test module were collected late."""
     import gc
