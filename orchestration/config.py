@@ -108,6 +108,10 @@ class RolloutConfig:
     # start-up, a few seconds) and the live acceptance, re-derived as acceptance drifts; k = 0
     # skips the drafter (rollout/adaptive.py). Overrides spec_schedule.
     adaptive_spec: bool = False
+    # With adaptive_spec: time rollout calls under the derived schedule and with speculation off,
+    # and keep whichever is faster on this workload, probing the other ever more rarely
+    # (rollout/adaptive.py::ScheduleCheck); false trusts the schedule's model alone.
+    adaptive_check: bool = True
     # The largest live batch the calibration measures (larger batches take its k); 0: the most
     # one rollout call decodes, algorithm.prompts_per_step × rollout.n.
     adaptive_max_batch: int = 0

@@ -175,3 +175,68 @@ class AdaptiveSchedule:
                      [round(a, 3) for a in self.acceptance])
         self.schedule, self.changes = schedule, self.changes + 1
         return True
+
+
+class ScheduleCheck:
+    """Checks the derived schedule against speculation off on the live workload.
+
+    The schedule is a steady-state model: tokens per step over the cost of a step. A rollout's
+    wall-clock also depends on what it leaves out. An RL rollout ends when its slowest sequence
+    does, and its tail of few live sequences (where the schedule speculates) can be only a few
+    steps long: on the tiny preset (8 tokens at most) the tail took as many steps with k = 3 as
+    without, each step dearer, and its first step verifies nothing (no drafts were proposed at
+    k = 0). So the engine times its calls: a call runs either under the schedule or with
+    speculation off, both arms are tried in turn until each has ``samples`` timed calls, then
+    the faster (mean tokens/s of its last ``window`` calls) is used and the other is probed
+    again after ``interval`` calls, the interval doubling (up to ``max_interval``) while the
+    winner holds, back to 2 when it changes. Calls are compared per shape (sequences, max
+    tokens): an RL run repeats one shape. The first call of each arm on a shape is not timed
+    (first-call warm-ups)."""
+
+    SCHEDULE, OFF = "schedule", "off"
+
+    def __init__(self, samples: int = 2, window: int = 3, max_interval: int = 32):
+        self.samples, self.window, self.max_interval = samples, window, max_interval
+        self._shapes: dict[tuple, dict] = {}
+
+    def _state(self, shape: tuple) -> dict:
+        return self._shapes.setdefault(shape, {
+            "rates": {self.SCHEDULE: [], self.OFF: []}, "seen": {self.SCHEDULE: 0, self.OFF: 0},
+            "winner": None, "interval": 2, "since_probe": 0})
+
+    def winner(self, shape: tuple) -> str | None:
+        """The arm in use once both have been timed, else None."""
+        return self._shapes.get(shape, {}).get("winner")
+
+    def mean_rate(self, shape: tuple, arm: str) -> float | None:
+        rates = self._shapes.get(shape, {}).get("rates", {}).get(arm)
+        return sum(rates[-self.window:]) / len(rates[-self.window:]) if rates else None
+
+    def arm(self, shape: tuple) -> str:
+        """The arm the next call of this shape runs under."""
+        s = self._state(shape)
+        if s["winner"] is None:  # still timing: the arm with fewer timed calls (the schedule first)
+            counts = {a: s["seen"][a] for a in (self.SCHEDULE, self.OFF)}
+            return self.OFF if counts[self.OFF] < counts[self.SCHEDULE] else self.SCHEDULE
+        if s["since_probe"] >= s["interval"]:
+            return self.OFF if s["winner"] == self.SCHEDULE else self.SCHEDULE
+        return s["winner"]
+
+    def record(self, shape: tuple, arm: str, tokens: int, seconds: float) -> str | None:
+        """Fold in one call; returns the new winner when it changed, else None."""
+        s = self._state(shape)
+        s["seen"][arm] += 1
+        if s["seen"][arm] > 1 and seconds > 0:
+            s["rates"][arm] = (s["rates"][arm] + [tokens / seconds])[-self.window:]
+        rates = s["rates"]
+        if any(len(rates[a]) < min(self.samples, self.window) for a in rates):
+            return None
+        winner = max((self.SCHEDULE, self.OFF), key=lambda a: self.mean_rate(shape, a))
+        old = s["winner"]
+        if arm != old:  # a probe (or the last timing call): the interval restarts
+            s["since_probe"] = 0
+            s["interval"] = 2 if winner != old else min(2 * s["interval"], self.max_interval)
+        else:
+            s["since_probe"] += 1
+        s["winner"] = winner
+        return winner if winner != old else None

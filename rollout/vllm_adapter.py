@@ -275,6 +275,7 @@ def _install_drafter_skip(worker) -> bool:
     propose, sample = drafter.propose, runner._sample
     signature = inspect.signature(propose)
     counts = runner._rlaccel_drafter_skip = {"skipped": 0, "plain_sampled": 0}
+    state = runner._rlaccel_drafter_state = {"off": False}  # set_drafter_off: no drafter at all, prompts too
 
     def propose_unless_off(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -298,8 +299,8 @@ def _install_drafter_skip(worker) -> bool:
     def runner_propose_unless_off(scheduler_output, *args, **kwargs):
         # The whole drafting step (its input bookkeeping too) when nothing is to be drafted and
         # every scheduled sequence decodes one token (no prompt, no drafts verified this step).
-        if (scheduler_output.num_spec_tokens_to_schedule == 0 and not scheduler_output.scheduled_new_reqs
-                and max(scheduler_output.num_scheduled_tokens.values(), default=0) == 1):
+        if state["off"] or (scheduler_output.num_spec_tokens_to_schedule == 0 and not scheduler_output.scheduled_new_reqs
+                            and max(scheduler_output.num_scheduled_tokens.values(), default=0) == 1):
             drafter._last_draft_probs = None
             counts["skipped"] += 1
             return torch.empty(runner.input_batch.num_reqs, 0, dtype=torch.int64)
@@ -313,6 +314,18 @@ def _install_drafter_skip(worker) -> bool:
 
 def _drafter_skip_counts(worker) -> dict:
     return dict(getattr(worker.model_runner, "_rlaccel_drafter_skip", None) or {})
+
+
+def _set_drafter_off(worker, off: bool) -> None:
+    worker.model_runner._rlaccel_drafter_state["off"] = off
+
+
+def set_drafter_off(llm, off: bool) -> None:
+    """With ``off``, the drafter does not run at all, prompts included (the engine's schedule must
+    be k = 0 everywhere meanwhile): a call that will never speculate costs what a plain engine
+    costs. Its prompts' blocks then hold no drafter KV; a prefix-cache hit on them later would draft
+    from garbage (lower acceptance, never inexact), so reset the prefix cache before speculating again."""
+    llm.collective_rpc(_set_drafter_off, args=(off,))
 
 
 def enable_drafter_skip(llm) -> None:

@@ -7,14 +7,19 @@ top_p < 1 — the trainer applies temperature only, so keep top_p = 1 for exact 
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
+from rollout.adaptive import MAX_BATCH, ScheduleCheck
 from rollout.engine import Completion
-from rollout.vllm_adapter import (enable_drafter_skip, ensure_lossless_speculation, quiet_benign_warnings,
-                                   build_llm, reload_drafter, reload_weights, set_engine_env,
+from rollout.vllm_adapter import (build_llm, enable_drafter_skip, ensure_lossless_speculation, quiet_benign_warnings,
+                                   reload_drafter, reload_weights, set_drafter_off, set_engine_env, set_spec_schedule,
                                    spec_decode_counters, spec_decode_delta, spec_decode_rates)
 
 
+log = logging.getLogger(__name__)
 MAX_NUM_SEQS = 256  # vLLM's default on CPU
 
 
@@ -62,9 +67,13 @@ class VLLMEngine:
             ensure_lossless_speculation(self.llm)
             if schedule:
                 enable_drafter_skip(self.llm)  # k = 0 in the schedule costs what a plain engine costs
-        self.adaptive = None
+        self.adaptive = self.check = self._last_arm = None
+        # The last generate call's speculative counters ("spec_delta") and metrics for the worker.
+        self.last_call: dict = {}
         if self.speculative and rollout_cfg.adaptive_spec:
             self.adaptive = self._calibrate()
+            if rollout_cfg.adaptive_check:
+                self.check = ScheduleCheck()
 
     def _calibrate(self):
         """Step costs at live batch 1, 4, 16, 64, 256 (up to vLLM's max_num_seqs and the first size at
@@ -106,11 +115,29 @@ class VLLMEngine:
     def generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[Completion]]:
         # One seed per prompt, spaced by n: vLLM gives child request i of a prompt seed + i.
         params = [self._params((seed * 1_000_003 + i * self.cfg.n) % (2 ** 31)) for i in range(len(prompt_ids))]
-        before = self.spec_counters() if self.adaptive else None
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-        if self.adaptive:
-            rates = spec_decode_rates(spec_decode_delta(before, self.spec_counters()))
-            self.adaptive.observe(rates.get("acceptance_per_pos", []))
+        t0 = time.perf_counter()
+        shape = (len(prompt_ids), self.cfg.n, self.cfg.max_tokens)
+        arm = self._choose_arm(shape)
+        off = arm == ScheduleCheck.OFF
+        before = self.spec_counters() if self.speculative and not off else None
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        finally:
+            if off:
+                set_drafter_off(self.llm, False)
+                set_spec_schedule(self.llm, self.adaptive.schedule)
+        if not self.speculative:
+            delta = {}
+        elif off:  # nothing drafted; reading vLLM's metrics costs ~2 ms on the tiny preset
+            delta = {"drafts": 0, "draft_tokens": 0, "accepted": 0, "accepted_per_pos": [0] * self.cfg.num_speculative_tokens}
+        else:
+            delta = spec_decode_delta(before, self.spec_counters())
+        if self.adaptive and not off:
+            self.adaptive.observe(spec_decode_rates(delta).get("acceptance_per_pos", []))
+        if arm:
+            self._record_arm(shape, arm, sum(len(o.token_ids) for out in outs for o in out.outputs),
+                             time.perf_counter() - t0)
+        self.last_call = {"spec_delta": delta, "metrics": {"spec_off_calls": float(off)} if self.adaptive else {}}
         results = []
         for out in outs:
             group = []
@@ -120,6 +147,28 @@ class VLLMEngine:
                 group.append(Completion(ids, lps, "length" if o.finish_reason == "length" else "stop"))
             results.append(group)
         return results
+
+    def _choose_arm(self, shape: tuple) -> str | None:
+        """rollout.adaptive_check: run this call under the schedule or with speculation off (then
+        the drafter does not run at all); None when there is no choice (no check, or a schedule
+        that never speculates)."""
+        if not self.check or not any(k for _, _, k in self.adaptive.schedule):
+            return None
+        arm = self.check.arm(shape)
+        if arm == self.check.OFF:
+            set_spec_schedule(self.llm, [(1, MAX_BATCH, 0)])
+            set_drafter_off(self.llm, True)
+        elif self._last_arm == self.check.OFF:
+            self.llm.reset_prefix_cache()  # blocks cached by an off call hold no drafter KV
+        self._last_arm = arm
+        return arm
+
+    def _record_arm(self, shape: tuple, arm: str, tokens: int, seconds: float) -> None:
+        if self.check.record(shape, arm, tokens, seconds):
+            log.info("speculation check (%d sequences x %d tokens): schedule %s at %.0f tok/s, off at %.0f tok/s; "
+                     "using %s", shape[0] * shape[1], shape[2], self.adaptive.schedule,
+                     self.check.mean_rate(shape, self.check.SCHEDULE), self.check.mean_rate(shape, self.check.OFF),
+                     "the schedule" if self.check.winner(shape) == self.check.SCHEDULE else "speculation off")
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Policy weights; a maintained drafter head's (``drafter.`` prefix) go to the drafter."""

@@ -14,18 +14,17 @@ import torch
 
 from policy.batch import Group
 from policy.models import load_tokenizer, state_checksum, sync_tolerance
-from rollout.vllm_adapter import spec_decode_delta
 
 
 class WeightSyncError(RuntimeError):
     pass
 
 
-def spec_metrics(before: dict, after: dict) -> dict[str, float]:
-    """Speculative-decoding counts of one generate call as flat metrics (summed over workers by
-    the driver): ``spec_drafts``, ``spec_draft_tokens``, ``spec_accepted`` and, per position i,
-    ``spec_accepted_pos{i}`` (rounds whose first i drafts were all accepted)."""
-    delta = spec_decode_delta(before, after)
+def spec_metrics(delta: dict) -> dict[str, float]:
+    """Speculative-decoding counts of one generate call (:func:`spec_decode_delta`) as flat
+    metrics (summed over workers by the driver): ``spec_drafts``, ``spec_draft_tokens``,
+    ``spec_accepted`` and, per position i, ``spec_accepted_pos{i}`` (rounds whose first i drafts
+    were all accepted)."""
     if not delta:
         return {}
     out = {f"spec_{k}": float(delta[k]) for k in ("drafts", "draft_tokens", "accepted")}
@@ -59,9 +58,8 @@ class RolloutWorker:
             raise WeightSyncError(f"refusing to sample: {self.sync_error}")
         t0 = time.perf_counter()
         prompt_ids = [self.tokenizer(row["prompt"], add_special_tokens=False).input_ids for _, row in batch]
-        before = self._spec_counters()
         outputs = self.engine.generate(prompt_ids, seed)
-        spec = spec_metrics(before, self._spec_counters())
+        spec = spec_metrics(getattr(self.engine, "last_call", {}).get("spec_delta", {}))
         groups = []
         for (index, row), ids, comps in zip(batch, prompt_ids, outputs):
             groups.append(Group(
@@ -73,10 +71,7 @@ class RolloutWorker:
                         "rollout_tokens": float(sum(len(r) for g in groups for r in g.responses)),
                         "rollout_sequences": float(sum(g.n for g in groups)),
                         "rollout_truncated": float(sum(f == "length" for g in groups for f in g.finish_reasons)),
-                        **spec}
-
-    def _spec_counters(self) -> dict:
-        return self.engine.spec_counters() if hasattr(self.engine, "spec_counters") else {}
+                        **spec, **getattr(self.engine, "last_call", {}).get("metrics", {})}
 
     def node_id(self) -> str:
         """The Ray node this worker runs on (placement report)."""

@@ -46,3 +46,38 @@ def test_step_costs_are_made_monotone_in_k_and_batch():
     assert fixed[1] == {0: 0.019, 1: 0.038, 2: 0.038, 3: 0.039}  # k = 2 cannot cost less than k = 1
     assert fixed[4] == {0: 0.021, 1: 0.038, 2: 0.042, 3: 0.080}  # batch 4 cannot cost less than batch 1
     assert monotone(fixed) == fixed
+
+
+def _run_check(check, shape, seconds_per_arm: dict, calls: int) -> list[str]:
+    """Drive a ScheduleCheck with calls of 100 tokens taking seconds_per_arm[arm]; the arms used."""
+    arms = []
+    for _ in range(calls):
+        arm = check.arm(shape)
+        check.record(shape, arm, 100, seconds_per_arm[arm])
+        arms.append(arm)
+    return arms
+
+
+def test_the_check_falls_back_to_speculation_off_when_the_schedule_loses_on_the_workload():
+    from rollout.adaptive import ScheduleCheck
+    check, shape = ScheduleCheck(), (32, 8, 8)
+    arms = _run_check(check, shape, {"schedule": 0.25, "off": 0.18}, 60)
+    # both timed in turn (the first call of each not timed), then off, the schedule probed ever more rarely
+    assert arms[:6] == ["schedule", "off"] * 3
+    assert check.winner(shape) == "off"
+    probes = [i for i, a in enumerate(arms) if a == "schedule" and i >= 6]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]  # doubling intervals
+    assert arms[6:].count("schedule") <= 6  # at most ~10% of 54 calls spent probing the loser
+    assert check.mean_rate(shape, "off") == pytest.approx(100 / 0.18)
+
+
+def test_the_check_keeps_a_winning_schedule_and_follows_a_change_in_the_workload():
+    from rollout.adaptive import ScheduleCheck
+    check, shape = ScheduleCheck(), (1, 1, 64)
+    arms = _run_check(check, shape, {"schedule": 0.5, "off": 1.0}, 30)
+    assert check.winner(shape) == "schedule" and arms[6:].count("schedule") >= 20
+    # the policy drifts and speculation starts losing: the next probes of off find it
+    _run_check(check, shape, {"schedule": 2.0, "off": 1.0}, 40)
+    assert check.winner(shape) == "off"
+    assert check.winner((4, 1, 64)) is None  # shapes are judged apart

@@ -200,6 +200,31 @@ def test_switching_k_mid_sequence_keeps_greedy_output(engines, adaptive):
     assert drafter_skip_counts(adaptive.llm)["skipped"] > skips.get("skipped", 0)  # k = 0 before
 
 
+
+def test_the_schedule_check_runs_its_off_calls_without_drafts_and_restores_the_schedule(adaptive):
+    """rollout.adaptive_check: calls alternate between the derived schedule and speculation off
+    until both are timed; an off call makes no drafts and leaves the schedule as it was."""
+    from rollout.adaptive import AdaptiveSchedule, ScheduleCheck
+    from rollout.vllm_adapter import _scheduler, set_spec_schedule
+    cheap = {0: 1.0, 1: 1.05, 2: 1.1}  # by the model, speculation wins at every batch size
+    try:
+        adaptive.adaptive = AdaptiveSchedule(adaptive, {1: cheap, 4: cheap}, [0.9, 0.9])
+        adaptive.check = ScheduleCheck()
+        schedule = list(_scheduler(adaptive.llm).dynamic_sd_lookup)
+        drafts, offs = [], []
+        for seed in range(6):  # the first call of each arm is not timed; two timed calls each
+            before = adaptive.spec_counters().get("drafts", 0)
+            adaptive.generate([[2, 3, 4, 5], [7, 7, 2]], seed)
+            drafts.append(adaptive.spec_counters()["drafts"] - before)
+            offs.append(adaptive.last_call["metrics"]["spec_off_calls"])
+            assert list(_scheduler(adaptive.llm).dynamic_sd_lookup) == schedule
+        assert offs == [0.0, 1.0] * 3
+        assert all(d > 0 for d in drafts[::2]) and not any(drafts[1::2])
+        assert adaptive.check.winner((2, adaptive.cfg.n, adaptive.cfg.max_tokens)) in ("schedule", "off")
+    finally:
+        adaptive.adaptive = adaptive.check = adaptive._last_arm = None
+        set_spec_schedule(adaptive.llm, [(1, 2, 2), (3, 65536, 0)])
+
 # ---- native MTP layers (vLLM's "mtp" method) ------------------------------------------------
 
 
