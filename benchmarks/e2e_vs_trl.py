@@ -130,11 +130,15 @@ def run_rlaccel(job: dict) -> dict:
         wall += h["step_s"] if i > 0 else 0.0
         steps.append({"wall": wall, "reward": h["reward"], "rollout_s": h["rollout_s"], "update_s": h["update_s"],
                       "rollout_tokens": h.get("rollout_tokens", 0.0), "update_tokens": h.get("update_tokens", 0.0),
-                      "sync_s": h.get("sync_s", 0.0), "spec_acceptance_pos1": h.get("spec_acceptance_pos1")})
+                      "sync_s": h.get("sync_s", 0.0), "spec_acceptance_pos1": h.get("spec_acceptance_pos1"),
+                      "spec_off_calls": h.get("spec_off_calls")})
     out = {"setup_s": setup + history[0]["step_s"], "steps_detail": steps}
     acc = [s["spec_acceptance_pos1"] for s in steps if s["spec_acceptance_pos1"] is not None]
     if acc:
         out["spec_acceptance_pos1_mean"] = sum(acc) / len(acc)
+    off = [s["spec_off_calls"] for s in steps if s["spec_off_calls"] is not None]
+    if off:  # rollout calls the schedule check ran with speculation off (rollout.adaptive_check)
+        out["spec_off_fraction"] = sum(off) / len(off)
     return out
 
 

@@ -112,6 +112,9 @@ class RolloutConfig:
     # and keep whichever is faster on this workload, probing the other ever more rarely
     # (rollout/adaptive.py::ScheduleCheck); false trusts the schedule's model alone.
     adaptive_check: bool = True
+    # vLLM's own statistics (Prometheus histograms per request and token, llm.get_metrics()).
+    # rlaccel counts speculation itself; vLLM's statistics cost ~9% of a rollout call on the tiny preset.
+    vllm_stats: bool = False
     # The largest live batch the calibration measures (larger batches take its k); 0: the most
     # one rollout call decodes, algorithm.prompts_per_step × rollout.n.
     adaptive_max_batch: int = 0

@@ -14,9 +14,10 @@ import torch
 
 from rollout.adaptive import MAX_BATCH, ScheduleCheck
 from rollout.engine import Completion
-from rollout.vllm_adapter import (build_llm, enable_drafter_skip, ensure_lossless_speculation, quiet_benign_warnings,
-                                   reload_drafter, reload_weights, set_drafter_off, set_engine_env, set_spec_schedule,
-                                   spec_decode_counters, spec_decode_delta, spec_decode_rates)
+from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter_skip, ensure_lossless_speculation,
+                                   quiet_benign_warnings, reload_drafter, reload_weights, set_drafter_off,
+                                   set_engine_env, set_spec_schedule, spec_decode_counters, spec_decode_delta,
+                                   spec_decode_rates)
 
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class VLLMEngine:
                 spec["method"] = "mtp"
             else:
                 spec.update(method="eagle", model=str(rollout_cfg.draft_model))
-            kwargs.update(disable_log_stats=False, speculative_config=spec)
+            kwargs.update(disable_log_stats=not rollout_cfg.vllm_stats, speculative_config=spec)
             schedule = rollout_cfg.spec_schedule
             if rollout_cfg.adaptive_spec:  # a schedule makes vLLM's k settable per step; calibrated below
                 schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
@@ -65,6 +66,7 @@ class VLLMEngine:
         quiet_benign_warnings()
         if self.speculative:
             ensure_lossless_speculation(self.llm)
+            count_spec_decoding(self.llm)
             if schedule:
                 enable_drafter_skip(self.llm)  # k = 0 in the schedule costs what a plain engine costs
         self.adaptive = self.check = self._last_arm = None
@@ -119,19 +121,14 @@ class VLLMEngine:
         shape = (len(prompt_ids), self.cfg.n, self.cfg.max_tokens)
         arm = self._choose_arm(shape)
         off = arm == ScheduleCheck.OFF
-        before = self.spec_counters() if self.speculative and not off else None
+        before = self.spec_counters()
         try:
             outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         finally:
             if off:
                 set_drafter_off(self.llm, False)
                 set_spec_schedule(self.llm, self.adaptive.schedule)
-        if not self.speculative:
-            delta = {}
-        elif off:  # nothing drafted; reading vLLM's metrics costs ~2 ms on the tiny preset
-            delta = {"drafts": 0, "draft_tokens": 0, "accepted": 0, "accepted_per_pos": [0] * self.cfg.num_speculative_tokens}
-        else:
-            delta = spec_decode_delta(before, self.spec_counters())
+        delta = spec_decode_delta(before, self.spec_counters())
         if self.adaptive and not off:
             self.adaptive.observe(spec_decode_rates(delta).get("acceptance_per_pos", []))
         if arm:

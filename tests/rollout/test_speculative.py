@@ -131,6 +131,23 @@ def test_the_fix_is_in_place_and_drafts_are_verified(engines):
     assert counters["accepted"] - before.get("accepted", 0) < counters["draft_tokens"] - before.get("draft_tokens", 0)
 
 
+
+def test_rlaccel_counts_speculation_as_vllm_s_own_metrics_do(micro, engines):
+    """The scheduler-side counters (vLLM's statistics off by default) equal vLLM's metrics."""
+    from rollout.vllm_adapter import vllm_spec_metrics
+    from rollout.vllm_engine import VLLMEngine
+    _, root = micro
+    cfg = load_config(None, [f"rollout.draft_model={root / 'draft'}", "rollout.num_speculative_tokens=2",
+                             "rollout.max_model_len=64", "data.max_prompt_tokens=16", "rollout.vllm_stats=true"]).rollout
+    engine = VLLMEngine(str(root / "policy"), cfg)
+    try:
+        engine.generate([[2, 3, 4, 5], [7, 7, 2], [5]], seed=3)
+        ours, theirs = engine.spec_counters(), vllm_spec_metrics(engine.llm)
+        assert ours["drafts"] > 0 and ours["accepted"] > 0
+        assert ours == theirs
+    finally:
+        engine.close()
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_speculative_sampling_is_lossless(micro, engines, temperature, top_p):
     model, _ = micro
