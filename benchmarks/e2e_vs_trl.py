@@ -373,6 +373,7 @@ def main() -> None:
                 if system in ("rlaccel_all", "rlaccel_spec"):
                     row["head_s"] = head_s
                     row["spec_acceptance_pos1_mean"] = result.get("spec_acceptance_pos1_mean")
+                    row["spec_off_fraction"] = result.get("spec_off_fraction")
                 rows.append(row)
                 print(f"  {system:15s} seed {seed}: to target {row['wall_s_to_target']}, final reward "
                       f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
