@@ -189,14 +189,15 @@ class ScheduleCheck:
     speculation off, both arms are tried in turn until each has ``samples`` timed calls, then
     the faster (mean tokens/s of its last ``window`` calls) is used and the other is probed
     again after ``interval`` calls, the interval doubling (up to ``max_interval``) while the
-    winner holds, back to 2 when it changes. Calls are compared per shape (sequences, max
+    winner holds, back to 2 when it changes; the arm in use changes only for a challenger faster
+    by more than ``margin`` (in an RL run the calls' lengths drift, and a flip costs calls). Calls are compared per shape (sequences, max
     tokens): an RL run repeats one shape. The first call of each arm on a shape is not timed
     (first-call warm-ups)."""
 
     SCHEDULE, OFF = "schedule", "off"
 
-    def __init__(self, samples: int = 2, window: int = 3, max_interval: int = 32):
-        self.samples, self.window, self.max_interval = samples, window, max_interval
+    def __init__(self, samples: int = 2, window: int = 3, max_interval: int = 32, margin: float = 0.05):
+        self.samples, self.window, self.max_interval, self.margin = samples, window, max_interval, margin
         self._shapes: dict[tuple, dict] = {}
 
     def _state(self, shape: tuple) -> dict:
@@ -231,8 +232,10 @@ class ScheduleCheck:
         rates = s["rates"]
         if any(len(rates[a]) < min(self.samples, self.window) for a in rates):
             return None
-        winner = max((self.SCHEDULE, self.OFF), key=lambda a: self.mean_rate(shape, a))
         old = s["winner"]
+        winner = max((self.SCHEDULE, self.OFF), key=lambda a: self.mean_rate(shape, a))
+        if old is not None and winner != old and self.mean_rate(shape, winner) < (1 + self.margin) * self.mean_rate(shape, old):
+            winner = old  # within the margin: keep the arm in use (RL calls vary call to call)
         if arm != old:  # a probe (or the last timing call): the interval restarts
             s["since_probe"] = 0
             s["interval"] = 2 if winner != old else min(2 * s["interval"], self.max_interval)

@@ -81,3 +81,14 @@ def test_the_check_keeps_a_winning_schedule_and_follows_a_change_in_the_workload
     _run_check(check, shape, {"schedule": 2.0, "off": 1.0}, 40)
     assert check.winner(shape) == "off"
     assert check.winner((4, 1, 64)) is None  # shapes are judged apart
+
+
+def test_the_check_keeps_the_arm_in_use_against_a_challenger_within_the_margin():
+    from rollout.adaptive import ScheduleCheck
+    check, shape = ScheduleCheck(margin=0.05), (32, 8, 8)
+    _run_check(check, shape, {"schedule": 1.0, "off": 0.9}, 10)
+    assert check.winner(shape) == "off"
+    _run_check(check, shape, {"schedule": 0.88, "off": 0.9}, 40)  # 2% faster: not worth a flip
+    assert check.winner(shape) == "off"
+    _run_check(check, shape, {"schedule": 0.8, "off": 0.9}, 40)  # 12% faster: taken at a probe
+    assert check.winner(shape) == "schedule"
