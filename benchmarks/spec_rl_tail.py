@@ -34,7 +34,7 @@ K = 3
 
 
 class _AlwaysOff:
-    """A stand-in schedule check whose every call runs with speculation off."""
+    """A stand-in schedule check whose every call runs with speculation off (``record`` ignores)."""
     OFF = "off"
 
     def arm(self, shape):
@@ -67,8 +67,10 @@ def measure(head: str, calls: int) -> dict:
     arms: list[float] = []
     for e in (plain, spec):  # warm-up (oneDNN primitives for the first shapes)
         e.generate(batches[0], 0)
+    names = list(modes)
     for i, ids in enumerate(batches):
-        for mode, (engine, mode_check) in modes.items():
+        for mode in names[i % len(names):] + names[:i % len(names)]:  # rotated: no mode always follows another
+            engine, mode_check = modes[mode]
             engine.check, engine._last_arm = mode_check, None
             engine.llm.reset_prefix_cache()
             t0 = time.perf_counter()

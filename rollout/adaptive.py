@@ -188,11 +188,11 @@ class ScheduleCheck:
     k = 0). So the engine times its calls: a call runs either under the schedule or with
     speculation off, both arms are tried in turn until each has ``samples`` timed calls, then
     the faster (mean tokens/s of its last ``window`` calls) is used and the other is probed
-    again after ``interval`` calls, the interval doubling (up to ``max_interval``) while the
-    winner holds, back to 2 when it changes; the arm in use changes only for a challenger faster
-    by more than ``margin`` (in an RL run the calls' lengths drift, and a flip costs calls). Calls are compared per shape (sequences, max
-    tokens): an RL run repeats one shape. The first call of each arm on a shape is not timed
-    (first-call warm-ups)."""
+    again after ``interval`` calls, the interval doubling (up to ``max_interval``) while it loses
+    clearly; the arm in use changes only when a probe beats it by more than ``margin``. The
+    "schedule" arm is the schedule as it is re-derived from the live acceptance. Calls are
+    compared per shape (sequences, max tokens): an RL run repeats one shape. The first call of
+    each arm on a shape is not timed (first-call warm-ups)."""
 
     SCHEDULE, OFF = "schedule", "off"
 
@@ -216,7 +216,7 @@ class ScheduleCheck:
     def arm(self, shape: tuple) -> str:
         """The arm the next call of this shape runs under."""
         s = self._state(shape)
-        if s["winner"] is None:  # still timing: the arm with fewer timed calls (the schedule first)
+        if s["winner"] is None:  # still timing: the arm with fewer calls so far (the schedule first)
             counts = {a: s["seen"][a] for a in (self.SCHEDULE, self.OFF)}
             return self.OFF if counts[self.OFF] < counts[self.SCHEDULE] else self.SCHEDULE
         if s["since_probe"] >= s["interval"]:
@@ -224,22 +224,33 @@ class ScheduleCheck:
         return s["winner"]
 
     def record(self, shape: tuple, arm: str, tokens: int, seconds: float) -> str | None:
-        """Fold in one call; returns the new winner when it changed, else None."""
+        """Fold in one call; returns the new winner when it changed, else None. Once both arms
+        are timed, only a probe can change the winner: it is judged against the arm in use's
+        last calls, the same stretch of the run (an RL run's call lengths drift, so the probed
+        arm's older timings are stale). A probe within the margin of the arm in use is repeated
+        soon (interval 2); a clear loss doubles the interval."""
         s = self._state(shape)
         s["seen"][arm] += 1
-        if s["seen"][arm] > 1 and seconds > 0:
+        timed = s["seen"][arm] > 1 and seconds > 0
+        if timed:
             s["rates"][arm] = (s["rates"][arm] + [tokens / seconds])[-self.window:]
-        rates = s["rates"]
-        if any(len(rates[a]) < min(self.samples, self.window) for a in rates):
-            return None
         old = s["winner"]
-        winner = max((self.SCHEDULE, self.OFF), key=lambda a: self.mean_rate(shape, a))
-        if old is not None and winner != old and self.mean_rate(shape, winner) < (1 + self.margin) * self.mean_rate(shape, old):
-            winner = old  # within the margin: keep the arm in use (RL calls vary call to call)
-        if arm != old:  # a probe (or the last timing call): the interval restarts
-            s["since_probe"] = 0
-            s["interval"] = 2 if winner != old else min(2 * s["interval"], self.max_interval)
-        else:
+        if old is None:  # timing both arms in turn
+            if any(len(rates) < self.samples for rates in s["rates"].values()):
+                return None
+            s["winner"] = max(s["rates"], key=lambda a: self.mean_rate(shape, a))
+            s["since_probe"], s["interval"] = 0, 2
+            return s["winner"]
+        if arm == old:
             s["since_probe"] += 1
-        s["winner"] = winner
-        return winner if winner != old else None
+            return None
+        s["since_probe"] = 0
+        if not timed:  # an untimed probe: try again soon
+            s["interval"] = 2
+            return None
+        probe, in_use = s["rates"][arm][-1], self.mean_rate(shape, old)
+        if probe > (1 + self.margin) * in_use:
+            s["winner"], s["interval"] = arm, 2
+            return arm
+        s["interval"] = 2 if probe > (1 - self.margin) * in_use else min(2 * s["interval"], self.max_interval)
+        return None

@@ -297,7 +297,8 @@ def spec_decode_rates(counts: dict) -> dict[str, float | list[float]]:
 # drafts samples only its "bonus" token through that same sampler). Prefill steps and steps that
 # verify drafts still run the drafter, so its KV cache holds every prompt; positions decoded while
 # k = 0 are missing from it, which lowers acceptance after k goes back up (never exactness: the
-# rejection test uses the q the drafter actually proposed from).
+# rejection test uses the q the drafter actually proposed from). `set_drafter_off` (the schedule
+# check's "off" calls, which never speculate) skips the prefill steps' drafter too.
 
 
 def _install_drafter_skip(worker) -> bool:
@@ -310,8 +311,8 @@ def _install_drafter_skip(worker) -> bool:
         return False
     propose, sample = drafter.propose, runner._sample
     signature = inspect.signature(propose)
-    counts = runner._rlaccel_drafter_skip = {"skipped": 0, "plain_sampled": 0}
-    state = runner._rlaccel_drafter_state = {"off": False}  # set_drafter_off: no drafter at all, prompts too
+    counts = runner._rlaccel_drafter_skip = {"skipped": 0, "plain_sampled": 0, "ran": 0}
+    state = runner._rlaccel_drafter_state = {"disabled": False}  # set_drafter_off: no drafter at all, prompts too
 
     def propose_unless_off(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -335,11 +336,13 @@ def _install_drafter_skip(worker) -> bool:
     def runner_propose_unless_off(scheduler_output, *args, **kwargs):
         # The whole drafting step (its input bookkeeping too) when nothing is to be drafted and
         # every scheduled sequence decodes one token (no prompt, no drafts verified this step).
-        if state["off"] or (scheduler_output.num_spec_tokens_to_schedule == 0 and not scheduler_output.scheduled_new_reqs
-                            and max(scheduler_output.num_scheduled_tokens.values(), default=0) == 1):
+        if state["disabled"] or (scheduler_output.num_spec_tokens_to_schedule == 0
+                                 and not scheduler_output.scheduled_new_reqs
+                                 and max(scheduler_output.num_scheduled_tokens.values(), default=0) == 1):
             drafter._last_draft_probs = None
             counts["skipped"] += 1
             return torch.empty(runner.input_batch.num_reqs, 0, dtype=torch.int64)
+        counts["ran"] += 1
         return propose_runner(scheduler_output, *args, **kwargs)
 
     drafter.propose = propose_unless_off
@@ -353,7 +356,7 @@ def _drafter_skip_counts(worker) -> dict:
 
 
 def _set_drafter_off(worker, off: bool) -> None:
-    worker.model_runner._rlaccel_drafter_state["off"] = off
+    worker.model_runner._rlaccel_drafter_state["disabled"] = off
 
 
 def set_drafter_off(llm, off: bool) -> None:
@@ -370,7 +373,7 @@ def enable_drafter_skip(llm) -> None:
 
 
 def drafter_skip_counts(llm) -> dict:
-    """Decode steps that skipped the drafter and steps sampled without the rejection sampler."""
+    """Steps that skipped the drafter, steps that ran it, and steps sampled without the rejection sampler."""
     out: dict = {}
     for c in llm.collective_rpc(_drafter_skip_counts):
         for key, value in c.items():

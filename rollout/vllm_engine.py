@@ -121,20 +121,29 @@ class VLLMEngine:
         shape = (len(prompt_ids), self.cfg.n, self.cfg.max_tokens)
         arm = self._choose_arm(shape)
         off = arm == ScheduleCheck.OFF
-        before = self.spec_counters()
         try:
+            if off:
+                set_spec_schedule(self.llm, [(1, MAX_BATCH, 0)])
+                set_drafter_off(self.llm, True)
+            elif arm and self._last_arm == ScheduleCheck.OFF:
+                self.llm.reset_prefix_cache()  # blocks cached by an off call hold no drafter KV
+            self._last_arm = arm or self._last_arm
+            before = self.spec_counters()
             outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         finally:
             if off:
-                set_drafter_off(self.llm, False)
-                set_spec_schedule(self.llm, self.adaptive.schedule)
+                try:
+                    set_spec_schedule(self.llm, self.adaptive.schedule)
+                finally:
+                    set_drafter_off(self.llm, False)
         delta = spec_decode_delta(before, self.spec_counters())
         if self.adaptive and not off:
             self.adaptive.observe(spec_decode_rates(delta).get("acceptance_per_pos", []))
         if arm:
             self._record_arm(shape, arm, sum(len(o.token_ids) for out in outs for o in out.outputs),
                              time.perf_counter() - t0)
-        self.last_call = {"spec_delta": delta, "metrics": {"spec_off_calls": float(off)} if self.adaptive else {}}
+        # spec_off_calls: calls the schedule check ran with speculation off (summed over workers)
+        self.last_call = {"spec_delta": delta, "metrics": {"spec_off_calls": float(off)} if self.check else {}}
         results = []
         for out in outs:
             group = []
@@ -151,14 +160,7 @@ class VLLMEngine:
         that never speculates)."""
         if not self.check or not any(k for _, _, k in self.adaptive.schedule):
             return None
-        arm = self.check.arm(shape)
-        if arm == self.check.OFF:
-            set_spec_schedule(self.llm, [(1, MAX_BATCH, 0)])
-            set_drafter_off(self.llm, True)
-        elif self._last_arm == self.check.OFF:
-            self.llm.reset_prefix_cache()  # blocks cached by an off call hold no drafter KV
-        self._last_arm = arm
-        return arm
+        return self.check.arm(shape)
 
     def _record_arm(self, shape: tuple, arm: str, tokens: int, seconds: float) -> None:
         if self.check.record(shape, arm, tokens, seconds):

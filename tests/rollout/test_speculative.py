@@ -218,26 +218,35 @@ def test_switching_k_mid_sequence_keeps_greedy_output(engines, adaptive):
 
 
 
-def test_the_schedule_check_runs_its_off_calls_without_drafts_and_restores_the_schedule(adaptive):
+def test_the_schedule_check_runs_its_off_calls_without_drafter_and_restores_the_schedule(adaptive):
     """rollout.adaptive_check: calls alternate between the derived schedule and speculation off
-    until both are timed; an off call makes no drafts and leaves the schedule as it was."""
+    until both are timed; an off call never runs the drafter (prompts included) and leaves the
+    engine on the schedule."""
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
     from rollout.adaptive import AdaptiveSchedule, ScheduleCheck
-    from rollout.vllm_adapter import _scheduler, set_spec_schedule
+    from rollout.vllm_adapter import _scheduler, drafter_skip_counts, set_spec_schedule
     cheap = {0: 1.0, 1: 1.05, 2: 1.1}  # by the model, speculation wins at every batch size
+    scheduler = _scheduler(adaptive.llm)
     try:
         adaptive.adaptive = AdaptiveSchedule(adaptive, {1: cheap, 4: cheap}, [0.9, 0.9])
         adaptive.check = ScheduleCheck()
-        schedule = list(_scheduler(adaptive.llm).dynamic_sd_lookup)
-        drafts, offs = [], []
+        drafts, drafter_ran, offs = [], [], []
         for seed in range(6):  # the first call of each arm is not timed; two timed calls each
-            before = adaptive.spec_counters().get("drafts", 0)
+            before, ran = adaptive.spec_counters().get("drafts", 0), drafter_skip_counts(adaptive.llm)["ran"]
             adaptive.generate([[2, 3, 4, 5], [7, 7, 2]], seed)
             drafts.append(adaptive.spec_counters()["drafts"] - before)
+            drafter_ran.append(drafter_skip_counts(adaptive.llm)["ran"] - ran)
             offs.append(adaptive.last_call["metrics"]["spec_off_calls"])
-            assert list(_scheduler(adaptive.llm).dynamic_sd_lookup) == schedule
+            want = build_dynamic_sd_schedule_lookup(
+                [tuple(r) for r in adaptive.adaptive.schedule], vllm_max_batch_size=scheduler.scheduler_config.max_num_seqs,
+                vllm_num_speculative_tokens=scheduler.num_spec_tokens)
+            assert list(scheduler.dynamic_sd_lookup) == list(want)  # back on the (live) schedule
         assert offs == [0.0, 1.0] * 3
-        assert all(d > 0 for d in drafts[::2]) and not any(drafts[1::2])
-        assert adaptive.check.winner((2, adaptive.cfg.n, adaptive.cfg.max_tokens)) in ("schedule", "off")
+        assert all(d > 0 for d in drafts[::2]) and all(r > 0 for r in drafter_ran[::2])
+        assert not any(drafts[1::2]) and not any(drafter_ran[1::2])  # not even the prompts' drafter pass
+        shape = (2, adaptive.cfg.n, adaptive.cfg.max_tokens)
+        assert adaptive.check.winner(shape) is not None and adaptive.check.mean_rate(shape, "off") > 0
     finally:
         adaptive.adaptive = adaptive.check = adaptive._last_arm = None
         set_spec_schedule(adaptive.llm, [(1, 2, 2), (3, 65536, 0)])
