@@ -33,17 +33,6 @@ sys.path.insert(0, str(ROOT))
 K = 3
 
 
-class _AlwaysOff:
-    """A stand-in schedule check whose every call runs with speculation off (``record`` ignores)."""
-    OFF = "off"
-
-    def arm(self, shape):
-        return self.OFF
-
-    def record(self, *args):
-        return None
-
-
 def measure(head: str, calls: int) -> dict:
     from orchestration.config import load_config
     from orchestration.data import load_prompts
@@ -51,6 +40,11 @@ def measure(head: str, calls: int) -> dict:
     from policy.models import load_tokenizer
     from rollout.adaptive import ScheduleCheck
     from rollout.vllm_engine import VLLMEngine
+
+    class AlwaysOff(ScheduleCheck):
+        """The check's "off" arm on every call."""
+        def arm(self, shape):
+            return self.OFF
     config = load_config("configs/tiny.yaml", [])
     model_dir = str(prepare_model(config, progress=False))
     tok = load_tokenizer(model_dir)
@@ -62,7 +56,7 @@ def measure(head: str, calls: int) -> dict:
     spec = VLLMEngine(model_dir, dataclasses.replace(config.rollout, draft_model=head, num_speculative_tokens=K,
                                                      adaptive_spec=True), config.model.dtype, 0)
     check = spec.check or ScheduleCheck()
-    modes = {"plain": (plain, None), "schedule": (spec, None), "check": (spec, check), "off": (spec, _AlwaysOff())}
+    modes = {"plain": (plain, None), "schedule": (spec, None), "check": (spec, check), "off": (spec, AlwaysOff())}
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     arms: list[float] = []
     for e in (plain, spec):  # warm-up (oneDNN primitives for the first shapes)
@@ -71,7 +65,7 @@ def measure(head: str, calls: int) -> dict:
     for i, ids in enumerate(batches):
         for mode in names[i % len(names):] + names[:i % len(names)]:  # rotated: no mode always follows another
             engine, mode_check = modes[mode]
-            engine.check, engine._last_arm = mode_check, None
+            engine.check = mode_check
             engine.llm.reset_prefix_cache()
             t0 = time.perf_counter()
             engine.generate(ids, i)

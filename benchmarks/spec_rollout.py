@@ -103,8 +103,9 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)
     off = VLLMEngine(str(model_dir), base, config.model.dtype, 0)
     # One speculative engine serves "k = K" (its schedule forced to K) and "adaptive" (one
-    # calibration, so both see the same engine). The live check of the schedule against speculation off (rollout.adaptive_check) is left out here:
-    # it needs a run of same-shape calls to settle, and its worth shows in RL rollouts (e2e_vs_trl.py).
+    # calibration, so both see the same engine). The live check of the schedule against
+    # speculation off (rollout.adaptive_check) is left out here: it needs a run of same-shape
+    # calls to settle, and its worth shows in RL rollouts (spec_rl_tail.py, e2e_vs_trl.py).
     spec = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
                                                           adaptive_spec=True, adaptive_check=False,
                                                           adaptive_max_batch=max(BATCHES)), config.model.dtype, 0)

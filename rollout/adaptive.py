@@ -217,8 +217,7 @@ class ScheduleCheck:
         """The arm the next call of this shape runs under."""
         s = self._state(shape)
         if s["winner"] is None:  # still timing: the arm with fewer calls so far (the schedule first)
-            counts = {a: s["seen"][a] for a in (self.SCHEDULE, self.OFF)}
-            return self.OFF if counts[self.OFF] < counts[self.SCHEDULE] else self.SCHEDULE
+            return self.OFF if s["seen"][self.OFF] < s["seen"][self.SCHEDULE] else self.SCHEDULE
         if s["since_probe"] >= s["interval"]:
             return self.OFF if s["winner"] == self.SCHEDULE else self.SCHEDULE
         return s["winner"]

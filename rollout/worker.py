@@ -59,7 +59,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         prompt_ids = [self.tokenizer(row["prompt"], add_special_tokens=False).input_ids for _, row in batch]
         outputs = self.engine.generate(prompt_ids, seed)
-        spec = spec_metrics(getattr(self.engine, "last_call", {}).get("spec_delta", {}))
+        call = getattr(self.engine, "last_call", {})  # the vLLM engine's counters and metrics of this call
         groups = []
         for (index, row), ids, comps in zip(batch, prompt_ids, outputs):
             groups.append(Group(
@@ -71,7 +71,7 @@ class RolloutWorker:
                         "rollout_tokens": float(sum(len(r) for g in groups for r in g.responses)),
                         "rollout_sequences": float(sum(g.n for g in groups)),
                         "rollout_truncated": float(sum(f == "length" for g in groups for f in g.finish_reasons)),
-                        **spec, **getattr(self.engine, "last_call", {}).get("metrics", {})}
+                        **spec_metrics(call.get("spec_delta", {})), **call.get("metrics", {})}
 
     def node_id(self) -> str:
         """The Ray node this worker runs on (placement report)."""
