@@ -5,7 +5,6 @@ by the trainer's online maintenance (during RL)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from mtp import losses
@@ -27,7 +26,7 @@ def draft_targets(policy, head: DraftHead, seqs: list[tuple[list[int], int]], k:
     with torch.no_grad():
         hidden, logits = policy_states(policy, tokens, attention, pre_norm=head.pre_norm_hidden)
     outs = head.unroll(policy.model.embed_tokens, tokens, hidden, k)
-    lm_head = policy.lm_head.weight.detach()  # shared with the policy, trained by neither loss
+    lm_head = policy.lm_head.weight.detach()  # the policy's (EAGLE, MTP forms); trained by neither loss
     t = torch.arange(L - 1)[None]
     anchor = t >= (prompt_lens[:, None] - 1)
     logits = torch.cat([logits, logits.new_zeros(B, k, logits.shape[-1])], 1)
@@ -35,7 +34,7 @@ def draft_targets(policy, head: DraftHead, seqs: list[tuple[list[int], int]], k:
     steps = []
     for j in range(1, k + 1):
         valid = (anchor & (t + j + 1 < lengths[:, None])).float()
-        steps.append((logits[:, j:j + L - 1], F.linear(outs[j - 1], lm_head), padded[:, j + 1:j + L], valid))
+        steps.append((logits[:, j:j + L - 1], head.draft_logits(outs[j - 1], lm_head), padded[:, j + 1:j + L], valid))
     return steps
 
 
@@ -55,8 +54,10 @@ def loss_fn(steps, objective: str, warm: bool, temperature: float, kl_weight: fl
 def predicted_acceptance(policy, head, seqs, k: int, temperature: float, pad_id: int, batch: int = 64) -> dict:
     """Offline, over every decode anchor of ``seqs``: P(first j drafts accepted) per round, and
     the per-position rate P(draft j accepted | drafts < j accepted) over the rounds in which
-    draft j's target lies inside the sequence (vLLM counts nothing past a finished sequence)."""
-    reached, verified, rounds = torch.zeros(k), torch.zeros(k), 0.0
+    draft j's target lies inside the sequence (vLLM counts nothing past a finished sequence);
+    and the policy's mean mass on the tokens the head can propose (``draft_vocab_coverage``,
+    1 unless the head drafts from a reduced vocabulary), the bound on its acceptance."""
+    reached, verified, rounds, covered = torch.zeros(k), torch.zeros(k), 0.0, 0.0
     for lo in range(0, len(seqs), batch):
         steps = draft_targets(policy, head, seqs[lo:lo + batch], k, pad_id)
         alphas = [losses.acceptance(p, q, temperature) for p, q, _, _ in steps]
@@ -64,7 +65,11 @@ def predicted_acceptance(policy, head, seqs, k: int, temperature: float, pad_id:
         for j, (_, _, _, valid) in enumerate(steps):
             reached[j] += float((chained[j] * valid).sum())
             verified[j] += float(((chained[j - 1] if j else torch.ones_like(valid)) * valid).sum())
-        rounds += float(steps[0][3].sum())
+        p, q, _, valid = steps[0]
+        mass = (torch.softmax(p.float() / temperature, -1) * torch.isfinite(q)).sum(-1)
+        covered += float((mass * valid).sum())
+        rounds += float(valid.sum())
     first_j = (reached / max(rounds, 1)).tolist()
     return {"accepted_per_draft": first_j, "acceptance_per_pos": (reached / verified.clamp(min=1e-9)).tolist(),
-            "mean_accepted_len": 1 + sum(first_j), "rounds": rounds}
+            "mean_accepted_len": 1 + sum(first_j), "rounds": rounds,
+            "draft_vocab_coverage": covered / max(rounds, 1)}

@@ -19,6 +19,10 @@ test" attention pattern), so a loss sees the recursion the engine runs.
 Embedding and LM head are the policy's (vLLM shares them); the head owns ``fc`` and
 ``mtp.layers`` Llama decoder layers (layers after the first with their input norm, as vLLM
 builds them), named as vLLM loads them (``fc.weight``, ``layers.0.…``).
+
+Two more forms share the unroll (:class:`DraftHead`): :class:`Eagle3Head`, vLLM's ``eagle3``
+drafter with its own LM head over a reduced draft vocabulary, and :class:`MiMoMTPHead`, a native
+MTP layer (vLLM's ``mtp`` method).
 """
 
 from __future__ import annotations
@@ -82,12 +86,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: HeadConfig):
+    def __init__(self, c: HeadConfig, in_size: int | None = None):
+        """``in_size``: width of the input q, k and v are projected from (default hidden_size)."""
         super().__init__()
         self.c = c
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
+        n = in_size or c.hidden_size
+        self.q_proj = nn.Linear(n, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(n, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(n, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def qkv(self, x: torch.Tensor, pos: torch.Tensor):
@@ -158,6 +164,11 @@ class DraftHead(nn.Module):
     state its first pass takes (``pre_norm_hidden``)."""
 
     pre_norm_hidden = False  # True: the policy's last hidden state before its final norm
+
+    def draft_logits(self, out: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+        """The draft distribution's logits [.., V] from a step's output; ``lm_head`` [V, H] is the
+        policy's (shared by the EAGLE and MTP forms)."""
+        return F.linear(out, lm_head)
 
     def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
         raise NotImplementedError
@@ -262,15 +273,155 @@ class EagleHead(DraftHead):
     def load_vllm(cls, directory: str | Path) -> "EagleHead":
         from safetensors.torch import load_file
         directory = Path(directory)
-        c = json.loads((directory / "config.json").read_text())
-        config = HeadConfig(c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
-                            c["num_key_value_heads"], c["head_dim"], c["rms_norm_eps"],
-                            c["rope_parameters"]["rope_theta"], c["vocab_size"], c["max_position_embeddings"],
-                            c.get("num_hidden_layers", 1))
+        config = _head_config(json.loads((directory / "config.json").read_text()))
         state = load_file(str(directory / "model.safetensors"))
         head = cls(config).to(next(iter(state.values())).dtype)
         head.load_state_dict(state)
         return head
+
+
+class Eagle3Layer(nn.Module):
+    """The decoder layer of vLLM's ``eagle3`` drafter (``llama_eagle3.py``, vllm 0.32): q, k and
+    v read the normed token embedding beside the normed input state (2H wide); the residual is
+    the input state itself."""
+
+    def __init__(self, c: HeadConfig):
+        super().__init__()
+        self.self_attn, self.mlp = Attention(c, in_size=2 * c.hidden_size), MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)  # on the token embedding
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, emb, h, pos, past_kv, mask):
+        q, k, v = self.self_attn.qkv(torch.cat([self.input_layernorm(emb), self.hidden_norm(h)], dim=-1), pos)
+        keys, values = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+        s = h + self.self_attn.attend(q, keys, values, mask)
+        return s + self.mlp(self.post_attention_layernorm(s)), (k, v)
+
+
+class Eagle3Head(DraftHead):
+    """A head in the EAGLE-3 form that drafts from a reduced vocabulary, computing what vLLM's
+    ``eagle3`` drafter computes with ``use_aux_hidden_state: false`` (the policy's final hidden
+    state, as for ``eagle``; no auxiliary layers)::
+
+        s   = h + o_proj(attn([RMSNorm_in(E(tok)) ‖ RMSNorm_hid(h)]))     q/k/v: 2H -> heads
+        out = s + mlp(RMSNorm_post(s))                 chained to the next draft step (pre-norm)
+        logits = LM_draft(RMSNorm_final(out))          [D] -> the policy's ids, -inf elsewhere
+
+    Why: each draft step of the EAGLE form runs the policy's whole LM head (on the ~100M preset,
+    32k × 768, three times the decoder layer), which caps what speculation gains at small batch.
+    The draft vocabulary D is the tokens the policy samples most (``mtp.draft_vocab``); a draft
+    can only be a token of D, so acceptance is at most the policy's mass on D (reported as
+    ``draft_vocab_coverage``); rejection sampling stays exact (q is 0 outside D, and the
+    verifier's residual max(p − q, 0) covers those tokens).
+
+    Checkpoint: ``layers.0.*`` (with ``hidden_norm``), ``norm.weight``, ``lm_head.weight`` [D, H]
+    and ``d2t`` (int64, the target id of draft id i is i + d2t[i]); config.json carries
+    ``draft_vocab_size`` and ``eagle_config: {use_aux_hidden_state: false}``. The embedding is
+    the policy's (vLLM shares it). One layer (vLLM's later eagle3 layers take no embedding).
+    """
+
+    def __init__(self, config: HeadConfig, draft_ids: torch.Tensor):
+        super().__init__()
+        if config.num_layers != 1:
+            raise ValueError("an EAGLE-3 head has one decoder layer here; set mtp.layers=1 with mtp.draft_vocab > 0")
+        ids = torch.as_tensor(draft_ids, dtype=torch.long)
+        if ids.ndim != 1 or len(ids) == 0 or bool((ids[1:] <= ids[:-1]).any()) or int(ids[-1]) >= config.vocab_size \
+                or int(ids[0]) < 0:
+            raise ValueError(f"draft_ids must be sorted, distinct ids of the policy's vocabulary "
+                             f"(0..{config.vocab_size - 1}); got {len(ids)} ids")
+        self.config = config
+        self.layers = nn.ModuleList([Eagle3Layer(config)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, len(ids), bias=False)
+        self.register_buffer("draft_ids", ids)
+
+    @classmethod
+    def for_policy(cls, policy, draft_ids: torch.Tensor, num_layers: int = 1) -> "Eagle3Head":
+        """A head for ``policy`` drafting from ``draft_ids``: the layer a copy of the policy's last
+        one reading only the hidden state (the embedding's q/k/v columns zero), the final norm and
+        the LM head rows the policy's: a head that starts near "the policy's next layer"."""
+        config = HeadConfig.from_policy(policy.config, num_layers)
+        head = cls(config, draft_ids).to(next(policy.parameters()).dtype)
+        last, layer, H = policy.model.layers[-1], head.layers[0], config.hidden_size
+        with torch.no_grad():
+            for name in ("q_proj", "k_proj", "v_proj"):
+                w = getattr(layer.self_attn, name).weight
+                w.zero_()
+                w[:, H:].copy_(getattr(last.self_attn, name).weight)
+            layer.self_attn.o_proj.weight.copy_(last.self_attn.o_proj.weight)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(layer.mlp, name).weight.copy_(getattr(last.mlp, name).weight)
+            layer.hidden_norm.weight.copy_(last.input_layernorm.weight)
+            layer.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+            head.norm.weight.copy_(policy.model.norm.weight)
+            head.lm_head.weight.copy_(policy.lm_head.weight[head.draft_ids])
+        return head
+
+    def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
+        if mask is None:
+            mask = torch.ones(emb.shape[1], emb.shape[1], dtype=torch.bool, device=emb.device).tril()
+        out, kv = self.layers[0](emb, h, pos, None if past_kv is None else past_kv[0], mask)
+        return out, [kv]
+
+    def draft_logits(self, out: torch.Tensor, lm_head: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over the policy's vocabulary, -inf outside the draft vocabulary (as vLLM's
+        ``compute_logits`` scatters them); ``lm_head`` is unused (the head has its own)."""
+        small = self.lm_head(self.norm(out))
+        full = small.new_full((*small.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy(-1, self.draft_ids, small)
+
+    # ---- vLLM draft checkpoint ----------------------------------------------------------
+
+    def vllm_state(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != "draft_ids"}
+        state["d2t"] = (self.draft_ids - torch.arange(len(self.draft_ids), device=self.draft_ids.device)).cpu()
+        return state
+
+    def save_vllm(self, directory: str | Path) -> Path:
+        """A directory vLLM loads with ``speculative_config={"method": "eagle3", "model": dir}``."""
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.vllm_state(), str(directory / "model.safetensors"))
+        config = self.config.vllm_config()
+        config.update(draft_vocab_size=len(self.draft_ids), eagle_config={"use_aux_hidden_state": False},
+                      torch_dtype=str(next(self.parameters()).dtype).removeprefix("torch."))
+        (directory / "config.json").write_text(json.dumps(config, indent=1))
+        return directory
+
+    @classmethod
+    def load_vllm(cls, directory: str | Path) -> "Eagle3Head":
+        from safetensors.torch import load_file
+        directory = Path(directory)
+        state = load_file(str(directory / "model.safetensors"))
+        d2t = state.pop("d2t")
+        head = cls(_head_config(json.loads((directory / "config.json").read_text())),
+                   torch.arange(len(d2t)) + d2t).to(state["norm.weight"].dtype)
+        head.load_state_dict(state, strict=False)
+        missing = set(head.state_dict()) - set(state) - {"draft_ids"}
+        if missing:
+            raise ValueError(f"{directory}: the EAGLE-3 checkpoint lacks {sorted(missing)}")
+        return head
+
+
+def _head_config(c: dict) -> HeadConfig:
+    """HeadConfig of a draft checkpoint's config.json."""
+    return HeadConfig(c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"],
+                      c["head_dim"], c["rms_norm_eps"], c["rope_parameters"]["rope_theta"], c["vocab_size"],
+                      c["max_position_embeddings"], c.get("num_hidden_layers", 1))
+
+
+def draft_method(directory: str | Path) -> str:
+    """vLLM's speculative method for an rlaccel draft checkpoint: "eagle3" for a reduced-vocabulary
+    head (config.json has ``draft_vocab_size``), else "eagle"."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    return "eagle3" if config.get("draft_vocab_size") else "eagle"
+
+
+def load_head(directory: str | Path) -> DraftHead:
+    """The EAGLE or EAGLE-3 head saved in ``directory``."""
+    return (Eagle3Head if draft_method(directory) == "eagle3" else EagleHead).load_vllm(directory)
 
 
 def policy_states(policy, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,

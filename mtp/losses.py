@@ -33,16 +33,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def ce(q_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the head's logits [.., V] on the sampled next tokens."""
-    nll = F.cross_entropy(q_logits.flatten(0, -2).float(), targets.flatten(), reduction="none")
-    return masked_mean(nll.view_as(targets), mask)
+    """Cross-entropy of the head's logits [.., V] on the sampled next tokens; tokens outside the
+    head's support (logit -inf: a reduced draft vocabulary) are left out."""
+    logits = q_logits.flatten(0, -2).float()
+    proposable = torch.isfinite(logits.gather(-1, targets.flatten()[:, None]))[:, 0].view_as(targets)
+    nll = F.cross_entropy(logits, targets.flatten(), reduction="none").view_as(targets)
+    return masked_mean(nll.masked_fill(~proposable, 0.0), mask * proposable)
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(p‖q) per position, averaged over ``mask``."""
+    """KL(p‖q) per position, averaged over ``mask``, summed over the head's support: a reduced
+    draft vocabulary D (q's logits -inf elsewhere) drops the tokens q cannot propose, a constant
+    +inf, leaving −Σ_{v∈D} p_v log q_v + const, whose minimiser is p renormalised on D; that q also
+    reaches the best acceptance a head on D can have, Σ_{v∈D} p_v."""
     logp = torch.log_softmax(p_logits.float() / temperature, -1)
     logq = torch.log_softmax(q_logits.float() / temperature, -1)
-    return masked_mean((logp.exp() * (logp - logq)).sum(-1), mask)
+    support = torch.isfinite(logq)
+    terms = logp.exp() * (logp - logq.masked_fill(~support, 0.0))
+    return masked_mean(terms.masked_fill(~support, 0.0).sum(-1), mask)
 
 
 def acceptance(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

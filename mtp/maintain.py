@@ -14,7 +14,7 @@ import torch
 
 from mtp import losses
 from mtp.batch import draft_targets, loss_fn
-from mtp.heads import EagleHead
+from mtp.heads import load_head
 
 PREFIX = "drafter."
 HEAD_DIR = "drafter"
@@ -23,7 +23,7 @@ HEAD_DIR = "drafter"
 class HeadMaintainer:
     def __init__(self, head_dir: str | Path, mtp_cfg, temperature: float, pad_id: int, device: str = "cpu"):
         self.cfg, self.temperature, self.pad_id = mtp_cfg, temperature, pad_id
-        self.head = EagleHead.load_vllm(head_dir).to(device)
+        self.head = load_head(head_dir).to(device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=mtp_cfg.maintain_lr, weight_decay=0.0)
 
     def step(self, policy, groups) -> dict[str, float]:
@@ -43,14 +43,15 @@ class HeadMaintainer:
         return {"head_alpha1": alpha, "head_maintain_s": time.perf_counter() - t0}
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {PREFIX + k: v.detach().to("cpu", copy=True) for k, v in self.head.state_dict().items()}
+        """The head's weights under vLLM's checkpoint names, prefixed for the weight sync."""
+        return {PREFIX + k: v.to("cpu", copy=True) for k, v in self.head.vllm_state().items()}
 
     def save(self, directory: Path) -> None:
         self.head.save_vllm(directory / HEAD_DIR)
         torch.save(self.optimizer.state_dict(), directory / "drafter_optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        self.head.load_state_dict(EagleHead.load_vllm(directory / HEAD_DIR).state_dict())
+        self.head.load_state_dict(load_head(directory / HEAD_DIR).state_dict())
         self.optimizer.load_state_dict(torch.load(directory / "drafter_optimizer.pt", weights_only=True))
 
 

@@ -5,7 +5,8 @@
 1. The policy samples ``rollout.n`` responses to ``mtp.prompts`` training prompts and
    ``mtp.heldout_prompts`` held-out prompts (the rollout engine, the rollout temperature).
 2. A drafter is trained on the training sequences — an :class:`mtp.heads.EagleHead`
-   (``mtp.head=eagle``) or the checkpoint's native MTP layer, :class:`mtp.heads.MiMoMTPHead`
+   (``mtp.head=eagle``; with ``mtp.draft_vocab=N`` an :class:`mtp.heads.Eagle3Head` drafting
+   from the N tokens sampled most) or the checkpoint's native MTP layer, :class:`mtp.heads.MiMoMTPHead`
    (``mtp.head=native``, vLLM's ``mtp`` method; starts from the checkpoint's layer if it has one):
    ``mtp.k`` draft steps
    unrolled as the engine runs them, targets p = the policy's distributions at the rollout
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from mtp import losses
 from mtp.batch import draft_targets, loss_fn, predicted_acceptance
-from mtp.heads import EagleHead, MiMoMTPHead, has_native_mtp
+from mtp.heads import Eagle3Head, EagleHead, MiMoMTPHead, has_native_mtp
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.data import DataError, load_prompts
 from orchestration.model_prep import prepare_model
@@ -85,6 +86,16 @@ def measured_acceptance(model_dir: Path, draft_dir: Path, config: Config, prompt
     return rates
 
 
+def most_sampled(seqs: list[tuple[list[int], int]], n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` token ids the policy sampled most in ``seqs``' responses (ties to the lower id),
+    sorted: the draft vocabulary of an EAGLE-3 head."""
+    counts = torch.zeros(vocab_size)
+    for s, prompt_len in seqs:
+        counts += torch.bincount(torch.tensor(s[prompt_len:], dtype=torch.long), minlength=vocab_size).float()
+    order = torch.sort(-counts, stable=True).indices  # stable: equal counts keep id order
+    return order[:n].sort().values
+
+
 def train(config: Config, progress: bool = True) -> dict:
     """Train, export and report; returns the report (also ``<out>/report.json``)."""
     m, seed = config.mtp, config.orchestration.seed
@@ -111,6 +122,11 @@ def train(config: Config, progress: bool = True) -> dict:
             raise ConfigError(f"mtp.head=native trains a MiMo-form MTP layer (a Qwen2 decoder block); the policy "
                               f"is {policy.config.model_type!r}: use mtp.head=eagle")
         head = MiMoMTPHead.load_vllm(model_dir) if has_native_mtp(model_dir) else MiMoMTPHead.for_policy(policy, m.layers)
+    elif m.draft_vocab:
+        if m.draft_vocab >= policy.config.vocab_size:
+            raise ConfigError(f"mtp.draft_vocab={m.draft_vocab}: must be below the policy's vocabulary "
+                              f"({policy.config.vocab_size}); 0 drafts over the whole vocabulary")
+        head = Eagle3Head.for_policy(policy, most_sampled(train_seqs, m.draft_vocab, policy.config.vocab_size))
     else:
         head = EagleHead.for_policy(policy, m.layers)
     optimizer = torch.optim.AdamW(head.parameters(), lr=m.lr, weight_decay=0.0)

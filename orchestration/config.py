@@ -219,6 +219,11 @@ class MTPConfig:
     # Decoder layers in the head (vLLM's eagle drafter runs any number; more = closer to the
     # policy, each costs one more layer per draft step).
     layers: int = 1
+    # With mtp.head=eagle: 0 = draft over the policy's whole vocabulary through its LM head (vLLM's
+    # eagle); N > 0 = an EAGLE-3-form head with its own LM head over the N tokens the policy samples
+    # most (vLLM's eagle3), so a draft step does not pay for the whole vocabulary; acceptance is at
+    # most the policy's mass on those N tokens (reported as draft_vocab_coverage).
+    draft_vocab: int = 0
     # Self-distillation data: the policy's own samples (rollout.n each) on this many prompts,
     # plus held-out prompts for the offline and in-vLLM acceptance report.
     prompts: int = 512
@@ -396,6 +401,12 @@ def validate(config: Config) -> None:
     if config.mtp.head == "native":
         _check("mtp.layers", config.mtp.layers == 1, "1 with mtp.head=native (vLLM drafts every step with MTP "
                "layer 0)", config.mtp.layers)
+        _check("mtp.draft_vocab", config.mtp.draft_vocab == 0, "0 with mtp.head=native (a native MTP layer drafts "
+               "through the policy's LM head)", config.mtp.draft_vocab)
+    _check("mtp.draft_vocab", config.mtp.draft_vocab >= 0, ">= 0 (0 = the whole vocabulary)", config.mtp.draft_vocab)
+    if config.mtp.draft_vocab:
+        _check("mtp.layers", config.mtp.layers == 1, "1 with mtp.draft_vocab > 0 (an EAGLE-3 head has one layer)",
+               config.mtp.layers)
     _check("mtp.warm_steps", 0 <= config.mtp.warm_steps <= config.mtp.steps, "in [0, mtp.steps]",
            config.mtp.warm_steps)
     _check("mtp.kl_weight", math.isfinite(config.mtp.kl_weight) and config.mtp.kl_weight >= 0, "finite, >= 0",

@@ -139,10 +139,12 @@ def _reload_drafter(worker, pairs: list) -> list[float]:
 
 
 def reload_drafter(llm, state_dict: dict[str, torch.Tensor]) -> None:
-    """Replace the EAGLE drafter's own weights in place (names as ``EagleHead.save_vllm``; never
-    the embedding or LM head, which are the target's). Verified on the one weight vLLM keeps
-    unpacked (the post-attention norm)."""
-    assert not any(k.startswith(("embed_tokens", "lm_head")) for k in state_dict), "shared with the target"
+    """Replace the EAGLE drafter's own weights in place (names as ``vllm_state`` of
+    ``mtp.heads.EagleHead`` / ``Eagle3Head``; never the embedding, which is the target's, nor an
+    LM head but an EAGLE-3 head's own). Verified on the one weight vLLM keeps unpacked (the
+    post-attention norm)."""
+    assert not any(k.startswith("embed_tokens") for k in state_dict), "shared with the target"
+    assert "d2t" in state_dict or not any(k.startswith("lm_head") for k in state_dict), "shared with the target"
     want = state_dict["layers.0.post_attention_layernorm.weight"].float().tolist()
     for got in llm.collective_rpc(_reload_drafter, args=(list(state_dict.items()),)):
         if max(abs(a - b) for a, b in zip(got, want)) > 1e-6:

@@ -55,7 +55,8 @@ class VLLMEngine:
                                      f"with `python -m mtp.train mtp.head=native` or use rollout.spec_method=eagle")
                 spec["method"] = "mtp"
             else:
-                spec.update(method="eagle", model=str(rollout_cfg.draft_model))
+                from mtp.heads import draft_method
+                spec.update(method=draft_method(rollout_cfg.draft_model), model=str(rollout_cfg.draft_model))
             kwargs.update(disable_log_stats=not rollout_cfg.vllm_stats, speculative_config=spec)
             schedule = rollout_cfg.spec_schedule
             if rollout_cfg.adaptive_spec:  # a schedule makes vLLM's k settable per step; calibrated below

@@ -1,6 +1,8 @@
 """The EAGLE head: its block equals fc then transformers Llama decoder layers (the first
 without input norm), for one and two layers; its parallel k-step unroll equals the engine's step-by-step drafting, and its draft
-checkpoint holds exactly the names vLLM's ``eagle`` loader accepts."""
+checkpoint holds exactly the names vLLM's ``eagle`` loader accepts. The same unroll and checkpoint
+checks for the EAGLE-3 head over a reduced vocabulary (its computation is compared with vLLM's
+``eagle3`` drafter itself in tests/rollout/test_speculative.py)."""
 
 import json
 
@@ -9,7 +11,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from mtp.heads import EagleHead, policy_states
+from mtp.heads import Eagle3Head, EagleHead, draft_method, load_head, policy_states
 from policy.models import load_model
 
 
@@ -18,14 +20,25 @@ def policy(tiny_model_dir):
     return load_model(tiny_model_dir).eval()
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-layer", "2-layer"])
-def head(policy, request):
-    head = EagleHead.for_policy(policy, num_layers=request.param)
+def _perturbed(head):
     torch.manual_seed(1)
     with torch.no_grad():  # away from the [0 | I] start so that every weight matters
         for p in head.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return head
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-layer", "2-layer"])
+def head(policy, request):
+    return _perturbed(EagleHead.for_policy(policy, num_layers=request.param))
+
+
+DRAFT_IDS = torch.tensor([3, 4, 9, 10, 20, 33, 41, 50])
+
+
+@pytest.fixture(scope="module")
+def head3(policy):
+    return _perturbed(Eagle3Head.for_policy(policy, DRAFT_IDS))
 
 
 def test_block_is_fc_then_llama_layers_first_without_input_norm(head):
@@ -54,8 +67,10 @@ def test_block_is_fc_then_llama_layers_first_without_input_norm(head):
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("form", ["eagle", "eagle3"])
 @torch.no_grad()
-def test_unroll_equals_the_engines_step_by_step_drafting(policy, head):
+def test_unroll_equals_the_engines_step_by_step_drafting(policy, head, head3, form):
+    head = head if form == "eagle" else head3
     torch.manual_seed(2)
     tokens = torch.randint(2, 60, (2, 12))
     hidden, _ = policy_states(policy, tokens)
@@ -88,3 +103,25 @@ def test_vllm_checkpoint_has_exactly_the_eagle_names(head, tmp_path):
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == n
     again = EagleHead.load_vllm(directory)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), head.state_dict().values()))
+
+
+def test_eagle3_checkpoint_has_exactly_the_eagle3_names_and_drafts_only_its_vocabulary(head3, tmp_path):
+    directory = head3.save_vllm(tmp_path / "draft3")
+    from safetensors.torch import load_file
+    state = load_file(str(directory / "model.safetensors"))
+    assert set(state) == {"d2t", "norm.weight", "lm_head.weight", "layers.0.input_layernorm.weight",
+                          "layers.0.hidden_norm.weight", "layers.0.post_attention_layernorm.weight",
+                          *(f"layers.0.self_attn.{p}_proj.weight" for p in "qkvo"),
+                          *(f"layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down"))}
+    assert torch.equal(torch.arange(len(DRAFT_IDS)) + state["d2t"], DRAFT_IDS)  # vLLM: target id = i + d2t[i]
+    H = head3.config.hidden_size
+    assert state["layers.0.self_attn.q_proj.weight"].shape[1] == 2 * H and state["lm_head.weight"].shape == (8, H)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["draft_vocab_size"] == 8 and config["eagle_config"] == {"use_aux_hidden_state": False}
+    assert draft_method(directory) == "eagle3"
+    again = load_head(directory)
+    assert isinstance(again, Eagle3Head) and torch.equal(again.draft_ids, DRAFT_IDS)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), head3.state_dict().values()))
+    logits = head3.draft_logits(torch.randn(2, 5, H))
+    outside = torch.ones(head3.config.vocab_size, dtype=torch.bool).index_fill(0, DRAFT_IDS, False)
+    assert torch.isinf(logits[..., outside]).all() and torch.isfinite(logits[..., DRAFT_IDS]).all()

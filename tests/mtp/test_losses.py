@@ -63,3 +63,24 @@ def test_ce_is_the_mean_negative_log_likelihood():
     targets = torch.tensor([[0, 1]])
     got = losses.ce(logits, targets, torch.ones(1, 2))
     assert math.isclose(float(got), -(math.log(0.5) + math.log(0.8)) / 2, rel_tol=1e-6)
+
+
+def test_a_reduced_draft_vocabulary_trains_toward_p_renormalised_on_it():
+    """q's logits are -inf outside the draft vocabulary D: KL and CE stay finite, KL's minimiser
+    over D is p renormalised on D (a gradient step from there is zero), and the acceptance it
+    reaches is p's mass on D."""
+    inside = torch.tensor([True, False, True, True])
+    p_logits = torch.tensor([[1.0, 0.5, -0.3, 0.2]])
+    p = torch.softmax(p_logits, -1)
+    best = torch.log(p / p[:, inside].sum()).masked_fill(~inside, float("-inf")).requires_grad_(True)
+    mask = torch.ones(1)
+    loss = losses.kl(p_logits, best, mask)
+    (grad,) = torch.autograd.grad(loss, best)
+    assert math.isfinite(loss.item()) and grad[:, inside].abs().max() < 1e-6 and not grad.isnan().any()
+    other = torch.tensor([[0.0, float("-inf"), 0.0, 0.0]])
+    assert float(losses.kl(p_logits, other, mask)) > float(loss) + 1e-3
+    assert torch.allclose(losses.acceptance(p_logits, best.detach()), p[:, inside].sum(-1))
+    targets, two = torch.tensor([[1, 2]]), torch.ones(1, 2)
+    q = other.expand(2, 4)[None]
+    # the token the head cannot propose (1) is left out: the mean NLL over the one it can
+    assert math.isclose(float(losses.ce(q, targets, two)), math.log(3), rel_tol=1e-6)

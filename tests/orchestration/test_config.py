@@ -35,6 +35,7 @@ def test_wrong_type_names_its_path():
     ("algorithm.on_reward_error=ignore", "algorithm.on_reward_error"),
     ("rollout.spec_method=medusa", "rollout.spec_method"),
     ("mtp.head=medusa", "mtp.head"),
+    ("mtp.draft_vocab=-1", "mtp.draft_vocab"),
 ])
 def test_impossible_values_name_key_and_allowed(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -75,6 +76,10 @@ def test_native_mtp_settings_that_cannot_work_are_refused(tmp_path):
         load_config(None, ["rollout.spec_method=mtp", f"rollout.draft_model={tmp_path}"])
     with pytest.raises(ConfigError, match=r"mtp\.layers.*mtp\.head=native"):
         load_config(None, ["mtp.head=native", "mtp.layers=2"])
+    with pytest.raises(ConfigError, match=r"mtp\.draft_vocab.*mtp\.head=native"):
+        load_config(None, ["mtp.head=native", "mtp.draft_vocab=64"])
+    with pytest.raises(ConfigError, match=r"mtp\.layers.*mtp\.draft_vocab"):
+        load_config(None, ["mtp.draft_vocab=64", "mtp.layers=2"])
     with pytest.raises(ConfigError, match="native MTP layers.*stay frozen"):
         load_config(None, ["rollout.spec_method=mtp", "mtp.maintain=true"])
     cfg = load_config(None, ["rollout.spec_method=mtp", "rollout.adaptive_spec=true", "model.name=tiny_mimo"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
-from mtp.heads import EagleHead, MiMoMTPHead, policy_states
+from mtp.heads import Eagle3Head, EagleHead, MiMoMTPHead, policy_states
 from orchestration.config import load_config
 from policy.models import build_char_tokenizer, save_model
 
@@ -251,6 +251,88 @@ def test_the_schedule_check_runs_its_off_calls_without_drafter_and_restores_the_
         adaptive.adaptive = adaptive.check = adaptive._last_arm = None
         set_spec_schedule(adaptive.llm, [(1, 2, 2), (3, 65536, 0)])
 
+# ---- EAGLE-3 heads over a reduced draft vocabulary (vLLM's "eagle3" method) -----------------
+
+DRAFT_IDS = [1, 2, 3, 4, 5, 7, 8, 10]  # 8 of the 12 tokens, with gaps: d2t offsets are not all equal
+
+
+@pytest.fixture(scope="module")
+def eagle3(micro):
+    """(its head, vLLM drafting with it (k = 2)): an EAGLE-3 head of the micro model drafting from
+    DRAFT_IDS, self-distilled a little so that some drafts are accepted and some are not."""
+    from vllm.v1.sample import rejection_sampler
+
+    from rollout.vllm_engine import VLLMEngine
+    model, root = micro
+    head = Eagle3Head.for_policy(model, torch.tensor(DRAFT_IDS))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    _self_distill(model, head, steps=100)
+    head.save_vllm(root / "draft3")
+    original = rejection_sampler.expand_batch_to_tokens
+    cfg = load_config(None, [f"rollout.draft_model={root / 'draft3'}", "rollout.num_speculative_tokens=2",
+                             "rollout.max_model_len=64", "data.max_prompt_tokens=16"]).rollout
+    engine = VLLMEngine(str(root / "policy"), cfg)
+    yield head.eval(), engine
+    engine.close()
+    rejection_sampler.expand_batch_to_tokens = original
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_eagle3_sampling_is_lossless(micro, eagle3, temperature, top_p):
+    """Drafts come only from DRAFT_IDS (q = 0 elsewhere); the verifier still samples the exact
+    distribution, the 4 tokens the head cannot propose included."""
+    model, _ = micro
+    _, engine = eagle3
+    assert engine.llm.llm_engine.vllm_config.speculative_config.method == "eagle3"
+    before = engine.spec_counters()
+    counts = _pairs(engine.llm, temperature, top_p, seed=41)
+    assert engine.spec_counters()["accepted"] > before.get("accepted", 0)
+    exact = _exact_pairs(model, temperature, top_p)
+    outside = [v for v in range(VOCAB) if v not in DRAFT_IDS]
+    assert float(exact[:, outside].sum()) > 0.05  # the tokens no draft can be carry real mass
+    p_value = _chi2_pvalue(counts, exact)
+    print(f"eagle3 T={temperature} top_p={top_p}: chi-square p = {p_value:.3g}")
+    assert p_value > 1e-3
+
+
+def test_eagle3_greedy_output_and_acceptance_match_rlaccels_head(micro, engines, eagle3):
+    """vLLM's greedy drafting rounds, draft by draft, equal a replay with rlaccel's head: the head
+    vLLM runs (own LM head over the draft vocabulary, d2t) is the one trained here."""
+    model, _ = micro
+    _, _, plain = engines
+    head, engine = eagle3
+    have, want = _replay_greedy_rounds(model, head, engine, plain)
+    print("eagle3 greedy rounds: replay", want, "vLLM", have)
+    assert sum(want["per_pos"]) > 0 and want["per_pos"][0] < want["drafts"]
+    assert have == want
+
+
+def test_eagle3_head_after_a_drafter_sync(micro, engines, eagle3):
+    """Online maintenance syncs the head's own weights (its LM head included) into the running
+    drafter; the replay with the changed head must match vLLM's rounds again."""
+    import copy
+
+    from rollout.vllm_adapter import reload_drafter
+    model, _ = micro
+    _, _, plain = engines
+    head, engine = eagle3
+    changed = copy.deepcopy(head)
+    torch.manual_seed(8)
+    with torch.no_grad():
+        changed.lm_head.weight.add_(0.5 * torch.randn_like(changed.lm_head.weight))
+        changed.layers[0].post_attention_layernorm.weight.mul_(1.1)
+    try:
+        reload_drafter(engine.llm, changed.vllm_state())
+        have, want = _replay_greedy_rounds(model, changed, engine, plain)
+        print("eagle3 greedy rounds after the sync: replay", want, "vLLM", have)
+        assert have == want
+    finally:
+        reload_drafter(engine.llm, head.vllm_state())
+
+
 # ---- native MTP layers (vLLM's "mtp" method) ------------------------------------------------
 
 
@@ -330,9 +412,9 @@ def _replay_greedy_rounds(model, head, spec, plain, k: int = 2, new_tokens: int 
     drafts, accepted = 0, [0] * k
     for prompt, out in zip(prompts, full):
         x = torch.tensor([prompt + out])
-        hidden, _ = policy_states(model, x, pre_norm=True)
+        hidden, _ = policy_states(model, x, pre_norm=head.pre_norm_hidden)
         outs = head.unroll(model.model.embed_tokens, x, hidden, k)
-        draft = [model.lm_head(o)[0].argmax(-1) for o in outs]  # draft[j - 1][t]: step j at anchor t
+        draft = [head.draft_logits(o, model.lm_head.weight)[0].argmax(-1) for o in outs]  # step j at anchor t
         t, generated = len(prompt) - 1, 1  # the prefill gave the first token
         while generated < new_tokens:
             n = 0
