@@ -1,8 +1,9 @@
 """Speculative rollout with trained drafter heads, in one run.
 
-Part "rl" (tiny preset): train a CE-only head and a TV head with ``mtp.train`` on the warm-started
-policy, then run GRPO three times with speculative rollout (k = 3): CE head frozen, TV head frozen,
-TV head maintained online; record vLLM's position-1 acceptance at every RL step.
+Part "rl" (tiny preset, ~70 min): train a CE-only head and a TV head with ``mtp.train`` on the
+warm-started policy (2 layers, 16 samples on each of 4000 prompts, 6000 steps), then run GRPO
+three times with speculative rollout (k = 3): CE head frozen, TV head frozen, TV head maintained
+online; record vLLM's position-1 acceptance at every RL step.
 
 Part "throughput" (small, ~100M preset): train a TV head, then decode tokens/s at live batch 1, 4,
 16, 64 (one sequence per prompt, 64 new tokens, EOS ignored so every run emits the same number
@@ -251,8 +252,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.part in ("rl", "all"):
+            # The recipe that reaches position-1 acceptance >= 0.9 on the tiny preset (README): two
+            # layers, 16 samples on each of 4000 prompts, 6000 steps (~25 min per head).
             train_overrides = ["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128"] if q else \
-                ["mtp.steps=2000", "mtp.warm_steps=300", "mtp.lr=2e-3"]
+                ["mtp.layers=2", "rollout.n=16", "mtp.prompts=4000", "mtp.heldout_prompts=96", "mtp.batch=128",
+                 "mtp.steps=6000", "mtp.warm_steps=400", "mtp.lr=2e-3"]
             heads = {}
             for objective in ("ce", "tv"):
                 report = train_head("configs/tiny.yaml", objective, tmp / f"head-{objective}", train_overrides)

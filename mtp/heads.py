@@ -309,7 +309,7 @@ class Eagle3Head(DraftHead):
         logits = LM_draft(RMSNorm_final(out))          [D] -> the policy's ids, -inf elsewhere
 
     Why: each draft step of the EAGLE form runs the policy's whole LM head (on the ~100M preset,
-    32k × 768, three times the decoder layer), which caps what speculation gains at small batch.
+    32k × 768, about four times the decoder layer), which caps what speculation gains at small batch.
     The draft vocabulary D is the tokens the policy samples most (``mtp.draft_vocab``); a draft
     can only be a token of D, so acceptance is at most the policy's mass on D (reported as
     ``draft_vocab_coverage``); rejection sampling stays exact (q is 0 outside D, and the
