@@ -13,7 +13,7 @@ The first pass runs over every target position t with ``tok = x_{t+1}`` and ``h 
 policy's final (post-norm) hidden state; its KV at t is what later steps attend to. Draft
 step j ≥ 2 of an anchor q feeds the previous step's token and ``out`` (no norm) at position
 q + j - 1, attending to the first-pass KV at positions ≤ q and to its own earlier steps.
-:meth:`EagleHead.unroll` runs k such steps for every anchor at once (the "training-time
+:meth:`DraftHead.unroll` runs k such steps for every anchor at once (the "training-time
 test" attention pattern), so a loss sees the recursion the engine runs.
 
 Embedding and LM head are the policy's (vLLM shares them); the head owns ``fc`` and
@@ -326,10 +326,11 @@ class Eagle3Head(DraftHead):
         if config.num_layers != 1:
             raise ValueError("an EAGLE-3 head has one decoder layer here; set mtp.layers=1 with mtp.draft_vocab > 0")
         ids = torch.as_tensor(draft_ids, dtype=torch.long)
-        if ids.ndim != 1 or len(ids) == 0 or bool((ids[1:] <= ids[:-1]).any()) or int(ids[-1]) >= config.vocab_size \
-                or int(ids[0]) < 0:
+        if ids.ndim != 1 or not 0 < len(ids) < config.vocab_size or bool((ids[1:] <= ids[:-1]).any()) \
+                or int(ids[-1]) >= config.vocab_size or int(ids[0]) < 0:
             raise ValueError(f"draft_ids must be sorted, distinct ids of the policy's vocabulary "
-                             f"(0..{config.vocab_size - 1}); got {len(ids)} ids")
+                             f"(0..{config.vocab_size - 1}), fewer than all of them (vLLM maps a reduced "
+                             f"vocabulary only); got {len(ids)} ids")
         self.config = config
         self.layers = nn.ModuleList([Eagle3Layer(config)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -392,16 +393,26 @@ class Eagle3Head(DraftHead):
 
     @classmethod
     def load_vllm(cls, directory: str | Path) -> "Eagle3Head":
+        """A head saved by :meth:`save_vllm`. Other eagle3 checkpoints (auxiliary hidden states,
+        other norm placements) run differently in vLLM and are refused, not trained as this form."""
         from safetensors.torch import load_file
         directory = Path(directory)
+        c = json.loads((directory / "config.json").read_text())
+        variants = [k for k in ("norm_before_residual", "norm_output", "norm_before_fc", "fc_norm")
+                    if c.get(k) or (c.get("eagle_config") or {}).get(k)]
+        if (c.get("eagle_config") or {}).get("use_aux_hidden_state", True) or variants:
+            raise ValueError(f"{directory}: an eagle3 checkpoint rlaccel does not train (it needs "
+                             f"eagle_config.use_aux_hidden_state false and none of {variants or 'the norm variants'}); "
+                             f"draft with it frozen, or train a head with `python -m mtp.train mtp.draft_vocab=N`")
         state = load_file(str(directory / "model.safetensors"))
         d2t = state.pop("d2t")
-        head = cls(_head_config(json.loads((directory / "config.json").read_text())),
-                   torch.arange(len(d2t)) + d2t).to(state["norm.weight"].dtype)
+        state.pop("t2d", None)
+        head = cls(_head_config(c), torch.arange(len(d2t)) + d2t).to(state["norm.weight"].dtype)
+        want = set(head.state_dict()) - {"draft_ids"}
+        if set(state) != want:
+            raise ValueError(f"{directory}: the EAGLE-3 checkpoint's tensors differ from this form's: missing "
+                             f"{sorted(want - set(state))}, unexpected {sorted(set(state) - want)}")
         head.load_state_dict(state, strict=False)
-        missing = set(head.state_dict()) - set(state) - {"draft_ids"}
-        if missing:
-            raise ValueError(f"{directory}: the EAGLE-3 checkpoint lacks {sorted(missing)}")
         return head
 
 

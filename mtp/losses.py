@@ -6,7 +6,7 @@ Under lossless rejection sampling a draft token from q is accepted with probabil
 α = Σ_v min(p_v, q_v) = 1 − TV(p, q). Drafts chain: step j is only verified if steps
 1..j−1 were accepted, so the expected number of accepted tokens per round of k drafts is
 Σ_k Π_{j≤k} α_j — the end-to-end objective :func:`acceptance_objective` maximises (Bebop's
-multi-step TV objective), computed on the recursion the engine runs (``EagleHead.unroll``).
+multi-step TV objective), computed on the recursion the engine runs (``DraftHead.unroll``).
 
 Warm start: TV's gradient through the softmax, ∂TV/∂z_i = −q_i (1[q_i < p_i] − Σ_{v: q_v < p_v} q_v),
 vanishes where the head puts its mass on tokens the policy does not want (q_i ≈ 0 where q < p,
@@ -45,7 +45,8 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, tempe
     """KL(p‖q) per position, averaged over ``mask``, summed over the head's support: a reduced
     draft vocabulary D (q's logits -inf elsewhere) drops the tokens q cannot propose, a constant
     +inf, leaving −Σ_{v∈D} p_v log q_v + const, whose minimiser is p renormalised on D; that q also
-    reaches the best acceptance a head on D can have, Σ_{v∈D} p_v."""
+    reaches the best acceptance a head on D can have, Σ_{v∈D} p_v. (Its minimum is then
+    p(D) log p(D) < 0, so the value can go below zero.)"""
     logp = torch.log_softmax(p_logits.float() / temperature, -1)
     logq = torch.log_softmax(q_logits.float() / temperature, -1)
     support = torch.isfinite(logq)

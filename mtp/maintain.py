@@ -51,8 +51,17 @@ class HeadMaintainer:
         torch.save(self.optimizer.state_dict(), directory / "drafter_optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        self.head.load_state_dict(load_head(directory / HEAD_DIR).state_dict())
+        saved = load_head(directory / HEAD_DIR)
+        if type(saved) is not type(self.head) or _shapes(saved) != _shapes(self.head):
+            raise ValueError(f"{directory / HEAD_DIR} holds a {type(saved).__name__} ({saved.config}); the run "
+                             f"maintains a {type(self.head).__name__} ({self.head.config}) from rollout.draft_model: "
+                             f"resume with the rollout.draft_model the checkpoint was trained with")
+        self.head.load_state_dict(saved.state_dict())
         self.optimizer.load_state_dict(torch.load(directory / "drafter_optimizer.pt", weights_only=True))
+
+
+def _shapes(head) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in head.state_dict().items()}
 
 
 def split_drafter(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -91,7 +91,8 @@ class RolloutConfig:
     # vLLM: eager mode is required on CPU; CUDA graphs on GPU.
     enforce_eager: bool = True
     # Speculative rollout: a drafter head directory written by `python -m mtp.train` (vLLM's
-    # `eagle` method), verified by lossless probabilistic rejection sampling; null = off.
+    # `eagle` method, or `eagle3` for a head with mtp.draft_vocab > 0: read from the checkpoint),
+    # verified by lossless probabilistic rejection sampling; null = off.
     draft_model: str | None = None
     # "eagle": the rlaccel head in rollout.draft_model drafts; "mtp": the model's own native MTP
     # layers draft (vLLM's mtp method; a MiMo-form checkpoint, e.g. from mtp.train mtp.head=native).
@@ -212,7 +213,8 @@ class MTPConfig:
     # "tv": KL(p‖q) warm start, then the multi-step acceptance objective Σ_k Π_{j≤k} α_j;
     # "ce": cross-entropy on the policy's sampled tokens (the baseline).
     objective: str = "tv"
-    # "eagle": an EAGLE-form head (a draft checkpoint for rollout.draft_model); "native": the
+    # "eagle": an EAGLE-form head, or EAGLE-3-form with mtp.draft_vocab > 0 (a draft checkpoint
+    # for rollout.draft_model); "native": the
     # model's own MTP layer in MiMo's form (vLLM's mtp method), written into a copy of the policy
     # checkpoint at mtp.out (then model.path=<out> rollout.spec_method=mtp).
     head: str = "eagle"

@@ -125,3 +125,14 @@ def test_eagle3_checkpoint_has_exactly_the_eagle3_names_and_drafts_only_its_voca
     logits = head3.draft_logits(torch.randn(2, 5, H))
     outside = torch.ones(head3.config.vocab_size, dtype=torch.bool).index_fill(0, DRAFT_IDS, False)
     assert torch.isinf(logits[..., outside]).all() and torch.isfinite(logits[..., DRAFT_IDS]).all()
+
+
+def test_eagle3_checkpoints_this_form_does_not_compute_are_refused(head3, tmp_path, policy):
+    directory = head3.save_vllm(tmp_path / "aux")
+    config = json.loads((directory / "config.json").read_text())
+    config["eagle_config"] = {"use_aux_hidden_state": True}  # vLLM would feed three target layers
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="use_aux_hidden_state"):
+        load_head(directory)
+    with pytest.raises(ValueError, match="fewer than all"):
+        Eagle3Head.for_policy(policy, torch.arange(policy.config.vocab_size))
