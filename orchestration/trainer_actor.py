@@ -16,7 +16,7 @@ import ray
 
 from orchestration.config import REPO_ROOT
 from policy.batch import Group
-from policy.models import state_checksum
+from policy.models import pack_state, state_checksum
 from policy.trainer import PolicyTrainer, mini_batch_ids
 
 
@@ -59,13 +59,14 @@ class TrainerActor:
         return metrics
 
     def export(self):
-        """(weights, version, checksum, probe) for a verified weight sync; a maintained drafter
-        head's weights travel in the same state dict (``drafter.`` prefix)."""
-        state = self.trainer.state_dict()
+        """(weights, version, checksum, probe) for a verified weight sync, the weights packed for the
+        object store (:func:`policy.models.pack_state`); a maintained drafter head's weights travel
+        in the same state dict (``drafter.`` prefix)."""
+        state = self.trainer.state_dict(copy=False)  # Ray copies the return value before the next step
         if self.maintainer is not None:
             state.update(self.maintainer.state())
         probe = (self.probe_ids, self.trainer.probe_logprobs(self.probe_ids))
-        return state, self.trainer.version, state_checksum(state), probe
+        return pack_state(state), self.trainer.version, state_checksum(state), probe
 
     def save(self, directory: str) -> str:
         path = self.trainer.save_checkpoint(directory)

@@ -11,6 +11,7 @@ import json
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
@@ -95,15 +96,46 @@ def num_parameters(model) -> int:
 
 
 def state_checksum(state_dict: dict[str, torch.Tensor]) -> str:
-    """BLAKE2b over names, shapes, dtypes and bytes of every tensor, in name order."""
-    import hashlib
-    h = hashlib.blake2b(digest_size=16)
+    """XXH3-128 over names, shapes, dtypes and bytes of every tensor, in name order.
+
+    It guards a weight sync against corrupted or mismatched tensors (not against an adversary):
+    ~11 GB/s here against BLAKE2b's ~0.7 GB/s, which took 0.65 s per side for the 100M model."""
+    import xxhash
+    h = xxhash.xxh3_128()
     for name in sorted(state_dict):
         t = state_dict[name].detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
+
+
+# A state dict on the wire: name -> (its bytes as a uint8 numpy array, dtype name, shape).
+PackedState = dict[str, tuple[np.ndarray, str, tuple[int, ...]]]
+
+
+def pack_state(state_dict: dict[str, torch.Tensor]) -> PackedState:
+    """Tensors as byte arrays for Ray's object store, without copying them here.
+
+    Ray writes numpy buffers into the object store with one copy and reads them in place, where
+    it pickles torch tensors: for the 100M model an actor's export took 0.18 s against 2.9 s, and
+    a read 1 ms against 0.8 s. The arrays view the tensors' memory, so a caller that returns them
+    from an actor method hands Ray the live weights, which Ray copies when the method returns."""
+    packed = {}
+    for name, t in state_dict.items():
+        t = t.detach().to("cpu").contiguous()
+        packed[name] = (t.reshape(-1).view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."), tuple(t.shape))
+    return packed
+
+
+def unpack_state(packed: PackedState) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`pack_state`, viewing the arrays' memory (read-only in Ray's object
+    store: consumers copy from them, as weight loaders do)."""
+    import warnings
+    with warnings.catch_warnings():  # torch warns that the object store's arrays are not writable
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(a).view(getattr(torch, dtype)).view(shape) if a.size
+                else torch.empty(shape, dtype=getattr(torch, dtype)) for name, (a, dtype, shape) in packed.items()}
 
 
 def sync_tolerance(dtype: str) -> float:

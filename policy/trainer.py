@@ -213,9 +213,11 @@ class PolicyTrainer:
 
     # ---- state ----------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Current policy weights in Hugging Face checkpoint names (detached CPU copies)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+    def state_dict(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Current policy weights in Hugging Face checkpoint names, detached, on the CPU: copies,
+        or with ``copy=False`` the live CPU parameters themselves (for a reader that copies them
+        before the next update, as Ray does with an actor method's return value)."""
+        return {k: v.detach().to("cpu", copy=copy) for k, v in self.model.state_dict().items()}
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         directory = Path(directory)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from policy.batch import Group
-from policy.models import load_tokenizer, state_checksum, sync_tolerance
+from policy.models import PackedState, load_tokenizer, state_checksum, sync_tolerance, unpack_state
 
 
 class WeightSyncError(RuntimeError):
@@ -78,10 +76,12 @@ class RolloutWorker:
         import ray
         return ray.get_runtime_context().get_node_id()
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int, checksum: str,
+    def update_weights(self, weights: PackedState, version: int, checksum: str,
                        probe: tuple[list[int], list[float]] | None = None) -> dict:
-        """Load new weights in place; raises :class:`WeightSyncError` unless verified."""
+        """Load new weights (packed by :func:`policy.models.pack_state`) in place; raises
+        :class:`WeightSyncError` unless verified."""
         t0 = time.perf_counter()
+        state_dict = unpack_state(weights)
         received = state_checksum(state_dict)
         if received != checksum:
             raise WeightSyncError(f"worker {self.worker_id}: weights for version {version} arrived corrupted "

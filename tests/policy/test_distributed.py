@@ -22,6 +22,7 @@ import torch
 from orchestration.config import load_config
 from orchestration.trainer_actor import TrainerActor, TrainerGroup, split_groups
 from policy.batch import Group
+from policy.models import state_checksum, unpack_state
 from policy.trainer import PolicyTrainer
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ def test_data_parallel_step_equals_single_process(tiny_model_dir, ray_2cpu, zero
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7)
             assert got["update_tokens"] == want["update_tokens"]
-        weights = ray.get(group.export()[0])
+        weights = unpack_state(ray.get(group.export()[0]))
         for name, value in single.state_dict().items():
             diff, lr = (weights[name] - value).abs(), single_cfg.trainer.lr
             assert float(diff.max()) <= 0.1 * lr, name
@@ -100,7 +101,7 @@ def test_data_parallel_checkpoint_resumes_the_same_training(tiny_model_dir, ray_
         first.metrics(first.step(_groups(4, seed=3)))
         first.save(str(tmp_path / "ckpt"))
         want = first.metrics(first.step(_groups(4, seed=4)))
-        want_weights = ray.get(first.export()[0])
+        want_weights = unpack_state(ray.get(first.export()[0]))
     finally:
         for actor in first.actors:
             ray.kill(actor)
@@ -108,10 +109,33 @@ def test_data_parallel_checkpoint_resumes_the_same_training(tiny_model_dir, ray_
     try:
         assert second.load(str(tmp_path / "ckpt")) == 1
         got = second.metrics(second.step(_groups(4, seed=4)))
-        got_weights = ray.get(second.export()[0])
+        got_weights = unpack_state(ray.get(second.export()[0]))
     finally:
         for actor in second.actors:
             ray.kill(actor)
     assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"]
     # identical state, identical arithmetic: bit-equal (a fresh optimizer would differ by ~lr)
     assert all(torch.equal(got_weights[k], want_weights[k]) for k in want_weights)
+
+
+def test_an_export_is_a_snapshot_of_its_version(tiny_model_dir, ray_2cpu):
+    """The trainer exports its live parameters without copying them (Ray copies an actor
+    method's return value into the object store when the method returns): an export read
+    after later steps must still hold its own version's weights, and match its checksum."""
+    cfg = load_config(None, ["trainer.lr=1e-2"])
+    group = TrainerGroup([ray.remote(num_cpus=1)(TrainerActor).remote(0)], str(tiny_model_dir),
+                         cfg.trainer, cfg.algorithm, 1.0, 8, "float32", probe_ids=[3, 4, 5])
+    try:
+        group.metrics(group.step(_groups(2, seed=1)))
+        first = group.export()
+        group.metrics(group.step(_groups(2, seed=2)))
+        second = group.export()
+        (w1, v1, c1, _), (w2, v2, c2, _) = ray.get(list(first)), ray.get(list(second))
+    finally:
+        for actor in group.actors:
+            ray.kill(actor)
+    w1, w2 = unpack_state(w1), unpack_state(w2)
+    assert (v1, v2) == (1, 2)
+    assert state_checksum(w1) == c1 and state_checksum(w2) == c2 and c1 != c2
+    moved = [k for k in w1 if not torch.equal(w1[k], w2[k])]
+    assert len(moved) > len(w1) // 2  # the second step moved the weights; the first export kept its own

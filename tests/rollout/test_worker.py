@@ -5,7 +5,7 @@ import torch
 
 from orchestration.config import load_config
 from policy.batch import pad_sequences
-from policy.models import load_model, state_checksum
+from policy.models import load_model, pack_state, state_checksum
 from policy.trainer import token_logprobs
 from rollout.worker import RolloutWorker, WeightSyncError
 
@@ -40,7 +40,7 @@ def test_update_refuses_corrupted_weights(worker, tiny_model_dir_b):
     checksum = state_checksum(state)
     state["model.norm.weight"] = state["model.norm.weight"] + 1e-3  # corrupted in transit
     with pytest.raises(WeightSyncError, match="corrupted"):
-        worker.update_weights(state, 1, checksum)
+        worker.update_weights(pack_state(state), 1, checksum)
     assert worker.version == 0
 
 
@@ -51,15 +51,15 @@ def test_update_is_verified_by_the_probe(worker, tiny_model_dir, tiny_model_dir_
     with torch.no_grad():
         logits = model_b(torch.tensor([probe_ids])).logits[0, :-1]
     expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(probe_ids[1:])[:, None])[:, 0].tolist()
-    metrics = worker.update_weights(state_b, 1, state_checksum(state_b), (probe_ids, expected))
+    metrics = worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), (probe_ids, expected))
     assert worker.version == 1 and metrics["sync_probe_diff"] < 1e-5
     # A probe computed with other weights than the ones delivered must be caught.
     state_a = load_model(tiny_model_dir).state_dict()
     with pytest.raises(WeightSyncError, match="not sampling with the new weights"):
-        worker.update_weights(state_a, 2, state_checksum(state_a), (probe_ids, expected))
+        worker.update_weights(pack_state(state_a), 2, state_checksum(state_a), (probe_ids, expected))
     assert worker.version == 1
     # ... and the worker refuses to sample with unverified weights until a verified update
     with pytest.raises(WeightSyncError, match="refusing to sample"):
         worker.generate(ROWS, seed=0)
-    worker.update_weights(state_b, 3, state_checksum(state_b), (probe_ids, expected))
+    worker.update_weights(pack_state(state_b), 3, state_checksum(state_b), (probe_ids, expected))
     assert worker.version == 3 and worker.generate(ROWS, seed=0)[0][0].version == 3
