@@ -66,8 +66,7 @@ def predicted_acceptance(policy, head, seqs, k: int, temperature: float, pad_id:
             reached[j] += float((chained[j] * valid).sum())
             verified[j] += float(((chained[j - 1] if j else torch.ones_like(valid)) * valid).sum())
         p, q, _, valid = steps[0]
-        mass = (torch.softmax(p.float() / temperature, -1) * torch.isfinite(q)).sum(-1)
-        covered += float((mass * valid).sum())
+        covered += float((losses.coverage(p, q, temperature) * valid).sum())
         rounds += float(valid.sum())
     first_j = (reached / max(rounds, 1)).tolist()
     return {"accepted_per_draft": first_j, "acceptance_per_pos": (reached / verified.clamp(min=1e-9)).tolist(),

@@ -62,6 +62,13 @@ def acceptance(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: floa
     return torch.minimum(p, q).sum(-1)
 
 
+def coverage(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Σ_{v: q_v > 0} p_v per position: the policy's mass on the tokens the head can propose (its
+    support, finite logits), the bound on acceptance of a head over a reduced draft vocabulary."""
+    p = torch.softmax(p_logits.float() / temperature, -1)
+    return (p * torch.isfinite(q_logits)).sum(-1)
+
+
 def tv(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Total variation 1 − Σ min(p, q), averaged over ``mask``: the per-step TV loss."""
     return masked_mean(1 - acceptance(p_logits, q_logits, temperature), mask)

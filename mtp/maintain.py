@@ -29,7 +29,7 @@ class HeadMaintainer:
     def step(self, policy, groups) -> dict[str, float]:
         t0 = time.perf_counter()
         seqs = [(g.prompt_ids + r, len(g.prompt_ids)) for g in groups for r in g.responses if r]
-        alpha = 0.0
+        metrics = {}
         for _ in range(self.cfg.maintain_steps):
             steps = draft_targets(policy, self.head, seqs, self.cfg.k, self.pad_id)
             loss = loss_fn(steps, self.cfg.objective, False, self.temperature, self.cfg.kl_weight)
@@ -37,10 +37,14 @@ class HeadMaintainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
             self.optimizer.step()
-            with torch.no_grad():
-                alpha = float(losses.masked_mean(losses.acceptance(steps[0][0], steps[0][1], self.temperature),
-                                                 steps[0][3]))
-        return {"head_alpha1": alpha, "head_maintain_s": time.perf_counter() - t0}
+            with torch.no_grad():  # of the step's pre-update head, at the first draft position
+                p, q, _, valid = steps[0]
+                metrics = {"head_alpha1": float(losses.masked_mean(losses.acceptance(p, q, self.temperature), valid)),
+                           # the updated policy's mass on the head's draft vocabulary (1 for a full one):
+                           # a policy drifting out of it caps acceptance whatever the head learns
+                           "head_draft_coverage": float(losses.masked_mean(losses.coverage(p, q, self.temperature),
+                                                                           valid))}
+        return {**metrics, "head_maintain_s": time.perf_counter() - t0}
 
     def state(self) -> dict[str, torch.Tensor]:
         """The head's weights under vLLM's checkpoint names, prefixed for the weight sync."""

@@ -80,6 +80,8 @@ def test_a_reduced_draft_vocabulary_trains_toward_p_renormalised_on_it():
     other = torch.tensor([[0.0, float("-inf"), 0.0, 0.0]])
     assert float(losses.kl(p_logits, other, mask)) > float(loss) + 1e-3
     assert torch.allclose(losses.acceptance(p_logits, best.detach()), p[:, inside].sum(-1))
+    assert torch.allclose(losses.coverage(p_logits, best.detach()), p[:, inside].sum(-1))  # the bound it reaches
+    assert torch.allclose(losses.coverage(p_logits, torch.zeros(1, 4)), torch.ones(1))  # a full vocabulary
     targets, two = torch.tensor([[1, 2]]), torch.ones(1, 2)
     q = other.expand(2, 4)[None]
     # the token the head cannot propose (1) is left out: the mean NLL over the one it can

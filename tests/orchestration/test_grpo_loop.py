@@ -217,6 +217,8 @@ def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache, form):
     for h in history:
         assert h["spec_drafts"] > 0 and 0.0 <= h["spec_acceptance_pos1"] <= 1.0 and h["spec_mean_accepted_len"] >= 1.0
         assert 0.0 < h["head_alpha1"] <= 1.0
+        # the policy's mass on the draft vocabulary: all of it for the EAGLE head, part for 48 of 128 ids
+        assert h["head_draft_coverage"] == pytest.approx(1.0) if form == "eagle" else 0.0 < h["head_draft_coverage"] < 1.0
     assert max(h["logp_mismatch_max"] for h in history) < 1e-3  # speculation leaves the logprobs exact
     ckpt = tmp_path / "run" / "checkpoints" / "step-2"
     saved = load_head(ckpt / "drafter")
