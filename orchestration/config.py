@@ -421,6 +421,11 @@ def validate(config: Config) -> None:
             raise ConfigError("mtp.maintain=true needs rollout.draft_model (a head from `python -m mtp.train`)")
         if t.world_size != 1:
             raise ConfigError("mtp.maintain=true is implemented for trainer.world_size=1 only")
+        _check("mtp.maintain_steps", config.mtp.maintain_steps >= 1, ">= 1 with mtp.maintain=true (0 would train "
+               "nothing and report no head metrics; set mtp.maintain=false for a frozen head)",
+               config.mtp.maintain_steps)
+        _check("mtp.maintain_lr", math.isfinite(config.mtp.maintain_lr) and config.mtp.maintain_lr > 0,
+               "finite, > 0", config.mtp.maintain_lr)
     if o.resume is not None and not (Path(o.resume) / "loop_state.json").is_file():
         raise ConfigError(f"orchestration.resume={o.resume!r} is not an rlaccel checkpoint directory "
                           f"(no loop_state.json); give <logging.dir>/checkpoints/step-N")

@@ -62,7 +62,12 @@ class TrainerActor:
         """(weights, version, checksum, probe) for a verified weight sync, the weights packed for the
         object store (:func:`policy.models.pack_state`); a maintained drafter head's weights travel
         in the same state dict (``drafter.`` prefix)."""
-        state = self.trainer.state_dict(copy=False)  # Ray copies the return value before the next step
+        # No copy: the packed arrays view the live parameters. This is safe because Ray serialises a
+        # task's return value into the object store (one copy) before this actor runs its next method,
+        # and TrainerActor is a plain single-threaded actor (no max_concurrency, no async methods) that
+        # returns through the object store (no tensor_transport / GPU-object path, which would keep a
+        # reference instead of a copy). Change either and export must pass copy=True.
+        state = self.trainer.state_dict(copy=False)
         if self.maintainer is not None:
             state.update(self.maintainer.state())
         probe = (self.probe_ids, self.trainer.probe_logprobs(self.probe_ids))

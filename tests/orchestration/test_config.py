@@ -82,5 +82,10 @@ def test_native_mtp_settings_that_cannot_work_are_refused(tmp_path):
         load_config(None, ["mtp.draft_vocab=64", "mtp.layers=2"])
     with pytest.raises(ConfigError, match="native MTP layers.*stay frozen"):
         load_config(None, ["rollout.spec_method=mtp", "mtp.maintain=true"])
+    (tmp_path / "config.json").write_text("{}")
+    head = ["rollout.backend=vllm", f"rollout.draft_model={tmp_path}", "mtp.maintain=true"]
+    with pytest.raises(ConfigError, match=r"mtp\.maintain_steps=0.*>= 1 with mtp\.maintain=true"):
+        load_config(None, head + ["mtp.maintain_steps=0"])
+    assert load_config(None, head).mtp.maintain_steps == 1
     cfg = load_config(None, ["rollout.spec_method=mtp", "rollout.adaptive_spec=true", "model.name=tiny_mimo"])
     assert cfg.rollout.spec_method == "mtp" and cfg.model.name == "tiny_mimo"
