@@ -127,6 +127,7 @@ def _trained_record(*run_dirs):
     return sorted((r["step"], r["prompt_index"], r["completion"], r["reward"]) for r in rows)
 
 
+@pytest.mark.slow  # two or three Ray runs each (~15-20 s)
 @pytest.mark.parametrize("max_staleness", [0, 1])
 def test_checkpoint_and_resume_lose_and_double_nothing(tmp_path, cache, max_staleness):
     def config(run):
@@ -178,6 +179,7 @@ def reward_that_kills_the_rollout_worker(prompts, completions, answer, **kw):
     return arithmetic_reward(prompts, completions, answer)
 
 
+@pytest.mark.slow  # two or three Ray runs each (~15-20 s)
 @pytest.mark.parametrize("max_staleness", [0, 1])
 def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, max_staleness):
     _calls["n"] = 0
