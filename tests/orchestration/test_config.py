@@ -86,6 +86,8 @@ def test_native_mtp_settings_that_cannot_work_are_refused(tmp_path):
     head = ["rollout.backend=vllm", f"rollout.draft_model={tmp_path}", "mtp.maintain=true"]
     with pytest.raises(ConfigError, match=r"mtp\.maintain_steps=0.*>= 1 with mtp\.maintain=true"):
         load_config(None, head + ["mtp.maintain_steps=0"])
+    with pytest.raises(ConfigError, match=r"mtp\.maintain_lr=0\.0.*finite, > 0"):
+        load_config(None, head + ["mtp.maintain_lr=0"])
     assert load_config(None, head).mtp.maintain_steps == 1
     cfg = load_config(None, ["rollout.spec_method=mtp", "rollout.adaptive_spec=true", "model.name=tiny_mimo"])
     assert cfg.rollout.spec_method == "mtp" and cfg.model.name == "tiny_mimo"

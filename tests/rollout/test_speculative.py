@@ -255,7 +255,6 @@ def test_the_schedule_check_runs_its_off_calls_without_drafter_and_restores_the_
         adaptive.adaptive = adaptive.check = adaptive._last_arm = None
         set_spec_schedule(adaptive.llm, [(1, 2, 2), (3, 65536, 0)])
 
-# ---- EAGLE-3 heads over a reduced draft vocabulary (vLLM's "eagle3" method) -----------------
 
 def test_eagle_greedy_drafts_match_rlaccels_head(micro, engines):
     """vLLM's eagle drafter proposes, round by round, the token ids rlaccel's EAGLE head (read back
@@ -265,14 +264,15 @@ def test_eagle_greedy_drafts_match_rlaccels_head(micro, engines):
     spec, _, plain = engines
     head = EagleHead.load_vllm(root / "draft").eval()
     have, want = _replay_greedy_rounds(model, head, spec, plain)
-    print("eagle greedy rounds: replay", _summary(want), "vLLM", _summary(have))
-    assert have == want
+    _assert_same_rounds("eagle", have, want)
     torch.manual_seed(9)
     with torch.no_grad():
         head.fc.weight.add_(0.3 * torch.randn_like(head.fc.weight))
     _, other = _replay_greedy_rounds(model, head, spec, plain)
     assert other["rounds"] != have["rounds"]
 
+
+# ---- EAGLE-3 heads over a reduced draft vocabulary (vLLM's "eagle3" method) -----------------
 
 DRAFT_IDS = [1, 2, 3, 4, 5, 7, 8, 10]  # 8 of the 12 tokens, with gaps: d2t offsets are not all equal
 
@@ -326,9 +326,8 @@ def test_eagle3_greedy_output_and_acceptance_match_rlaccels_head(micro, engines,
     _, _, plain = engines
     head, engine = eagle3
     have, want = _replay_greedy_rounds(model, head, engine, plain)
-    print("eagle3 greedy rounds: replay", _summary(want), "vLLM", _summary(have))
     assert sum(want["per_pos"]) > 0 and want["per_pos"][0] < want["drafts"]
-    assert have == want
+    _assert_same_rounds("eagle3", have, want)
 
 
 def test_eagle3_head_after_a_drafter_sync(micro, engines, eagle3):
@@ -348,8 +347,7 @@ def test_eagle3_head_after_a_drafter_sync(micro, engines, eagle3):
     try:
         reload_drafter(engine.llm, changed.vllm_state())
         have, want = _replay_greedy_rounds(model, changed, engine, plain)
-        print("eagle3 greedy rounds after the sync: replay", _summary(want), "vLLM", _summary(have))
-        assert have == want
+        _assert_same_rounds("eagle3 after the sync", have, want)
     finally:
         reload_drafter(engine.llm, head.vllm_state())
 
@@ -478,16 +476,18 @@ def _replay_greedy_rounds(model, head, spec, plain, k: int = 2, new_tokens: int 
     return have, {"drafts": drafts, "per_pos": accepted, "rounds": rounds}
 
 
-def _summary(rounds: dict) -> dict:
-    return {k: v for k, v in rounds.items() if k != "rounds"}
+def _assert_same_rounds(label: str, have: dict, want: dict) -> None:
+    """vLLM's greedy rounds (``have``) equal the replay's (``want``): drafted ids, counts."""
+    counts = [{k: v for k, v in d.items() if k != "rounds"} for d in (want, have)]
+    print(f"{label} greedy rounds: replay", counts[0], "vLLM", counts[1])
+    assert have == want
 
 
 def test_native_mtp_greedy_output_and_acceptance_match_rlaccels_layer(native):
     model, head, spec, plain = native
     have, want = _replay_greedy_rounds(model, head, spec, plain)
-    print("native MTP greedy rounds: replay", _summary(want), "vLLM", _summary(have))
     assert sum(want["per_pos"]) > 0 and want["per_pos"][0] < want["drafts"]  # some drafts accepted, some not
-    assert have == want
+    _assert_same_rounds("native MTP", have, want)
 
 
 def test_native_mtp_after_a_policy_weight_sync(native):
@@ -508,8 +508,7 @@ def test_native_mtp_after_a_policy_weight_sync(native):
         for engine in (spec, plain):
             reload_weights(engine.llm, state)
         have, want = _replay_greedy_rounds(updated, head, spec, plain)
-        print("native MTP greedy rounds after the sync: replay", _summary(want), "vLLM", _summary(have))
-        assert have == want
+        _assert_same_rounds("native MTP after the sync", have, want)
     finally:
         original = {k: v.clone() for k, v in model.state_dict().items()}
         for engine in (spec, plain):
