@@ -47,6 +47,11 @@ class PackedBatch:
     # response `seq_response[k]` of it.
     seq_row: list[int]
     seq_response: list[int]
+    # The rows' RowLayout.response_index / response_valid padded to one [B, N_max, R_max] shape
+    # (padding entries point at position 0, invalid), and the prompt lengths [B].
+    response_index: torch.Tensor
+    response_valid: torch.Tensor
+    prompt_lens: torch.Tensor
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,7 +96,15 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
             valid[n, :R] = True
             offset += R
         rows.append(RowLayout(P, [len(r) for r in rs], index, valid))
-    return PackedBatch(input_ids, position_ids, segment_ids, rows, seq_row, seq_response)
+    n_max, r_max = max(len(rs) for _, rs in groups), max(len(r) for r in responses)
+    response_index = torch.zeros((B, n_max, r_max), dtype=torch.long)
+    response_valid = torch.zeros((B, n_max, r_max), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        n, r = row.response_index.shape
+        response_index[b, :n, :r] = torch.where(row.response_valid, row.response_index, 0)
+        response_valid[b, :n, :r] = row.response_valid
+    return PackedBatch(input_ids, position_ids, segment_ids, rows, seq_row, seq_response, response_index,
+                       response_valid, torch.tensor([len(p) for p, _ in groups]))
 
 
 def predicting_positions(row: RowLayout) -> torch.Tensor:

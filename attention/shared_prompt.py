@@ -6,10 +6,12 @@ k/v [B, H_kv, L, D] (grouped-query attention when H_kv < H), returns [B, H, L, D
 Backends (``BACKENDS``):
   * ``reference``: dense SDPA with the layout's boolean [L, L] mask — the oracle; costs
     (P+NR)² per row and head.
-  * ``regions`` (the CPU fast path): per row, the prompt's queries attend causally to the
-    prompt (one SDPA, P²/2); the N responses' queries attend, as one batched SDPA over n, to
-    keys [prompt keys | own response keys] with a causal mask on the second part
-    (N·R·(P+R)). Nothing between different responses is ever computed.
+  * ``regions`` (the CPU fast path): the prompt's queries attend causally to the prompt (one
+    SDPA, P²/2 per row); the N responses' queries attend to keys [prompt keys | own response
+    keys] with a causal mask on the second part (N·R·(P+R) per row), as one SDPA over every
+    response of the micro-batch. Nothing between different responses is ever computed. The
+    rows are padded to one shape, so two SDPA calls per layer serve the whole micro-batch
+    rather than two per row (with many short rows, the per-row small ops dominated).
 
 Deviation from the paper's region-wise LSE merge: the paper runs "response × prompt" and
 "response × itself" as separate kernels and merges their outputs with the log-sum-exp rule
@@ -31,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from attention.layout import PackedBatch, RowLayout, dense_mask
+from attention.layout import PackedBatch, dense_mask
 
 BACKENDS: dict[str, Callable] = {}
 
@@ -49,32 +51,43 @@ def reference_attention(q, k, v, batch: PackedBatch, scaling: float) -> torch.Te
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _row_regions(q, k, v, row: RowLayout, scaling: float) -> torch.Tensor:
-    """q [H, L, D], k/v [H_kv, L, D] of one row -> [H, L, D] (zeros on padding)."""
-    H, L, D = q.shape
-    gqa = k.shape[0] != H
-    P = row.prompt_len
-    out_prompt = F.scaled_dot_product_attention(q[None, :, :P], k[None, :, :P], v[None, :, :P], is_causal=True,
-                                                scale=scaling, enable_gqa=gqa)[0]          # [H, P, D]
-    index, valid = row.response_index.to(q.device), row.response_valid.to(q.device)   # [N, R]
-    N, R = index.shape
-    q_r = q[:, index].permute(1, 0, 2, 3)                                              # [N, H, R, D]
-    k_cat = torch.cat([k[None, :, :P].expand(N, -1, -1, -1), k[:, index].permute(1, 0, 2, 3)], dim=2)
-    v_cat = torch.cat([v[None, :, :P].expand(N, -1, -1, -1), v[:, index].permute(1, 0, 2, 3)], dim=2)
-    own = torch.ones(R, R, dtype=torch.bool, device=q.device).tril()[None] & valid[:, None, :]   # [N, R, R]
-    mask = torch.cat([torch.ones(N, R, P, dtype=torch.bool, device=q.device), own], dim=2)     # [N, R, P+R]
-    out_resp = F.scaled_dot_product_attention(q_r, k_cat, v_cat, attn_mask=mask[:, None], scale=scaling,
-                                              enable_gqa=gqa)                                  # [N, H, R, D]
-    # Responses are stored back to back after the prompt, so their valid tokens in (n, t)
-    # order are exactly positions P .. P+ΣR−1.
-    out_resp = out_resp.permute(1, 0, 2, 3)[:, valid]                                      # [H, ΣR, D]
-    pad = q.new_zeros(H, L - P - out_resp.shape[1], D)
-    return torch.cat([out_prompt, out_resp, pad], dim=1)
-
-
 @_register("regions")
 def regions_attention(q, k, v, batch: PackedBatch, scaling: float) -> torch.Tensor:
-    return torch.stack([_row_regions(q[b], k[b], v[b], row, scaling) for b, row in enumerate(batch.rows)])
+    """Two SDPA calls for the whole micro-batch (rows padded to the longest prompt, the most
+    responses and the longest response; padded queries and keys are masked, their outputs zero):
+    the prompts' queries causally over their prompt, and every response's queries over
+    [its row's prompt keys | its own keys]."""
+    B, H, L, D = q.shape
+    H_kv, gqa = k.shape[1], k.shape[1] != H
+    index, valid = batch.response_index.to(q.device), batch.response_valid.to(q.device)
+    prompt_lens = batch.prompt_lens.to(q.device)
+    N, R = index.shape[1:]
+    P = int(prompt_lens.max())
+    in_prompt = torch.arange(P, device=q.device)[None] < prompt_lens[:, None]                  # [B, P]
+    # Prompt queries: causal over the row's prompt keys. Slots past a row's own prompt (its
+    # responses or padding) still see that prompt, so no softmax row is empty; they are zeroed.
+    causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
+    out_prompt = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale=scaling, enable_gqa=gqa,
+                                                attn_mask=(causal[None] & in_prompt[:, None, :])[:, None])
+    out_prompt = out_prompt * in_prompt[:, None, :, None]                                      # [B, H, P, D]
+    flat = index.reshape(B, 1, N * R, 1)
+
+    def responses(t: torch.Tensor) -> torch.Tensor:  # [B, h, L, D] -> [B, N, h, R, D]
+        h = t.shape[1]
+        return t.gather(2, flat.expand(B, h, N * R, D)).view(B, h, N, R, D).transpose(1, 2)
+
+    def with_prompt(t: torch.Tensor) -> torch.Tensor:  # [B*N, H_kv, P+R, D]: the row's prompt, then its own
+        return torch.cat([t[:, None, :, :P].expand(B, N, H_kv, P, D), responses(t)], dim=3).reshape(B * N, H_kv, P + R, D)
+
+    own = torch.ones(R, R, dtype=torch.bool, device=q.device).tril()[None, None] & valid[:, :, None, :]   # [B, N, R, R]
+    mask = torch.cat([in_prompt[:, None, None, :].expand(B, N, R, P), own], dim=3)                    # [B, N, R, P+R]
+    out_resp = F.scaled_dot_product_attention(responses(q).reshape(B * N, H, R, D), with_prompt(k), with_prompt(v),
+                                              attn_mask=mask.reshape(B * N, 1, R, P + R), scale=scaling,
+                                              enable_gqa=gqa)                                  # [B*N, H, R, D]
+    out_resp = out_resp.view(B, N, H, R, D).transpose(1, 2).reshape(B, H, N * R, D) * valid.view(B, 1, N * R, 1)
+    # Prompt and response positions are disjoint; invalid entries add zeros at position 0.
+    out = F.pad(out_prompt, (0, 0, 0, L - P))
+    return out.scatter_add(2, flat.expand(B, H, N * R, D), out_resp)
 
 
 @_register("flex")

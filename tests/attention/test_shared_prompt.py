@@ -10,6 +10,7 @@ CASES = [  # (prompt lengths per group, response lengths per group)
     ([5], [[2, 1, 4]]),
     ([3, 7], [[3, 1], [1, 5, 2, 2, 1, 3, 1, 2]]),
     ([1], [[1]]),
+    ([9, 2, 4], [[1, 2], [1], [6, 6, 6]]),  # a row shorter than another's prompt; rows padded to one shape
 ]
 
 
