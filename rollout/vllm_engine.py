@@ -17,7 +17,7 @@ from rollout.engine import Completion
 from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter_skip, ensure_lossless_speculation,
                                    quiet_benign_warnings, reload_drafter, reload_weights, set_drafter_off,
                                    set_engine_env, set_spec_schedule, spec_decode_counters, spec_decode_delta,
-                                   spec_decode_rates)
+                                   spec_decode_rates, use_fast_sampling_noise)
 
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class VLLMEngine:
         quiet_benign_warnings()
         if self.speculative:
             ensure_lossless_speculation(self.llm)
+            use_fast_sampling_noise(self.llm)
             count_spec_decoding(self.llm)
             if schedule:
                 enable_drafter_skip(self.llm)  # k = 0 in the schedule costs what a plain engine costs
