@@ -24,6 +24,14 @@ from pathlib import Path
 import torch
 
 
+def adamw(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """torch's fused AdamW (one vectorised kernel over all parameters; transformers' default
+    optimizer since torch 2.8, so TRL's too). The per-tensor default took ~1 s per step for the
+    ~100M preset on one CPU thread, the fused one ~0.2 s; the same update up to float rounding."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                             fused=True)
+
+
 class LocalUpdate:
     """One process: torch AdamW with gradient-norm clipping."""
 
@@ -31,8 +39,7 @@ class LocalUpdate:
 
     def __init__(self, model: torch.nn.Module, cfg):
         self.model, self.max_grad_norm = model, cfg.max_grad_norm
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(cfg.beta1, cfg.beta2))
+        self.optimizer = adamw(model, cfg)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -83,8 +90,7 @@ class DeepSpeedUpdate:
 
         self.model, self.dist = model, dist
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      betas=(cfg.beta1, cfg.beta2))
+        optimizer = adamw(model, cfg)
         config = {
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False, "gradient_clipping": cfg.max_grad_norm,
