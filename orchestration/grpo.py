@@ -68,6 +68,14 @@ def init_ray(config: Config) -> None:
             ray.init(address="local", num_cpus=max(o.num_cpus, needed), include_dashboard=o.dashboard,
                      dashboard_host=o.bind_host, _node_ip_address=o.bind_host, runtime_env=env,
                      log_to_driver=True)
+            threads = (config.rollout.threads * config.rollout.num_workers
+                       + config.trainer.threads * config.trainer.world_size)
+            if o.max_staleness > 0 and threads > (os.cpu_count() or threads):
+                # Async: rollout and update compute at the same time on one machine.
+                log.warning("orchestration.max_staleness=%d runs rollout and update at once, and their threads "
+                            "(rollout.threads x num_workers + trainer.threads x world_size = %d) exceed this "
+                            "machine's %d cores: they slow each other down; lower rollout.threads or "
+                            "trainer.threads so that they sum to the cores", o.max_staleness, threads, os.cpu_count())
     have = ray.cluster_resources().get("CPU", 0)
     if have < needed:  # the actors would wait for CPUs forever
         raise ConfigError(f"the Ray cluster has {have:g} CPUs but rollout.num_workers="
