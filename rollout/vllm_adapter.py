@@ -261,9 +261,7 @@ def sample_recovered_tokens(max_spec_len: int, num_draft_tokens: list[int], cu_n
     q = torch.empty((batch_size, vocab_size), dtype=dtype, device=device)
     seeded = {i: g for i, g in sampling_metadata.generators.items() if num_draft_tokens[i] > 0}
     rest = [i for i in range(batch_size) if i not in seeded]
-    if len(rest) == batch_size:
-        q.copy_(exponential_noise(q.shape, dtype, device))
-    elif rest:
+    if rest:
         q[rest] = exponential_noise((len(rest), vocab_size), dtype, device)
     for i, generator in seeded.items():
         q[i] = exponential_noise((vocab_size,), dtype, device, generator)
