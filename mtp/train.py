@@ -42,7 +42,7 @@ from mtp.heads import Eagle3Head, EagleHead, MiMoMTPHead, has_native_mtp
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.data import DataError, load_prompts
 from orchestration.model_prep import prepare_model
-from policy.models import load_model, load_tokenizer, save_model
+from policy.models import load_model, load_tokenizer, save_model, set_cpu_math
 
 log = logging.getLogger("rlaccel.mtp")
 
@@ -98,7 +98,7 @@ def most_sampled(seqs: list[tuple[list[int], int]], n: int, vocab_size: int) -> 
 def train(config: Config, progress: bool = True) -> dict:
     """Train, export and report; returns the report (also ``<out>/report.json``)."""
     m, seed = config.mtp, config.orchestration.seed
-    torch.set_num_threads(m.threads)
+    set_cpu_math(m.threads, config.trainer.flush_denormal)
     out = Path(m.out or Path(config.logging.dir) / "drafter")
     model_dir = prepare_model(config, progress=progress)
     tokenizer = load_tokenizer(model_dir)

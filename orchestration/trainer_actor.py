@@ -16,7 +16,7 @@ import ray
 
 from orchestration.config import REPO_ROOT
 from policy.batch import Group
-from policy.models import pack_state, state_checksum
+from policy.models import pack_state, set_cpu_math, state_checksum
 from policy.trainer import PolicyTrainer, mini_batch_ids
 
 
@@ -39,6 +39,7 @@ class TrainerActor:
               dtype: str, probe_ids: list[int], master: tuple[str, int] | None = None,
               drafter: tuple[str, object] | None = None) -> None:
         """``drafter``: (head directory, mtp config) to maintain the drafter head online."""
+        set_cpu_math(trainer_cfg.threads, trainer_cfg.flush_denormal)  # before any tensor work
         if trainer_cfg.world_size > 1:
             from policy.distributed import init_process_group
             # DeepSpeed compiles a CPU op on its first start (~30 s): once per checkout, not per run.

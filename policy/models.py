@@ -17,6 +17,26 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
+
+
+def set_cpu_math(threads: int, flush_denormal: bool) -> None:
+    """This process's intra-op threads and denormal flushing (``trainer.flush_denormal``).
+
+    The flag lives in each thread's MXCSR register and OpenMP's worker threads copy it from the
+    thread that starts them, at the process's first parallel region: call this before any tensor
+    work. Where they started earlier, or the CPU has no flush-to-zero, a warning says so."""
+    import logging
+    torch.set_flush_denormal(flush_denormal)
+    torch.set_num_threads(threads)
+    if flush_denormal:
+        # float32 denormals from their bits (a literal would be flushed on conversion), multiplied
+        # by 1 in a parallel region that spans every thread: each one that flushes yields zeros.
+        denormal = torch.full((threads * 65_536,), 1 << 20, dtype=torch.int32).view(torch.float32) * 1.0
+        if denormal.count_nonzero():
+            logging.getLogger("rlaccel").warning(
+                "trainer.flush_denormal: %d of %d float32 denormals survived (this CPU cannot flush them, or "
+                "this process's OpenMP threads started before the flag was set): slower updates, same results",
+                int(denormal.count_nonzero()), denormal.numel())
 CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
 
 # Qwen3 architecture (GQA, RoPE, q/k norm) unless in QWEN2_FORM. `vocab_size` may exceed the tokenizer's

@@ -18,7 +18,7 @@ from attention.layout import balance_groups
 from policy.batch import Group, pad_sequences
 from policy.distributed import DeepSpeedUpdate, LocalUpdate
 from policy.grpo import ADVANTAGES, StepTotals, grpo_loss
-from policy.models import load_model, load_tokenizer
+from policy.models import load_model, load_tokenizer, set_cpu_math
 from policy.packed import packed_token_logprobs, upcast
 
 
@@ -57,7 +57,7 @@ class PolicyTrainer:
                  max_tokens: int, dtype: str = "float32"):
         self.cfg, self.algo = trainer_cfg, algorithm_cfg
         self.temperature, self.max_tokens = temperature, max_tokens
-        torch.set_num_threads(trainer_cfg.threads)
+        set_cpu_math(trainer_cfg.threads, trainer_cfg.flush_denormal)
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_model(model_dir, dtype).to(trainer_cfg.device)
         self.model.train()

@@ -118,3 +118,32 @@ def test_stale_samples_get_the_truncated_behaviour_weight(trainer):
     # row 0 is one version old: min(exp(old - behaviour), C=2); row 1 is on-policy: exactly 1
     expected = torch.tensor([[min(math.exp(0.5), 2.0), math.exp(-1.5)], [1.0, 1.0]])
     assert torch.allclose(w, expected)
+
+
+@pytest.fixture()
+def denormals_restored():
+    yield
+    torch.set_flush_denormal(False)
+
+
+def test_flushing_denormals_changes_the_update_by_less_than_float32_rounding(tiny_model_dir, denormals_restored):
+    """trainer.flush_denormal treats float32 values below 2^-126 as zero. At temperature 0.02 the
+    softmax tails underflow, so the LM head's gradient holds denormals (checked). Flushed, a
+    gradient element moves by < 2^-126 and its AdamW step by < lr * 2^-126 / eps ~ 1e-32, far
+    below one float32 rounding of any weight: the weights after two steps agree to one ulp."""
+    tiny = torch.finfo(torch.float32).tiny
+    weights, denormals = {}, {}
+    for flush in (False, True):
+        cfg = load_config(None, ["trainer.lr=1e-2", f"trainer.flush_denormal={flush}"])
+        t = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, temperature=0.02, max_tokens=8)
+        for _ in range(2):
+            for g in (groups := _groups([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]])):
+                g.version = t.version
+            t.step(groups)
+        grads = [p.grad for p in t.model.parameters() if p.grad is not None]
+        denormals[flush] = sum(int(((g != 0) & (g.abs() < tiny)).sum()) for g in grads)
+        weights[flush] = {k: v.clone() for k, v in t.model.state_dict().items()}
+    assert denormals[False] > 0 and denormals[True] == 0
+    for k, w in weights[False].items():
+        ulp = torch.finfo(torch.float32).eps * w.abs().clamp_min(tiny)
+        assert ((weights[True][k] - w).abs() <= ulp).all(), k
