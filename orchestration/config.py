@@ -116,8 +116,8 @@ class RolloutConfig:
     # vLLM's own statistics (Prometheus histograms per request and token, llm.get_metrics()).
     # rlaccel counts speculation itself; vLLM's statistics cost ~9% of a rollout call on the tiny preset.
     vllm_stats: bool = False
-    # The largest live batch the calibration measures (larger batches take its k); 0: the most
-    # one rollout call decodes, algorithm.prompts_per_step × rollout.n.
+    # The largest live batch the calibration measures (1, 4, 16, 64, 256 below it, then it; larger
+    # batches take its k); 0: the most one rollout call decodes, algorithm.prompts_per_step × rollout.n.
     adaptive_max_batch: int = 0
 
 

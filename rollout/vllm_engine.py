@@ -80,8 +80,8 @@ class VLLMEngine:
                 self.check = ScheduleCheck()
 
     def _calibrate(self):
-        """Step costs at live batch 1, 4, 16, 64, 256 (up to vLLM's max_num_seqs and the first size at
-        or above rollout.adaptive_max_batch, whose k then rules every larger batch) for every k, and
+        """Step costs at live batch 1, 4, 16, 64, 256 below rollout.adaptive_max_batch and at that
+        batch itself (capped by vLLM's max_num_seqs; its k then rules every larger batch), for every k, and
         the acceptance to start from: the drafter's mtp.train report if it has one, else 0.5 per
         position until the first generate call's counters replace it."""
         import json
@@ -89,9 +89,11 @@ class VLLMEngine:
 
         from rollout.adaptive import AdaptiveSchedule, measure_step_costs
         max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
-        sizes = [b for b in (1, 4, 16, 64, 256) if b <= max_seqs]
-        cap = self.cfg.adaptive_max_batch or max_seqs  # up to the first size >= the largest live batch
-        batches = tuple(b for i, b in enumerate(sizes) if i == 0 or sizes[i - 1] < cap)
+        # The largest live batch itself, not the next size above it: step costs grow with the batch
+        # (small preset, k = 3: 0.17 s at 16, 0.52 s at 64; spec_rollout.json), so timing 64 for a
+        # rollout of 32 sequences would over-state its step cost and lengthen the start-up.
+        cap = min(self.cfg.adaptive_max_batch or max_seqs, max_seqs)
+        batches = tuple(b for b in (1, 4, 16, 64, 256) if b < cap) + (cap,)
         k = self.cfg.num_speculative_tokens
         prompts = [[2 + (i * 7 + j) % 60 for j in range(8)] for i in range(16)]
         costs = measure_step_costs(self, batches, tuple(range(k + 1)), prompts)
