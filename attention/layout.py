@@ -133,14 +133,15 @@ def token_reduction(prompt_len: int, response_lens: list[int]) -> float:
     return sum(prompt_len + r for r in response_lens) / (prompt_len + sum(response_lens))
 
 
-def balance_groups(group_sizes: list[int], packed_lens: list[int], max_sequences: int) -> list[list[int]]:
-    """Assign whole groups to micro-batches of about ``max_sequences`` sequences, balancing
-    packed token counts (longest-first greedy). Returns group indices per micro-batch."""
-    bins = max(1, -(-sum(group_sizes) // max_sequences))
-    bins = min(bins, len(group_sizes))
+def balance_groups(packed_lens: list[int], max_tokens: int) -> list[list[int]]:
+    """Assign whole groups to as few micro-batches as hold about ``max_tokens`` packed tokens
+    each, balancing their token counts (longest-first greedy). Returns group indices per
+    micro-batch."""
+    bins = max(1, -(-sum(packed_lens) // max_tokens))
+    bins = min(bins, len(packed_lens))
     load = [0] * bins
     out: list[list[int]] = [[] for _ in range(bins)]
-    for g in sorted(range(len(group_sizes)), key=lambda g: -packed_lens[g]):
+    for g in sorted(range(len(packed_lens)), key=lambda g: -packed_lens[g]):
         k = min(range(bins), key=lambda k: load[k])
         out[k].append(g)
         load[k] += packed_lens[g]

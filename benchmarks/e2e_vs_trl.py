@@ -53,7 +53,7 @@ def cells(quick: bool) -> dict[str, dict]:
                            systems=("trl", "rlaccel_plain", "rlaccel_all"),
                            seed0_only=("trl_vllm",) + ablation),
         "tiny-long": dict(model="tiny", prompt="long", preset="configs/tiny.yaml",
-                          overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 20, seeds=(0,),
+                          overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 12, seeds=(0,),
                           target=None, systems=("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_shared"), seed0_only=()),
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 5, seeds=(0,),
@@ -269,12 +269,12 @@ def prepare(cell: dict, tmp: Path, quick: bool, log_dir: Path) -> tuple[str, str
     if not (head / "config.json").is_file():
         t0 = time.perf_counter()
         steps = {"tiny": (["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128"] if quick else
-                          ["mtp.steps=1500", "mtp.warm_steps=300", "mtp.lr=2e-3"]),
+                          ["mtp.steps=1000", "mtp.warm_steps=200", "mtp.lr=2e-3"]),
                  # small: an EAGLE-3-form head over 8,000 draft tokens (a quarter of its 32k vocabulary, as in
                  # spec_rollout.py), so a draft step does not pay for the whole LM head
                  "small": ["mtp.draft_vocab=8000", *(
                      ["mtp.steps=20", "mtp.warm_steps=5", "mtp.prompts=32", "mtp.heldout_prompts=8", "mtp.batch=8"]
-                     if quick else ["mtp.steps=60", "mtp.warm_steps=20", "mtp.prompts=128",
+                     if quick else ["mtp.steps=45", "mtp.warm_steps=15", "mtp.prompts=96",
                                     "mtp.heldout_prompts=8", "mtp.batch=16"])]}[cell["model"]]
         cmd = [sys.executable, "-m", "mtp.train", "--config", cell["preset"], "mtp.objective=tv", "mtp.k=3",
                f"mtp.out={head}", f"logging.dir={tmp / 'mtp-run'}", *steps]

@@ -131,7 +131,8 @@ class TrainerConfig:
     # Optimizer steps per rollout batch (the batch is split into this many mini-batches,
     # PPO-style; ratios are taken against the policy before the first of them).
     mini_batches: int = 1
-    # Sequences per forward/backward; gradients accumulate over a mini-batch.
+    # Sequences per forward/backward; gradients accumulate over a mini-batch. With shared_prompt,
+    # whole groups up to the tokens of this many rows of the step's longest sequence.
     micro_batch_size: int = 64
     threads: int = 1
     device: str = "cpu"

@@ -169,7 +169,9 @@ class PolicyTrainer:
 
     def _micro_batches(self, prompts, responses, indices) -> list[list[int]]:
         """Sequence indices per forward/backward. Unpacked: chunks of micro_batch_size.
-        Packed: whole same-prompt runs (groups), balanced by packed token count."""
+        Packed: whole same-prompt runs (groups), balanced by packed token count, with as many
+        tokens per micro-batch as micro_batch_size unpacked rows of the longest sequence hold (the
+        same activation memory): each prompt counted once, a micro-batch holds more sequences."""
         indices = list(indices)
         mb = self.cfg.micro_batch_size
         if not self.cfg.shared_prompt:
@@ -181,7 +183,8 @@ class PolicyTrainer:
             else:
                 runs.append([i])
         lens = [len(prompts[r[0]]) + sum(len(responses[i]) for i in r) for r in runs]
-        bins = balance_groups([len(r) for r in runs], lens, mb)
+        longest = max((len(prompts[i]) + len(responses[i]) for i in indices), default=1)
+        bins = balance_groups(lens, mb * longest)
         return [[i for g in b for i in runs[g]] for b in bins]
 
     def _behaviour_weight(self, old_logp: torch.Tensor, behaviour: list[list[float]],

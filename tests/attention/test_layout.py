@@ -29,7 +29,8 @@ def test_token_reduction():
 
 
 def test_balance_groups_keeps_groups_whole_and_balances_tokens():
-    bins = balance_groups([8, 8, 8, 8], [900, 100, 500, 500], max_sequences=16)
+    bins = balance_groups([900, 100, 500, 500], max_tokens=1000)
     assert sorted(g for b in bins for g in b) == [0, 1, 2, 3] and len(bins) == 2
     loads = sorted(sum([900, 100, 500, 500][g] for g in b) for b in bins)
     assert loads == [1000, 1000]
+    assert len(balance_groups([900, 100, 500, 500], max_tokens=4096)) == 1  # everything fits in one
