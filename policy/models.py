@@ -17,6 +17,22 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
+CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
+
+# Qwen3 architecture (GQA, RoPE, q/k norm) unless in QWEN2_FORM. `vocab_size` may exceed the tokenizer's
+# size, as in real Qwen checkpoints; "small" pads to 32k so its LM head costs what a real
+# vocabulary costs.
+BUILTIN_MODELS: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=128, max_position_embeddings=512),
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=4096),
+    # The tiny model in MiMo's form (Qwen2: q/k/v biases, no q/k norm), the base for a native MTP
+    # layer (`python -m mtp.train mtp.head=native`, then rollout.spec_method=mtp).
+    "tiny_mimo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
+}
+QWEN2_FORM = {"tiny_mimo"}
 
 
 def set_cpu_math(threads: int, flush_denormal: bool) -> None:
@@ -37,22 +53,6 @@ def set_cpu_math(threads: int, flush_denormal: bool) -> None:
                 "trainer.flush_denormal: %d of %d float32 denormals survived (this CPU cannot flush them, or "
                 "this process's OpenMP threads started before the flag was set): slower updates, same results",
                 int(denormal.count_nonzero()), denormal.numel())
-CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
-
-# Qwen3 architecture (GQA, RoPE, q/k norm) unless in QWEN2_FORM. `vocab_size` may exceed the tokenizer's
-# size, as in real Qwen checkpoints; "small" pads to 32k so its LM head costs what a real
-# vocabulary costs.
-BUILTIN_MODELS: dict[str, dict] = {
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, vocab_size=128, max_position_embeddings=512),
-    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                  num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=4096),
-    # The tiny model in MiMo's form (Qwen2: q/k/v biases, no q/k norm), the base for a native MTP
-    # layer (`python -m mtp.train mtp.head=native`, then rollout.spec_method=mtp).
-    "tiny_mimo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
-}
-QWEN2_FORM = {"tiny_mimo"}
 
 
 def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:

@@ -116,3 +116,21 @@ def test_trainer_step_is_the_same_packed_or_not(tiny_model_dir):
     assert abs(m_plain["loss"] - m_packed["loss"]) <= 1e-12
     for k in plain:
         assert (plain[k] - packed[k]).abs().max() <= 1e-10, k
+
+
+def test_packed_micro_batches_hold_whole_groups_within_the_unpacked_token_budget(tiny_model_dir):
+    """micro_batch_size=2 unpacked rows of the longest sequence (4 + 4 tokens) = 16 tokens per packed
+    micro-batch: groups of 4 + 10 = 14 packed tokens go one per micro-batch (two would be 28), so
+    four groups take four micro-batches; micro_batch_size=4 (32 tokens) takes two, 8 (64) one."""
+    prompts = [[3, 74, 3, 82]] * 4 + [[9, 76, 9, 82]] * 4 + [[5, 5, 5, 5]] * 4 + [[6, 6, 6, 6]] * 4
+    responses = [[4, 1], [5, 1], [4, 4, 4, 1], [1, 1]] * 4
+    for micro, expected in ((2, 4), (4, 2), (8, 1)):
+        cfg = load_config(None, [f"trainer.micro_batch_size={micro}", "trainer.shared_prompt=true"])
+        trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8)
+        bins = trainer._micro_batches(prompts, responses, range(16))
+        assert len(bins) == expected
+        assert sorted(i for b in bins for i in b) == list(range(16))
+        assert all(len(b) % 4 == 0 and all(prompts[i] == prompts[b[0]] for i in b[:4]) for b in bins)  # whole groups
+        budget = micro * max(len(p) + len(r) for p, r in zip(prompts, responses))
+        packed = [sum(len(responses[i]) for i in b) + len(b) // 4 * 4 for b in bins]
+        assert max(packed) <= budget
