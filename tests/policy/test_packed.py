@@ -130,7 +130,8 @@ def test_packed_micro_batches_hold_whole_groups_within_the_unpacked_token_budget
         bins = trainer._micro_batches(prompts, responses, range(16))
         assert len(bins) == expected
         assert sorted(i for b in bins for i in b) == list(range(16))
-        assert all(len(b) % 4 == 0 and all(prompts[i] == prompts[b[0]] for i in b[:4]) for b in bins)  # whole groups
+        groups = [{i // 4 for i in b} for b in bins]  # group g is sequences 4g .. 4g + 3
+        assert all(set(b) == {i for g in gs for i in range(4 * g, 4 * g + 4)} for b, gs in zip(bins, groups))
         budget = micro * max(len(p) + len(r) for p, r in zip(prompts, responses))
-        packed = [sum(len(responses[i]) for i in b) + len(b) // 4 * 4 for b in bins]
+        packed = [sum(len(prompts[4 * g]) + sum(len(r) for r in responses[4 * g:4 * g + 4]) for g in gs) for gs in groups]
         assert max(packed) <= budget
