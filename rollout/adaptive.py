@@ -16,9 +16,13 @@ this picks k per batch size from the measured one.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 1 << 16
@@ -117,6 +121,37 @@ def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], pr
     finally:
         set_spec_schedule(engine.llm, engine.cfg.spec_schedule or [(1, MAX_BATCH, engine.cfg.num_speculative_tokens)])
     return monotone(costs)
+
+
+def cached_step_costs(cache_dir: str | Path | None, key: dict, measure) -> dict[int, dict[int, float]]:
+    """``measure()`` (a step-cost table), or the table a run with the same ``key`` measured before.
+
+    Step costs depend on the engine's shapes, threads, versions and the machine, not on the
+    weights or the acceptance, so runs of one model and drafter on one machine can share them
+    (rollout.calibration_cache): the calibration is ~1 min on the 100M preset. ``key`` must name
+    everything the costs depend on; it is hashed into the file name and stored in the file. An
+    unreadable or mismatched file is measured again and replaced."""
+    if cache_dir is None:
+        return measure()
+    text = json.dumps(key, sort_keys=True, default=str)
+    path = Path(cache_dir) / f"step-costs-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved["key"] == json.loads(text):
+                log.info("speculation step costs from %s (measured %s; delete it to measure again)", path,
+                         saved["measured"])
+                return {int(b): {int(k): float(s) for k, s in row.items()} for b, row in saved["step_s"].items()}
+            log.warning("%s holds step costs of another engine; measuring again", path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("could not read cached step costs %s (%s); measuring again", path, exc)
+    costs = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # whole or absent, with several workers at once
+    tmp.write_text(json.dumps({"key": json.loads(text), "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "step_s": costs}, indent=1))
+    tmp.replace(path)
+    return costs
 
 
 def monotone(step_s: dict[int, dict[int, float]]) -> dict[int, dict[int, float]]:

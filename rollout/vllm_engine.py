@@ -87,7 +87,7 @@ class VLLMEngine:
         import json
         from pathlib import Path
 
-        from rollout.adaptive import AdaptiveSchedule, measure_step_costs
+        from rollout.adaptive import AdaptiveSchedule, cached_step_costs, measure_step_costs
         max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         # The largest live batch itself, not the next size above it: step costs grow with the batch
         # (small preset, k = 3: 0.17 s at 16, 0.52 s at 64; spec_rollout.json), so timing 64 for a
@@ -96,10 +96,39 @@ class VLLMEngine:
         batches = tuple(b for b in (1, 4, 16, 64, 256) if b < cap) + (cap,)
         k = self.cfg.num_speculative_tokens
         prompts = [[2 + (i * 7 + j) % 60 for j in range(8)] for i in range(16)]
-        costs = measure_step_costs(self, batches, tuple(range(k + 1)), prompts)
+        costs = cached_step_costs(self.cfg.calibration_cache, self._cost_key(batches, k, prompts),
+                                  lambda: measure_step_costs(self, batches, tuple(range(k + 1)), prompts))
         report = Path(self.cfg.draft_model or self.model_dir) / "report.json"  # mtp.train writes it there
         acceptance = json.loads(report.read_text())["vllm"].get("acceptance_per_pos") if report.is_file() else None
         return AdaptiveSchedule(self, costs, acceptance or [0.5] * k)
+
+    def _cost_key(self, batches: tuple[int, ...], k: int, prompts: list[list[int]]) -> dict:
+        """What this engine's step costs depend on (rollout.calibration_cache): the model's and the
+        drafter's architecture (not their weights), the speculation and engine settings, threads,
+        versions and the machine."""
+        import json
+        import os
+        import platform
+        from pathlib import Path
+
+        import vllm
+
+        def config(directory) -> dict | None:
+            path = Path(directory) / "config.json" if directory else None
+            return json.loads(path.read_text()) if path and path.is_file() else None
+        if torch.cuda.is_available():
+            device = torch.cuda.get_device_name()
+        else:
+            cpuinfo = Path("/proc/cpuinfo")
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name")] if cpuinfo.is_file() else []
+            device = names[0] if names else platform.processor()
+        c = self.cfg
+        return {"model": config(self.model_dir), "drafter": config(c.draft_model), "method": c.spec_method,
+                "k": k, "draft_sample_method": c.draft_sample_method, "batches": list(batches), "prompts": prompts,
+                "threads": c.threads, "dtype": str(self.llm.llm_engine.vllm_config.model_config.dtype),
+                "enforce_eager": c.enforce_eager, "vllm": vllm.__version__, "torch": torch.__version__,
+                "device": device, "cpus": os.cpu_count(), "ld_preload": os.environ.get("LD_PRELOAD", "")}
 
     def close(self) -> None:
         """Shut the engine down now (its workers; the process's parallel groups with the last engine)."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rollout.adaptive import MAX_BATCH, best_k, derive_schedule, expected_tokens
+from rollout.adaptive import MAX_BATCH, best_k, cached_step_costs, derive_schedule, expected_tokens
 
 
 def test_expected_tokens_is_the_accepted_prefix_plus_one():
@@ -37,6 +37,33 @@ def test_drift_in_acceptance_changes_the_schedule():
     costs = {1: {0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6}, 16: {0: 1.0, 1: 1.5, 2: 2.2, 3: 2.9}}
     assert derive_schedule(costs, [0.9, 0.9, 0.9]) == [[1, 1, 3], [2, MAX_BATCH, 1]]
     assert derive_schedule(costs, [0.2, 0.2, 0.2]) == [[1, MAX_BATCH, 0]]
+
+
+def test_cached_step_costs_are_measured_once_per_key_and_remeasured_when_unreadable(tmp_path):
+    calls = []
+
+    def measure(table):
+        def run():
+            calls.append(table)
+            return table
+        return run
+    first = {1: {0: 0.05, 1: 0.06}, 32: {0: 0.11, 1: 0.24}}
+    key = {"model": {"hidden_size": 64}, "threads": 1, "batches": [1, 32]}
+    assert cached_step_costs(None, key, measure(first)) == first  # no cache: always measured
+    assert cached_step_costs(tmp_path, key, measure(first)) == first
+    # The same key: read back (int batch sizes and k, as measured), not measured again.
+    assert cached_step_costs(tmp_path, dict(reversed(key.items())), measure({1: {0: 9.0}})) == first
+    assert len(calls) == 2
+    # Anything the key names differs (here the threads): measured, and kept apart.
+    other = {1: {0: 0.03, 1: 0.04}}
+    assert cached_step_costs(tmp_path, {**key, "threads": 2}, measure(other)) == other
+    assert cached_step_costs(tmp_path, key, measure({1: {0: 9.0}})) == first
+    assert len(calls) == 3 and len(list(tmp_path.glob("step-costs-*.json"))) == 2
+    # A damaged file is measured again and replaced.
+    for path in tmp_path.glob("step-costs-*.json"):
+        path.write_text("{not json")
+    assert cached_step_costs(tmp_path, key, measure(first)) == first and len(calls) == 4
+    assert cached_step_costs(tmp_path, key, measure({1: {0: 9.0}})) == first and len(calls) == 4
 
 
 def test_step_costs_are_made_monotone_in_k_and_batch():
