@@ -123,8 +123,10 @@ def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], pr
     return monotone(costs)
 
 
-def cached_step_costs(cache_dir: str | Path | None, key: dict, measure) -> dict[int, dict[int, float]]:
-    """``measure()`` (a step-cost table), or the table a run with the same ``key`` measured before.
+def cached_step_costs(cache_dir: str | Path | None, key: dict, batches: tuple[int, ...],
+                      measure) -> dict[int, dict[int, float]]:
+    """The step-cost table at ``batches``: ``measure(batches)``, or, with a cache directory, the
+    rows a run with the same ``key`` measured before, measuring only the batch sizes it lacks.
 
     Step costs depend on the engine's shapes, threads, versions and the machine, not on the
     weights or the acceptance, so runs of one model and drafter on one machine can share them
@@ -132,26 +134,31 @@ def cached_step_costs(cache_dir: str | Path | None, key: dict, measure) -> dict[
     everything the costs depend on; it is hashed into the file name and stored in the file. An
     unreadable or mismatched file is measured again and replaced."""
     if cache_dir is None:
-        return measure()
+        return measure(batches)
     text = json.dumps(key, sort_keys=True, default=str)
     path = Path(cache_dir) / f"step-costs-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    rows: dict[int, dict[int, float]] = {}
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
             if saved["key"] == json.loads(text):
-                log.info("speculation step costs from %s (measured %s; delete it to measure again)", path,
-                         saved["measured"])
-                return {int(b): {int(k): float(s) for k, s in row.items()} for b, row in saved["step_s"].items()}
-            log.warning("%s holds step costs of another engine; measuring again", path)
+                rows = {int(b): {int(k): float(s) for k, s in row.items()} for b, row in saved["step_s"].items()}
+            else:
+                log.warning("%s holds step costs of another engine; measuring again", path)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("could not read cached step costs %s (%s); measuring again", path, exc)
-    costs = measure()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # whole or absent, with several workers at once
-    tmp.write_text(json.dumps({"key": json.loads(text), "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
-                               "step_s": costs}, indent=1))
-    tmp.replace(path)
-    return costs
+    missing = tuple(b for b in batches if b not in rows)
+    if len(missing) < len(batches):
+        log.info("speculation step costs at batch %s from %s (delete it to measure again)",
+                 [b for b in batches if b in rows], path)
+    if missing:
+        rows.update(measure(missing))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # whole or absent, with several workers at once
+        tmp.write_text(json.dumps({"key": json.loads(text), "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "step_s": rows}, indent=1))
+        tmp.replace(path)
+    return monotone({b: rows[b] for b in batches})
 
 
 def monotone(step_s: dict[int, dict[int, float]]) -> dict[int, dict[int, float]]:

@@ -96,13 +96,13 @@ class VLLMEngine:
         batches = tuple(b for b in (1, 4, 16, 64, 256) if b < cap) + (cap,)
         k = self.cfg.num_speculative_tokens
         prompts = [[2 + (i * 7 + j) % 60 for j in range(8)] for i in range(16)]
-        costs = cached_step_costs(self.cfg.calibration_cache, self._cost_key(batches, k, prompts),
-                                  lambda: measure_step_costs(self, batches, tuple(range(k + 1)), prompts))
+        costs = cached_step_costs(self.cfg.calibration_cache, self._cost_key(k, prompts), batches,
+                                  lambda sizes: measure_step_costs(self, sizes, tuple(range(k + 1)), prompts))
         report = Path(self.cfg.draft_model or self.model_dir) / "report.json"  # mtp.train writes it there
         acceptance = json.loads(report.read_text())["vllm"].get("acceptance_per_pos") if report.is_file() else None
         return AdaptiveSchedule(self, costs, acceptance or [0.5] * k)
 
-    def _cost_key(self, batches: tuple[int, ...], k: int, prompts: list[list[int]]) -> dict:
+    def _cost_key(self, k: int, prompts: list[list[int]]) -> dict:
         """What this engine's step costs depend on (rollout.calibration_cache): the model's and the
         drafter's architecture (not their weights), the speculation and engine settings, threads,
         versions and the machine."""
@@ -125,7 +125,7 @@ class VLLMEngine:
             device = names[0] if names else platform.processor()
         c = self.cfg
         return {"model": config(self.model_dir), "drafter": config(c.draft_model), "method": c.spec_method,
-                "k": k, "draft_sample_method": c.draft_sample_method, "batches": list(batches), "prompts": prompts,
+                "k": k, "draft_sample_method": c.draft_sample_method, "prompts": prompts,
                 "threads": c.threads, "dtype": str(self.llm.llm_engine.vllm_config.model_config.dtype),
                 "enforce_eager": c.enforce_eager, "vllm": vllm.__version__, "torch": torch.__version__,
                 "device": device, "cpus": os.cpu_count(), "ld_preload": os.environ.get("LD_PRELOAD", "")}

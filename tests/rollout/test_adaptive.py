@@ -39,31 +39,40 @@ def test_drift_in_acceptance_changes_the_schedule():
     assert derive_schedule(costs, [0.2, 0.2, 0.2]) == [[1, MAX_BATCH, 0]]
 
 
-def test_cached_step_costs_are_measured_once_per_key_and_remeasured_when_unreadable(tmp_path):
+def test_cached_step_costs_are_measured_once_per_key_and_batch_size(tmp_path):
+    table = {1: {0: 0.05, 1: 0.06}, 16: {0: 0.08, 1: 0.13}, 32: {0: 0.11, 1: 0.24}}
     calls = []
 
-    def measure(table):
-        def run():
-            calls.append(table)
-            return table
-        return run
-    first = {1: {0: 0.05, 1: 0.06}, 32: {0: 0.11, 1: 0.24}}
-    key = {"model": {"hidden_size": 64}, "threads": 1, "batches": [1, 32]}
-    assert cached_step_costs(None, key, measure(first)) == first  # no cache: always measured
-    assert cached_step_costs(tmp_path, key, measure(first)) == first
-    # The same key: read back (int batch sizes and k, as measured), not measured again.
-    assert cached_step_costs(tmp_path, dict(reversed(key.items())), measure({1: {0: 9.0}})) == first
-    assert len(calls) == 2
+    def measure(batches):
+        calls.append(tuple(batches))
+        return {b: table[b] for b in batches}
+    key = {"model": {"hidden_size": 64}, "threads": 1}
+    assert cached_step_costs(None, key, (1, 32), measure) == {1: table[1], 32: table[32]}  # no cache: measured
+    assert cached_step_costs(tmp_path, key, (1, 32), measure) == {1: table[1], 32: table[32]}
+    # The same key (in any order): read back with int batch sizes and k, not measured again...
+    assert cached_step_costs(tmp_path, dict(reversed(key.items())), (1, 32), measure) == {1: table[1], 32: table[32]}
+    # ... and a batch size the file lacks is measured alone and added.
+    assert cached_step_costs(tmp_path, key, (1, 16), measure) == {1: table[1], 16: table[16]}
+    assert cached_step_costs(tmp_path, key, (1, 16, 32), measure) == table
+    assert calls == [(1, 32), (1, 32), (16,)]
     # Anything the key names differs (here the threads): measured, and kept apart.
-    other = {1: {0: 0.03, 1: 0.04}}
-    assert cached_step_costs(tmp_path, {**key, "threads": 2}, measure(other)) == other
-    assert cached_step_costs(tmp_path, key, measure({1: {0: 9.0}})) == first
-    assert len(calls) == 3 and len(list(tmp_path.glob("step-costs-*.json"))) == 2
+    assert cached_step_costs(tmp_path, {**key, "threads": 2}, (1,), measure) == {1: table[1]}
+    assert calls[-1] == (1,) and len(list(tmp_path.glob("step-costs-*.json"))) == 2
     # A damaged file is measured again and replaced.
     for path in tmp_path.glob("step-costs-*.json"):
         path.write_text("{not json")
-    assert cached_step_costs(tmp_path, key, measure(first)) == first and len(calls) == 4
-    assert cached_step_costs(tmp_path, key, measure({1: {0: 9.0}})) == first and len(calls) == 4
+    assert cached_step_costs(tmp_path, key, (1, 32), measure) == {1: table[1], 32: table[32]}
+    assert calls[-1] == (1, 32) and len(calls) == 5
+    assert cached_step_costs(tmp_path, key, (32,), measure) == {32: table[32]} and len(calls) == 5
+
+
+def test_cached_rows_measured_apart_are_made_monotone_together(tmp_path):
+    """A batch size measured in a later run can cost less than a smaller one measured earlier
+    (noise); the table returned is non-decreasing in the batch size, as one calibration's is."""
+    runs = iter([{16: {0: 0.10, 1: 0.20}}, {32: {0: 0.09, 1: 0.25}}])
+    cached_step_costs(tmp_path, {}, (16,), lambda batches: next(runs))
+    assert cached_step_costs(tmp_path, {}, (16, 32), lambda batches: next(runs)) == {
+        16: {0: 0.10, 1: 0.20}, 32: {0: 0.10, 1: 0.25}}
 
 
 def test_step_costs_are_made_monotone_in_k_and_batch():
