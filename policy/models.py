@@ -115,6 +115,30 @@ def num_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def empty_model(directory: str | Path):
+    """The model of ``directory``'s config with its parameters on the meta device (no memory, no
+    initialisation) and its buffers (e.g. rotary frequencies) real: it runs with weights given per
+    call (:func:`probe_logprobs`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    return model.eval()
+
+
+@torch.no_grad()
+def probe_logprobs(model, token_ids: list[int], state_dict: dict[str, torch.Tensor] | None = None) -> list[float]:
+    """log p(token_t | tokens_<t) at temperature 1 for t >= 1, the weight-sync probe: with
+    ``model``'s own weights, or with ``state_dict``'s (``torch.func.functional_call``, reading the
+    tensors in place; ``model`` may be an :func:`empty_model`)."""
+    weights = state_dict if state_dict is not None else dict(model.named_parameters())
+    device = next(iter(weights.values())).device
+    x = torch.tensor([token_ids], device=device)
+    out = model(x) if state_dict is None else torch.func.functional_call(model, state_dict, (x,))
+    logits = out.logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0].tolist()
+
+
 def state_checksum(state_dict: dict[str, torch.Tensor]) -> str:
     """XXH3-128 over names, shapes, dtypes and bytes of every tensor, in name order.
 

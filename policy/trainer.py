@@ -207,13 +207,6 @@ class PolicyTrainer:
         batch = _to(pad_sequences(ps, rs, self.tokenizer.pad_token_id), self.cfg.device)
         return token_logprobs(model, batch, self.temperature), batch.response_mask
 
-    @torch.no_grad()
-    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log p(token_t | tokens_<t) at temperature 1 for t >= 1: the weight-sync probe."""
-        logits = self.model(torch.tensor([token_ids], device=self.cfg.device)).logits[0, :-1].float()
-        target = torch.tensor(token_ids[1:], device=self.cfg.device)[:, None]
-        return torch.log_softmax(logits, -1).gather(-1, target)[:, 0].tolist()
-
     # ---- state ----------------------------------------------------------------------
 
     def state_dict(self, copy: bool = True) -> dict[str, torch.Tensor]:

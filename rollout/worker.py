@@ -2,8 +2,9 @@
 
 It turns dataset rows into :class:`policy.batch.Group` s (tokenise, sample, decode) and
 applies verified weight updates: the received tensors must match the sender's checksum,
-and, when the sender provides a probe, the engine's logprobs of the probe after the update
-must match the trainer's, proving the engine samples with the new weights.
+and, when the sender names probe tokens, the engine's logprobs of them after the update must
+match a transformers forward with the received weights (the trainer's model, on the same
+bytes), proving the engine samples with the new weights.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import time
 
 from policy.batch import Group
-from policy.models import PackedState, load_tokenizer, state_checksum, sync_tolerance, unpack_state
+from policy.models import (PackedState, empty_model, load_tokenizer, probe_logprobs, state_checksum, sync_tolerance,
+                           unpack_state)
 
 
 class WeightSyncError(RuntimeError):
@@ -43,6 +45,9 @@ class RolloutWorker:
                  version: int = 0):
         """``version``: the policy version of the weights in ``model_dir`` (a checkpoint's)."""
         self.cfg, self.dtype, self.worker_id = rollout_cfg, dtype, worker_id
+        # The probe's reference: the model without weights (they come with each update); built here,
+        # not at the first update, which would cost a timed step the ~3 s of importing accelerate.
+        self._reference = empty_model(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = make_engine(model_dir, rollout_cfg, dtype, seed)
         self.version = version
@@ -77,9 +82,10 @@ class RolloutWorker:
         return ray.get_runtime_context().get_node_id()
 
     def update_weights(self, weights: PackedState, version: int, checksum: str,
-                       probe: tuple[list[int], list[float]] | None = None) -> dict:
+                       probe: list[int] | None = None) -> dict:
         """Load new weights (packed by :func:`policy.models.pack_state`) in place; raises
-        :class:`WeightSyncError` unless verified."""
+        :class:`WeightSyncError` unless verified. ``probe``: token ids whose logprobs the engine
+        must then give as a transformers forward with these weights does."""
         t0 = time.perf_counter()
         state_dict = unpack_state(weights)
         received = state_checksum(state_dict)
@@ -91,14 +97,16 @@ class RolloutWorker:
         metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0,
                    "sync_bytes": float(sum(t.numel() * t.element_size() for t in state_dict.values()))}
         if probe is not None:
-            ids, expected = probe
-            got = self.engine.prompt_logprobs(ids)
+            from mtp.maintain import split_drafter
+            expected = probe_logprobs(self._reference, probe, split_drafter(state_dict)[0])
+            got = self.engine.prompt_logprobs(probe)
             diff = max(abs(a - b) for a, b in zip(got, expected))
             if diff > sync_tolerance(self.dtype):
                 self.sync_error = (
                     f"worker {self.worker_id}: after loading version {version} the engine's probe logprobs differ "
-                    f"from the trainer's by {diff:.2e} (> {sync_tolerance(self.dtype):.0e}): the engine is not "
-                    f"sampling with the new weights. This is a vLLM adapter failure (rollout/vllm_adapter.py).")
+                    f"from the trainer model's with the same weights by {diff:.2e} (> "
+                    f"{sync_tolerance(self.dtype):.0e}): the engine is not sampling with the new weights. This is "
+                    f"a vLLM adapter failure (rollout/vllm_adapter.py).")
                 raise WeightSyncError(self.sync_error)
             metrics["sync_probe_diff"] = diff
         self.version, self.sync_error = version, None

@@ -5,7 +5,7 @@ import torch
 
 from orchestration.config import load_config
 from policy.batch import pad_sequences
-from policy.models import load_model, pack_state, state_checksum
+from policy.models import empty_model, load_model, pack_state, probe_logprobs, state_checksum
 from policy.trainer import token_logprobs
 from rollout.worker import RolloutWorker, WeightSyncError
 
@@ -44,22 +44,31 @@ def test_update_refuses_corrupted_weights(worker, tiny_model_dir_b):
     assert worker.version == 0
 
 
-def test_update_is_verified_by_the_probe(worker, tiny_model_dir, tiny_model_dir_b):
+def test_update_is_verified_by_the_probe(worker, tiny_model_dir, tiny_model_dir_b, monkeypatch):
     probe_ids = [3, 4, 74, 5, 82, 6]
-    model_b = load_model(tiny_model_dir_b).eval()
-    state_b = model_b.state_dict()
-    with torch.no_grad():
-        logits = model_b(torch.tensor([probe_ids])).logits[0, :-1]
-    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(probe_ids[1:])[:, None])[:, 0].tolist()
-    metrics = worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), (probe_ids, expected))
+    state_b = load_model(tiny_model_dir_b).state_dict()
+    metrics = worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), probe_ids)
     assert worker.version == 1 and metrics["sync_probe_diff"] < 1e-5
-    # A probe computed with other weights than the ones delivered must be caught.
+    # The engine's logprobs after the update are those of model b itself ...
+    got = torch.tensor(worker.engine.prompt_logprobs(probe_ids))
+    assert torch.allclose(got, torch.tensor(probe_logprobs(load_model(tiny_model_dir_b).eval(), probe_ids)), atol=1e-5)
+    # ... and an engine that did not take the delivered weights (an adapter failure) is caught.
     state_a = load_model(tiny_model_dir).state_dict()
+    monkeypatch.setattr(worker.engine, "load_weights", lambda state_dict: None)
     with pytest.raises(WeightSyncError, match="not sampling with the new weights"):
-        worker.update_weights(pack_state(state_a), 2, state_checksum(state_a), (probe_ids, expected))
+        worker.update_weights(pack_state(state_a), 2, state_checksum(state_a), probe_ids)
     assert worker.version == 1
     # ... and the worker refuses to sample with unverified weights until a verified update
     with pytest.raises(WeightSyncError, match="refusing to sample"):
         worker.generate(ROWS, seed=0)
-    worker.update_weights(pack_state(state_b), 3, state_checksum(state_b), (probe_ids, expected))
+    monkeypatch.undo()
+    worker.update_weights(pack_state(state_b), 3, state_checksum(state_b), probe_ids)
     assert worker.version == 3 and worker.generate(ROWS, seed=0)[0][0].version == 3
+
+
+def test_the_probe_reference_reads_the_received_weights_without_a_model_copy(tiny_model_dir_b):
+    model = load_model(tiny_model_dir_b).eval()
+    ids = [3, 4, 74, 5, 82, 6]
+    empty = empty_model(tiny_model_dir_b)
+    assert all(p.is_meta for p in empty.parameters())
+    assert probe_logprobs(empty, ids, model.state_dict()) == probe_logprobs(model, ids)  # the same forward, bit for bit
