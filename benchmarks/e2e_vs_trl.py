@@ -122,7 +122,7 @@ def summarize(steps: list[dict], target: float | None, samples_per_step: int) ->
             "curve": [(s["wall"], a, samples_per_step * (i + 1)) for i, (s, a) in enumerate(zip(steps, avg))]}
 
 
-# ---- one run (in a subprocess) ----------------------------------------------------------------
+# ---- one run (TRL in a subprocess, rlaccel in the driver) ---------------------------------------
 
 def run_rlaccel(job: dict) -> dict:
     import ray
@@ -294,8 +294,9 @@ def run_here(job: dict, log) -> str | None:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
                 one({**job, "keep_ray": True})
-            except Exception as exc:  # the next run goes on; this one is reported as failed
+            except Exception as exc:  # the next run goes on, in a fresh Ray session; this one is reported as failed
                 traceback.print_exc()
+                stop_ray()
                 return f"{type(exc).__name__}: {exc}"
             finally:
                 gc.collect()  # the run's object refs, before the next run's actors start

@@ -16,7 +16,7 @@ import ray
 
 from orchestration.config import REPO_ROOT
 from policy.batch import Group
-from policy.models import pack_state, set_cpu_math, state_checksum
+from policy.models import pack_state, probe_logprobs, set_cpu_math, state_checksum
 from policy.trainer import PolicyTrainer, mini_batch_ids
 
 
@@ -60,12 +60,13 @@ class TrainerActor:
         return metrics
 
     def export(self):
-        """(weights, version, checksum, probe token ids) for a verified weight sync, the weights
-        packed for the object store (:func:`policy.models.pack_state`); a maintained drafter head's
-        weights travel in the same state dict (``drafter.`` prefix). The probe's reference logprobs
-        are computed by the worker from the weights it received (checksum-equal to these): a forward
-        here would read every weight once more on the trainer, the critical path (~0.17 s a step
-        on the 100M preset), where the worker has time while the trainer trains."""
+        """(weights, version, checksum, probe) for a verified weight sync, the weights packed for the
+        object store (:func:`policy.models.pack_state`); a maintained drafter head's weights travel
+        in the same state dict (``drafter.`` prefix). probe = (token ids, their logprobs or None):
+        on a CPU trainer the worker computes the reference logprobs from the weights it received
+        (checksum-equal to these), since a forward here would read every weight once more on the
+        trainer's core (~0.17 s a step on the 100M preset), the critical path of an async run; on
+        a GPU the trainer's forward costs milliseconds and a worker's would run on its CPU."""
         # No copy: the packed arrays view the live parameters. This is safe because Ray serialises a
         # task's return value into the object store (one copy) before this actor runs its next method,
         # and TrainerActor is a plain single-threaded actor (no max_concurrency, no async methods) that
@@ -74,7 +75,9 @@ class TrainerActor:
         state = self.trainer.state_dict(copy=False)
         if self.maintainer is not None:
             state.update(self.maintainer.state())
-        return pack_state(state), self.trainer.version, state_checksum(state), self.probe_ids
+        on_cpu = str(self.trainer.cfg.device) == "cpu"
+        probe = (self.probe_ids, None if on_cpu else probe_logprobs(self.trainer.model, self.probe_ids))
+        return pack_state(state), self.trainer.version, state_checksum(state), probe
 
     def save(self, directory: str) -> str:
         path = self.trainer.save_checkpoint(directory)

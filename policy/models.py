@@ -99,16 +99,22 @@ def load_tokenizer(directory: str | Path):
     return tokenizer
 
 
-def load_model(directory: str | Path, dtype: str | torch.dtype = torch.float32):
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+def _policy_class(directory: str | Path):
+    """(model class, its config) of the policy in ``directory``."""
     config = Path(directory) / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == "mimo":
         # MiMo checkpoints are Qwen2 plus native MTP layers (remote code in transformers); the policy
         # is the Qwen2 part, the MTP layers are vLLM's drafter (mtp.heads.MiMoMTPHead).
         from transformers import Qwen2Config, Qwen2ForCausalLM
-        return Qwen2ForCausalLM.from_pretrained(str(directory), config=Qwen2Config.from_pretrained(str(directory)),
-                                                dtype=dtype, attn_implementation="sdpa")
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="sdpa")
+        return Qwen2ForCausalLM, Qwen2Config.from_pretrained(str(directory))
+    from transformers import AutoConfig
+    return AutoModelForCausalLM, AutoConfig.from_pretrained(str(directory))
+
+
+def load_model(directory: str | Path, dtype: str | torch.dtype = torch.float32):
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    cls, config = _policy_class(directory)
+    return cls.from_pretrained(str(directory), config=config, dtype=dtype, attn_implementation="sdpa")
 
 
 def num_parameters(model) -> int:
@@ -116,13 +122,14 @@ def num_parameters(model) -> int:
 
 
 def empty_model(directory: str | Path):
-    """The model of ``directory``'s config with its parameters on the meta device (no memory, no
+    """:func:`load_model`'s model with its parameters on the meta device (no memory, no
     initialisation) and its buffers (e.g. rotary frequencies) real: it runs with weights given per
     call (:func:`probe_logprobs`)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
+    cls, config = _policy_class(directory)
+    config._attn_implementation = "sdpa"
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+        model = AutoModelForCausalLM.from_config(config) if cls is AutoModelForCausalLM else cls(config)
     return model.eval()
 
 
@@ -131,10 +138,16 @@ def probe_logprobs(model, token_ids: list[int], state_dict: dict[str, torch.Tens
     """log p(token_t | tokens_<t) at temperature 1 for t >= 1, the weight-sync probe: with
     ``model``'s own weights, or with ``state_dict``'s (``torch.func.functional_call``, reading the
     tensors in place; ``model`` may be an :func:`empty_model`)."""
+    if state_dict is not None:
+        missing = sorted({name for name, _ in model.named_parameters(remove_duplicate=False)} - set(state_dict))
+        if missing:
+            raise ValueError(f"the weights for the probe lack {len(missing)} of the model's parameters "
+                             f"(e.g. {missing[:3]}): they are not a state dict of this model")
     weights = state_dict if state_dict is not None else dict(model.named_parameters())
     device = next(iter(weights.values())).device
     x = torch.tensor([token_ids], device=device)
-    out = model(x) if state_dict is None else torch.func.functional_call(model, state_dict, (x,))
+    # tie_weights=False: every name comes with its own tensor (a state dict names tied weights twice).
+    out = model(x) if state_dict is None else torch.func.functional_call(model, state_dict, (x,), tie_weights=False)
     logits = out.logits[0, :-1].float()
     return torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0].tolist()
 

@@ -26,6 +26,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 1 << 16
+# Part of a cached step-cost table's key (rollout.calibration_cache): change it when what a step
+# costs or how it is measured changes in rlaccel (measure_step_costs' windows, the drafter skip
+# at k = 0, the sampling path), so that no table measured before is reused.
+CALIBRATION_VERSION = "2026-12-01: 2 warm-up + 8 timed steps, 2 repeats, min; drafter skipped at k=0"
 
 
 def expected_tokens(acceptance_per_pos: list[float], k: int) -> float:
@@ -133,7 +137,7 @@ def cached_step_costs(cache_dir: str | Path | None, key: dict, batches: tuple[in
     (rollout.calibration_cache): the calibration is ~1 min on the 100M preset. ``key`` must name
     everything the costs depend on; it is hashed into the file name and stored in the file. An
     unreadable or mismatched file is measured again and replaced."""
-    if cache_dir is None:
+    if not cache_dir:
         return measure(batches)
     text = json.dumps(key, sort_keys=True, default=str)
     path = Path(cache_dir) / f"step-costs-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
@@ -153,11 +157,14 @@ def cached_step_costs(cache_dir: str | Path | None, key: dict, batches: tuple[in
                  [b for b in batches if b in rows], path)
     if missing:
         rows.update(measure(missing))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # whole or absent, with several workers at once
-        tmp.write_text(json.dumps({"key": json.loads(text), "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                   "step_s": rows}, indent=1))
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # whole or absent, with several workers at once
+            tmp.write_text(json.dumps({"key": json.loads(text), "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                       "step_s": rows}, indent=1))
+            tmp.replace(path)
+        except OSError as exc:  # the measurement stands; only later runs lose it
+            log.warning("could not keep the step costs in %s (%s): check rollout.calibration_cache", path, exc)
     return monotone({b: rows[b] for b in batches})
 
 

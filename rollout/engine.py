@@ -76,7 +76,6 @@ class HFEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict)
 
-    @torch.no_grad()
     def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
-        logits = self.model(torch.tensor([token_ids])).logits[0, :-1].float()
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids[1:])[:, None])[:, 0].tolist()
+        from policy.models import probe_logprobs
+        return probe_logprobs(self.model, token_ids)

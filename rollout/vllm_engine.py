@@ -87,7 +87,7 @@ class VLLMEngine:
         import json
         from pathlib import Path
 
-        from rollout.adaptive import AdaptiveSchedule, cached_step_costs, measure_step_costs
+        from rollout.adaptive import CALIBRATION_VERSION, AdaptiveSchedule, cached_step_costs, measure_step_costs
         max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         # The largest live batch itself, not the next size above it: step costs grow with the batch
         # (small preset, k = 3: 0.17 s at 16, 0.52 s at 64; spec_rollout.json), so timing 64 for a
@@ -96,16 +96,22 @@ class VLLMEngine:
         batches = tuple(b for b in (1, 4, 16, 64, 256) if b < cap) + (cap,)
         k = self.cfg.num_speculative_tokens
         prompts = [[2 + (i * 7 + j) % 60 for j in range(8)] for i in range(16)]
-        costs = cached_step_costs(self.cfg.calibration_cache, self._cost_key(k, prompts), batches,
-                                  lambda sizes: measure_step_costs(self, sizes, tuple(range(k + 1)), prompts))
+        ks, measured = tuple(range(k + 1)), []
+
+        def measure(sizes: tuple[int, ...]) -> dict[int, dict[int, float]]:
+            measured.append(sizes)
+            return measure_step_costs(self, sizes, ks, prompts)
+        costs = cached_step_costs(self.cfg.calibration_cache, self._cost_key(k, prompts), batches, measure)
+        if not measured:  # every row from the cache: still run each k once, so first-use costs stay out of the run
+            measure_step_costs(self, (), ks, prompts)
         report = Path(self.cfg.draft_model or self.model_dir) / "report.json"  # mtp.train writes it there
         acceptance = json.loads(report.read_text())["vllm"].get("acceptance_per_pos") if report.is_file() else None
         return AdaptiveSchedule(self, costs, acceptance or [0.5] * k)
 
     def _cost_key(self, k: int, prompts: list[list[int]]) -> dict:
         """What this engine's step costs depend on (rollout.calibration_cache): the model's and the
-        drafter's architecture (not their weights), the speculation and engine settings, threads,
-        versions and the machine."""
+        drafter's architecture (not their weights), the speculation and engine settings, threads and
+        the thread/allocator environment, versions (rlaccel's calibration too) and the machine."""
         import json
         import os
         import platform
@@ -128,7 +134,9 @@ class VLLMEngine:
                 "k": k, "draft_sample_method": c.draft_sample_method, "prompts": prompts,
                 "threads": c.threads, "dtype": str(self.llm.llm_engine.vllm_config.model_config.dtype),
                 "enforce_eager": c.enforce_eager, "vllm": vllm.__version__, "torch": torch.__version__,
-                "device": device, "cpus": os.cpu_count(), "ld_preload": os.environ.get("LD_PRELOAD", "")}
+                "device": device, "cpus": os.cpu_count(), "calibration": CALIBRATION_VERSION,
+                "env": {k: v for k, v in sorted(os.environ.items())
+                        if k == "LD_PRELOAD" or k.startswith(("VLLM_CPU_", "OMP_", "KMP_"))}}
 
     def close(self) -> None:
         """Shut the engine down now (its workers; the process's parallel groups with the last engine)."""

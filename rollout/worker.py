@@ -3,8 +3,8 @@
 It turns dataset rows into :class:`policy.batch.Group` s (tokenise, sample, decode) and
 applies verified weight updates: the received tensors must match the sender's checksum,
 and, when the sender names probe tokens, the engine's logprobs of them after the update must
-match a transformers forward with the received weights (the trainer's model, on the same
-bytes), proving the engine samples with the new weights.
+match the reference ones (the trainer's, or a transformers forward of the policy's model class
+with the received weights), proving the engine samples with the new weights.
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ class RolloutWorker:
                  version: int = 0):
         """``version``: the policy version of the weights in ``model_dir`` (a checkpoint's)."""
         self.cfg, self.dtype, self.worker_id = rollout_cfg, dtype, worker_id
-        # The probe's reference: the model without weights (they come with each update); built here,
-        # not at the first update, which would cost a timed step the ~3 s of importing accelerate.
-        self._reference = empty_model(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = make_engine(model_dir, rollout_cfg, dtype, seed)
+        # The probe's reference when the trainer sends none: the model without weights (they come
+        # with each update); built here, not at the first update, where the ~3 s of importing
+        # accelerate would land in a timed step.
+        self._reference = empty_model(model_dir)
         self.version = version
         # Set when an update fails verification: the engine's weights are then unknown, and
         # the worker refuses to sample until a verified update succeeds.
@@ -82,10 +83,10 @@ class RolloutWorker:
         return ray.get_runtime_context().get_node_id()
 
     def update_weights(self, weights: PackedState, version: int, checksum: str,
-                       probe: list[int] | None = None) -> dict:
+                       probe: tuple[list[int], list[float] | None] | None = None) -> dict:
         """Load new weights (packed by :func:`policy.models.pack_state`) in place; raises
-        :class:`WeightSyncError` unless verified. ``probe``: token ids whose logprobs the engine
-        must then give as a transformers forward with these weights does."""
+        :class:`WeightSyncError` unless verified. ``probe``: (token ids, the logprobs the engine
+        must then give them, or None for a transformers forward with these weights here)."""
         t0 = time.perf_counter()
         state_dict = unpack_state(weights)
         received = state_checksum(state_dict)
@@ -97,14 +98,16 @@ class RolloutWorker:
         metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0,
                    "sync_bytes": float(sum(t.numel() * t.element_size() for t in state_dict.values()))}
         if probe is not None:
-            from mtp.maintain import split_drafter
-            expected = probe_logprobs(self._reference, probe, split_drafter(state_dict)[0])
-            got = self.engine.prompt_logprobs(probe)
+            ids, expected = probe
+            if expected is None:
+                from mtp.maintain import split_drafter
+                expected = probe_logprobs(self._reference, ids, split_drafter(state_dict)[0])
+            got = self.engine.prompt_logprobs(ids)
             diff = max(abs(a - b) for a, b in zip(got, expected))
             if diff > sync_tolerance(self.dtype):
                 self.sync_error = (
                     f"worker {self.worker_id}: after loading version {version} the engine's probe logprobs differ "
-                    f"from the trainer model's with the same weights by {diff:.2e} (> "
+                    f"from the reference ones for the same weights by {diff:.2e} (> "
                     f"{sync_tolerance(self.dtype):.0e}): the engine is not sampling with the new weights. This is "
                     f"a vLLM adapter failure (rollout/vllm_adapter.py).")
                 raise WeightSyncError(self.sync_error)

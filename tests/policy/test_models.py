@@ -1,8 +1,12 @@
-"""The weight-sync wire format and its checksum."""
+"""The weight-sync wire format, its checksum and the probe's reference forward."""
 
+import json
+
+import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from policy.models import pack_state, state_checksum, unpack_state
+from policy.models import empty_model, load_model, pack_state, probe_logprobs, state_checksum, unpack_state
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -29,3 +33,22 @@ def test_checksum_sees_one_flipped_bit_a_dtype_and_a_name():
     assert state_checksum(dict(state, ids=state["ids"].to(torch.int32))) != want
     renamed = {("v" if k == "w" else k): t for k, t in state.items()}
     assert state_checksum(renamed) != want
+
+
+def test_the_probe_reference_reads_the_received_weights_without_a_model_copy(tiny_model_dir_b):
+    model = load_model(tiny_model_dir_b).eval()
+    ids = [3, 4, 74, 5, 82, 6]
+    empty = empty_model(tiny_model_dir_b)
+    assert all(p.is_meta for p in empty.parameters())
+    assert probe_logprobs(empty, ids, model.state_dict()) == probe_logprobs(model, ids)  # the same forward, bit for bit
+    partial = {k: v for k, v in model.state_dict().items() if k != "model.norm.weight"}
+    with pytest.raises(ValueError, match="lack 1 of the model's parameters"):
+        probe_logprobs(empty, ids, partial)
+
+
+def test_a_mimo_checkpoints_reference_is_its_qwen2_policy(tmp_path):
+    """MiMo's config.json names a remote-code model type; the policy is the Qwen2 part (as load_model reads it)."""
+    config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mimo", "num_nextn_predict_layers": 1}))
+    assert type(empty_model(tmp_path)) is Qwen2ForCausalLM

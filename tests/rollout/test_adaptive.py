@@ -1,5 +1,7 @@
 """The adaptive speculation schedule (rollout/adaptive.py): pure arithmetic on measured costs."""
 
+import json
+
 import pytest
 
 from rollout.adaptive import MAX_BATCH, best_k, cached_step_costs, derive_schedule, expected_tokens
@@ -64,6 +66,12 @@ def test_cached_step_costs_are_measured_once_per_key_and_batch_size(tmp_path):
     assert cached_step_costs(tmp_path, key, (1, 32), measure) == {1: table[1], 32: table[32]}
     assert calls[-1] == (1, 32) and len(calls) == 5
     assert cached_step_costs(tmp_path, key, (32,), measure) == {32: table[32]} and len(calls) == 5
+    # A file under this key's name that holds another key's table (a hash collision, a hand edit)
+    # is not trusted either; neither is an empty cache setting a directory.
+    path = next(p for p in tmp_path.glob("step-costs-*.json") if json.loads(p.read_text())["key"] == key)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "key": {**key, "threads": 3}}))
+    assert cached_step_costs(tmp_path, key, (32,), measure) == {32: table[32]} and calls[-1] == (32,)
+    assert cached_step_costs("", key, (1,), measure) == {1: table[1]} and calls[-1] == (1,)
 
 
 def test_cached_rows_measured_apart_are_made_monotone_together(tmp_path):

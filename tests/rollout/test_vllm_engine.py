@@ -9,7 +9,7 @@ import torch
 
 from orchestration.config import load_config
 from policy.batch import pad_sequences
-from policy.models import load_model
+from policy.models import load_model, probe_logprobs
 from policy.trainer import token_logprobs
 
 pytestmark = pytest.mark.vllm
@@ -38,10 +38,7 @@ def _greedy(engine) -> list[list[int]]:
 
 
 def _hf_prompt_logprobs(model_dir, ids):
-    model = load_model(model_dir).eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1]
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return torch.tensor(probe_logprobs(load_model(model_dir).eval(), ids))
 
 
 def test_behaviour_logprobs_match_the_trainer(engine, tiny_model_dir):

@@ -5,7 +5,7 @@ import torch
 
 from orchestration.config import load_config
 from policy.batch import pad_sequences
-from policy.models import empty_model, load_model, pack_state, probe_logprobs, state_checksum
+from policy.models import load_model, pack_state, probe_logprobs, state_checksum
 from policy.trainer import token_logprobs
 from rollout.worker import RolloutWorker, WeightSyncError
 
@@ -45,30 +45,38 @@ def test_update_refuses_corrupted_weights(worker, tiny_model_dir_b):
 
 
 def test_update_is_verified_by_the_probe(worker, tiny_model_dir, tiny_model_dir_b, monkeypatch):
+    """With no reference logprobs sent (a CPU trainer), the worker computes them from the weights
+    it received; an engine that did not take those weights (an adapter failure) is caught."""
     probe_ids = [3, 4, 74, 5, 82, 6]
     state_b = load_model(tiny_model_dir_b).state_dict()
-    metrics = worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), probe_ids)
+    metrics = worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), (probe_ids, None))
     assert worker.version == 1 and metrics["sync_probe_diff"] < 1e-5
     # The engine's logprobs after the update are those of model b itself ...
     got = torch.tensor(worker.engine.prompt_logprobs(probe_ids))
     assert torch.allclose(got, torch.tensor(probe_logprobs(load_model(tiny_model_dir_b).eval(), probe_ids)), atol=1e-5)
-    # ... and an engine that did not take the delivered weights (an adapter failure) is caught.
+    # ... and an engine that kept other weights is caught.
     state_a = load_model(tiny_model_dir).state_dict()
     monkeypatch.setattr(worker.engine, "load_weights", lambda state_dict: None)
     with pytest.raises(WeightSyncError, match="not sampling with the new weights"):
-        worker.update_weights(pack_state(state_a), 2, state_checksum(state_a), probe_ids)
+        worker.update_weights(pack_state(state_a), 2, state_checksum(state_a), (probe_ids, None))
     assert worker.version == 1
     # ... and the worker refuses to sample with unverified weights until a verified update
     with pytest.raises(WeightSyncError, match="refusing to sample"):
         worker.generate(ROWS, seed=0)
     monkeypatch.undo()
-    worker.update_weights(pack_state(state_b), 3, state_checksum(state_b), probe_ids)
+    worker.update_weights(pack_state(state_b), 3, state_checksum(state_b), (probe_ids, None))
     assert worker.version == 3 and worker.generate(ROWS, seed=0)[0][0].version == 3
 
 
-def test_the_probe_reference_reads_the_received_weights_without_a_model_copy(tiny_model_dir_b):
-    model = load_model(tiny_model_dir_b).eval()
-    ids = [3, 4, 74, 5, 82, 6]
-    empty = empty_model(tiny_model_dir_b)
-    assert all(p.is_meta for p in empty.parameters())
-    assert probe_logprobs(empty, ids, model.state_dict()) == probe_logprobs(model, ids)  # the same forward, bit for bit
+def test_update_is_verified_against_the_trainers_reference_when_sent(worker, tiny_model_dir, tiny_model_dir_b):
+    """A GPU trainer sends its own probe logprobs: the engine must give those."""
+    probe_ids = [3, 4, 74, 5, 82, 6]
+    model_b = load_model(tiny_model_dir_b).eval()
+    expected_b = probe_logprobs(model_b, probe_ids)
+    state_b = model_b.state_dict()
+    assert worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), (probe_ids, expected_b))[
+        "sync_probe_diff"] < 1e-5
+    state_a = load_model(tiny_model_dir).state_dict()  # delivered intact, but not what the probe was computed for
+    with pytest.raises(WeightSyncError, match="not sampling with the new weights"):
+        worker.update_weights(pack_state(state_a), 2, state_checksum(state_a), (probe_ids, expected_b))
+    assert worker.version == 1
