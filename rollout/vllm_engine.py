@@ -87,7 +87,7 @@ class VLLMEngine:
         import json
         from pathlib import Path
 
-        from rollout.adaptive import CALIBRATION_VERSION, AdaptiveSchedule, cached_step_costs, measure_step_costs
+        from rollout.adaptive import AdaptiveSchedule, cached_step_costs, measure_step_costs
         max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         # The largest live batch itself, not the next size above it: step costs grow with the batch
         # (small preset, k = 3: 0.17 s at 16, 0.52 s at 64; spec_rollout.json), so timing 64 for a
@@ -95,7 +95,8 @@ class VLLMEngine:
         cap = min(self.cfg.adaptive_max_batch or max_seqs, max_seqs)
         batches = tuple(b for b in (1, 4, 16, 64, 256) if b < cap) + (cap,)
         k = self.cfg.num_speculative_tokens
-        prompts = [[2 + (i * 7 + j) % 60 for j in range(8)] for i in range(16)]
+        span = min(60, self.llm.llm_engine.vllm_config.model_config.get_vocab_size() - 2)  # ids in the vocabulary
+        prompts = [[2 + (i * 7 + j) % span for j in range(8)] for i in range(16)]
         ks, measured = tuple(range(k + 1)), []
 
         def measure(sizes: tuple[int, ...]) -> dict[int, dict[int, float]]:
@@ -118,6 +119,8 @@ class VLLMEngine:
         from pathlib import Path
 
         import vllm
+
+        from rollout.adaptive import CALIBRATION_VERSION
 
         def config(directory) -> dict | None:
             path = Path(directory) / "config.json" if directory else None

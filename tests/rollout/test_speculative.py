@@ -270,6 +270,37 @@ def test_the_schedule_check_runs_its_off_calls_without_drafter_and_restores_the_
         set_spec_schedule(adaptive.llm, [(1, 2, 2), (3, 65536, 0)])
 
 
+def test_the_calibration_is_kept_for_the_next_engine_of_the_same_kind(micro, engines, tmp_path, monkeypatch):
+    """rollout.calibration_cache: the first adaptive engine measures its step costs and keeps them;
+    the next engine of the same model, drafter and settings reads them and only warms each k up."""
+    from vllm.v1.sample import rejection_sampler
+
+    from rollout import adaptive as adaptive_module
+    from rollout.vllm_engine import VLLMEngine
+    _, root = micro
+    measured, measure = [], adaptive_module.measure_step_costs
+
+    def recording(engine, batches, *args, **kwargs):
+        measured.append(tuple(batches))
+        return measure(engine, batches, *args, **kwargs)
+    monkeypatch.setattr(adaptive_module, "measure_step_costs", recording)
+    original = rejection_sampler.expand_batch_to_tokens
+    cfg = load_config(None, [f"rollout.draft_model={root / 'draft'}", "rollout.num_speculative_tokens=2",
+                             "rollout.adaptive_spec=true", "rollout.adaptive_max_batch=4",
+                             f"rollout.calibration_cache={tmp_path}", "rollout.max_model_len=64",
+                             "data.max_prompt_tokens=16"]).rollout
+    try:
+        first = VLLMEngine(str(root / "policy"), cfg)
+        first.close()
+        assert measured == [(1, 4)] and len(list(tmp_path.glob("step-costs-*.json"))) == 1
+        second = VLLMEngine(str(root / "policy"), cfg)
+        second.close()
+        assert measured == [(1, 4), ()]  # the second engine's calibration: the warm-up alone
+        assert second.adaptive.step_s == first.adaptive.step_s and set(first.adaptive.step_s) == {1, 4}
+    finally:
+        rejection_sampler.expand_batch_to_tokens = original
+
+
 def test_eagle_greedy_drafts_match_rlaccels_head(micro, engines):
     """vLLM's eagle drafter proposes, round by round, the token ids rlaccel's EAGLE head (read back
     from the exported checkpoint) predicts with the engine's drafting recursion; a head that
