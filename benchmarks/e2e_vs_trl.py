@@ -446,7 +446,7 @@ def main() -> None:
         rows = keep + rows
     print(table(rows))
     write_results(rows, args.out, plot)
-    (out.parent / "e2e_vs_trl.md").write_text(table(rows) + "\n")
+    out.with_suffix(".md").write_text(table(rows) + "\n")  # beside the JSON (a --out re-run keeps the main table)
 
 
 if __name__ == "__main__":
