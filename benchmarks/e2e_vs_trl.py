@@ -125,8 +125,6 @@ def summarize(steps: list[dict], target: float | None, samples_per_step: int) ->
 # ---- one run (TRL in a subprocess, rlaccel in the driver) ---------------------------------------
 
 def run_rlaccel(job: dict) -> dict:
-    import ray
-
     from orchestration.config import load_config
     from orchestration.grpo import main
     extra = []
@@ -136,11 +134,7 @@ def run_rlaccel(job: dict) -> dict:
                                          f"orchestration.seed={job['seed']}", f"model.path={job['model_dir']}",
                                          f"logging.dir={job['run_dir']}", "logging.tensorboard=false"])
     t0 = time.perf_counter()
-    try:
-        history = main(config, progress=False)
-    finally:
-        if not job.get("keep_ray"):
-            ray.shutdown()
+    history = main(config, progress=False)  # the Ray session stays up for the next rlaccel run
     setup = time.perf_counter() - t0 - sum(h["step_s"] for h in history)
     wall, steps = 0.0, []
     for i, h in enumerate(history):
@@ -293,7 +287,7 @@ def run_here(job: dict, log) -> str | None:
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
-                one({**job, "keep_ray": True})
+                one(job)
             except Exception as exc:  # the next run goes on, in a fresh Ray session; this one is reported as failed
                 traceback.print_exc()
                 stop_ray()

@@ -126,10 +126,9 @@ def empty_model(directory: str | Path):
     initialisation) and its buffers (e.g. rotary frequencies) real: it runs with weights given per
     call (:func:`probe_logprobs`)."""
     from accelerate import init_empty_weights
-    cls, config = _policy_class(directory)
-    config._attn_implementation = "sdpa"
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config) if cls is AutoModelForCausalLM else cls(config)
+    _, config = _policy_class(directory)
+    with init_empty_weights(include_buffers=False):  # the config's class picks the model's (Qwen2 for MiMo)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.eval()
 
 
