@@ -3,7 +3,9 @@
 A local ``model.path`` is used as is. A built-in model is built, warm-started on the run's
 prompts and cached under ``$RLACCEL_CACHE`` (default ``<repo>/.cache``), keyed by a hash of
 everything that determines it; the directory is written to a temporary name and renamed,
-so an interrupted build never leaves a half-written model behind.
+so an interrupted build never leaves a half-written model behind, and a file lock makes a
+second process wanting the same model (two jobs, parallel tests) wait for the first's build
+instead of repeating it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from orchestration.config import REPO_ROOT, Config
 from orchestration.data import load_prompts
@@ -31,16 +34,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLACCEL_CACHE", REPO_ROOT / ".cache"))
 
 
-def prepare_model(config: Config, progress: bool = True) -> Path:
-    m = config.model
-    if m.path is not None:
-        return Path(m.path)
-    key_src = json.dumps({"v": WARM_START_VERSION, "model": dataclasses.asdict(m),
-                          "data": dataclasses.asdict(config.data)}, sort_keys=True)
+def cached_model(config: Config) -> tuple[str, Path]:
+    """The built-in model's cache key (everything that determines it) and its directory."""
+    key_src = json.dumps({"v": WARM_START_VERSION, "model": dataclasses.asdict(config.model),
+                          "data": dataclasses.asdict(config.data), "seed": config.orchestration.seed},
+                         sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{m.name}-{key}"
+    return key_src, cache_dir() / "models" / f"{config.model.name}-{key}"
+
+
+def prepare_model(config: Config, progress: bool = True) -> Path:
+    if config.model.path is not None:
+        return Path(config.model.path)
+    key_src, target = cached_model(config)
     if (target / "config.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():  # built by another process while this one waited
+            return target
+        return _build(config, key_src, target, progress)
+
+
+def _build(config: Config, key_src: str, target: Path, progress: bool) -> Path:
+    m = config.model
     tokenizer = build_char_tokenizer()
     model = build_model(m.name, tokenizer, seed=config.orchestration.seed, dtype=getattr(torch, m.dtype))
     log.info("building model %r (%.2fM parameters) into %s", m.name, num_parameters(model) / 1e6, target)
