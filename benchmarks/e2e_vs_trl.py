@@ -52,24 +52,25 @@ LONG = ["data.few_shot=32", "data.max_prompt_tokens=384", "rollout.max_model_len
 
 
 def cells(quick: bool) -> dict[str, dict]:
-    """Per cell: preset, overrides, steps, seeds, target reward, the systems and who runs each seed."""
+    """Per cell: preset, overrides, steps, seeds, target reward, the systems and who runs each seed.
+    Every cell has the ablation (each acceleration alone) beside plain and all."""
     ablation = ("rlaccel_spec", "rlaccel_shared", "rlaccel_async")
     return {
         "tiny-short": dict(model="tiny", prompt="short", preset="configs/tiny.yaml", overrides=[],
-                           steps=20 if quick else 100, seeds=(0,) if quick else (0, 1, 2), target=0.22,
+                           steps=20 if quick else 80, seeds=(0,) if quick else (0, 1, 2), target=0.22,
                            systems=("trl", "rlaccel_plain", "rlaccel_all"),
                            seed0_only=("trl_vllm",) + ablation, optional=("rlaccel_nospec",)),
         "tiny-long": dict(model="tiny", prompt="long", preset="configs/tiny.yaml",
                           overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 12, seeds=(0,),
-                          target=None, systems=("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_shared"), seed0_only=()),
+                          target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation),
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 5, seeds=(0,),
-                            target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=(),
+                            target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation,
                             optional=("trl_ftz",)),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            overrides=LONG + ["algorithm.prompts_per_step=2", "rollout.max_model_len=480"],
                            steps=3 if quick else 3, seeds=(0,), target=None,
-                           systems=("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_shared"), seed0_only=()),
+                           systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation),
     }
 
 
