@@ -28,6 +28,7 @@ step per rollout batch. Wall-clock excludes the first step (warm-up; start-up is
 setup_s); rlaccel_all also reports its head training (head_s), done once per model.
 
     python benchmarks/e2e_vs_trl.py [--quick] [--cells tiny-short,tiny-long,small-short,small-long] [--optional]
+                                    [--systems rlaccel_plain,rlaccel_spec,...]
 
 Writes benchmarks/results/e2e_vs_trl.json (a list of {system, seed, wall_s_to_target,
 target_reward, final_reward, samples, model, prompt, samples_per_s, ...}) and e2e_vs_trl.png.
@@ -383,6 +384,9 @@ def main() -> None:
     parser.add_argument("--cells", default=None, help="comma-separated subset of tiny-short,tiny-long,small-short,small-long")
     parser.add_argument("--optional", action="store_true",
                         help="also the optional systems (rlaccel_nospec in tiny-short, trl_ftz in small-short)")
+    parser.add_argument("--systems", default=None,
+                        help="comma-separated: only these systems (their seeds as planned); the other rows of the "
+                             "results file are kept")
     parser.add_argument("--out", default=str(RESULTS / "e2e_vs_trl.json"))
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -395,6 +399,9 @@ def main() -> None:
     unknown = set(chosen) - set(plan)
     if unknown:
         parser.error(f"unknown cells {sorted(unknown)}; choose from {list(plan)}")
+    bad = set(args.systems.split(",")) - {*RLACCEL, "trl", "trl_vllm", "trl_ftz"} if args.systems else set()
+    if bad:
+        parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_vllm, trl_ftz, {', '.join(RLACCEL)}")
     out = Path(args.out)
     rows: list[dict] = []
     t_all = time.perf_counter()
@@ -404,14 +411,18 @@ def main() -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         for name in chosen:
             cell = plan[name]
+            jobs = [(s, seed) for seed in cell["seeds"] for s in cell["systems"]] + \
+                   [(s, cell["seeds"][0]) for s in cell["seed0_only"]] + \
+                   [(s, cell["seeds"][0]) for s in (cell.get("optional", ()) if args.optional else ())]
+            if args.systems:
+                jobs = [(s, seed) for s, seed in jobs if s in args.systems.split(",")]
+            if not jobs:
+                continue
             stop_ray()  # nor an idle Ray session the head training's
             model_dir, head, head_s = prepare(cell, tmp, args.quick, log_dir)
             print(f"== {name}: {cell['steps']} steps, seeds {list(cell['seeds'])}"
                   f"{f', head trained in {head_s:.0f}s' if head_s else ''}", flush=True)
             per_step = None
-            jobs = [(s, seed) for seed in cell["seeds"] for s in cell["systems"]] + \
-                   [(s, cell["seeds"][0]) for s in cell["seed0_only"]] + \
-                   [(s, cell["seeds"][0]) for s in (cell.get("optional", ()) if args.optional else ())]
             for system, seed in jobs:
                 job = {"system": system, "seed": seed, "cell": name, "preset": cell["preset"],
                        "overrides": cell["overrides"], "steps": cell["steps"], "model_dir": model_dir, "head": head,
@@ -436,8 +447,10 @@ def main() -> None:
                       f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
                       f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
     stop_ray()
-    if args.cells and out.is_file():  # a subset re-run replaces its cells and keeps the others
-        keep = [r for r in json.loads(out.read_text()) if f"{r['model']}-{r['prompt']}" not in chosen]
+    if (args.cells or args.systems) and out.is_file():  # a subset re-run replaces its rows and keeps the others
+        done = {(r["model"], r["prompt"], r["system"], r["seed"]) for r in rows}
+        keep = [r for r in json.loads(out.read_text()) if (r["model"], r["prompt"], r["system"], r["seed"]) not in done
+                and (args.systems or f"{r['model']}-{r['prompt']}" not in chosen)]
         rows = keep + rows
     print(table(rows))
     write_results(rows, args.out, plot)
