@@ -399,7 +399,8 @@ def main() -> None:
     unknown = set(chosen) - set(plan)
     if unknown:
         parser.error(f"unknown cells {sorted(unknown)}; choose from {list(plan)}")
-    bad = set(args.systems.split(",")) - {*RLACCEL, "trl", "trl_vllm", "trl_ftz"} if args.systems else set()
+    systems = set(args.systems.split(",")) if args.systems else None
+    bad = (systems or set()) - {*RLACCEL, "trl", "trl_vllm", "trl_ftz"}
     if bad:
         parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_vllm, trl_ftz, {', '.join(RLACCEL)}")
     out = Path(args.out)
@@ -414,8 +415,8 @@ def main() -> None:
             jobs = [(s, seed) for seed in cell["seeds"] for s in cell["systems"]] + \
                    [(s, cell["seeds"][0]) for s in cell["seed0_only"]] + \
                    [(s, cell["seeds"][0]) for s in (cell.get("optional", ()) if args.optional else ())]
-            if args.systems:
-                jobs = [(s, seed) for s, seed in jobs if s in args.systems.split(",")]
+            if systems:
+                jobs = [(s, seed) for s, seed in jobs if s in systems]
             if not jobs:
                 continue
             stop_ray()  # nor an idle Ray session the head training's
@@ -447,10 +448,12 @@ def main() -> None:
                       f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
                       f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
     stop_ray()
-    if (args.cells or args.systems) and out.is_file():  # a subset re-run replaces its rows and keeps the others
-        done = {(r["model"], r["prompt"], r["system"], r["seed"]) for r in rows}
-        keep = [r for r in json.loads(out.read_text()) if (r["model"], r["prompt"], r["system"], r["seed"]) not in done
-                and (args.systems or f"{r['model']}-{r['prompt']}" not in chosen)]
+    if (args.cells or systems) and out.is_file():  # a subset re-run keeps the file's other rows
+        key = lambda r: (r["model"], r["prompt"], r["system"], r["seed"])  # noqa: E731
+        redone = {key(r) for r in rows}
+        # --systems replaces the rows it re-ran; --cells alone replaces its cells whole
+        keep = [r for r in json.loads(out.read_text()) if key(r) not in redone
+                and (systems or f"{r['model']}-{r['prompt']}" not in chosen)]
         rows = keep + rows
     print(table(rows))
     write_results(rows, args.out, plot)

@@ -74,6 +74,6 @@ def _build(config: Config, key_src: str, target: Path, progress: bool) -> Path:
     (tmp / "rlaccel_build.json").write_text(key_src)
     try:
         tmp.rename(target)
-    except OSError:  # another process finished the same build first
+    except OSError:  # another process finished the same build first (a filesystem without working locks)
         shutil.rmtree(tmp, ignore_errors=True)
     return target
