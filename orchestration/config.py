@@ -86,6 +86,11 @@ class RolloutConfig:
     # vLLM: KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE); max_model_len.
     kv_cache_gib: int = 1
     max_model_len: int = 128
+    # vLLM's KV-cache block size (tokens); null: vLLM's default (128 on CPU), but 32 (the CPU
+    # attention's smallest) for a speculative engine: with an EAGLE-form drafter vLLM drops the last
+    # matched block of every prefix-cache hit (the drafter needs that block's hidden states), so a
+    # 128-token block costs each request up to 128 recomputed prompt tokens.
+    block_size: int | None = None
     # vLLM: fraction of GPU memory for the engine (GPU presets only).
     gpu_memory_utilization: float = 0.5
     # vLLM: eager mode is required on CPU; CUDA graphs on GPU.

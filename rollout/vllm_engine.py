@@ -22,6 +22,7 @@ from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter
 
 log = logging.getLogger(__name__)
 MAX_NUM_SEQS = 256  # vLLM's default on CPU
+SPEC_CPU_BLOCK_SIZE = 32  # rollout.block_size's default for a speculative engine on CPU (see there)
 
 
 class VLLMEngine:
@@ -33,7 +34,7 @@ class VLLMEngine:
         self.cfg = rollout_cfg
         kwargs = dict(model=str(model_dir), dtype=dtype, enforce_eager=rollout_cfg.enforce_eager,
                       max_model_len=rollout_cfg.max_model_len, logprobs_mode="processed_logprobs",
-                      seed=seed, enable_prefix_caching=True)
+                      seed=seed, enable_prefix_caching=True, disable_log_stats=not rollout_cfg.vllm_stats)
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
         self.model_dir = str(model_dir)
@@ -57,13 +58,16 @@ class VLLMEngine:
             else:
                 from mtp.heads import draft_method
                 spec.update(method=draft_method(rollout_cfg.draft_model), model=str(rollout_cfg.draft_model))
-            kwargs.update(disable_log_stats=not rollout_cfg.vllm_stats, speculative_config=spec)
+            kwargs["speculative_config"] = spec
             schedule = rollout_cfg.spec_schedule
             if rollout_cfg.adaptive_spec:  # a schedule makes vLLM's k settable per step; calibrated below
                 schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
             if schedule:
                 kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [tuple(r) for r in schedule]
+        if rollout_cfg.block_size or (self.speculative and not torch.cuda.is_available()):
+            kwargs["block_size"] = rollout_cfg.block_size or SPEC_CPU_BLOCK_SIZE
         self.llm = build_llm(**kwargs)
+        self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
         quiet_benign_warnings()
         if self.speculative:
             ensure_lossless_speculation(self.llm)
@@ -135,7 +139,7 @@ class VLLMEngine:
         c = self.cfg
         return {"model": config(self.model_dir), "drafter": config(c.draft_model), "method": c.spec_method,
                 "k": k, "draft_sample_method": c.draft_sample_method, "prompts": prompts,
-                "threads": c.threads, "dtype": str(self.llm.llm_engine.vllm_config.model_config.dtype),
+                "block_size": self.block_size, "threads": c.threads, "dtype": str(self.llm.llm_engine.vllm_config.model_config.dtype),
                 "enforce_eager": c.enforce_eager, "vllm": vllm.__version__, "torch": torch.__version__,
                 "device": device, "cpus": os.cpu_count(), "calibration": CALIBRATION_VERSION,
                 "env": {k: v for k, v in sorted(os.environ.items())

@@ -572,3 +572,27 @@ def test_step_cost_calibration_covers_every_batch_size_and_k(adaptive):
     assert costs == monotone(costs)
     assert list(_scheduler(adaptive.llm).dynamic_sd_lookup) == schedule
     assert not adaptive.llm.llm_engine.has_unfinished_requests(), "calibration requests left in the engine"
+
+
+def _prefix_hits(engine) -> float:
+    return next(m.value for m in engine.llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+
+
+def test_a_speculative_cpu_engine_lets_a_prompts_samples_share_its_blocks(tiny_model_dir, tmp_path):
+    """rollout.block_size: vLLM drops the last matched block of a prefix-cache hit when an EAGLE
+    drafter runs, so with its 128-token CPU blocks the 3 later samples of a 100-token prompt hit
+    nothing and recompute it; a speculative CPU engine takes 32-token blocks, and they hit 2 of the
+    prompt's 3 full blocks."""
+    from policy.models import load_model
+    from rollout.vllm_engine import VLLMEngine
+    EagleHead.for_policy(load_model(tiny_model_dir)).save_vllm(tmp_path / "draft")
+    prompt = [[3 + i % 60 for i in range(100)]]
+    hits = {}
+    for block in (None, 128):
+        cfg = load_config(None, [f"rollout.draft_model={tmp_path / 'draft'}", "rollout.n=4", "rollout.max_tokens=4",
+                                 "rollout.vllm_stats=true"] + ([f"rollout.block_size={block}"] if block else [])).rollout
+        engine = VLLMEngine(str(tiny_model_dir), cfg)
+        engine.generate(prompt, seed=1)
+        hits[engine.block_size] = _prefix_hits(engine)
+        engine.close()
+    assert hits == {32: 3 * 64, 128: 0}
