@@ -289,6 +289,29 @@ def use_fast_sampling_noise(llm) -> None:
     llm.collective_rpc(_install_fast_noise)
 
 
+def count_greater_equal(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """vLLM's ``batched_count_greater_than`` (a sampled token's rank among its logprobs), eager."""
+    return (x >= values).sum(-1)
+
+
+def _install_eager_ranks(worker=None) -> bool:
+    """Runs in the engine's worker process: True if installed now (CPU engines only)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import sampler
+    if not current_platform.is_cpu() or sampler.batched_count_greater_than is count_greater_equal:
+        return False
+    sampler.batched_count_greater_than = count_greater_equal
+    return True
+
+
+def use_eager_logprob_ranks(llm) -> None:
+    """vLLM wraps the rank count of a sampled token's logprob in ``torch.compile``, which traces it
+    at an engine's first sampling call: 4.5 s of every CPU engine's first rollout on the tiny preset
+    (5.1 s, then 0.35 s). The same integer count in eager mode costs a (tokens x vocabulary) bool
+    tensor, which a CPU rollout affords; on CUDA vLLM's compiled kernel stays."""
+    llm.collective_rpc(_install_eager_ranks)
+
+
 def count_spec_decoding(llm) -> None:
     """Count drafts and accepted tokens in the engine's scheduler, where vLLM derives its own
     speculative-decoding metrics (``Scheduler.make_spec_decoding_stats``, called for every request

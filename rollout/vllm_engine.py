@@ -17,7 +17,7 @@ from rollout.engine import Completion
 from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter_skip, ensure_lossless_speculation,
                                    quiet_benign_warnings, reload_drafter, reload_weights, set_drafter_off,
                                    set_engine_env, set_spec_schedule, spec_decode_counters, spec_decode_delta,
-                                   spec_decode_rates, use_fast_sampling_noise)
+                                   spec_decode_rates, use_eager_logprob_ranks, use_fast_sampling_noise)
 
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class VLLMEngine:
         self.llm = build_llm(**kwargs)
         self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
         quiet_benign_warnings()
+        use_eager_logprob_ranks(self.llm)
         if self.speculative:
             ensure_lossless_speculation(self.llm)
             use_fast_sampling_noise(self.llm)
@@ -139,7 +140,8 @@ class VLLMEngine:
         c = self.cfg
         return {"model": config(self.model_dir), "drafter": config(c.draft_model), "method": c.spec_method,
                 "k": k, "draft_sample_method": c.draft_sample_method, "prompts": prompts,
-                "block_size": self.block_size, "threads": c.threads, "dtype": str(self.llm.llm_engine.vllm_config.model_config.dtype),
+                "block_size": self.block_size, "threads": c.threads,
+                "dtype": str(self.llm.llm_engine.vllm_config.model_config.dtype),
                 "enforce_eager": c.enforce_eager, "vllm": vllm.__version__, "torch": torch.__version__,
                 "device": device, "cpus": os.cpu_count(), "calibration": CALIBRATION_VERSION,
                 "env": {k: v for k, v in sorted(os.environ.items())

@@ -80,6 +80,21 @@ def test_adapter_internals_still_exist(engine):
     assert engine.prompt_logprobs(PROMPTS[3]) == before
 
 
+def test_logprob_ranks_are_counted_eagerly_and_the_same(engine):
+    """use_eager_logprob_ranks replaced vLLM's compiled rank count (4.5 s of tracing at a CPU
+    engine's first call) with the same count; vLLM's compiled one still exists and agrees."""
+    from vllm.v1.sample import sampler
+    from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+
+    from rollout.vllm_adapter import count_greater_equal
+    assert sampler.batched_count_greater_than is count_greater_equal
+    assert hasattr(batched_count_greater_than, "_torchdynamo_orig_callable"), "vLLM no longer compiles it: drop the patch"
+    x = torch.randn(7, 100).log_softmax(-1)
+    values = x.gather(1, torch.randint(0, 100, (7, 1)))
+    assert torch.equal(count_greater_equal(x, values), batched_count_greater_than(x, values))
+    assert engine.generate(PROMPTS[:1], seed=2)[0][0].logprobs
+
+
 def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg):
     from rollout.vllm_engine import VLLMEngine
     greedy_a = _greedy(engine)
