@@ -22,7 +22,8 @@ from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter
 
 log = logging.getLogger(__name__)
 MAX_NUM_SEQS = 256  # vLLM's default on CPU
-SPEC_CPU_BLOCK_SIZE = 32  # rollout.block_size's default for a speculative engine on CPU (see there)
+CPU_BLOCK_SIZE = 128  # vLLM-CPU's default KV block
+SPEC_CPU_BLOCK_SIZE = 32  # rollout.block_size's default for a speculative CPU engine with long prompts (see there)
 
 
 class VLLMEngine:
@@ -64,8 +65,11 @@ class VLLMEngine:
                 schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
             if schedule:
                 kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [tuple(r) for r in schedule]
-        if rollout_cfg.block_size or (self.speculative and not torch.cuda.is_available()):
-            kwargs["block_size"] = rollout_cfg.block_size or SPEC_CPU_BLOCK_SIZE
+        if rollout_cfg.block_size:
+            kwargs["block_size"] = rollout_cfg.block_size
+        elif (self.speculative and not torch.cuda.is_available()
+              and rollout_cfg.max_model_len - rollout_cfg.max_tokens >= 2 * CPU_BLOCK_SIZE):
+            kwargs["block_size"] = SPEC_CPU_BLOCK_SIZE  # prompts may span two blocks: see rollout.block_size
         self.llm = build_llm(**kwargs)
         self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
         quiet_benign_warnings()

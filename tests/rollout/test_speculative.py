@@ -581,18 +581,20 @@ def _prefix_hits(engine) -> float:
 def test_a_speculative_cpu_engine_lets_a_prompts_samples_share_its_blocks(tiny_model_dir, tmp_path):
     """rollout.block_size: vLLM drops the last matched block of a prefix-cache hit when an EAGLE
     drafter runs, so with its 128-token CPU blocks the 3 later samples of a 100-token prompt hit
-    nothing and recompute it; a speculative CPU engine takes 32-token blocks, and they hit 2 of the
-    prompt's 3 full blocks."""
+    nothing and recompute it; a speculative CPU engine with room for prompts of two such blocks
+    takes 32-token blocks, and they hit 2 of the prompt's 3 full blocks. With less room it keeps
+    vLLM's 128 (faster decoding)."""
     from policy.models import load_model
     from rollout.vllm_engine import VLLMEngine
     EagleHead.for_policy(load_model(tiny_model_dir)).save_vllm(tmp_path / "draft")
     prompt = [[3 + i % 60 for i in range(100)]]
     hits = {}
-    for block in (None, 128):
+    for max_model_len, block in ((260, None), (260, 128), (128, None)):
         cfg = load_config(None, [f"rollout.draft_model={tmp_path / 'draft'}", "rollout.n=4", "rollout.max_tokens=4",
+                                 f"rollout.max_model_len={max_model_len}", "data.max_prompt_tokens=100",
                                  "rollout.vllm_stats=true"] + ([f"rollout.block_size={block}"] if block else [])).rollout
         engine = VLLMEngine(str(tiny_model_dir), cfg)
         engine.generate(prompt, seed=1)
-        hits[engine.block_size] = _prefix_hits(engine)
+        hits[(max_model_len, block, engine.block_size)] = _prefix_hits(engine)
         engine.close()
-    assert hits == {32: 3 * 64, 128: 0}
+    assert hits == {(260, None, 32): 3 * 64, (260, 128, 128): 0, (128, None, 128): 0}
