@@ -36,10 +36,20 @@ ENGINE_ENV = {
 
 
 def set_engine_env(kv_cache_gib: int, threads: int) -> None:
+    """The engine's environment, and ``threads`` intra-op threads for this process.
+
+    The environment alone does not set the threads: torch reads ``OMP_NUM_THREADS`` when it is
+    imported, and Ray starts a ``num_cpus=1`` actor with ``OMP_NUM_THREADS=1`` (a rollout worker
+    with ``rollout.threads=2`` sampled on one thread). ``torch._C.set_num_threads`` is the
+    function vLLM's CPU worker hides behind a no-op ``torch.set_num_threads`` once it has started
+    (``cpu_worker.py``: "doesn't allow to use torch.set_num_threads"), so a later engine of the
+    process can still choose its threads. vLLM leaves them as they are when ``OMP_NUM_THREADS`` is
+    set from outside (``set_torch_threads_for_runtime``)."""
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch._C.set_num_threads(threads)
 
 
 _live_engines = 0  # in-process engines of this process that have not shut down

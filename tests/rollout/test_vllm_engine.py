@@ -136,3 +136,22 @@ def test_native_mtp_on_a_model_without_mtp_layers_is_refused(tiny_model_dir):
     from rollout.vllm_engine import VLLMEngine
     with pytest.raises(ValueError, match="declares no native MTP layers.*mtp.head=native"):
         VLLMEngine(str(tiny_model_dir), load_config(None, ["rollout.spec_method=mtp"]).rollout)
+
+
+def test_an_engine_runs_with_its_configured_threads(engine, tiny_model_dir, rollout_cfg):
+    """A Ray actor with num_cpus=1 starts with OMP_NUM_THREADS=1, which torch reads when it is
+    imported (this test process runs 1 thread too: conftest); rollout.threads must still give the
+    engine its threads, also once vLLM's CPU worker has made torch.set_num_threads a no-op (the
+    module's engine started one) and for a later engine of the same process."""
+    import dataclasses
+
+    from rollout.vllm_engine import VLLMEngine
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            other = VLLMEngine(str(tiny_model_dir), dataclasses.replace(rollout_cfg, threads=threads), seed=1)
+            assert torch.get_num_threads() == threads
+            assert len(other.generate([PROMPTS[0]], seed=0)[0]) == rollout_cfg.n
+            other.close()
+    finally:
+        torch._C.set_num_threads(before)
