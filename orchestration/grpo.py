@@ -104,6 +104,72 @@ def in_bundle(pg, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
 
+class Actors:
+    """A run's rollout workers and trainer ranks, one CPU bundle each in a placement group.
+
+    :func:`main` starts its own and stops them when the run ends. Runs one after another in one
+    Ray session (a sweep, ``benchmarks/e2e_vs_trl.py``) can share one ``Actors``: each run then
+    re-initialises the same processes (a new engine in each worker, a new trainer in each rank)
+    instead of starting new ones, and skips their imports and first engine build (tiny preset: ~15
+    s of a run's ~17 s start-up). New processes are started when the number of workers or ranks,
+    ``rollout.max_restarts`` or ``trainer.flush_denormal`` (fixed in a process's threads once they
+    run) changes, for a data-parallel trainer (its process group lives for one run), and after a
+    failed run. Ray restarts a dead worker with the arguments it was created with, an earlier
+    run's: :func:`main` resets it to its own before it samples again. ``close()`` after the last run.
+    """
+
+    def __init__(self) -> None:
+        self.pg = None
+        self.workers: list = []
+        self.trainers: list = []
+        self.reused = False  # this run's processes were started by an earlier run
+        self._shape: tuple | None = None
+        self._worker_args: tuple = ()
+        self._resets: list = []
+        self._session = None
+
+    def start(self, config: Config, worker_args: tuple) -> tuple[list, list]:
+        """Worker and trainer-rank handles for a run; ``worker_args``: (model dir, rollout config,
+        dtype, seed, policy version) for :class:`RolloutWorker`. The trainer ranks are set up by
+        :class:`TrainerGroup`."""
+        nw, ranks = config.rollout.num_workers, config.trainer.world_size
+        shape = (nw, ranks, config.rollout.max_restarts, config.trainer.flush_denormal)
+        if self.pg is not None and self._session != ray.get_runtime_context().get_job_id():
+            self.pg, self.workers, self.trainers = None, [], []  # gone with an earlier Ray session
+        if self.pg is not None and (shape != self._shape or ranks > 1):
+            self.close()
+        self._worker_args, self.reused = worker_args, self.pg is not None
+        if self.reused:  # queued behind at most the rollout the last run left running (it cancelled the rest)
+            self._resets = [w.reset.remote(*self.worker_args(i)) for i, w in enumerate(self.workers)]
+            return self.workers, self.trainers
+        self.pg, self._shape, self._session = place(config), shape, ray.get_runtime_context().get_job_id()
+        # A restarted worker returns to its bundle.
+        self.workers = [ray.remote(num_cpus=1, max_restarts=config.rollout.max_restarts)(RolloutWorker).options(
+            scheduling_strategy=in_bundle(self.pg, i)).remote(*self.worker_args(i)) for i in range(nw)]
+        self.trainers = [ray.remote(num_cpus=1)(TrainerActor).options(scheduling_strategy=in_bundle(self.pg, nw + r))
+                         .remote(r) for r in range(ranks)]
+        return self.workers, self.trainers
+
+    def worker_nodes(self) -> list[str]:
+        """The workers' Ray nodes, once they are ready (a reset's error is raised here, as a new
+        worker's constructor error would be)."""
+        resets, self._resets = self._resets, []
+        ray.get(resets)
+        return ray.get([w.node_id.remote() for w in self.workers])
+
+    def worker_args(self, i: int) -> tuple:
+        model_dir, rollout_cfg, dtype, seed, version = self._worker_args
+        return model_dir, rollout_cfg, dtype, seed, i, version
+
+    def close(self) -> None:
+        """Stop the processes (idempotent)."""
+        for actor in (*self.workers, *self.trainers):
+            ray.kill(actor)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.pg, self.workers, self.trainers, self.reused, self._resets = None, [], [], False, []
+
+
 # A worker process that died (RayActorError) or is being restarted by Ray.
 WORKER_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 COUNTS = {"rollout_tokens", "rollout_sequences", "rollout_truncated", "sync_bytes"}
@@ -138,8 +204,10 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 7_919 + step * 104_729) % (2 ** 31)
 
 
-def main(config: Config, progress: bool | None = None) -> list[dict]:
-    """Run GRPO as configured; returns the per-step metrics (also in metrics.jsonl)."""
+def main(config: Config, progress: bool | None = None, actors: Actors | None = None) -> list[dict]:
+    """Run GRPO as configured; returns the per-step metrics (also in metrics.jsonl).
+    ``actors``: the processes to run in, kept for the caller's next run (see :class:`Actors`);
+    by default the run starts its own and stops them at its end."""
     o, a = config.orchestration, config.algorithm
     progress = config.logging.progress_bar if progress is None else progress
     run_dir = Path(config.logging.dir)
@@ -160,28 +228,27 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
         log.info("resuming at step %d from %s", start, o.resume)
 
     init_ray(config)
-    pg = place(config)
+    own = actors is None
+    actors = Actors() if own else actors
     # Workers start from the checkpoint's weights; the trainer from the original model (its
-    # KL reference) and then loads the checkpoint's weights and optimizer. A restarted worker
-    # returns to its bundle.
-    nw = config.rollout.num_workers
+    # KL reference) and then loads the checkpoint's weights and optimizer.
     rollout_cfg = config.rollout
     if o.resume and (Path(o.resume) / "drafter").is_dir():  # the maintained head of the checkpoint
         rollout_cfg = dataclasses.replace(rollout_cfg, draft_model=str(Path(o.resume) / "drafter"))
-    workers = [ray.remote(num_cpus=1, max_restarts=config.rollout.max_restarts)(RolloutWorker).options(
-        scheduling_strategy=in_bundle(pg, i)).remote(
-        str(o.resume or model_dir), rollout_cfg, config.model.dtype, o.seed, worker_id=i,
-        version=state["version"] if state else 0) for i in range(nw)]
-    trainer = TrainerGroup(
-        [ray.remote(num_cpus=1)(TrainerActor).options(scheduling_strategy=in_bundle(pg, nw + r)).remote(r)
-         for r in range(config.trainer.world_size)],
-        str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
-        config.rollout.max_tokens, config.model.dtype, probe_ids,
-        drafter=(config.rollout.draft_model, config.mtp) if config.mtp.maintain else None)
-    if state:
-        trainer.load(o.resume)
-    (run_dir / "placement.json").write_text(json.dumps({
-        "rollout_workers": ray.get([w.node_id.remote() for w in workers]), "trainer_ranks": trainer.node_ids()}))
+    workers, trainer_actors = actors.start(config, (str(o.resume or model_dir), rollout_cfg, config.model.dtype,
+                                                    o.seed, state["version"] if state else 0))
+    try:
+        trainer = TrainerGroup(
+            trainer_actors, str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
+            config.rollout.max_tokens, config.model.dtype, probe_ids,
+            drafter=(config.rollout.draft_model, config.mtp) if config.mtp.maintain else None)
+        if state:
+            trainer.load(o.resume)
+        (run_dir / "placement.json").write_text(json.dumps({
+            "rollout_workers": actors.worker_nodes(), "trainer_ranks": trainer.node_ids()}))
+    except BaseException:
+        actors.close()
+        raise
 
     logger = RunLogger(run_dir, config.logging.tensorboard, append=bool(state))
     trajectories = TrajectoryLog(run_dir / (f"trajectories.from-step{start}.parquet" if state
@@ -222,8 +289,11 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
                     raise
                 time.sleep(0.5)
 
-    def resync(k: int) -> None:
-        """Give worker k (e.g. just restarted by Ray, with its start-up weights) the current ones."""
+    def resync(k: int, restarted: bool = False) -> None:
+        """Give worker k the current weights; a worker just restarted by Ray has its start-up ones
+        (and, in actors kept from an earlier run, that run's settings: it is reset first)."""
+        if restarted and actors.reused:
+            on_restarted(workers[k].reset, *actors.worker_args(k))
         if last_export is not None:
             on_restarted(workers[k].update_weights, *last_export)
 
@@ -240,7 +310,7 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
                 restarts += 1
                 log.warning("rollout worker %d died (%s); re-sampling its %d prompts on the restarted worker",
                             k, type(exc).__name__, len(shard))
-                resync(k)
+                resync(k, restarted=True)
                 outs.append(on_restarted(workers[k].generate, shard, seed + k))
         return outs
 
@@ -310,19 +380,22 @@ def main(config: Config, progress: bool | None = None) -> list[dict]:
                     "in_flight": [[list(batch), seed] for _, batch, seed, _ in in_flight]})
         sync_results(pending_sync)  # the last update must verify too
         trainer.save(str(run_dir / "checkpoint"))
+        for refs, *_ in in_flight:  # rollouts still queued (async) would delay kept actors' next run
+            for ref in refs:
+                ray.cancel(ref)  # a queued actor call is dropped, a running one finishes
     except BaseException:
         # Keep what was learned so far (the trainer is a separate process and usually alive).
         saved = _try_save(trainer, run_dir / "checkpoint-interrupted")
         log.error("run stopped at step %d of %d; %s", start + len(history), o.steps,
                   f"policy saved to {saved}" if saved else "the policy could not be saved")
+        actors.close()  # a failed run's processes are not reused
         raise
     finally:
         logger.close()
         trajectories.close()
         bar.close()
-        for actor in (*workers, *trainer.actors):
-            ray.kill(actor)
-        remove_placement_group(pg)
+        if own:
+            actors.close()
     return history
 
 

@@ -38,7 +38,9 @@ class TrainerActor:
     def setup(self, model_dir: str, trainer_cfg, algorithm_cfg, temperature: float, max_tokens: int,
               dtype: str, probe_ids: list[int], master: tuple[str, int] | None = None,
               drafter: tuple[str, object] | None = None) -> None:
-        """``drafter``: (head directory, mtp config) to maintain the drafter head online."""
+        """``drafter``: (head directory, mtp config) to maintain the drafter head online. Again for
+        the next run in the same process (:class:`orchestration.grpo.Actors`): a new trainer."""
+        self.trainer = self.maintainer = None  # an earlier run's, freed before the new one is built
         set_cpu_math(trainer_cfg.threads, trainer_cfg.flush_denormal)  # before any tensor work
         if trainer_cfg.world_size > 1:
             from policy.distributed import init_process_group
@@ -47,7 +49,6 @@ class TrainerActor:
             init_process_group(self.rank, trainer_cfg.world_size, *master, trainer_cfg.device)
         self.trainer = PolicyTrainer(model_dir, trainer_cfg, algorithm_cfg, temperature, max_tokens, dtype)
         self.probe_ids = probe_ids
-        self.maintainer = None
         if drafter is not None:
             from mtp.maintain import HeadMaintainer
             self.maintainer = HeadMaintainer(drafter[0], drafter[1], temperature, self.trainer.tokenizer.pad_token_id,

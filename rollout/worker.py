@@ -44,6 +44,16 @@ class RolloutWorker:
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0, worker_id: int = 0,
                  version: int = 0):
         """``version``: the policy version of the weights in ``model_dir`` (a checkpoint's)."""
+        self.engine = None
+        self.reset(model_dir, rollout_cfg, dtype, seed, worker_id, version)
+
+    def reset(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0, worker_id: int = 0,
+              version: int = 0) -> None:
+        """Start over as if constructed with these arguments, in the same process (the next run of
+        an :class:`orchestration.grpo.Actors`): the engine is shut down and a new one built."""
+        if self.engine is not None and hasattr(self.engine, "close"):
+            self.engine.close()
+        self.engine = None
         self.cfg, self.dtype, self.worker_id = rollout_cfg, dtype, worker_id
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = make_engine(model_dir, rollout_cfg, dtype, seed)
