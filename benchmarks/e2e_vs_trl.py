@@ -76,9 +76,9 @@ def cells(quick: bool) -> dict[str, dict]:
     }
 
 
-# Async runs rollout and update at once: one core each (Ray gives each actor one CPU). The small
-# preset's two rollout threads beside a trainer thread oversubscribe the 2 cores (small-short,
-# rlaccel_all: 6.99 samples/s with 2 rollout threads, 7.64 with 1; one run each).
+# Async runs rollout and update at once: one core each (Ray gives each actor one CPU). A third
+# thread oversubscribes the 2 cores (small-short, rlaccel_all, trainer/rollout threads, two runs
+# each, ad hoc: 1/1 9.58 and 9.70 samples/s, 2/1 5.90 and 6.62, 1/2 7.31 and 5.80).
 ASYNC_THREADS = ["trainer.threads=1", "rollout.threads=1"]
 RLACCEL = {
     "rlaccel_plain": ["orchestration.max_staleness=0", "trainer.shared_prompt=false"],
@@ -127,7 +127,7 @@ def summarize(steps: list[dict], target: float | None, samples_per_step: int) ->
 
 # ---- one run (TRL in a subprocess, rlaccel in the driver) ---------------------------------------
 
-def run_rlaccel(job: dict) -> dict:
+def run_rlaccel(job: dict, actors) -> dict:
     from orchestration.config import load_config
     from orchestration.grpo import main
     extra = []
@@ -137,7 +137,7 @@ def run_rlaccel(job: dict) -> dict:
                                          f"orchestration.seed={job['seed']}", f"model.path={job['model_dir']}",
                                          f"logging.dir={job['run_dir']}", "logging.tensorboard=false"])
     t0 = time.perf_counter()
-    history = main(config, progress=False, actors=kept_actors())  # they and Ray stay up for the next rlaccel run
+    history = main(config, progress=False, actors=actors)  # they and Ray stay up for the next rlaccel run
     setup = time.perf_counter() - t0 - sum(h["step_s"] for h in history)
     wall, steps = 0.0, []
     for i, h in enumerate(history):
@@ -244,25 +244,26 @@ def run_trl(job: dict) -> dict:
     return {"setup_s": t_train - t_start + (logs[0]["t"] - t_train if logs else 0.0), "steps_detail": steps}
 
 
-def one(job: dict) -> None:
-    out = run_trl(job) if job["system"].startswith("trl") else run_rlaccel(job)
+def one(job: dict, actors=None) -> None:
+    out = run_trl(job) if job["system"].startswith("trl") else run_rlaccel(job, actors)
     Path(job["result"]).write_text(json.dumps(out))
 
 
 # ---- the driver -------------------------------------------------------------------------------
 
-def spawn(job: dict, log_dir: Path) -> dict | None:
-    """Run one job (TRL in a subprocess, rlaccel here); None (and its log's tail) if it failed."""
+def spawn(job: dict, log_dir: Path, actors) -> dict | None:
+    """Run one job (TRL in a subprocess, rlaccel here in ``actors``, an orchestration.grpo.Actors
+    kept from the rlaccel run before); None (and its log's tail) if it failed."""
     log = log_dir / f"{job['cell']}-{job['system']}-s{job['seed']}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
         if job["system"].startswith("trl"):
-            stop_ray()  # an idle Ray session must not share TRL's cores (the next rlaccel run starts one)
+            stop_ray(actors)  # an idle Ray session must not share TRL's cores (the next rlaccel run starts one)
             failed = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], stdout=f,
                                     stderr=subprocess.STDOUT, cwd=ROOT,
                                     env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
         else:
-            failed = run_here(job, f)
+            failed = run_here(job, f, actors)
     if failed or not Path(job["result"]).is_file():
         tail = log.read_text()[-1500:]
         print(f"  {job['system']} seed {job['seed']} FAILED ({failed}); log {log}:\n{tail}", flush=True)
@@ -272,30 +273,16 @@ def spawn(job: dict, log_dir: Path) -> dict | None:
     return out
 
 
-_actors = None
-
-
-def kept_actors():
-    """The rlaccel runs' Ray actors, kept from one run to the next until Ray stops: a run then
-    skips its processes' imports and first engine build (see orchestration.grpo.Actors)."""
-    global _actors
-    if _actors is None:
-        from orchestration.grpo import Actors
-        _actors = Actors()
-    return _actors
-
-
-def stop_ray() -> None:
-    global _actors
+def stop_ray(actors) -> None:
+    """Stop the kept actors and the Ray session."""
     if "ray" in sys.modules:
         import ray
-        if _actors is not None and ray.is_initialized():
-            _actors.close()
-        _actors = None
+        if ray.is_initialized():
+            actors.close()
         ray.shutdown()
 
 
-def run_here(job: dict, log) -> str | None:
+def run_here(job: dict, log, actors) -> str | None:
     """An rlaccel run in this process, its output (and Ray's copy of its actors') to ``log``; the
     error if it raised. The Ray session and its actors stay up for the next run (stop_ray ends them)."""
     import contextlib
@@ -307,13 +294,13 @@ def run_here(job: dict, log) -> str | None:
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
-                one(job)
+                one(job, actors)
             except Exception as exc:  # the next run goes on, in a fresh Ray session; this one is reported as failed
                 traceback.print_exc()
-                stop_ray()
+                stop_ray(actors)
                 return f"{type(exc).__name__}: {exc}"
             finally:
-                gc.collect()  # the run's object refs, before the next run's actors start
+                gc.collect()  # the run's object refs, before the next run
                 time.sleep(2.0)  # Ray's log monitor flushes the actors' last lines into this log
     finally:
         logging.getLogger().removeHandler(handler)
@@ -422,6 +409,8 @@ def main() -> None:
     if bad:
         parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_vllm, trl_ftz, {', '.join(RLACCEL)}")
     out = Path(args.out)
+    from orchestration.grpo import Actors
+    actors = Actors()  # the rlaccel runs' Ray actors, kept from one rlaccel run to the next
     rows: list[dict] = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -437,7 +426,7 @@ def main() -> None:
                 jobs = [(s, seed) for s, seed in jobs if s in systems]
             if not jobs:
                 continue
-            stop_ray()  # nor an idle Ray session the head training's
+            stop_ray(actors)  # nor an idle Ray session the head training's
             model_dir, head, head_s = prepare(cell, tmp, args.quick, log_dir)
             print(f"== {name}: {cell['steps']} steps, seeds {list(cell['seeds'])}"
                   f"{f', head trained in {head_s:.0f}s' if head_s else ''}", flush=True)
@@ -447,7 +436,7 @@ def main() -> None:
                        "overrides": cell["overrides"], "steps": cell["steps"], "model_dir": model_dir, "head": head,
                        "run_dir": str(tmp / f"{name}-{system}-{seed}"),
                        "result": str(tmp / f"{name}-{system}-{seed}.json")}
-                result = spawn(job, log_dir)
+                result = spawn(job, log_dir, actors)
                 if result is None:
                     continue
                 if per_step is None:
@@ -465,7 +454,7 @@ def main() -> None:
                 print(f"  {system:15s} seed {seed}: to target {row['wall_s_to_target']}, final reward "
                       f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
                       f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
-    stop_ray()
+    stop_ray(actors)
     if (args.cells or systems) and out.is_file():  # a subset re-run keeps the file's other rows
         key = lambda r: (r["model"], r["prompt"], r["system"], r["seed"])  # noqa: E731
         redone = {key(r) for r in rows}
