@@ -21,3 +21,9 @@ def tiny_model_dir_b(tmp_path_factory):
     tokenizer = build_char_tokenizer()
     model = build_model("tiny", tokenizer, seed=1)
     return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny_model_b"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end test first: at ~12 min it is the suite's longest, and started late on one
+    pytest-xdist worker it would run on after the other worker has emptied the queue."""
+    items.sort(key=lambda item: 0 if "tests/e2e/" in item.nodeid or item.nodeid.startswith("e2e/") else 1)
