@@ -1,7 +1,14 @@
 """Shared fixtures: a tiny built-in model directory (random weights, no warm start)."""
 
-import pytest
-import torch
+import os
+
+# Idle OpenMP threads sleep instead of spinning: the two pytest-xdist workers, and the Ray actors
+# and jobs the tests start, share 2 cores, where a spinning thread takes a core from a process
+# that has work. Set before torch loads its OpenMP runtime; inherited by every process started here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from policy.models import build_char_tokenizer, build_model, save_model
 
