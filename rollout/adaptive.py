@@ -29,7 +29,7 @@ MAX_BATCH = 1 << 16
 # Part of a cached step-cost table's key (rollout.calibration_cache): change it when what a step
 # costs or how it is measured changes in rlaccel (measure_step_costs' windows, the drafter skip
 # at k = 0, the sampling path), so that no table measured before is reused.
-CALIBRATION_VERSION = "2026-12-02: 2 warm-up + 6 timed steps, 2 repeats, min; drafter skipped at k=0; threads set"
+CALIBRATION_VERSION = "2026-12-02b: 2 warm-up + 6 timed steps, 2 repeats, min; drafter skipped at k=0; threads set; inverse-CDF samplers"
 
 
 def expected_tokens(acceptance_per_pos: list[float], k: int) -> float:
