@@ -295,11 +295,12 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: list[int],
     counts = torch.tensor(num_draft_tokens, dtype=torch.long, device=device)
     request = torch.repeat_interleave(torch.arange(batch_size, device=device), counts)
     starts = cu_num_draft_tokens.long() - counts
-    position = torch.arange(num_tokens, device=device) - starts[request]
-    tokens = draft_token_ids.long()
     rows = torch.arange(num_tokens, device=device)
-    p = target_probs[rows, tokens.clamp(min=0)]
-    q = torch.ones_like(p) if draft_probs is None else draft_probs[rows, tokens.clamp(min=0)]
+    position = rows - starts[request]
+    tokens = draft_token_ids.long()
+    drafted = tokens.clamp(min=0)  # a padded draft (-1) is rejected below whatever it reads
+    p = target_probs[rows, drafted]
+    q = torch.ones_like(p) if draft_probs is None else draft_probs[rows, drafted]
     accepted = (tokens >= 0) & (q > 0) & (p / q >= uniform)
     grid = torch.zeros(batch_size, max_spec_len, dtype=torch.long, device=device)
     grid[request, position] = accepted.long()
@@ -313,9 +314,8 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: list[int],
     if len(rejected):
         at = starts[rejected] + kept[rejected]  # the first rejected position of each
         if draft_probs is None:  # a one-hot draft: p without the draft token (a padded draft, -1: p)
-            residual, drafted = target_probs[at].clone(), tokens[at]
-            real = drafted >= 0
-            residual[torch.arange(len(at), device=device)[real], drafted[real]] = 0.0
+            residual, real = target_probs[at].clone(), tokens[at] >= 0
+            residual[torch.arange(len(at), device=device)[real], tokens[at][real]] = 0.0
         else:
             residual = (target_probs[at] - draft_probs[at]).clamp_(min=0.0)
         empty = residual.sum(-1) <= 0

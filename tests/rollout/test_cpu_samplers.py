@@ -71,6 +71,11 @@ def test_rejection_sampling_is_lossless_and_keeps_drafts_at_the_acceptance_rate(
     kept = (out[:, :2] == drafts).long().cumprod(1).sum(1)
     assert _chi2_pvalue(torch.bincount(kept, minlength=3), torch.tensor([1 - ALPHA, ALPHA * (1 - ALPHA), ALPHA ** 2])) > 1e-3
     assert _chi2_pvalue(torch.bincount(out[:, 0], minlength=V), P) > 1e-3
+    # A rejected first draft is replaced by a sample of max(p - q, 0), normalised.
+    residual = (P - Q).clamp(min=0)
+    recovered = torch.bincount(out[kept == 0, 0], minlength=V)
+    assert recovered[residual == 0].sum() == 0
+    assert _chi2_pvalue(recovered, residual / residual.sum()) > 1e-3
     second = out[kept >= 1, 1]
     assert _chi2_pvalue(torch.bincount(second, minlength=V), P) > 1e-3
     assert (out[kept == 2, 2] == 5).all()
