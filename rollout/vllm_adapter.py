@@ -314,8 +314,9 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: list[int],
     if len(rejected):
         at = starts[rejected] + kept[rejected]  # the first rejected position of each
         if draft_probs is None:  # a one-hot draft: p without the draft token (a padded draft, -1: p)
-            residual, real = target_probs[at].clone(), tokens[at] >= 0
-            residual[torch.arange(len(at), device=device)[real], tokens[at][real]] = 0.0
+            residual, first = target_probs[at].clone(), tokens[at]
+            real = first >= 0
+            residual[torch.arange(len(at), device=device)[real], first[real]] = 0.0
         else:
             residual = (target_probs[at] - draft_probs[at]).clamp_(min=0.0)
         empty = residual.sum(-1) <= 0
