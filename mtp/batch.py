@@ -24,7 +24,8 @@ def draft_targets(policy, head: DraftHead, seqs: list[tuple[list[int], int]], k:
     B, L = tokens.shape
     attention = (torch.arange(L)[None] < lengths[:, None]).long()
     with torch.no_grad():
-        hidden, logits = policy_states(policy, tokens, attention, pre_norm=head.pre_norm_hidden)
+        hidden, logits = policy_states(policy, tokens, attention, pre_norm=head.pre_norm_hidden,
+                                       aux_layers=head.aux_layers)
     outs = head.unroll(policy.model.embed_tokens, tokens, hidden, k)
     lm_head = policy.lm_head.weight.detach()  # the policy's (EAGLE, MTP forms); trained by neither loss
     t = torch.arange(L - 1)[None]

@@ -169,6 +169,20 @@ class DraftHead(nn.Module):
     state its first pass takes (``pre_norm_hidden``)."""
 
     pre_norm_hidden = False  # True: the policy's last hidden state before its final norm
+    # The policy's residual stream after each of these many layers (N: before the final norm),
+    # concatenated, instead of its final hidden state (EAGLE-3's auxiliary hidden states).
+    aux_layers: tuple[int, ...] | None = None
+    # P-EAGLE (vLLM's parallel drafting): draft steps after the first take this token and a learned
+    # hidden state (mask slots) instead of the previous draft and output, so one forward drafts all k.
+    mask_token_id: int | None = None
+
+    @property
+    def parallel(self) -> bool:
+        return self.mask_token_id is not None
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The first pass's input state from the policy's states (identity unless the form has an fc)."""
+        return hidden
 
     def draft_logits(self, out: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
         """The draft distribution's logits [.., V] from a step's output; ``lm_head`` [V, H] is the
@@ -187,27 +201,34 @@ class DraftHead(nn.Module):
         Step j ≥ 2, row t (anchor q = t) takes the token drafted at step j-1 — ``draft_tokens[j-2]``
         [B, L-1], by default the true x_{t+j} (the case in which step j is reached: all earlier
         drafts accepted) — and step j-1's output, at position t + j - 1, attending to first-pass
-        keys at positions ≤ t and its own earlier steps. Returns the outputs [B, L-1, H] of each
-        step: row t of step j predicts x_{t+j+1} (rows whose target lies past the end are junk;
-        mask them).
+        keys at positions ≤ t and its own earlier steps. A parallel (P-EAGLE) head's step j ≥ 2
+        takes its mask token and state instead (``draft_tokens`` unused), with the same attention:
+        vLLM's one forward over the bonus slot and k - 1 mask slots under plain causal attention.
+        Returns the outputs [B, L-1, H] of each step: row t of step j predicts x_{t+j+1} (rows
+        whose target lies past the end are junk; mask them).
         """
         B, L = tokens.shape
         T = L - 1
         pos = torch.arange(T, device=tokens.device).expand(B, T)
-        out, kv = self.block(embed(tokens[:, 1:]), hidden[:, :T], pos)
+        out, kv = self.block(embed(tokens[:, 1:]), self.project(hidden[:, :T]), pos)
         outs, kvs = [out], [kv]  # kvs[step][layer] = (k, v)
         causal = causal_mask(T, tokens.device)
         diag = torch.eye(T, dtype=torch.bool, device=tokens.device)
         for j in range(2, k + 1):
-            if draft_tokens is not None:
+            if self.parallel:  # a mask slot: the same token and state at every step, nothing fed back
+                tok = tokens.new_full((B, T), self.mask_token_id)
+                h = self.project(self.mask_hidden).expand(B, T, -1)
+            elif draft_tokens is not None:
                 tok = draft_tokens[j - 2]
             else:  # x_{t+j}, padded past the end with x_{L-1} (those rows are junk anyway)
                 idx = (torch.arange(T, device=tokens.device) + j).clamp(max=L - 1)
                 tok = tokens[:, idx]
+            if not self.parallel:
+                h = outs[-1]
             mask = torch.cat([causal] + [diag] * (j - 1), dim=1)  # first pass ≤ t, own earlier steps, itself
             past = [(torch.cat([s[i][0] for s in kvs], 2), torch.cat([s[i][1] for s in kvs], 2))
                     for i in range(len(self.layers))]
-            out, kv = self.block(embed(tok), outs[-1], pos + (j - 1), past, mask)
+            out, kv = self.block(embed(tok), h, pos + (j - 1), past, mask)
             outs.append(out)
             kvs.append(kv)
         return outs
@@ -317,10 +338,25 @@ class Eagle3Head(DraftHead):
     and ``d2t`` (int64, the target id of draft id i is i + d2t[i]); config.json carries
     ``draft_vocab_size`` and ``eagle_config: {use_aux_hidden_state: false}``. The embedding is
     the policy's (vLLM shares it). One layer (vLLM's later eagle3 layers take no embedding).
+
+    With ``aux_layers`` (EAGLE-3's auxiliary hidden states) the first pass takes
+    ``h = fc([r_a ‖ r_b ‖ …])`` over the policy's residual streams after layers a, b, … (vLLM's
+    ``hidden + residual``; N = the input of the final norm), ``fc.weight`` [H, n·H] in the
+    checkpoint, ``eagle_config: {use_aux_hidden_state: true, eagle_aux_hidden_state_layer_ids}``.
+    With ``mask_token_id`` as well it is a P-EAGLE head for vLLM's ``parallel_drafting``: draft
+    steps 2..k are mask slots taking E(mask token) and ``fc(mask_hidden)`` (a learned [n·H]
+    vector in the concatenated-state space, as vLLM projects it at load), so one drafter forward
+    drafts all k tokens; config.json carries ``mask_token_id`` and ``parallel_drafting: true``.
     """
 
-    def __init__(self, config: HeadConfig, draft_ids: torch.Tensor):
+    def __init__(self, config: HeadConfig, draft_ids: torch.Tensor, aux_layers: tuple[int, ...] | None = None,
+                 mask_token_id: int | None = None):
         super().__init__()
+        if mask_token_id is not None and not aux_layers:
+            raise ValueError("a parallel-drafting (P-EAGLE) head needs aux_layers: vLLM keeps its mask state in "
+                             "the auxiliary states' space, before fc")
+        if aux_layers is not None and len(set(aux_layers)) != len(aux_layers):
+            raise ValueError(f"aux_layers {aux_layers} must be distinct (vLLM captures each layer once)")
         if config.num_layers != 1:
             raise ValueError("an EAGLE-3 head has one decoder layer here; set mtp.layers=1 with mtp.draft_vocab > 0")
         ids = torch.as_tensor(draft_ids, dtype=torch.long)
@@ -334,16 +370,33 @@ class Eagle3Head(DraftHead):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, len(ids), bias=False)
         self.register_buffer("draft_ids", ids)
+        self.aux_layers = tuple(int(i) for i in aux_layers) if aux_layers else None
+        self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
+        if self.aux_layers:
+            width = len(self.aux_layers) * config.hidden_size
+            self.fc = nn.Linear(width, config.hidden_size, bias=False)
+            if self.parallel:
+                self.mask_hidden = nn.Parameter(torch.zeros(width))
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc(hidden) if self.aux_layers else hidden
 
     @classmethod
-    def for_policy(cls, policy, draft_ids: torch.Tensor) -> "Eagle3Head":
+    def for_policy(cls, policy, draft_ids: torch.Tensor, parallel: bool = False, mask_token_id: int = 0) -> "Eagle3Head":
         """A head for ``policy`` drafting from ``draft_ids``: the layer a copy of the policy's last
         one reading only the hidden state (the embedding's q/k/v columns zero), the final norm and
-        the LM head rows the policy's: a head that starts near "the policy's next layer"."""
+        the LM head rows the policy's: a head that starts near "the policy's next layer".
+        ``parallel``: a P-EAGLE head over the last three residual streams (N-2, N-1, N), its fc
+        starting as [0 | 0 | I] (the final norm's input through), its mask state zero."""
         config = HeadConfig.from_policy(policy.config)
-        head = cls(config, draft_ids).to(next(policy.parameters()).dtype)
+        n = policy.config.num_hidden_layers
+        aux = (n - 2, n - 1, n) if parallel else None
+        head = cls(config, draft_ids, aux, mask_token_id if parallel else None).to(next(policy.parameters()).dtype)
         last, layer, H = policy.model.layers[-1], head.layers[0], config.hidden_size
         with torch.no_grad():
+            if aux:
+                head.fc.weight.zero_()
+                head.fc.weight[:, -H:].copy_(torch.eye(H))
             for name in ("q_proj", "k_proj", "v_proj"):
                 w = getattr(layer.self_attn, name).weight
                 w.zero_()
@@ -378,9 +431,16 @@ class Eagle3Head(DraftHead):
         return state
 
     def save_vllm(self, directory: str | Path) -> Path:
-        """A directory vLLM loads with ``speculative_config={"method": "eagle3", "model": dir}``."""
-        return _save_draft(self, directory, draft_vocab_size=len(self.draft_ids),
-                           eagle_config={"use_aux_hidden_state": False})
+        """A directory vLLM loads with ``speculative_config={"method": "eagle3", "model": dir}``
+        (and ``parallel_drafting: True`` for a P-EAGLE head: :func:`draft_method`)."""
+        keys: dict = {"draft_vocab_size": len(self.draft_ids), "eagle_config": {"use_aux_hidden_state": False}}
+        if self.aux_layers:
+            keys.update(eagle_config={"use_aux_hidden_state": True,
+                                      "eagle_aux_hidden_state_layer_ids": list(self.aux_layers)},
+                        num_aux_hidden_states=len(self.aux_layers), target_hidden_size=self.config.hidden_size)
+        if self.parallel:
+            keys.update(mask_token_id=self.mask_token_id, parallel_drafting=True)
+        return _save_draft(self, directory, **keys)
 
     @classmethod
     def load_vllm(cls, directory: str | Path) -> "Eagle3Head":
@@ -389,16 +449,20 @@ class Eagle3Head(DraftHead):
         from safetensors.torch import load_file
         directory = Path(directory)
         c = json.loads((directory / "config.json").read_text())
+        eagle = c.get("eagle_config") or {}
         variants = [k for k in ("norm_before_residual", "norm_output", "norm_before_fc", "fc_norm")
-                    if c.get(k) or (c.get("eagle_config") or {}).get(k)]
-        if (c.get("eagle_config") or {}).get("use_aux_hidden_state", True) or variants:
+                    if c.get(k) or eagle.get(k)]
+        aux = eagle.get("eagle_aux_hidden_state_layer_ids")
+        if (eagle.get("use_aux_hidden_state", True) and not aux) or variants:
             raise ValueError(f"{directory}: an eagle3 checkpoint rlaccel does not train (it needs "
-                             f"eagle_config.use_aux_hidden_state false and none of {variants or 'the norm variants'}); "
+                             f"eagle_config.use_aux_hidden_state false, or true with eagle_aux_hidden_state_layer_ids, "
+                             f"and none of {variants or 'the norm variants'}); "
                              f"draft with it frozen, or train a head with `python -m mtp.train mtp.draft_vocab=N`")
         state = load_file(str(directory / "model.safetensors"))
         d2t = state.pop("d2t")
         state.pop("t2d", None)
-        head = cls(_head_config(c), torch.arange(len(d2t)) + d2t).to(state["norm.weight"].dtype)
+        head = cls(_head_config(c), torch.arange(len(d2t)) + d2t, aux if eagle.get("use_aux_hidden_state") else None,
+                   c.get("mask_token_id") if c.get("parallel_drafting") else None).to(state["norm.weight"].dtype)
         want = set(head.state_dict()) - {"draft_ids"}
         if set(state) != want:
             raise ValueError(f"{directory}: the EAGLE-3 checkpoint's tensors differ from this form's: missing "
@@ -434,24 +498,43 @@ def draft_method(directory: str | Path) -> str:
     return "eagle3" if config.get("draft_vocab_size") else "eagle"
 
 
+def parallel_drafting(directory: str | Path) -> bool:
+    """The draft checkpoint is a P-EAGLE head (vLLM's ``parallel_drafting``: one drafter forward
+    drafts all k tokens; the per-batch-size k may then only be 0 or k)."""
+    return bool(json.loads((Path(directory) / "config.json").read_text()).get("parallel_drafting"))
+
+
 def load_head(directory: str | Path) -> DraftHead:
     """The EAGLE or EAGLE-3 head saved in ``directory``."""
     return (Eagle3Head if draft_method(directory) == "eagle3" else EagleHead).load_vllm(directory)
 
 
 def policy_states(policy, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  pre_norm: bool = False):
+                  pre_norm: bool = False, aux_layers: tuple[int, ...] | None = None):
     """(f [B, L, H] the final hidden states — post-norm, or with ``pre_norm`` the input of the
-    final norm — and logits [B, L, V]) of the policy."""
-    captured = []
-    hook = policy.model.norm.register_forward_hook(lambda m, args, out: captured.append(args[0])) if pre_norm else None
+    final norm; with ``aux_layers`` the residual streams after those many layers concatenated
+    [B, L, n·H], the input of layer i for i < N and of the final norm for N, as vLLM captures
+    them — and logits [B, L, V]) of the policy."""
+    captured: dict[int, torch.Tensor] = {}
+    modules = list(policy.model.layers) + [policy.model.norm]
+    wanted = set(aux_layers or ()) | ({len(modules) - 1} if pre_norm else set())
+
+    def capture(i):
+        def hook(module, args, kwargs):
+            captured[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+    hooks = [modules[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in sorted(wanted)]
     try:
         base = policy.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     hidden = base.last_hidden_state
-    return (captured[0] if pre_norm else hidden), policy.lm_head(hidden)
+    if aux_layers:
+        states = torch.cat([captured[i] for i in aux_layers], dim=-1)
+    else:
+        states = captured[len(modules) - 1] if pre_norm else hidden
+    return states, policy.lm_head(hidden)
 
 
 # ---- native MTP layers (vLLM's "mtp" method) ---------------------------------------------------

@@ -6,7 +6,7 @@
    ``mtp.heldout_prompts`` held-out prompts (the rollout engine, the rollout temperature).
 2. A drafter is trained on the training sequences — an :class:`mtp.heads.EagleHead`
    (``mtp.head=eagle``; with ``mtp.draft_vocab=N`` an :class:`mtp.heads.Eagle3Head` drafting
-   from the N tokens sampled most) or the checkpoint's native MTP layer, :class:`mtp.heads.MiMoMTPHead`
+   from the N tokens sampled most, with ``mtp.parallel=true`` a P-EAGLE one for vLLM's parallel drafting) or the checkpoint's native MTP layer, :class:`mtp.heads.MiMoMTPHead`
    (``mtp.head=native``, vLLM's ``mtp`` method; starts from the checkpoint's layer if it has one):
    ``mtp.k`` draft steps
    unrolled as the engine runs them, targets p = the policy's distributions at the rollout
@@ -125,7 +125,11 @@ def train(config: Config, progress: bool = True) -> dict:
         if m.draft_vocab >= policy.config.vocab_size:
             raise ConfigError(f"mtp.draft_vocab={m.draft_vocab}: must be below the policy's vocabulary "
                               f"({policy.config.vocab_size}); 0 drafts over the whole vocabulary")
-        head = Eagle3Head.for_policy(policy, most_sampled(train_seqs, m.draft_vocab, policy.config.vocab_size))
+        # A parallel head's mask token: the pad token (or EOS): only an input at mask slots, its
+        # embedding the policy's.
+        mask = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        head = Eagle3Head.for_policy(policy, most_sampled(train_seqs, m.draft_vocab, policy.config.vocab_size),
+                                     parallel=m.parallel, mask_token_id=mask)
     else:
         head = EagleHead.for_policy(policy, m.layers)
     optimizer = torch.optim.AdamW(head.parameters(), lr=m.lr, weight_decay=0.0)

