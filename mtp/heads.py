@@ -184,6 +184,10 @@ class DraftHead(nn.Module):
         """The first pass's input state from the policy's states (identity unless the form has an fc)."""
         return hidden
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups at learning rate ``lr`` (one group unless a form slows a part)."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
     def draft_logits(self, out: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
         """The draft distribution's logits [.., V] from a step's output; ``lm_head`` [V, H] is the
         policy's (shared by the EAGLE and MTP forms)."""
@@ -299,6 +303,9 @@ class EagleHead(DraftHead):
         return head
 
 
+AUX_FC_LR_SCALE = 0.1  # see Eagle3Head.param_groups
+
+
 class Eagle3Layer(nn.Module):
     """The decoder layer of vLLM's ``eagle3`` drafter (``llama_eagle3.py``, vllm 0.32): q, k and
     v read the normed token embedding beside the normed input state (2H wide); the residual is
@@ -380,6 +387,20 @@ class Eagle3Head(DraftHead):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.fc(hidden) if self.aux_layers else hidden
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The auxiliary states' fc at AUX_FC_LR_SCALE · lr. It starts as a pass-through of the final
+        norm's input ([0 | 0 | I]); Adam moves every entry by about the learning rate whatever its
+        gradient, so at the layer's rate the zero blocks over the other two residual streams (2·H²
+        entries, inputs as large as the kept one) drown the pass-through within tens of steps. On
+        the ~100M preset with spec_rollout's recipe (150 steps, same data and seed), held-out
+        acceptance per position predicted offline: fc at lr 0.842 / 0.948 / 0.940 (mean accepted
+        length 2.82), at 0.1 · lr 0.937 / 0.936 / 0.917 (3.00), at 0.01 · lr 0.922 / 0.935 / 0.926
+        (2.97); the chained EAGLE-3 head's 0.950 / 0.946 / 0.940."""
+        if not self.aux_layers:
+            return super().param_groups(lr)
+        rest = [p for name, p in self.named_parameters() if name != "fc.weight"]
+        return [{"params": rest, "lr": lr}, {"params": [self.fc.weight], "lr": lr * AUX_FC_LR_SCALE}]
 
     @classmethod
     def for_policy(cls, policy, draft_ids: torch.Tensor, parallel: bool = False, mask_token_id: int = 0) -> "Eagle3Head":

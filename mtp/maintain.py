@@ -24,7 +24,7 @@ class HeadMaintainer:
     def __init__(self, head_dir: str | Path, mtp_cfg, temperature: float, pad_id: int, device: str = "cpu"):
         self.cfg, self.temperature, self.pad_id = mtp_cfg, temperature, pad_id
         self.head = load_head(head_dir).to(device)
-        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=mtp_cfg.maintain_lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.head.param_groups(mtp_cfg.maintain_lr), weight_decay=0.0)
 
     def step(self, policy, groups) -> dict[str, float]:
         t0 = time.perf_counter()

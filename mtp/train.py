@@ -132,7 +132,7 @@ def train(config: Config, progress: bool = True) -> dict:
                                      parallel=m.parallel, mask_token_id=mask)
     else:
         head = EagleHead.for_policy(policy, m.layers)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=m.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(head.param_groups(m.lr), weight_decay=0.0)
     # Cosine decay to 10% of mtp.lr: the last steps refine the acceptance the constant rate oscillates around.
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, m.steps) / max(1, m.steps))))

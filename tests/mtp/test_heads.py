@@ -210,3 +210,14 @@ def test_parallel_checkpoint_carries_fc_the_mask_state_and_vllms_keys(phead, tmp
         Eagle3Head(phead.config, DRAFT_IDS, None, mask_token_id=1)
     with pytest.raises(ValueError, match="distinct"):
         Eagle3Head(phead.config, DRAFT_IDS, (N, N, N - 1))
+
+
+def test_the_auxiliary_fc_trains_slower_and_every_parameter_is_in_one_group(phead, head3):
+    from mtp.heads import AUX_FC_LR_SCALE
+    for h in (phead, head3):
+        groups = h.param_groups(1e-3)
+        ids = [id(p) for g in groups for p in g["params"]]
+        assert sorted(ids) == sorted(id(p) for p in h.parameters())  # each once
+    (rest, fc), (only,) = phead.param_groups(1e-3), head3.param_groups(1e-3)
+    assert fc["params"] == [phead.fc.weight] and fc["lr"] == pytest.approx(1e-3 * AUX_FC_LR_SCALE)
+    assert rest["lr"] == only["lr"] == 1e-3

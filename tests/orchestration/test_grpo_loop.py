@@ -199,17 +199,19 @@ def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, max_sta
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("form", ["eagle", "eagle3"])
+@pytest.mark.parametrize("form", ["eagle", "peagle"])
 def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache, form):
-    """Rollout with an EAGLE drafter in vLLM (or an EAGLE-3 head over 48 of the 128 tokens), the
-    head maintained by the trainer and synced with the policy (verified), acceptance reported per
-    step, the head saved in checkpoints."""
+    """Rollout with an EAGLE drafter in vLLM (or a P-EAGLE head over 48 of the 128 tokens under vLLM's
+    parallel drafting: the EAGLE-3 form with fc and a mask state, the superset of what a drafter sync
+    carries), the head maintained by the trainer and synced with the policy (verified), acceptance
+    reported per step, the head saved in checkpoints."""
     from mtp.heads import Eagle3Head, EagleHead, load_head
     from orchestration.model_prep import prepare_model
     from policy.models import load_model
     config = _config(tmp_path, "vllm")
     policy = load_model(prepare_model(config, progress=False))
-    head = EagleHead.for_policy(policy) if form == "eagle" else Eagle3Head.for_policy(policy, torch.arange(48))
+    head = EagleHead.for_policy(policy) if form == "eagle" else Eagle3Head.for_policy(
+        policy, torch.arange(48), parallel=True, mask_token_id=policy.config.pad_token_id)
     config.rollout.draft_model = str(head.save_vllm(tmp_path / "drafter"))
     config.rollout.num_speculative_tokens = 2
     config.mtp.maintain, config.mtp.k = True, 2
@@ -224,10 +226,12 @@ def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache, form):
     assert max(h["logp_mismatch_max"] for h in history) < 1e-3  # speculation leaves the logprobs exact
     ckpt = tmp_path / "run" / "checkpoints" / "step-2"
     saved = load_head(ckpt / "drafter")
-    assert type(saved) is type(head)
+    assert type(saved) is type(head) and saved.parallel == (form == "peagle")
     assert not torch.equal(saved.layers[0].mlp.down_proj.weight, head.layers[0].mlp.down_proj.weight)  # it moved
+    if form == "peagle":
+        assert not torch.equal(saved.mask_hidden, head.mask_hidden)
     assert (ckpt / "drafter_optimizer.pt").is_file()
-    if form == "eagle3":  # resuming goes through the same load_head / vLLM paths: tested once, below
+    if form == "peagle":  # resuming goes through the same load_head / vLLM paths: tested once, below
         return
     # resume: the trainer restores head + head optimizer, the workers draft with the saved head
     config.orchestration.resume, config.logging.dir = str(ckpt), str(tmp_path / "resumed")
