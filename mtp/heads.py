@@ -403,7 +403,8 @@ class Eagle3Head(DraftHead):
         return [{"params": rest, "lr": lr}, {"params": [self.fc.weight], "lr": lr * AUX_FC_LR_SCALE}]
 
     @classmethod
-    def for_policy(cls, policy, draft_ids: torch.Tensor, parallel: bool = False, mask_token_id: int = 0) -> "Eagle3Head":
+    def for_policy(cls, policy, draft_ids: torch.Tensor, parallel: bool = False,
+                   mask_token_id: int = 0) -> "Eagle3Head":
         """A head for ``policy`` drafting from ``draft_ids``: the layer a copy of the policy's last
         one reading only the hidden state (the embedding's q/k/v columns zero), the final norm and
         the LM head rows the policy's: a head that starts near "the policy's next layer".
@@ -453,7 +454,7 @@ class Eagle3Head(DraftHead):
 
     def save_vllm(self, directory: str | Path) -> Path:
         """A directory vLLM loads with ``speculative_config={"method": "eagle3", "model": dir}``
-        (and ``parallel_drafting: True`` for a P-EAGLE head: :func:`draft_method`)."""
+        (and ``parallel_drafting: True`` for a P-EAGLE head: :func:`parallel_drafting`)."""
         keys: dict = {"draft_vocab_size": len(self.draft_ids), "eagle_config": {"use_aux_hidden_state": False}}
         if self.aux_layers:
             keys.update(eagle_config={"use_aux_hidden_state": True,

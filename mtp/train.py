@@ -6,9 +6,9 @@
    ``mtp.heldout_prompts`` held-out prompts (the rollout engine, the rollout temperature).
 2. A drafter is trained on the training sequences — an :class:`mtp.heads.EagleHead`
    (``mtp.head=eagle``; with ``mtp.draft_vocab=N`` an :class:`mtp.heads.Eagle3Head` drafting
-   from the N tokens sampled most, with ``mtp.parallel=true`` a P-EAGLE one for vLLM's parallel drafting) or the checkpoint's native MTP layer, :class:`mtp.heads.MiMoMTPHead`
-   (``mtp.head=native``, vLLM's ``mtp`` method; starts from the checkpoint's layer if it has one):
-   ``mtp.k`` draft steps
+   from the N tokens sampled most, with ``mtp.parallel=true`` a P-EAGLE one for vLLM's parallel
+   drafting) or the checkpoint's native MTP layer, :class:`mtp.heads.MiMoMTPHead` (``mtp.head=native``,
+   vLLM's ``mtp`` method; starts from the checkpoint's layer if it has one): ``mtp.k`` draft steps
    unrolled as the engine runs them, targets p = the policy's distributions at the rollout
    temperature (``mtp.objective``: "tv" = KL warm start then the multi-step acceptance
    objective; "ce" = cross-entropy on the sampled tokens).

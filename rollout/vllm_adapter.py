@@ -152,7 +152,8 @@ def _reload_drafter(worker, pairs: list) -> list[float]:
             # and vLLM projects it through fc once, at load (llm_base_proposer.py): both again here.
             with torch.no_grad():
                 draft.mask_hidden.copy_(mask[0].view(1, -1))
-                proposer.parallel_drafting_hidden_state_tensor.copy_(draft.combine_hidden_states(draft.mask_hidden.view(-1)))
+                projected = draft.combine_hidden_states(draft.mask_hidden.view(-1))
+                proposer.parallel_drafting_hidden_state_tensor.copy_(projected)
     return draft.model.layers[0].post_attention_layernorm.weight.detach().float().cpu().tolist()
 
 

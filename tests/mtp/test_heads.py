@@ -199,8 +199,10 @@ def test_parallel_checkpoint_carries_fc_the_mask_state_and_vllms_keys(phead, tmp
     H, N = phead.config.hidden_size, policy.config.num_hidden_layers
     assert state["fc.weight"].shape == (H, 3 * H) and state["mask_hidden"].shape == (3 * H,)
     config = json.loads((directory / "config.json").read_text())
-    assert config["eagle_config"] == {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": [N - 2, N - 1, N]}
-    assert config["num_aux_hidden_states"] == 3 and config["mask_token_id"] == 1 and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["eagle_config"] == {"use_aux_hidden_state": True,
+                                      "eagle_aux_hidden_state_layer_ids": [N - 2, N - 1, N]}
+    assert config["num_aux_hidden_states"] == 3 and config["mask_token_id"] == 1
+    assert config["architectures"] == ["LlamaForCausalLM"]  # vLLM's EAGLE config makes it Eagle3LlamaForCausalLM
     assert draft_method(directory) == "eagle3" and parallel_drafting(directory)
     again = load_head(directory)
     assert again.parallel and again.aux_layers == phead.aux_layers and again.mask_token_id == 1
