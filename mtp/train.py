@@ -7,7 +7,7 @@
 2. A drafter is trained on the training sequences — an :class:`mtp.heads.EagleHead`
    (``mtp.head=eagle``; with ``mtp.draft_vocab=N`` an :class:`mtp.heads.Eagle3Head` drafting
    from the N tokens sampled most, with ``mtp.parallel=true`` a P-EAGLE one for vLLM's parallel
-   drafting) or the checkpoint's native MTP layer, :class:`mtp.heads.MiMoMTPHead` (``mtp.head=native``,
+   drafting) or the checkpoint's native MTP layer, :class:`mtp.native.MiMoMTPHead` (``mtp.head=native``,
    vLLM's ``mtp`` method; starts from the checkpoint's layer if it has one): ``mtp.k`` draft steps
    unrolled as the engine runs them, targets p = the policy's distributions at the rollout
    temperature (``mtp.objective``: "tv" = KL warm start then the multi-step acceptance
@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from mtp import losses
 from mtp.batch import draft_targets, loss_fn, predicted_acceptance
-from mtp.heads import Eagle3Head, EagleHead, MiMoMTPHead, has_native_mtp
+from mtp.heads import Eagle3Head, EagleHead
+from mtp.native import MiMoMTPHead, has_native_mtp
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.data import DataError, load_prompts
 from orchestration.model_prep import prepare_model

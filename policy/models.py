@@ -104,7 +104,7 @@ def _policy_class(directory: str | Path):
     config = Path(directory) / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == "mimo":
         # MiMo checkpoints are Qwen2 plus native MTP layers (remote code in transformers); the policy
-        # is the Qwen2 part, the MTP layers are vLLM's drafter (mtp.heads.MiMoMTPHead).
+        # is the Qwen2 part, the MTP layers are vLLM's drafter (mtp.native.MiMoMTPHead).
         from transformers import Qwen2Config, Qwen2ForCausalLM
         return Qwen2ForCausalLM, Qwen2Config.from_pretrained(str(directory))
     from transformers import AutoConfig

@@ -51,7 +51,7 @@ class VLLMEngine:
             spec = {"num_speculative_tokens": rollout_cfg.num_speculative_tokens,
                     "draft_sample_method": rollout_cfg.draft_sample_method, "rejection_sample_method": "standard"}
             if rollout_cfg.spec_method == "mtp":  # the checkpoint's own MTP layers draft
-                from mtp.heads import has_native_mtp
+                from mtp.native import has_native_mtp
                 if not has_native_mtp(model_dir):
                     raise ValueError(f"rollout.spec_method=mtp: {model_dir} declares no native MTP layers (config.json "
                                      f"num_nextn_predict_layers or mtp_num_hidden_layers >= 1); train one "

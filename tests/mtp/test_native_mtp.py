@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
-from mtp.heads import MIMO_PREFIX, MiMoMTPHead, has_native_mtp, policy_states
+from mtp.heads import policy_states
+from mtp.native import MIMO_PREFIX, MiMoMTPHead, has_native_mtp
 from policy.models import build_char_tokenizer, load_model, save_model
 
 

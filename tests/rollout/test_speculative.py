@@ -20,7 +20,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
-from mtp.heads import Eagle3Head, EagleHead, MiMoMTPHead, policy_states
+from mtp.heads import Eagle3Head, EagleHead, policy_states
+from mtp.native import MiMoMTPHead
 from orchestration.config import load_config
 from policy.models import build_char_tokenizer, save_model
 
