@@ -15,7 +15,8 @@ from those costs and the live acceptance; k = 0 skips the drafter). The head is 
 is 0 or k) in the EAGLE-3 form over a reduced draft vocabulary (``--draft-vocab``, default 8000 =
 a quarter of the 32k vocabulary, EAGLE-3's ratio for Llama-3's 128k), drafting k = 5 tokens
 (``K_PARALLEL``), and the same form chained (k drafter forwards, trained alike) is timed at k = 3
-beside it (``on_chained_tok_s``);
+beside it (``on_chained_tok_s``). Each system's best of 8 rounds, the order of the systems rotating
+from round to round, and the median over rounds of adaptive / the better of off and on in the same round;
 ``--no-parallel``: the chained EAGLE-3 head, with an EAGLE-form head (the policy's whole LM head)
 beside it (``on_eagle_tok_s``; ``--draft-vocab 0``: the EAGLE form alone). Also: the calibrated
 step costs (where the time goes, and the speed-up if every draft were accepted), and off / k drafts
@@ -34,6 +35,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -92,18 +94,26 @@ def tokens_per_s(engine, prompt_ids: list[list[int]], max_tokens: int) -> tuple[
 
 
 def best_of(measure, rounds: int) -> tuple[dict[str, tuple[float, dict]], dict[str, list[float]]]:
-    """``measure()`` returns {system: (tokens/s, rates)} for one round of every system, run back to
+    """``measure(r)`` returns {system: (tokens/s, rates)} for round ``r`` of every system, run back to
     back; over ``rounds`` interleaved rounds keep each system's best (load from other processes on
     a shared machine then slows all systems' rounds alike instead of one system's block).
     Returns (the best per system, every round's tokens/s per system)."""
     best: dict[str, tuple[float, dict]] = {}
     every: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        for name, (rate, rates) in measure().items():
+    for r in range(rounds):
+        for name, (rate, rates) in measure(r).items():
             every.setdefault(name, []).append(rate)
             if rate > best.get(name, (0.0, {}))[0]:
                 best[name] = (rate, rates)
     return best, every
+
+
+def rotated(systems: dict, r: int) -> dict:
+    """Run ``systems`` ({name: measure()}) in round ``r``'s order: the order rotates by one each
+    round, so that no system is always measured first or right after another."""
+    names = list(systems)
+    order = names[r % len(names):] + names[:r % len(names)]
+    return {name: systems[name]() for name in order}
 
 
 def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], quick: bool, k: int = K,
@@ -115,7 +125,7 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     from rollout.adaptive import MAX_BATCH
     from rollout.vllm_adapter import set_spec_schedule
     from rollout.vllm_engine import VLLMEngine
-    max_tokens, repeats = (32, 1) if quick else (64, 5)
+    max_tokens, repeats = (32, 1) if quick else (64, 8)
     base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)
     off = VLLMEngine(str(model_dir), base, config.model.dtype, 0)
     # One speculative engine serves "k = K" (its schedule forced to K) and "adaptive" (one
@@ -130,25 +140,31 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
         config.model.dtype, 0)
     rows, per_pos = [], []
     for b in BATCHES:
-        def one_round(b=b, off=off, spec=spec):
-            off_rate = tokens_per_s(off, prompts[:b], max_tokens)
+        live = {}  # the acceptance the k-draft engine measured last at this batch size
+
+        def on(b=b):
             set_spec_schedule(spec.llm, [(1, MAX_BATCH, k)])
-            on_rate = tokens_per_s(spec, prompts[:b], max_tokens)
-            spec.adaptive.reset(on_rate[1].get("acceptance_per_pos") or [0.0] * k)  # the live acceptance
-            got = {"off": off_rate, "on": on_rate, "adaptive": tokens_per_s(spec, prompts[:b], max_tokens)}
-            if eagle is not None:
-                got[f"on_{other}"] = tokens_per_s(eagle, prompts[:b], max_tokens)
-            return got
+            live["on"] = tokens_per_s(spec, prompts[:b], max_tokens)
+            return live["on"]
+
+        def adaptive(b=b):
+            spec.adaptive.reset(live["on"][1].get("acceptance_per_pos") or [0.0] * k)
+            return tokens_per_s(spec, prompts[:b], max_tokens)
+
+        systems = {"off": lambda b=b: tokens_per_s(off, prompts[:b], max_tokens), "on": on, "adaptive": adaptive}
+        if eagle is not None:
+            systems[f"on_{other}"] = lambda b=b: tokens_per_s(eagle, prompts[:b], max_tokens)
         for engine in (off, spec, eagle):  # warm-up
             if engine is not None:
                 tokens_per_s(engine, prompts[:1], 4)
-        got, every = best_of(one_round, repeats)
+        on()  # untimed: the acceptance "adaptive" starts from if it runs before "on" in the first round
+        got, every = best_of(lambda r: rotated(systems, r), repeats)
         (off_rate, _), (on_rate, rates), (adaptive_rate, _) = got["off"], got["on"], got["adaptive"]
         best = max(on_rate, off_rate)
         # Paired within each round (same load): adaptive over the better of off and k = K.
-        paired = sorted(a / max(o, n) for o, n, a in zip(every["off"], every["on"], every["adaptive"]))
+        paired = statistics.median(a / max(o, n) for o, n, a in zip(every["off"], every["on"], every["adaptive"]))
         rows.append({"batch": b, "off_tok_s": off_rate, "on_tok_s": on_rate, "adaptive_tok_s": adaptive_rate,
-                     "rounds_tok_s": every, "adaptive_vs_better_median_round": paired[len(paired) // 2],
+                     "rounds_tok_s": every, "adaptive_vs_better_median_round": paired,
                      "adaptive_k": spec.adaptive.k_at(b), "acceptance_per_pos": rates.get("acceptance_per_pos"),
                      "mean_accepted_len": rates.get("mean_accepted_len")})
         if eagle is not None:
@@ -157,7 +173,7 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
         per_pos = per_pos or rates.get("acceptance_per_pos", [])
         print(f"batch {b}: off {off_rate:.1f} tok/s, on {on_rate:.1f} ({on_rate / off_rate:.2f}x), adaptive "
               f"{adaptive_rate:.1f} (k={rows[-1]['adaptive_k']}, {adaptive_rate / best:.2f} of the better, median "
-              f"round {paired[len(paired) // 2]:.2f}), "
+              f"round {paired:.2f}), "
               f"acceptance {rates.get('acceptance_per_pos')}"
               + (f"; {other} head k={K} {got[f'on_{other}'][0]:.1f}" if eagle is not None else ""), flush=True)
     # Where the time goes: seconds per engine step at each batch size and k (the calibration), and
@@ -208,8 +224,8 @@ def probe(job: dict) -> dict:
     for b in (1, 4):
         for engine in (off, on):  # warm-up
             tokens_per_s(engine, job["prompts"][:1], 4)
-        got, _ = best_of(lambda: {"off": tokens_per_s(off, job["prompts"][:b], max_tokens),
-                                  "on": tokens_per_s(on, job["prompts"][:b], max_tokens)}, repeats)
+        got, _ = best_of(lambda r: {"off": tokens_per_s(off, job["prompts"][:b], max_tokens),
+                                    "on": tokens_per_s(on, job["prompts"][:b], max_tokens)}, repeats)
         out[f"off_b{b}"], out[f"on_b{b}"] = got["off"][0], got["on"][0]
     return out
 
