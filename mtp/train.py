@@ -7,8 +7,9 @@
 2. A drafter is trained on the training sequences — an :class:`mtp.heads.EagleHead`
    (``mtp.head=eagle``; with ``mtp.draft_vocab=N`` an :class:`mtp.heads.Eagle3Head` drafting
    from the N tokens sampled most, with ``mtp.parallel=true`` a P-EAGLE one for vLLM's parallel
-   drafting) or the checkpoint's native MTP layer, :class:`mtp.native.MiMoMTPHead` (``mtp.head=native``,
-   vLLM's ``mtp`` method; starts from the checkpoint's layer if it has one): ``mtp.k`` draft steps
+   drafting) or the checkpoint's native MTP layer (``mtp.head=native``, vLLM's ``mtp`` method:
+   :class:`mtp.native.MiMoMTPHead` for a Qwen2/MiMo policy, :class:`mtp.native.DeepSeekMTPHead`
+   for a DeepSeek-V3 one with a dense MTP block; starts from the checkpoint's layer if it has one): ``mtp.k`` draft steps
    unrolled as the engine runs them, targets p = the policy's distributions at the rollout
    temperature (``mtp.objective``: "tv" = KL warm start then the multi-step acceptance
    objective; "ce" = cross-entropy on the sampled tokens).
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from mtp import losses
 from mtp.batch import draft_targets, loss_fn, predicted_acceptance
 from mtp.heads import Eagle3Head, EagleHead
-from mtp.native import MiMoMTPHead, has_native_mtp
+from mtp.native import has_native_mtp, native_form
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.data import DataError, load_prompts
 from orchestration.model_prep import prepare_model
@@ -102,6 +103,14 @@ def train(config: Config, progress: bool = True) -> dict:
     set_cpu_math(m.threads, config.trainer.flush_denormal)
     out = Path(m.out or Path(config.logging.dir) / "drafter")
     model_dir = prepare_model(config, progress=progress)
+    form = None
+    if m.head == "native":  # before sampling: a policy no native form fits fails at once
+        policy_config = json.loads((Path(model_dir) / "config.json").read_text())
+        try:
+            form = native_form(policy_config.get("model_type"))
+            form.check_policy(policy_config)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     tokenizer = load_tokenizer(model_dir)
     rows = load_prompts(config.data, tokenizer)
     if len(rows) < m.prompts + m.heldout_prompts:
@@ -117,11 +126,8 @@ def train(config: Config, progress: bool = True) -> dict:
     log.info("sampled %d sequences in %.1fs", len(train_seqs) + len(heldout_seqs), time.perf_counter() - t0)
 
     policy = load_model(model_dir, config.model.dtype).eval().requires_grad_(False)
-    if m.head == "native":
-        if policy.config.model_type not in ("qwen2", "mimo"):
-            raise ConfigError(f"mtp.head=native trains a MiMo-form MTP layer (a Qwen2 decoder block); the policy "
-                              f"is {policy.config.model_type!r}: use mtp.head=eagle")
-        head = MiMoMTPHead.load_vllm(model_dir) if has_native_mtp(model_dir) else MiMoMTPHead.for_policy(policy, m.layers)
+    if form is not None:
+        head = form.load_vllm(model_dir) if has_native_mtp(model_dir) else form.for_policy(policy, m.layers)
     elif m.draft_vocab:
         if m.draft_vocab >= policy.config.vocab_size:
             raise ConfigError(f"mtp.draft_vocab={m.draft_vocab}: must be below the policy's vocabulary "

@@ -103,7 +103,8 @@ class RolloutConfig:
     # verified by lossless probabilistic rejection sampling; null = off.
     draft_model: str | None = None
     # "eagle": the rlaccel head in rollout.draft_model drafts; "mtp": the model's own native MTP
-    # layers draft (vLLM's mtp method; a MiMo-form checkpoint, e.g. from mtp.train mtp.head=native).
+    # layers draft (vLLM's mtp method; a checkpoint with MTP layers: MiMo, DeepSeek-V3, Qwen3.5, or
+    # one from mtp.train mtp.head=native).
     spec_method: str = "eagle"
     # Draft tokens per step (k).
     num_speculative_tokens: int = 3
@@ -234,8 +235,9 @@ class MTPConfig:
     objective: str = "tv"
     # "eagle": an EAGLE-form head, or EAGLE-3-form with mtp.draft_vocab > 0 (a draft checkpoint
     # for rollout.draft_model); "native": the
-    # model's own MTP layer in MiMo's form (vLLM's mtp method), written into a copy of the policy
-    # checkpoint at mtp.out (then model.path=<out> rollout.spec_method=mtp).
+    # model's own MTP layer (vLLM's mtp method) in MiMo's form for a Qwen2/MiMo policy, DeepSeek-V3's
+    # (dense block) for a DeepSeek-V3 one, written into a copy of the policy checkpoint at mtp.out
+    # (then model.path=<out> rollout.spec_method=mtp).
     head: str = "eagle"
     # Decoder layers in the head (vLLM's eagle drafter runs any number; more = closer to the
     # policy, each costs one more layer per draft step).

@@ -1,18 +1,21 @@
-"""The native MTP layer in MiMo's form (vLLM's ``mtp`` method): its block equals vLLM's
-``MiMoMultiTokenPredictorLayer`` formula written with transformers' Qwen2 decoder layer; its
-k-step unroll equals step-by-step drafting; it takes the policy's pre-norm last hidden state;
-and it round-trips through a policy checkpoint under exactly the names vLLM's MiMo MTP loader
-maps, without disturbing the policy's own weights."""
+"""The native MTP layers (vLLM's ``mtp`` method) in MiMo's and DeepSeek-V3's forms: each block
+equals vLLM's formula (``MiMoMultiTokenPredictorLayer``, ``DeepSeekMultiTokenPredictorLayer``)
+written with transformers' decoder layer (Qwen2, DeepSeek-V3 with latent attention); the k-step
+unroll equals step-by-step drafting; MiMo's takes the policy's pre-norm last hidden state; each
+round-trips through a policy checkpoint under exactly the names vLLM's MTP loader maps, without
+disturbing the policy's own weights."""
 
+import functools
 import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, DeepseekV3Config, Qwen2Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from mtp.heads import policy_states
-from mtp.native import MIMO_PREFIX, MiMoMTPHead, has_native_mtp
+from mtp.native import MIMO_PREFIX, DeepSeekMTPHead, MiMoMTPHead, has_native_mtp, native_form
 from policy.models import build_char_tokenizer, load_model, save_model
 
 
@@ -28,9 +31,17 @@ def policy():
     return AutoModelForCausalLM.from_config(micro_qwen2()).eval()
 
 
-@pytest.fixture(scope="module")
-def head(policy):
-    head = MiMoMTPHead.for_policy(policy)
+def micro_deepseek(vocab: int = 40, q_lora_rank: int | None = None, **kw) -> DeepseekV3Config:
+    """Every layer dense (first_k_dense_replace past the MTP layer's index); no MTP layer declared
+    (transformers' default config declares one it does not build)."""
+    kw = {"first_k_dense_replace": 100, "num_nextn_predict_layers": 0, **kw}
+    return DeepseekV3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=2, q_lora_rank=q_lora_rank, kv_lora_rank=32,
+                            qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=8, max_position_embeddings=64,
+                            pad_token_id=0, eos_token_id=1, bos_token_id=None, **kw)
+
+
+def perturbed(head):
     torch.manual_seed(1)
     with torch.no_grad():  # away from the start so that every weight (and every bias) matters
         for p in head.parameters():
@@ -38,33 +49,40 @@ def head(policy):
     return head
 
 
-def test_block_is_vllm_mimo_mtp_with_a_qwen2_layer(policy, head):
-    config = policy.config
-    config._attn_implementation = "sdpa"
-    layer = Qwen2DecoderLayer(config, layer_idx=0)
-    layer.load_state_dict({k.removeprefix("layers.0."): v for k, v in head.state_dict().items()
-                           if k.startswith("layers.0.")})
-    norms = {}
-    for name in ("token_layernorm", "hidden_layernorm", "final_layernorm"):
-        norms[name] = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        norms[name].weight.data.copy_(getattr(head, name).weight)
+@pytest.fixture(scope="module")
+def head(policy):
+    return perturbed(MiMoMTPHead.for_policy(policy))
+
+
+@functools.cache
+def deepseek_pair(q_lora_rank: int | None):
+    """(a DeepSeek-V3 policy, its MTP module), built once per query rank."""
     torch.manual_seed(0)
-    emb, h = torch.randn(2, 7, config.hidden_size), torch.randn(2, 7, config.hidden_size)
-    pos = torch.arange(0, 7).expand(2, 7)  # includes position 0, whose token embedding MiMo zeroes
-    with torch.no_grad():
-        e = norms["token_layernorm"](torch.where(pos[..., None] == 0, 0.0, emb))
-        z = head.input_proj(torch.cat([norms["hidden_layernorm"](h), e], -1))
-        s = layer(z, attention_mask=None, position_ids=pos, position_embeddings=Qwen2RotaryEmbedding(config)(z, pos))
-        want = norms["final_layernorm"](s[0] if isinstance(s, tuple) else s)
-        got, _ = head.block(emb, h, pos)
-    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    policy = AutoModelForCausalLM.from_config(micro_deepseek(q_lora_rank=q_lora_rank)).eval()
+    return policy, perturbed(DeepSeekMTPHead.for_policy(policy))
+
+
+@pytest.fixture(params=[None, 24], ids=["q_proj", "q_lora"])
+def deepseek(request):
+    """A DeepSeek-V3 policy and its MTP module, with the full-rank and the low-rank query."""
+    return deepseek_pair(request.param)
+
+
+@pytest.fixture(params=["mimo", "deepseek"])
+def form(request):
+    """(policy, MTP layer, whether its first pass takes the pre-norm state) of either form."""
+    if request.param == "mimo":
+        return request.getfixturevalue("policy"), request.getfixturevalue("head"), True
+    return (*deepseek_pair(24), False)
 
 
 @torch.no_grad()
-def test_unroll_equals_step_by_step_drafting(policy, head):
+def test_unroll_equals_step_by_step_drafting(form):
+    policy, head, pre_norm = form
+    assert head.pre_norm_hidden is pre_norm
     torch.manual_seed(2)
     tokens = torch.randint(2, 40, (2, 12))
-    hidden, _ = policy_states(policy, tokens, pre_norm=True)
+    hidden, _ = policy_states(policy, tokens, pre_norm=pre_norm)
     k = 3
     outs = head.unroll(policy.model.embed_tokens, tokens, hidden, k)
     embed = policy.model.embed_tokens
@@ -123,3 +141,78 @@ def test_checkpoint_round_trip_with_vllm_names(policy, head, tmp_path):
 def test_which_checkpoints_declare_native_mtp_layers(tmp_path, config, native):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert has_native_mtp(tmp_path) is native
+
+
+def test_block_is_vllm_deepseek_mtp_with_a_transformers_layer(deepseek):
+    """vLLM's DeepSeekMultiTokenPredictorLayer: eh_proj([enorm(e) ‖ hnorm(h)]) (e zeroed at
+    position 0), then the decoder layer, then shared_head.norm — with transformers' DeepSeek-V3
+    layer (latent attention, interleaved rope) as the block."""
+    policy, head = deepseek
+    config = policy.config
+    config._attn_implementation = "sdpa"
+    layer = DeepseekV3DecoderLayer(config, layer_idx=config.num_hidden_layers)
+    layer.load_state_dict({k.removeprefix("layers.0."): v for k, v in head.state_dict().items()
+                           if k.startswith("layers.0.")})
+    torch.manual_seed(0)
+    emb, h = torch.randn(2, 7, config.hidden_size), torch.randn(2, 7, config.hidden_size)
+    pos = torch.arange(0, 7).expand(2, 7)
+    with torch.no_grad():
+        e = head.enorm(torch.where(pos[..., None] == 0, 0.0, emb))
+        z = head.eh_proj(torch.cat([e, head.hnorm(h)], -1))
+        s = layer(z, attention_mask=None, position_ids=pos,
+                  position_embeddings=DeepseekV3RotaryEmbedding(config)(z, pos))
+        want = head.shared_head["norm"](s[0] if isinstance(s, tuple) else s)
+        got, _ = head.block(emb, h, pos)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    other = emb.clone()
+    other[:, 0] += 1.0
+    with torch.no_grad():
+        assert torch.equal(head.block(other, h, pos)[0], got)  # the token at position 0 is zeroed
+
+
+def test_deepseek_checkpoint_round_trip_with_vllm_names(deepseek, tmp_path):
+    policy, head = deepseek
+    tokenizer = build_char_tokenizer("abcdefghij")
+    directory = save_model(policy, tokenizer, tmp_path / "deepseek")
+    assert not has_native_mtp(directory)
+    head.save_vllm(directory)
+    assert has_native_mtp(directory)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["num_nextn_predict_layers"] == 1
+    from safetensors.torch import load_file
+    names = set(load_file(str(directory / "mtp.safetensors")))
+    q = {"q_proj.weight"} if policy.config.q_lora_rank is None else \
+        {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"}
+    attn = q | {"kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"}
+    layer = {f"self_attn.{n}" for n in attn} | {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    layer |= {"input_layernorm.weight", "post_attention_layernorm.weight", "enorm.weight", "hnorm.weight",
+              "eh_proj.weight", "shared_head.norm.weight"}
+    assert names == {"model.layers.2." + n for n in layer}  # layer N = num_hidden_layers
+    again = DeepSeekMTPHead.load_vllm(directory)
+    assert again.state_dict().keys() == head.state_dict().keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in head.state_dict().items())
+    reloaded = load_model(directory)  # the policy part is untouched
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), policy.state_dict().values()))
+    with pytest.raises(ValueError, match="already holds MTP layers"):
+        from safetensors.torch import save_file
+        save_file({"model.layers.2.enorm.weight": torch.ones(64)}, str(directory / "extra.safetensors"))
+        head.save_vllm(directory)
+
+
+def test_a_mixture_of_experts_mtp_block_is_refused_and_forms_follow_the_model_type():
+    config = micro_deepseek(first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                            topk_group=1)
+    with pytest.raises(ValueError, match="mixture of experts"):
+        DeepSeekMTPHead(config)
+    assert native_form("qwen2") is MiMoMTPHead and native_form("deepseek_v3") is DeepSeekMTPHead
+    with pytest.raises(ValueError, match="use mtp.head=eagle"):
+        native_form("llama")
+
+
+def test_mtp_train_refuses_a_policy_without_a_native_form_before_sampling(tiny_model_dir, tmp_path):
+    from mtp.train import train
+    from orchestration.config import ConfigError, load_config
+    config = load_config("configs/tiny.yaml", ["mtp.head=native", f"model.path={tiny_model_dir}",
+                                               f"logging.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="the policy is 'qwen3': use mtp.head=eagle"):
+        train(config, progress=False)
