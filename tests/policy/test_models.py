@@ -52,3 +52,17 @@ def test_a_mimo_checkpoints_reference_is_its_qwen2_policy(tmp_path):
                          num_attention_heads=2, num_key_value_heads=1).to_dict()
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mimo", "num_nextn_predict_layers": 1}))
     assert type(empty_model(tmp_path)) is Qwen2ForCausalLM
+
+
+def test_the_built_in_deepseek_model_has_latent_attention_and_no_mtp_layer_yet(tmp_path):
+    from policy.models import build_char_tokenizer, build_model, save_model
+    tokenizer = build_char_tokenizer()
+    model = build_model("tiny_deepseek", tokenizer)
+    config = model.config
+    assert config.model_type == "deepseek_v3" and not config.tie_word_embeddings
+    assert (config.kv_lora_rank, config.qk_rope_head_dim, config.num_nextn_predict_layers) == (512, 64, 0)
+    assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in model.model.layers)  # dense
+    again = load_model(save_model(model, tokenizer, tmp_path / "deepseek"))
+    x = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
