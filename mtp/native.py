@@ -34,6 +34,23 @@ class NativeMTPHead(DraftHead):
     def check_policy(cls, config: dict) -> None:
         """Raise ValueError if rlaccel cannot train this form for a policy with this config.json."""
 
+    def fuse(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The decoder layer's input from the token embedding and the input state."""
+        raise NotImplementedError
+
+    def out_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's output (the LM head's input and the next step's state) from the layer's."""
+        raise NotImplementedError
+
+    def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
+        """One draft step: the token embedding zeroed at position 0 (as vLLM's MTP layers do),
+        fused with the state, one decoder layer, the output norm."""
+        x = self.fuse(emb.masked_fill((pos == 0)[..., None], 0.0), h)
+        if mask is None:
+            mask = causal_mask(x.shape[1], x.device)
+        x, kv = self.layers[0](x, pos, None if past_kv is None else past_kv[0], mask)
+        return self.out_norm(x), [kv]
+
     def prefix(self) -> str:
         raise NotImplementedError
 
@@ -148,13 +165,11 @@ class MiMoMTPHead(NativeMTPHead):
             head.input_proj.weight[:, :H].copy_(torch.eye(H))
         return head
 
-    def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
-        emb = emb.masked_fill((pos == 0)[..., None], 0.0)
-        x = self.input_proj(torch.cat([self.hidden_layernorm(h), self.token_layernorm(emb)], dim=-1))
-        if mask is None:
-            mask = causal_mask(x.shape[1], x.device)
-        x, kv = self.layers[0](x, pos, None if past_kv is None else past_kv[0], mask)
-        return self.final_layernorm(x), [kv]
+    def fuse(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.input_proj(torch.cat([self.hidden_layernorm(h), self.token_layernorm(emb)], dim=-1))
+
+    def out_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_layernorm(x)
 
     def prefix(self) -> str:
         return MIMO_PREFIX
@@ -270,13 +285,11 @@ class DeepSeekMTPHead(NativeMTPHead):
             head.eh_proj.weight[:, H:].copy_(torch.eye(H))
         return head
 
-    def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
-        emb = emb.masked_fill((pos == 0)[..., None], 0.0)
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        if mask is None:
-            mask = causal_mask(x.shape[1], x.device)
-        x, kv = self.layers[0](x, pos, None if past_kv is None else past_kv[0], mask)
-        return self.shared_head["norm"](x), [kv]
+    def fuse(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+
+    def out_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared_head["norm"](x)
 
     def prefix(self) -> str:
         return f"model.layers.{self.config.num_hidden_layers}."
