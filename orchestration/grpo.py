@@ -134,7 +134,7 @@ class Actors:
         :class:`TrainerGroup`."""
         nw, ranks = config.rollout.num_workers, config.trainer.world_size
         shape = (nw, ranks, config.rollout.max_restarts, config.trainer.flush_denormal)
-        if self.pg is not None and self._session != ray.get_runtime_context().get_job_id():
+        if self.pg is not None and self._session != ray_session():
             self.pg, self.workers, self.trainers = None, [], []  # gone with an earlier Ray session
         if self.pg is not None and (shape != self._shape or ranks > 1):
             self.close()
@@ -142,7 +142,7 @@ class Actors:
         if self.reused:  # queued behind at most the rollout the last run left running (it cancelled the rest)
             self._resets = [w.reset.remote(*self.worker_args(i)) for i, w in enumerate(self.workers)]
             return self.workers, self.trainers
-        self.pg, self._shape, self._session = place(config), shape, ray.get_runtime_context().get_job_id()
+        self.pg, self._shape, self._session = place(config), shape, ray_session()
         # A restarted worker returns to its bundle.
         self.workers = [ray.remote(num_cpus=1, max_restarts=config.rollout.max_restarts)(RolloutWorker).options(
             scheduling_strategy=in_bundle(self.pg, i)).remote(*self.worker_args(i)) for i in range(nw)]
@@ -162,12 +162,19 @@ class Actors:
         return model_dir, rollout_cfg, dtype, seed, i, version
 
     def close(self) -> None:
-        """Stop the processes (idempotent)."""
-        for actor in (*self.workers, *self.trainers):
-            ray.kill(actor)
-        if self.pg is not None:
+        """Stop the processes (idempotent; nothing to stop once their Ray session has ended)."""
+        if self.pg is not None and ray.is_initialized() and self._session == ray_session():
+            for actor in (*self.workers, *self.trainers):
+                ray.kill(actor)
             remove_placement_group(self.pg)
         self.pg, self.workers, self.trainers, self.reused, self._resets = None, [], [], False, []
+
+
+def ray_session() -> str:
+    """The Ray session this process is connected to. Not the job id: every new local Ray numbers
+    its first driver's job 01000000 again; the driver's node is new with each local Ray (and the
+    same for every driver of one cluster)."""
+    return ray.get_runtime_context().get_node_id()
 
 
 # A worker process that died (RayActorError) or is being restarted by Ray.

@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from orchestration.config import ConfigError, load_config
-from orchestration.grpo import cli, main
+from orchestration.grpo import Actors, cli, main
 from orchestration.metrics import read_metrics
 
 
@@ -16,6 +16,17 @@ def ray_session():
     yield
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def kept_actors():
+    """Actor processes kept from one run of this module to the next, as a sweep keeps them
+    (orchestration.grpo.Actors), for the runs that do not test start-up or a restart with a run's
+    own arguments: each skips ~15 s of process start and imports. A run that needs its own
+    processes closes these first (on 2 CPUs their placement group would leave it none)."""
+    kept = Actors()
+    yield kept
+    kept.close()
 
 
 @pytest.fixture()
@@ -39,8 +50,8 @@ def _check_run(tmp_path, history):
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
 
-def test_loop_with_transformers_engine(tmp_path, cache):
-    history = main(_config(tmp_path, "hf"), progress=False)
+def test_loop_with_transformers_engine(tmp_path, cache, kept_actors):
+    history = main(_config(tmp_path, "hf"), progress=False, actors=kept_actors)
     _check_run(tmp_path, history)
     assert max(h["logp_mismatch_max"] for h in history) < 1e-4
     log = pq.read_table(tmp_path / "run" / "trajectories.parquet").to_pylist()
@@ -52,8 +63,8 @@ def test_loop_with_transformers_engine(tmp_path, cache):
 
 
 @pytest.mark.vllm
-def test_loop_with_vllm_engine(tmp_path, cache):
-    history = main(_config(tmp_path, "vllm"), progress=False)
+def test_loop_with_vllm_engine(tmp_path, cache, kept_actors):
+    history = main(_config(tmp_path, "vllm"), progress=False, actors=kept_actors)
     _check_run(tmp_path, history)
     # trainer vs vLLM behaviour logprobs of every sampled token, at every step: two float32
     # implementations (typically ~1e-5 apart, rare tokens up to ~4e-4 in the default run);
@@ -87,12 +98,12 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
     assert "rollout.n=1" in capsys.readouterr().err
 
 
-def test_failed_run_keeps_the_policy_and_names_the_sample(tmp_path, cache):
+def test_failed_run_keeps_the_policy_and_names_the_sample(tmp_path, cache, kept_actors):
     from rollout.rewards import RewardError
     config = _config(tmp_path, "hf")
     config.algorithm.reward_fns = ["tests.orchestration.test_grpo_loop:reward_that_breaks"]
     with pytest.raises(RewardError, match="reward_that_breaks raised RuntimeError"):
-        main(config, progress=False)
+        main(config, progress=False, actors=kept_actors)
     assert (tmp_path / "run" / "checkpoint-interrupted" / "model.safetensors").is_file()
     assert len(read_metrics(tmp_path / "run")) == 0
 
@@ -102,12 +113,12 @@ def reward_that_breaks(prompts, completions, **_):
 
 
 @pytest.mark.parametrize("max_staleness", [1, 2])
-def test_async_loop_respects_the_staleness_bound(tmp_path, cache, max_staleness):
+def test_async_loop_respects_the_staleness_bound(tmp_path, cache, kept_actors, max_staleness):
     config = _config(tmp_path, "hf")
     config.orchestration.max_staleness = max_staleness
     config.orchestration.adaptive_in_flight = False  # all max_staleness + 1 batches in flight
     config.orchestration.steps = 5
-    history = main(config, progress=False)
+    history = main(config, progress=False, actors=kept_actors)
     assert [h["staleness_max"] for h in history] == [min(s, max_staleness) for s in range(5)]
     assert [h["in_flight"] for h in history] == [max_staleness + 1] * 5
     assert history[-1]["regenerated_groups"] == 0
@@ -129,7 +140,7 @@ def _trained_record(*run_dirs):
 
 @pytest.mark.slow  # two or three Ray runs each (~15-20 s)
 @pytest.mark.parametrize("max_staleness", [0, 1])
-def test_checkpoint_and_resume_lose_and_double_nothing(tmp_path, cache, max_staleness):
+def test_checkpoint_and_resume_lose_and_double_nothing(tmp_path, cache, kept_actors, max_staleness):
     def config(run):
         cfg = _config(tmp_path / run, "hf")
         cfg.orchestration.steps, cfg.orchestration.max_staleness = 6, max_staleness
@@ -137,12 +148,12 @@ def test_checkpoint_and_resume_lose_and_double_nothing(tmp_path, cache, max_stal
         cfg.data.num_prompts = 12  # 6 steps x 4 prompts: two epochs
         return cfg
 
-    straight = main(config("straight"), progress=False)
+    straight = main(config("straight"), progress=False, actors=kept_actors)
     ckpt = tmp_path / "straight" / "run" / "checkpoints" / "step-3"
     assert (ckpt / "loop_state.json").is_file() and (ckpt / "model.safetensors").is_file()
     resumed_cfg = config("resumed")
     resumed_cfg.orchestration.resume = str(ckpt)
-    resumed = main(resumed_cfg, progress=False)
+    resumed = main(resumed_cfg, progress=False, actors=kept_actors)
     assert [h["step"] for h in resumed] == [3, 4, 5]
 
     first_half = [r for r in _trained_record(tmp_path / "straight" / "run") if r[0] < 3]
@@ -181,7 +192,8 @@ def reward_that_kills_the_rollout_worker(prompts, completions, answer, **kw):
 
 @pytest.mark.slow  # two or three Ray runs each (~15-20 s)
 @pytest.mark.parametrize("max_staleness", [0, 1])
-def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, max_staleness):
+def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, kept_actors, max_staleness):
+    kept_actors.close()  # its own processes: Ray restarts the worker with this run's arguments
     _calls["n"] = 0
     config = _config(tmp_path, "hf")
     config.orchestration.steps, config.orchestration.max_staleness = 4, max_staleness
@@ -200,7 +212,7 @@ def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, max_sta
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("form", ["eagle", "peagle"])
-def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache, form):
+def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache, kept_actors, form):
     """Rollout with an EAGLE drafter in vLLM (or a P-EAGLE head over 48 of the 128 tokens under vLLM's
     parallel drafting: the EAGLE-3 form with fc and a mask state, the superset of what a drafter sync
     carries), the head maintained by the trainer and synced with the policy (verified), acceptance
@@ -216,7 +228,7 @@ def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache, form):
     config.rollout.num_speculative_tokens = 2
     config.mtp.maintain, config.mtp.k = True, 2
     config.orchestration.checkpoint_every = 2
-    history = main(config, progress=False)
+    history = main(config, progress=False, actors=kept_actors)
     _check_run(tmp_path, history)
     for h in history:
         assert h["spec_drafts"] > 0 and 0.0 <= h["spec_acceptance_pos1"] <= 1.0 and h["spec_mean_accepted_len"] >= 1.0
@@ -235,7 +247,7 @@ def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache, form):
         return
     # resume: the trainer restores head + head optimizer, the workers draft with the saved head
     config.orchestration.resume, config.logging.dir = str(ckpt), str(tmp_path / "resumed")
-    resumed = main(config, progress=False)
+    resumed = main(config, progress=False, actors=kept_actors)
     assert [h["step"] for h in resumed] == [2] and resumed[0]["spec_drafts"] > 0
 
 
@@ -253,14 +265,15 @@ def _actor_pids() -> dict[str, set[int]]:
 
 
 @pytest.mark.slow  # three Ray runs, the later two in the first one's processes (~35 s)
-def test_kept_actors_run_again_the_same_and_a_restarted_worker_takes_the_new_settings(tmp_path, cache):
+def test_kept_actors_run_again_the_same_and_a_restarted_worker_takes_the_new_settings(tmp_path, cache, kept_actors):
     """Runs sharing one orchestration.grpo.Actors run in the same processes with a new engine and
     trainer: the same config and seed give the same run. A worker that Ray restarts comes back
     with the first run's arguments (rollout.n=8 here) and must be reset to the current run's
     (n=4) before it samples again: every trained prompt then has 4 responses. (The transformers
     engine keeps this cheap; a vLLM engine shut down and built again in one process is tested in
-    tests/rollout/test_vllm_engine.py.)"""
-    from orchestration.grpo import Actors
+    tests/rollout/test_vllm_engine.py.) Kept actors of a Ray session that has ended are not
+    reused: the next run starts its own in the new session."""
+    kept_actors.close()  # the module's kept processes: this test starts and counts its own
     actors = Actors()
     try:
         first = main(_config(tmp_path / "a", "hf"), progress=False, actors=actors)
@@ -283,5 +296,9 @@ def test_kept_actors_run_again_the_same_and_a_restarted_worker_takes_the_new_set
         for _, index, _, _ in _trained_record(tmp_path / "c" / "run"):
             counts[index] = counts.get(index, 0) + 1
         assert counts == {i: 4 for i in range(12)}
+
+        ray.shutdown()  # kept actors of an ended session: the next run starts its own in a new one
+        history = main(_config(tmp_path / "d", "hf"), progress=False, actors=actors)
+        assert not actors.reused and [h["step"] for h in history] == [0, 1, 2]
     finally:
         actors.close()
