@@ -18,6 +18,12 @@ echo "installing rlaccel into .venv (first time: ~3 min, ~4 GB)..." >&2
 # DeepSpeed (data-parallel trainer ranks, trainer.world_size > 1) builds against the torch
 # installed above; with build isolation pip would fetch a CUDA torch to build it.
 .venv/bin/pip install --quiet --no-build-isolation 'deepspeed==0.19.8'
+# DeepSpeed compiles its CPU shared-memory collective op when a data-parallel trainer first starts
+# (~45 s on 2 cores); compile it once here, where orchestration/trainer_actor.py points DeepSpeed.
+mkdir -p .cache
+TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions" .venv/bin/python -c "from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" >.cache/deepspeed-op-build.log 2>&1 \
+  || { cat .cache/deepspeed-op-build.log >&2; exit 1; }
 .venv/bin/python -c "import torch, vllm, ray, transformers, trl, deepspeed; print(f'torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, deepspeed {deepspeed.__version__}')"
 rm -f .venv/.rlaccel-installed-*
 touch "$stamp"
