@@ -10,6 +10,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The speculative-rollout tests' shared checks assert in a helper module: rewrite its asserts too.
+pytest.register_assert_rewrite("tests.rollout.speculation")
+
 from policy.models import build_char_tokenizer, build_model, save_model
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from tests.rollout.test_speculative import _chi2_pvalue
+from tests.rollout.speculation import chi2_pvalue
 
 B, V = 40_000, 6
 P = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.1, 0.05])   # target
@@ -37,8 +37,8 @@ def test_inverse_cdf_follows_the_weights_and_never_picks_a_zero():
     torch.manual_seed(0)
     weights = torch.stack([Q * 3.0, P])  # unnormalised rows, one with a zero
     ids = sample_inverse_cdf(weights.repeat(B // 2, 1), torch.rand(B, dtype=torch.float64)).view(-1, 2)
-    assert _chi2_pvalue(torch.bincount(ids[:, 0], minlength=V), Q) > 1e-3
-    assert _chi2_pvalue(torch.bincount(ids[:, 1], minlength=V), P) > 1e-3
+    assert chi2_pvalue(torch.bincount(ids[:, 0], minlength=V), Q) > 1e-3
+    assert chi2_pvalue(torch.bincount(ids[:, 1], minlength=V), P) > 1e-3
     # The ends of [0, 1): the first and the last positive weight, never a zero one around them.
     edge = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 2)
     got = sample_inverse_cdf(edge, torch.tensor([0.0, 1.0 - 2.0 ** -53], dtype=torch.float64))
@@ -69,15 +69,15 @@ def test_rejection_sampling_is_lossless_and_keeps_drafts_at_the_acceptance_rate(
     drafts = torch.multinomial(Q, 2 * B, replacement=True).view(B, 2)
     out = _sample(samplers[impl][0], drafts, Q.expand(2 * B, V).contiguous(), _meta(torch.ones(B)))
     kept = (out[:, :2] == drafts).long().cumprod(1).sum(1)
-    assert _chi2_pvalue(torch.bincount(kept, minlength=3), torch.tensor([1 - ALPHA, ALPHA * (1 - ALPHA), ALPHA ** 2])) > 1e-3
-    assert _chi2_pvalue(torch.bincount(out[:, 0], minlength=V), P) > 1e-3
+    assert chi2_pvalue(torch.bincount(kept, minlength=3), torch.tensor([1 - ALPHA, ALPHA * (1 - ALPHA), ALPHA ** 2])) > 1e-3
+    assert chi2_pvalue(torch.bincount(out[:, 0], minlength=V), P) > 1e-3
     # A rejected first draft is replaced by a sample of max(p - q, 0), normalised.
     residual = (P - Q).clamp(min=0)
     recovered = torch.bincount(out[kept == 0, 0], minlength=V)
     assert recovered[residual == 0].sum() == 0
-    assert _chi2_pvalue(recovered, residual / residual.sum()) > 1e-3
+    assert chi2_pvalue(recovered, residual / residual.sum()) > 1e-3
     second = out[kept >= 1, 1]
-    assert _chi2_pvalue(torch.bincount(second, minlength=V), P) > 1e-3
+    assert chi2_pvalue(torch.bincount(second, minlength=V), P) > 1e-3
     assert (out[kept == 2, 2] == 5).all()
     assert (out[kept == 0, 1:] == -1).all() and (out[kept == 1, 2] == -1).all()
 
@@ -88,7 +88,7 @@ def test_one_hot_drafts_are_lossless(samplers, impl):
     torch.manual_seed(2)
     drafts = torch.tensor([[1, 2]]).expand(B, 2)
     out = _sample(samplers[impl][0], drafts, None, _meta(torch.ones(B)))
-    assert _chi2_pvalue(torch.bincount(out[:, 0], minlength=V), P) > 1e-3
+    assert chi2_pvalue(torch.bincount(out[:, 0], minlength=V), P) > 1e-3
     assert ((out[:, 0] == 1).double().mean() - P[1]).abs() < 5 * (P[1] * (1 - P[1]) / B) ** 0.5
 
 
@@ -106,7 +106,7 @@ def test_greedy_requests_match_vllm_and_seeded_ones_repeat(samplers):
     seeded = torch.cat([_sample(samplers["rlaccel"][0], torch.tensor([[1, 2]]).expand(500, 2), None,
                                 _meta(torch.ones(500), {i: torch.Generator().manual_seed(1000 * r + i) for i in range(500)}))
                         for r in range(40)])
-    assert _chi2_pvalue(torch.bincount(seeded[:, 0], minlength=V), P) > 1e-3
+    assert chi2_pvalue(torch.bincount(seeded[:, 0], minlength=V), P) > 1e-3
 
 
 @pytest.mark.parametrize("impl", ["vllm", "rlaccel"])
@@ -117,7 +117,7 @@ def test_draft_tokens_follow_the_tempered_drafter(samplers, impl):
     ids, probs = samplers[impl][1](logits.expand(B, V).clone(), meta)
     want = torch.softmax(logits / 0.7, -1)
     assert torch.allclose(probs[0], want, atol=1e-6)
-    assert _chi2_pvalue(torch.bincount(ids, minlength=V), want) > 1e-3
+    assert chi2_pvalue(torch.bincount(ids, minlength=V), want) > 1e-3
     # Greedy requests in a mixed batch draft the argmax.
     meta = types.SimpleNamespace(all_greedy=False, all_random=False, temperature=torch.tensor([0.0, 1.0] * 50))
     ids, _ = samplers[impl][1](logits.expand(100, V).clone(), meta)
