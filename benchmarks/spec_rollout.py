@@ -58,7 +58,7 @@ def train_head(preset: str, objective: str, out: Path, overrides: list[str], k: 
     from orchestration.config import load_config
     config = load_config(preset, [f"mtp.objective={objective}", f"mtp.k={k}", f"mtp.out={out}",
                                   f"logging.dir={out.parent / 'mtp-run'}", *overrides])
-    return train(config, progress=False)
+    return train(config, progress=True)  # a head trains for 5-40 min: show its progress
 
 
 def rl_acceptance(head: Path, maintain: bool, steps: int, run_dir: Path) -> list[float]:
