@@ -268,7 +268,8 @@ def spec_decode_delta(before: dict, after: dict) -> dict:
 
 def spec_decode_rates(counts: dict) -> dict[str, float | list[float]]:
     """From interval counters: per-position acceptance given the earlier positions accepted,
-    P(first i+1 drafts accepted), mean tokens per target forward, accepted / drafted tokens."""
+    P(first i+1 drafts accepted), mean tokens per target forward, accepted / drafted tokens, and
+    the number of draft rounds they are over (``drafts``: position 1's sample size)."""
     drafts = counts.get("drafts", 0)
     if drafts <= 0:
         return {}
@@ -277,7 +278,7 @@ def spec_decode_rates(counts: dict) -> dict[str, float | list[float]]:
     return {"acceptance_per_pos": [a / r if r else 0.0 for a, r in zip(per_pos, reached)],
             "accepted_per_draft": [a / drafts for a in per_pos],
             "mean_accepted_len": 1 + counts["accepted"] / drafts,
-            "draft_acceptance": counts["accepted"] / max(counts["draft_tokens"], 1)}
+            "draft_acceptance": counts["accepted"] / max(counts["draft_tokens"], 1), "drafts": drafts}
 
 
 # ---- adaptive speculation: k = 0 really turns the drafter off --------------------------------
