@@ -143,6 +143,15 @@ def empty_model(directory: str | Path):
     return model.eval()
 
 
+def checkpoint_names(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` (``model``'s own parameter names) under the checkpoint's names, as
+    ``save_pretrained`` writes them and as vLLM loads them: transformers 5 converts some weights at
+    load (a mixture of experts' per-expert projections into one [experts, ...] tensor) and back at
+    save. The same dict where the model has no conversion; ``model`` may be an :func:`empty_model`."""
+    from transformers.core_model_loading import revert_weight_conversion
+    return revert_weight_conversion(model, state_dict)
+
+
 @torch.no_grad()
 def probe_logprobs(model, token_ids: list[int], state_dict: dict[str, torch.Tensor] | None = None) -> list[float]:
     """log p(token_t | tokens_<t) at temperature 1 for t >= 1, the weight-sync probe: with

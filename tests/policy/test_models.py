@@ -66,3 +66,28 @@ def test_the_built_in_deepseek_model_has_latent_attention_and_no_mtp_layer_yet(t
     x = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
+
+
+def test_checkpoint_names_are_the_saved_checkpoints(tmp_path):
+    """transformers 5 holds a mixture of experts' projections fused ([experts, ...] tensors) and
+    saves them one per expert; vLLM loads the saved names, so the weight sync sends those."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from policy.models import build_char_tokenizer, checkpoint_names, empty_model, save_model
+    config = Qwen3MoeConfig(vocab_size=12, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    directory = save_model(model, build_char_tokenizer("abcdefghij"), tmp_path / "moe")
+    state = model.state_dict()
+    assert any(k.endswith("experts.gate_up_proj") for k in state)  # fused in memory
+    saved = load_file(str(directory / "model.safetensors"))
+    named = checkpoint_names(empty_model(directory), state)
+    assert named.keys() == saved.keys() and any(".experts.3.up_proj.weight" in k for k in named)
+    assert all(torch.equal(named[k], saved[k]) for k in saved)
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    plain = qwen2.state_dict()
+    assert checkpoint_names(qwen2, plain) is plain  # a model without conversions: untouched
