@@ -121,6 +121,14 @@ def rope(pos: torch.Tensor, dim: int, theta: float, dtype) -> tuple[torch.Tensor
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+def pass_through(fc: nn.Linear, start: int) -> None:
+    """Set ``fc`` [H, n·H] to pass its input's block at column ``start`` through unchanged (the
+    identity there, zeros elsewhere): a fusing projection that starts as "the state through"."""
+    H = fc.weight.shape[0]
+    fc.weight.zero_()
+    fc.weight[:, start:start + H].copy_(torch.eye(H))
+
+
 def causal_mask(T: int, device) -> torch.Tensor:
     """[T, T] bool, True where row t may attend (columns ≤ t)."""
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
@@ -261,9 +269,7 @@ class EagleHead(DraftHead):
                     layer.input_layernorm.weight.copy_(last.input_layernorm.weight)
                     layer.self_attn.o_proj.weight.zero_()
                     layer.mlp.down_proj.weight.zero_()
-            H = config.hidden_size
-            head.fc.weight.zero_()
-            head.fc.weight[:, H:].copy_(torch.eye(H))
+            pass_through(head.fc, config.hidden_size)
         return head
 
     def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
@@ -413,8 +419,7 @@ class Eagle3Head(DraftHead):
         last, layer, H = policy.model.layers[-1], head.layers[0], config.hidden_size
         with torch.no_grad():
             if aux:
-                head.fc.weight.zero_()
-                head.fc.weight[:, -H:].copy_(torch.eye(H))
+                pass_through(head.fc, head.fc.in_features - H)
             for name in ("q_proj", "k_proj", "v_proj"):
                 w = getattr(layer.self_attn, name).weight
                 w.zero_()

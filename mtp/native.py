@@ -21,7 +21,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (Qwen3NextAttenti
                                                                 Qwen3NextRotaryEmbedding, Qwen3NextSparseMoeBlock,
                                                                 apply_rotary_pos_emb)
 
-from mtp.heads import DraftHead, HeadConfig, Layer, RMSNorm, causal_mask
+from mtp.heads import DraftHead, HeadConfig, Layer, RMSNorm, causal_mask, pass_through
 
 MIMO_PREFIX = "model.mtp_layers.0."
 NATIVE_FILE = "mtp.safetensors"
@@ -173,9 +173,7 @@ class MiMoMTPHead(NativeMTPHead):
         with torch.no_grad():
             head.layers[0].load_state_dict(last.state_dict())
             head.final_layernorm.weight.copy_(policy.model.norm.weight)
-            H = config.hidden_size
-            head.input_proj.weight.zero_()
-            head.input_proj.weight[:, :H].copy_(torch.eye(H))
+            pass_through(head.input_proj, 0)
         return head
 
     def fuse(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -293,9 +291,7 @@ class DeepSeekMTPHead(NativeMTPHead):
             if isinstance(last.mlp, DeepseekV3MLP):
                 head.layers[0].load_state_dict(last.state_dict())
             head.shared_head["norm"].weight.copy_(policy.model.norm.weight)
-            H = policy.config.hidden_size
-            head.eh_proj.weight.zero_()
-            head.eh_proj.weight[:, H:].copy_(torch.eye(H))
+            pass_through(head.eh_proj, policy.config.hidden_size)
         return head
 
     def fuse(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -401,9 +397,7 @@ class Qwen3NextMTPHead(NativeMTPHead):
                     (("mlp",) if isinstance(last.mlp, Qwen3NextSparseMoeBlock) else ()):
                 getattr(head.layers[0], name).load_state_dict(getattr(last, name).state_dict())
             head.norm.weight.copy_(policy.model.norm.weight)
-            H = policy.config.hidden_size
-            head.fc.weight.zero_()
-            head.fc.weight[:, H:].copy_(torch.eye(H))
+            pass_through(head.fc, policy.config.hidden_size)
         return head
 
     def fuse(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,15 @@ def test_which_checkpoints_declare_native_mtp_layers(tmp_path, config, native):
     assert has_native_mtp(tmp_path) is native
 
 
+def block_inputs(head, layer, hidden_size: int):
+    """Load the head's decoder block into transformers' ``layer``; random (token embeddings, states,
+    positions) for 2 rows of 7 to run both on."""
+    layer.load_state_dict({k.removeprefix("layers.0."): v for k, v in head.state_dict().items()
+                           if k.startswith("layers.0.")})
+    torch.manual_seed(0)
+    return torch.randn(2, 7, hidden_size), torch.randn(2, 7, hidden_size), torch.arange(0, 7).expand(2, 7)
+
+
 def test_block_is_vllm_deepseek_mtp_with_a_transformers_layer(deepseek):
     """vLLM's DeepSeekMultiTokenPredictorLayer: eh_proj([enorm(e) ‖ hnorm(h)]) (e zeroed at
     position 0), then the decoder layer, then shared_head.norm — with transformers' DeepSeek-V3
@@ -171,11 +180,7 @@ def test_block_is_vllm_deepseek_mtp_with_a_transformers_layer(deepseek):
     config = policy.config
     config._attn_implementation = "sdpa"
     layer = DeepseekV3DecoderLayer(config, layer_idx=config.num_hidden_layers)
-    layer.load_state_dict({k.removeprefix("layers.0."): v for k, v in head.state_dict().items()
-                           if k.startswith("layers.0.")})
-    torch.manual_seed(0)
-    emb, h = torch.randn(2, 7, config.hidden_size), torch.randn(2, 7, config.hidden_size)
-    pos = torch.arange(0, 7).expand(2, 7)
+    emb, h, pos = block_inputs(head, layer, config.hidden_size)
     with torch.no_grad():
         e = head.enorm(torch.where(pos[..., None] == 0, 0.0, emb))
         z = head.eh_proj(torch.cat([e, head.hnorm(h)], -1))
@@ -224,11 +229,7 @@ def test_block_is_vllm_qwen3_next_mtp_with_a_transformers_layer():
     config = policy.config
     config._attn_implementation = "sdpa"
     layer = Qwen3NextDecoderLayer(config, layer_idx=1)  # a full-attention layer with experts
-    layer.load_state_dict({k.removeprefix("layers.0."): v for k, v in head.state_dict().items()
-                           if k.startswith("layers.0.")})
-    torch.manual_seed(0)
-    emb, h = torch.randn(2, 7, config.hidden_size), torch.randn(2, 7, config.hidden_size)
-    pos = torch.arange(0, 7).expand(2, 7)
+    emb, h, pos = block_inputs(head, layer, config.hidden_size)
     with torch.no_grad():
         z = head.fc(torch.cat([head.pre_fc_norm_embedding(emb), head.pre_fc_norm_hidden(h)], -1))
         s = layer(z, position_embeddings=Qwen3NextRotaryEmbedding(config)(z, pos), attention_mask=None,
