@@ -1,6 +1,6 @@
 """Speculative rollout with trained drafter heads, in one run.
 
-Part "rl" (tiny preset, ~55 min): train a CE-only head and a TV head with ``mtp.train`` on the
+Part "rl" (tiny preset, ~70 min): train a CE-only head and a TV head with ``mtp.train`` on the
 warm-started policy (2 layers, 16 samples on each of 3700 prompts, 6000 steps), then run GRPO
 three times with speculative rollout (k = 3): CE head frozen, TV head frozen, TV head maintained
 online; record vLLM's position-1 acceptance at every RL step.
