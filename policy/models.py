@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config)
+                          Qwen3Config, Qwen3MoeConfig)
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
@@ -40,10 +40,16 @@ BUILTIN_MODELS: dict[str, dict] = {
                           num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64,
                           qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=100, vocab_size=128,
                           max_position_embeddings=512, num_nextn_predict_layers=0),
+    # The tiny model as a mixture of experts (Qwen3-MoE: 4 experts, 2 per token, each half the tiny
+    # model's MLP), for a policy whose weight sync goes through vLLM's expert kernels.
+    "tiny_moe": dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=192, num_experts=4,
+                     num_experts_per_tok=2, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=32, vocab_size=128, max_position_embeddings=512),
 }
 # Built-in models in another architecture than Qwen3: (config class, tied embeddings). vLLM's
 # DeepSeek model has its own LM head (no tying).
-OTHER_FORMS = {"tiny_mimo": (Qwen2Config, True), "tiny_deepseek": (DeepseekV3Config, False)}
+OTHER_FORMS = {"tiny_mimo": (Qwen2Config, True), "tiny_deepseek": (DeepseekV3Config, False),
+               "tiny_moe": (Qwen3MoeConfig, True)}
 
 
 def set_cpu_math(threads: int, flush_denormal: bool) -> None:

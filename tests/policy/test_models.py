@@ -68,6 +68,20 @@ def test_the_built_in_deepseek_model_has_latent_attention_and_no_mtp_layer_yet(t
         assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
 
 
+def test_the_built_in_moe_model_is_a_mixture_of_experts(tmp_path):
+    from policy.models import build_char_tokenizer, build_model, save_model
+    tokenizer = build_char_tokenizer()
+    model = build_model("tiny_moe", tokenizer)
+    config = model.config
+    assert config.model_type == "qwen3_moe" and config.tie_word_embeddings
+    assert (config.num_experts, config.num_experts_per_tok) == (4, 2)
+    assert all(type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in model.model.layers)
+    again = load_model(save_model(model, tokenizer, tmp_path / "moe"))
+    x = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
+
+
 def test_checkpoint_names_are_the_saved_checkpoints(tmp_path):
     """transformers 5 holds a mixture of experts' projections fused ([experts, ...] tensors) and
     saves them one per expert; vLLM loads the saved names, so the weight sync sends those."""
