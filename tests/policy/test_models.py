@@ -82,6 +82,19 @@ def test_the_built_in_moe_model_is_a_mixture_of_experts(tmp_path):
         assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
 
 
+def test_the_built_in_qwen3_next_model_is_untied_with_gated_delta_net_layers(tmp_path):
+    from policy.models import build_char_tokenizer, build_model, save_model
+    tokenizer = build_char_tokenizer()
+    model = build_model("tiny_qwen3_next", tokenizer)
+    config = model.config
+    assert config.model_type == "qwen3_next" and not config.tie_word_embeddings  # vLLM 0.32 would not tie it
+    assert config.layer_types.count("linear_attention") == 3 and config.linear_key_head_dim == 128
+    again = load_model(save_model(model, tokenizer, tmp_path / "qwen3_next"))
+    x = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
+
+
 def test_checkpoint_names_are_the_saved_checkpoints(tmp_path):
     """transformers 5 holds a mixture of experts' projections fused ([experts, ...] tensors) and
     saves them one per expert; vLLM loads the saved names, so the weight sync sends those."""
