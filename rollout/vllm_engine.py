@@ -16,9 +16,10 @@ import torch
 
 from rollout.adaptive import MAX_BATCH, ScheduleCheck
 from rollout.engine import Completion
-from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter_skip, quiet_benign_warnings,
-                                   reload_drafter, reload_weights, set_drafter_off, set_engine_env, set_spec_schedule,
-                                   spec_decode_counters, spec_decode_delta, spec_decode_rates, use_eager_logprob_ranks)
+from rollout.vllm_adapter import (build_llm, checkpoint_configs, count_spec_decoding, enable_drafter_skip,
+                                   quiet_benign_warnings, reload_drafter, reload_weights, set_drafter_off,
+                                   set_engine_env, set_spec_schedule, spec_decode_counters, spec_decode_delta,
+                                   spec_decode_rates, use_eager_logprob_ranks)
 from rollout.vllm_cpu_fixes import ensure_lossless_speculation, use_cpu_samplers, use_moe_repack
 
 
@@ -30,9 +31,7 @@ SPEC_CPU_BLOCK_SIZE = 32  # rollout.block_size's default for a speculative CPU e
 
 def has_linear_attention(model_dir: str) -> bool:
     """The checkpoint's config lists linear-attention layers (``layer_types``: Qwen3-Next, Qwen3.5)."""
-    path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    return any("linear_attention" in (c.get("layer_types") or []) for c in (config, config.get("text_config") or {}))
+    return any("linear_attention" in (c.get("layer_types") or []) for c in checkpoint_configs(model_dir))
 
 
 def refuse_tied_qwen3_next(model_dir: str) -> None:
@@ -41,8 +40,7 @@ def refuse_tied_qwen3_next(model_dir: str) -> None:
     has no ``lm_head.weight``, and the engine's head keeps its initial values (a tiny tied
     Qwen3-Next: prompt logprobs 0.51 nats off transformers', its MTP drafter's acceptance 0; untied
     0.003 and 0.97). Refused with the fix named."""
-    path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config, _ = checkpoint_configs(model_dir)
     if config.get("model_type") == "qwen3_next" and config.get("tie_word_embeddings"):
         raise ValueError(f"{model_dir}: a Qwen3-Next checkpoint with tie_word_embeddings=true, which vLLM 0.32 loads "
                          f"without its LM head (it never ties it): save the policy untied (set "

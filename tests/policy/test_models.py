@@ -54,45 +54,38 @@ def test_a_mimo_checkpoints_reference_is_its_qwen2_policy(tmp_path):
     assert type(empty_model(tmp_path)) is Qwen2ForCausalLM
 
 
-def test_the_built_in_deepseek_model_has_latent_attention_and_no_mtp_layer_yet(tmp_path):
+def _built_in_round_trip(name: str, tmp_path):
+    """The built-in model ``name``, checked to come back from save and load with the same logits."""
     from policy.models import build_char_tokenizer, build_model, save_model
     tokenizer = build_char_tokenizer()
-    model = build_model("tiny_deepseek", tokenizer)
+    model = build_model(name, tokenizer)
+    again = load_model(save_model(model, tokenizer, tmp_path / name))
+    x = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
+    return model
+
+
+def test_the_built_in_deepseek_model_has_latent_attention_and_no_mtp_layer_yet(tmp_path):
+    model = _built_in_round_trip("tiny_deepseek", tmp_path)
     config = model.config
     assert config.model_type == "deepseek_v3" and not config.tie_word_embeddings
     assert (config.kv_lora_rank, config.qk_rope_head_dim, config.num_nextn_predict_layers) == (512, 64, 0)
     assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in model.model.layers)  # dense
-    again = load_model(save_model(model, tokenizer, tmp_path / "deepseek"))
-    x = torch.tensor([[3, 4, 5, 6]])
-    with torch.no_grad():
-        assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
 
 
 def test_the_built_in_moe_model_is_a_mixture_of_experts(tmp_path):
-    from policy.models import build_char_tokenizer, build_model, save_model
-    tokenizer = build_char_tokenizer()
-    model = build_model("tiny_moe", tokenizer)
+    model = _built_in_round_trip("tiny_moe", tmp_path)
     config = model.config
     assert config.model_type == "qwen3_moe" and config.tie_word_embeddings
     assert (config.num_experts, config.num_experts_per_tok) == (4, 2)
     assert all(type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in model.model.layers)
-    again = load_model(save_model(model, tokenizer, tmp_path / "moe"))
-    x = torch.tensor([[3, 4, 5, 6]])
-    with torch.no_grad():
-        assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
 
 
 def test_the_built_in_qwen3_next_model_is_untied_with_gated_delta_net_layers(tmp_path):
-    from policy.models import build_char_tokenizer, build_model, save_model
-    tokenizer = build_char_tokenizer()
-    model = build_model("tiny_qwen3_next", tokenizer)
-    config = model.config
+    config = _built_in_round_trip("tiny_qwen3_next", tmp_path).config
     assert config.model_type == "qwen3_next" and not config.tie_word_embeddings  # vLLM 0.32 would not tie it
     assert config.layer_types.count("linear_attention") == 3 and config.linear_key_head_dim == 128
-    again = load_model(save_model(model, tokenizer, tmp_path / "qwen3_next"))
-    x = torch.tensor([[3, 4, 5, 6]])
-    with torch.no_grad():
-        assert torch.allclose(again(x).logits, model(x).logits, atol=1e-6)
 
 
 def test_checkpoint_names_are_the_saved_checkpoints(tmp_path):
