@@ -22,6 +22,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (Qwen3NextAttenti
                                                                 apply_rotary_pos_emb)
 
 from mtp.heads import DraftHead, HeadConfig, Layer, RMSNorm, causal_mask, pass_through
+from policy.models import checkpoint_configs
 
 MIMO_PREFIX = "model.mtp_layers.0."
 NATIVE_FILE = "mtp.safetensors"
@@ -457,11 +458,5 @@ def has_native_mtp(model_dir: str | Path) -> bool:
     ``num_nextn_predict_layers`` (MiMo, DeepSeek-V3, Qwen3-Next) or ``mtp_num_hidden_layers``
     (Qwen3.5), at the top level or in ``text_config``. rlaccel trains MiMo's form, DeepSeek-V3's
     with a dense block and Qwen3-Next's (:data:`NATIVE_FORMS`); the others draft frozen, as shipped."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return False
-    config = json.loads(path.read_text())
-    for c in (config, config.get("text_config") or {}):
-        if (c.get("num_nextn_predict_layers") or 0) >= 1 or (c.get("mtp_num_hidden_layers") or 0) >= 1:
-            return True
-    return False
+    return any((c.get("num_nextn_predict_layers") or 0) >= 1 or (c.get("mtp_num_hidden_layers") or 0) >= 1
+               for c in checkpoint_configs(model_dir))

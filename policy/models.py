@@ -148,6 +148,14 @@ def num_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def checkpoint_configs(directory: str | Path) -> tuple[dict, dict]:
+    """A checkpoint's ``config.json`` and its ``text_config`` (a multimodal model's, else {}); both
+    {} without a config file (e.g. a hub id)."""
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return config, config.get("text_config") or {}
+
+
 def empty_model(directory: str | Path):
     """:func:`load_model`'s model with its parameters on the meta device (no memory, no
     initialisation) and its buffers (e.g. rotary frequencies) real: it runs with weights given per

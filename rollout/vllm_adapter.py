@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import logging
 import os
 import weakref
-from pathlib import Path
 
 import torch
 
@@ -69,16 +67,9 @@ def _shutdown_engine_core(shutdown_all, shutdown_executor) -> None:
         shutdown_executor()  # its workers only; the groups serve the engines still running
 
 
-def checkpoint_configs(model_dir: str) -> tuple[dict, dict]:
-    """The checkpoint's ``config.json`` and its ``text_config`` (a multimodal model's; else {});
-    both {} without a config file (e.g. a hub id)."""
-    path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    return config, config.get("text_config") or {}
-
-
 def _declares_experts(model_dir: str) -> bool:
     """The checkpoint's config (or its text config) declares routed experts."""
+    from policy.models import checkpoint_configs
     keys = ("num_experts", "n_routed_experts", "num_local_experts")
     return any((c.get(k) or 0) > 0 for c in checkpoint_configs(model_dir) for k in keys)
 

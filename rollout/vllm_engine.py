@@ -16,10 +16,10 @@ import torch
 
 from rollout.adaptive import MAX_BATCH, ScheduleCheck
 from rollout.engine import Completion
-from rollout.vllm_adapter import (build_llm, checkpoint_configs, count_spec_decoding, enable_drafter_skip,
-                                   quiet_benign_warnings, reload_drafter, reload_weights, set_drafter_off,
-                                   set_engine_env, set_spec_schedule, spec_decode_counters, spec_decode_delta,
-                                   spec_decode_rates, use_eager_logprob_ranks)
+from policy.models import checkpoint_configs
+from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter_skip, quiet_benign_warnings,
+                                   reload_drafter, reload_weights, set_drafter_off, set_engine_env, set_spec_schedule,
+                                   spec_decode_counters, spec_decode_delta, spec_decode_rates, use_eager_logprob_ranks)
 from rollout.vllm_cpu_fixes import ensure_lossless_speculation, use_cpu_samplers, use_moe_repack
 
 

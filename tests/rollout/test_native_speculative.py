@@ -133,11 +133,12 @@ def gdn(tmp_path_factory):
     return model, head, untrained, directory
 
 
-def _gdn_engine(directory):
+def _gdn_engine(directory, dtype: str = "bfloat16"):
+    """vLLM drafting with the checkpoint's MTP layer (k = 2), in ``dtype``."""
     from rollout.vllm_engine import VLLMEngine
     rollout = load_config(None, ["rollout.spec_method=mtp", "rollout.num_speculative_tokens=2",
                                  "rollout.max_model_len=64", "data.max_prompt_tokens=16"]).rollout
-    return VLLMEngine(str(directory), rollout, "bfloat16")
+    return VLLMEngine(str(directory), rollout, dtype)
 
 
 def _random_prompts(count: int, longest: int, seed: int) -> list[list[int]]:
@@ -147,17 +148,18 @@ def _random_prompts(count: int, longest: int, seed: int) -> list[list[int]]:
     return [torch.randint(2, VOCAB, (int(n),), generator=g).tolist() for n in lengths]
 
 
+def _probs(position) -> torch.Tensor:
+    """[VOCAB] float64: the distribution vLLM reports at one position (its logprobs=VOCAB entry)."""
+    p = torch.zeros(VOCAB, dtype=torch.float64)
+    for token, lp in position.items():
+        p[token] = float(torch.tensor(lp.logprob, dtype=torch.float64).exp())
+    return p
+
+
 def _distributions(llm, prompts, params) -> list[torch.Tensor]:
-    """Per prompt, [new tokens, VOCAB]: the distributions vLLM reports for its tokens (logprobs=VOCAB)."""
+    """Per prompt, [new tokens, VOCAB]: the distributions vLLM reports for its tokens."""
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    dists = []
-    for out in outs:
-        d = torch.zeros(len(out.outputs[0].token_ids), VOCAB, dtype=torch.float64)
-        for i, position in enumerate(out.outputs[0].logprobs):
-            for token, lp in position.items():
-                d[i, token] = float(torch.tensor(lp.logprob, dtype=torch.float64).exp())
-        dists.append(d)
-    return dists
+    return [torch.stack([_probs(position) for position in out.outputs[0].logprobs]) for out in outs]
 
 
 def test_qwen3_next_with_linear_attention_drafts_with_rlaccels_layer(gdn):
@@ -172,12 +174,9 @@ def test_qwen3_next_with_linear_attention_drafts_with_rlaccels_layer(gdn):
     from vllm import SamplingParams
 
     from mtp.heads import policy_states
-    from rollout.vllm_engine import VLLMEngine
     model, head, untrained, directory = gdn
-    rollout = load_config(None, ["rollout.spec_method=mtp", "rollout.num_speculative_tokens=2",
-                                 "rollout.max_model_len=64", "data.max_prompt_tokens=16"]).rollout
     with pytest.raises(ValueError, match="bfloat16 only: set model.dtype=bfloat16"):
-        VLLMEngine(str(directory), rollout)
+        _gdn_engine(directory, "float32")
     spec = _gdn_engine(directory)
     prompts = _random_prompts(16, longest=6, seed=0)
     prompts = [list(p) for p in dict.fromkeys(map(tuple, prompts))]  # distinct: rounds are recorded per prompt
@@ -263,9 +262,7 @@ def test_gated_delta_net_speculative_samples_follow_the_verified_distributions(g
             cov = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
             for out in outs:
                 for seq in out.outputs:
-                    p = torch.zeros(VOCAB, dtype=torch.float64)
-                    for token, lp in seq.logprobs[position].items():
-                        p[token] = float(torch.tensor(lp.logprob, dtype=torch.float64).exp())
+                    p = _probs(seq.logprobs[position])
                     p /= p.sum()
                     x[seq.token_ids[position]] += 1
                     x -= p
