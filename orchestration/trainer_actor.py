@@ -15,6 +15,7 @@ from pathlib import Path
 import ray
 
 from orchestration.config import REPO_ROOT
+from policy import weight_broadcast
 from policy.batch import Group
 from policy.models import pack_state, probe_logprobs, set_cpu_math, state_checksum
 from policy.trainer import PolicyTrainer, mini_batch_ids
@@ -35,12 +36,16 @@ class TrainerActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def gpu_ids(self) -> list[str]:
+        return [str(i) for i in ray.get_gpu_ids()]
+
     def setup(self, model_dir: str, trainer_cfg, algorithm_cfg, temperature: float, max_tokens: int,
               dtype: str, probe_ids: list[int], master: tuple[str, int] | None = None,
               drafter: tuple[str, object] | None = None) -> None:
         """``drafter``: (head directory, mtp config) to maintain the drafter head online. Again for
         the next run in the same process (:class:`orchestration.grpo.Actors`): a new trainer."""
         self.trainer = self.maintainer = None  # an earlier run's, freed before the new one is built
+        self._weight_group = None  # and its weight broadcast group
         set_cpu_math(trainer_cfg.threads, trainer_cfg.flush_denormal)  # before any tensor work
         if trainer_cfg.world_size > 1:
             from policy.distributed import init_process_group
@@ -73,12 +78,48 @@ class TrainerActor:
         # and TrainerActor is a plain single-threaded actor (no max_concurrency, no async methods) that
         # returns through the object store (no tensor_transport / GPU-object path, which would keep a
         # reference instead of a copy). Change either and export must pass copy=True.
-        state = self.trainer.state_dict(copy=False)
+        state = self._sync_state(cpu=True)
+        return pack_state(state), self.trainer.version, state_checksum(state), self._probe()
+
+    # ---- weight sync by broadcast (orchestration.weight_sync=broadcast; rank 0 only) -------------
+
+    def weight_layout(self) -> weight_broadcast.Layout:
+        """The names, shapes and dtypes a broadcast sends, in its order (workers allocate for it)."""
+        self._weight_layout = weight_broadcast.layout(self._sync_state(cpu=False))
+        return self._weight_layout
+
+    def join_weight_group(self, address: tuple[str, int], world_size: int) -> None:
+        """Form this run's broadcast group as its rank 0; returns once every worker has joined."""
+        self._weight_group = weight_broadcast.join(address, 0, world_size, weight_broadcast.backend_for(
+            self.trainer.cfg.device), ray.util.get_node_ip_address())
+
+    def weights_meta(self):
+        """(version, checksum, probe) of the weights the next :meth:`broadcast_weights` sends: the
+        checksum on a CPU trainer only (on a GPU it would copy every weight to the host)."""
+        checksum = state_checksum(self._sync_state(cpu=True)) if self._on_cpu() else None
+        return self.trainer.version, checksum, self._probe()
+
+    def broadcast_weights(self) -> None:
+        """Send the live weights to the workers; returns once every worker has received them (each
+        receives after the rollouts queued on it before), so the next step cannot change them
+        mid-send."""
+        weight_broadcast.send(self._weight_group, self._sync_state(cpu=False), self._weight_layout,
+                              str(self.trainer.cfg.device))
+
+    def _sync_state(self, cpu: bool) -> dict:
+        """The weights a sync sends, viewing the live parameters: the policy's (on the CPU, or on
+        the trainer's device) and a maintained drafter head's (``drafter.`` prefix)."""
+        state = (self.trainer.state_dict(copy=False) if cpu else
+                 {k: v.detach() for k, v in self.trainer.model.state_dict().items()})
         if self.maintainer is not None:
             state.update(self.maintainer.state())
-        on_cpu = str(self.trainer.cfg.device) == "cpu"
-        probe = (self.probe_ids, None if on_cpu else probe_logprobs(self.trainer.model, self.probe_ids))
-        return pack_state(state), self.trainer.version, state_checksum(state), probe
+        return state
+
+    def _probe(self) -> tuple[list[int], list[float] | None]:
+        return self.probe_ids, None if self._on_cpu() else probe_logprobs(self.trainer.model, self.probe_ids)
+
+    def _on_cpu(self) -> bool:
+        return str(self.trainer.cfg.device) == "cpu"
 
     def save(self, directory: str) -> str:
         path = self.trainer.save_checkpoint(directory)
@@ -143,3 +184,6 @@ class TrainerGroup:
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
+
+    def gpu_ids(self) -> list[list[str]]:
+        return ray.get([a.gpu_ids.remote() for a in self.actors])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from policy import weight_broadcast
 from policy.batch import Group
 from policy.models import (PackedState, empty_model, load_tokenizer, probe_logprobs, state_checksum, sync_tolerance,
                            unpack_state)
@@ -54,6 +55,7 @@ class RolloutWorker:
         if self.engine is not None and hasattr(self.engine, "close"):
             self.engine.close()
         self.engine = None
+        self._weight_group = self._weight_buffers = None  # an earlier run's broadcast group and buffers
         self.cfg, self.dtype, self.worker_id = rollout_cfg, dtype, worker_id
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = make_engine(model_dir, rollout_cfg, dtype, seed)
@@ -92,14 +94,42 @@ class RolloutWorker:
         import ray
         return ray.get_runtime_context().get_node_id()
 
-    def update_weights(self, weights: PackedState, version: int, checksum: str,
+    def gpu_ids(self) -> list[str]:
+        """The GPUs Ray gave this worker (placement report; rollout.gpus)."""
+        import ray
+        return [str(i) for i in ray.get_gpu_ids()]
+
+    def update_weights(self, weights: PackedState, version: int, checksum: str | None,
                        probe: tuple[list[int], list[float] | None] | None = None) -> dict:
         """Load new weights (packed by :func:`policy.models.pack_state`) in place; raises
-        :class:`WeightSyncError` unless verified. ``probe``: (token ids, the logprobs the engine
-        must then give them, or None for a transformers forward with these weights here)."""
+        :class:`WeightSyncError` unless verified. ``checksum``: the sender's
+        :func:`policy.models.state_checksum` of them (None: not checked). ``probe``: (token ids,
+        the logprobs the engine must then give them, or None for a transformers forward with these
+        weights here)."""
         t0 = time.perf_counter()
-        state_dict = unpack_state(weights)
-        received = state_checksum(state_dict)
+        return self._apply(unpack_state(weights), version, checksum, probe, t0)
+
+    def join_weight_group(self, address: tuple[str, int], rank: int, world_size: int,
+                          layout: weight_broadcast.Layout, backend: str) -> None:
+        """Join this run's weight broadcast group (orchestration.weight_sync=broadcast) as ``rank``
+        and allocate the tensors every :meth:`receive_weights` fills (on the GPU with NCCL)."""
+        self._weight_group = self._weight_buffers = None  # an earlier group of this run's worker
+        import ray
+        self._weight_group = weight_broadcast.join(address, rank, world_size, backend, ray.util.get_node_ip_address())
+        self._weight_buffers = weight_broadcast.buffers(layout, "cpu" if backend == "gloo" else "cuda")
+
+    def receive_weights(self, version: int, checksum: str | None,
+                        probe: tuple[list[int], list[float] | None] | None = None) -> dict:
+        """Receive the trainer's broadcast of ``version`` and load it as :meth:`update_weights` does."""
+        t0 = time.perf_counter()
+        state_dict = weight_broadcast.receive(self._weight_group, self._weight_buffers)
+        return self._apply(state_dict, version, checksum, probe, t0)
+
+    def _apply(self, state_dict: dict, version: int, checksum: str | None, probe, t0: float) -> dict:
+        if checksum is None and probe is None:
+            raise WeightSyncError(f"worker {self.worker_id}: an update to version {version} with neither a checksum "
+                                  f"nor a probe cannot be verified; the engine keeps version {self.version}")
+        received = state_checksum(state_dict) if checksum is not None else None
         if received != checksum:
             raise WeightSyncError(f"worker {self.worker_id}: weights for version {version} arrived corrupted "
                                   f"(checksum {received} != {checksum}); the engine keeps version {self.version}")

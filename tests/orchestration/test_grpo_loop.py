@@ -1,6 +1,6 @@
 """The GRPO loop (sync and bounded-staleness async) through real Ray actors, on both rollout engines."""
 
-
+import json
 import pyarrow.parquet as pq
 import torch
 import pytest
@@ -83,6 +83,30 @@ def test_too_few_cpus_is_an_error_not_a_hang(tmp_path, cache):
     ray.shutdown()
 
 
+def test_each_actor_gets_its_gpus_from_ray_and_too_few_is_an_error(tmp_path, cache):
+    """Ray shows an actor's process only the GPUs it asked for (a CUDA engine or trainer that asks
+    for none finds none), so every actor asks for its own: rollout.gpus per worker, one per trainer
+    rank on a CUDA trainer. Here on Ray's declared (not real) GPUs, with the transformers engine,
+    which does not use them; a cluster without enough GPUs is an error naming the settings."""
+    from orchestration.grpo import bundles
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    preset = load_config("qwen3_8gpu", [f"model.path={tmp_path}", f"data.source={data}"])
+    assert bundles(preset) == [{"CPU": 1, "GPU": 1}] * 8  # 4 workers, 4 trainer ranks
+    assert bundles(_config(tmp_path, "hf")) == [{"CPU": 1}] * 2
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
+    config = _config(tmp_path, "hf")
+    config.rollout.gpus = 1
+    main(config, progress=False)
+    placement = json.loads((tmp_path / "run" / "placement.json").read_text())
+    assert len(placement["rollout_worker_gpus"][0]) == 1 and placement["trainer_rank_gpus"] == [[]]
+    config.rollout.gpus = 3
+    with pytest.raises(ConfigError, match="has 2 GPUs but rollout.gpus=3"):
+        main(config, progress=False)
+    ray.shutdown()
+
+
 def test_loop_with_two_rollout_workers(tmp_path, cache):
     ray.shutdown()  # main() starts a local Ray with a CPU slot for each actor
     config = _config(tmp_path, "hf")
@@ -136,6 +160,39 @@ def _trained_record(*run_dirs):
     """(step, prompt index, completion, reward) of every trained response, from the Parquet logs."""
     rows = [r for d in run_dirs for f in sorted(d.glob("trajectories*.parquet")) for r in pq.read_table(f).to_pylist()]
     return sorted((r["step"], r["prompt_index"], r["completion"], r["reward"]) for r in rows)
+
+
+@pytest.mark.vllm
+def test_broadcast_weight_sync_gives_the_object_store_run(tmp_path, cache, kept_actors):
+    """orchestration.weight_sync=broadcast (a gloo group of trainer and worker here, NCCL on GPUs)
+    runs the same as the object store, async included: the same samples and rewards, each update
+    verified in the vLLM engine, the same final policy to the bit; the worker's broadcast buffers
+    hold that policy after the run (they carried it), and a kept worker drops them for the next run."""
+    from safetensors.torch import load_file
+
+    def run(mode):
+        cfg = _config(tmp_path / mode, "vllm")
+        cfg.orchestration.weight_sync, cfg.orchestration.max_staleness = mode, 1
+        cfg.orchestration.adaptive_in_flight = False  # batches in flight by the bound, not by timings
+        return main(cfg, progress=False, actors=kept_actors)
+
+    def received(worker):
+        return ray.get(worker.__ray_call__.remote(lambda self: self._weight_buffers))
+
+    broadcast = run("broadcast")
+    final = load_file(tmp_path / "broadcast" / "run" / "checkpoint" / "model.safetensors")
+    buffers = received(kept_actors.workers[0])
+    assert all(torch.equal(buffers[k], final[k]) for k in final)
+    store = run("object_store")
+    assert received(kept_actors.workers[0]) is None
+    _check_run(tmp_path / "broadcast", broadcast)
+    assert [h["reward"] for h in broadcast] == [h["reward"] for h in store]
+    assert [h["staleness_max"] for h in broadcast] == [h["staleness_max"] for h in store]
+    assert max(h["staleness_max"] for h in broadcast) == 1  # the trainer trained on samples of an older policy
+    assert _trained_record(tmp_path / "broadcast" / "run") == _trained_record(tmp_path / "object_store" / "run")
+    assert all(h["sync_bytes"] > 0 and h["sync_probe_diff"] < 1e-4 for h in broadcast[1:])
+    other = load_file(tmp_path / "object_store" / "run" / "checkpoint" / "model.safetensors")
+    assert final.keys() == other.keys() and all(torch.equal(final[k], other[k]) for k in final)
 
 
 @pytest.mark.slow  # two or three Ray runs each (~15-20 s)
@@ -208,6 +265,24 @@ def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, kept_ac
         counts[index] = counts.get(index, 0) + 1
     assert counts == {i: 8 for i in range(16)}  # every prompt trained once, n responses each
     assert max(h["staleness_max"] for h in history) <= max_staleness
+
+
+@pytest.mark.slow  # its own Ray processes (~15 s)
+def test_a_worker_death_ends_a_broadcast_run_with_the_policy_saved(tmp_path, cache, kept_actors):
+    """A broadcast group cannot take in the process Ray restarts: the run stops with the reason and
+    the way on (resume, or the object store), its policy saved, the trainer not left waiting in a
+    broadcast to the dead worker (gloo reports the lost peer)."""
+    from orchestration.weight_sync import WorkerLost
+    kept_actors.close()
+    _calls["n"] = 0
+    config = _config(tmp_path, "hf")
+    config.orchestration.steps, config.orchestration.max_staleness = 4, 1
+    config.orchestration.weight_sync = "broadcast"
+    config.data.num_prompts = 16
+    config.algorithm.reward_fns = ["tests.orchestration.test_grpo_loop:reward_that_kills_the_rollout_worker"]
+    with pytest.raises(WorkerLost, match="cannot take in its restarted process.*weight_sync=object_store"):
+        main(config, progress=False)
+    assert (tmp_path / "run" / "checkpoint-interrupted" / "model.safetensors").is_file()
 
 
 @pytest.mark.vllm

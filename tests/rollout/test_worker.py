@@ -41,6 +41,8 @@ def test_update_refuses_corrupted_weights(worker, tiny_model_dir_b):
     state["model.norm.weight"] = state["model.norm.weight"] + 1e-3  # corrupted in transit
     with pytest.raises(WeightSyncError, match="corrupted"):
         worker.update_weights(pack_state(state), 1, checksum)
+    with pytest.raises(WeightSyncError, match="cannot be verified"):  # no checksum (a GPU sender) and no probe
+        worker.update_weights(pack_state(state), 1, None, None)
     assert worker.version == 0
 
 

@@ -1,0 +1,93 @@
+"""The driver's side of the weight sync after each update (``orchestration.weight_sync``).
+
+``object_store`` (:class:`ObjectStoreSync`): trainer rank 0 puts the packed weights in Ray's
+object store once (:meth:`TrainerActor.export`) and every worker reads them there (zero-copy on
+its node). The trainer goes on at once: a worker loads them before any rollout submitted after
+the call (actor order).
+
+``broadcast`` (:class:`BroadcastSync`): trainer rank 0 and the workers form a torch.distributed
+group when the run starts (:mod:`policy.weight_broadcast`: gloo on a CPU trainer, NCCL on GPUs,
+where the policy's weights go from device to device) and rank 0 broadcasts its live weights
+into buffers each worker keeps. The send ends when every worker has received, and a worker
+receives after the rollouts queued on it before: the trainer's next step waits for them (with
+``max_staleness`` >= 2 it no longer overlaps the rollout after the one it trains on).
+
+Either way the worker verifies what it loaded the same way (:meth:`RolloutWorker._apply`: the
+sender's checksum where the weights are on the CPU, the probe logprobs). A worker that Ray
+restarts is re-synced from the object store; a broadcast group cannot take in a new member, so
+with ``broadcast`` a worker's death ends the run (:class:`WorkerLost`).
+"""
+
+from __future__ import annotations
+
+import ray
+
+from orchestration.trainer_actor import TrainerGroup
+from policy import weight_broadcast
+
+
+class WorkerLost(RuntimeError):
+    pass
+
+
+class ObjectStoreSync:
+    def __init__(self, trainer: TrainerGroup, workers: list):
+        self.trainer, self.workers = trainer, workers
+        self.last_export = None  # refs of the latest (weights, version, checksum, probe)
+
+    def push(self) -> list:
+        """Send the trainer's current weights to every worker; refs of the workers' sync metrics."""
+        self.last_export = self.trainer.export()
+        return [w.update_weights.remote(*self.last_export) for w in self.workers]
+
+    def everyone(self, call) -> None:
+        """Every worker on the current weights, waiting for each (``call(method, *args)`` waits
+        through a restart)."""
+        self.last_export = self.trainer.export()
+        for w in self.workers:
+            call(w.update_weights, *self.last_export)
+
+    def restarted(self, k: int, call, reset: tuple | None = None) -> None:
+        """Give worker k, just restarted by Ray, the current weights, after ``reset`` (its
+        :meth:`RolloutWorker.reset` arguments, if it must be reset)."""
+        if reset is not None:
+            call(self.workers[k].reset, *reset)
+        if self.last_export is not None:
+            call(self.workers[k].update_weights, *self.last_export)
+
+    def lost(self, k: int) -> None:
+        """Worker k died during a sync: :meth:`restarted` re-syncs it before it samples again."""
+
+
+class BroadcastSync:
+    def __init__(self, trainer: TrainerGroup, workers: list, device: str):
+        self.trainer, self.workers = trainer, workers
+        rank0, world = trainer.actors[0], 1 + len(workers)
+        layout = ray.get(rank0.weight_layout.remote())
+        address = ray.get(rank0.address.remote())
+        backend = weight_broadcast.backend_for(device)
+        ray.get([*[w.join_weight_group.remote(address, 1 + k, world, layout, backend) for k, w in enumerate(workers)],
+                 rank0.join_weight_group.remote(address, world)])
+
+    def push(self) -> list:
+        """Refs of the workers' sync metrics and of the trainer's send (which returns None)."""
+        rank0 = self.trainer.actors[0]
+        meta = rank0.weights_meta.options(num_returns=3).remote()  # before the send: the receivers wait for it
+        sending = rank0.broadcast_weights.remote()
+        return [w.receive_weights.remote(*meta) for w in self.workers] + [sending]
+
+    def everyone(self, call) -> None:
+        ray.get(self.push())
+
+    def restarted(self, k: int, call, reset: tuple | None = None) -> None:
+        self.lost(k)
+
+    def lost(self, k: int) -> None:
+        raise WorkerLost(
+            f"rollout worker {k} died, and a weight broadcast group cannot take in its restarted process "
+            f"(orchestration.weight_sync=broadcast): resume from the last checkpoint (orchestration.checkpoint_every, "
+            f"--resume), or run with orchestration.weight_sync=object_store, which re-syncs a restarted worker")
+
+
+def make_sync(mode: str, trainer: TrainerGroup, workers: list, device: str):
+    return ObjectStoreSync(trainer, workers) if mode == "object_store" else BroadcastSync(trainer, workers, device)
