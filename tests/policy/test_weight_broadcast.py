@@ -29,9 +29,10 @@ def _member(rank: int, port: int, out) -> None:
             out.put((rank, "refused", str(exc)))
         return
     into = weight_broadcast.buffers(layout, "cpu")
-    for seed in (1, 2):
-        received = weight_broadcast.receive(group, into)
-        out.put((rank, seed, {k: v.clone() for k, v in received.items()}))
+    for seed in (1, 2):  # compared here: tensors put on a queue outlive their sender only by luck
+        received, want = weight_broadcast.receive(group, into), _state(seed)
+        wrong = sorted(k for k in want if received[k].dtype != want[k].dtype or not torch.equal(received[k], want[k]))
+        out.put((rank, seed, sorted(received) == sorted(want) and not wrong, wrong))
 
 
 def test_receivers_get_every_tensor_of_each_broadcast_exactly():
@@ -49,13 +50,9 @@ def test_receivers_get_every_tensor_of_each_broadcast_exactly():
         assert p.exitcode == 0
     refused = [r for r in results if r[1] == "refused"]
     assert len(refused) == 1 and "layout" in refused[0][2]
-    received = [r for r in results if r[1] != "refused"]
-    assert sorted((rank, seed) for rank, seed, _ in received) == [(1, 1), (1, 2), (2, 1), (2, 2)]
-    for _, seed, state in received:
-        want = _state(seed)
-        assert state.keys() == want.keys()
-        for name in want:
-            assert state[name].dtype == want[name].dtype and torch.equal(state[name], want[name]), name
+    received = sorted(r for r in results if r[1] != "refused")
+    assert [(rank, seed) for rank, seed, _, _ in received] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(exact for _, _, exact, _ in received), [(rank, seed, wrong) for rank, seed, _, wrong in received]
 
 
 def test_backend_follows_the_trainer_device_and_unknown_backends_are_refused():
