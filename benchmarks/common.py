@@ -17,3 +17,23 @@ def write_results(rows: list[dict] | dict, out: str | Path, plot: Callable[..., 
     out.write_text(json.dumps(rows, indent=1))
     plot(rows, out.with_suffix(".png"))
     return out
+
+
+def machine() -> dict:
+    """What ran a benchmark: CPU model, family and flags that select kernels, cores. Runs of the same
+    seed can differ between machines from the first step (numerics, random streams), so a
+    comparison across runs should check this first."""
+    import os
+    import platform
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().split("\n")[:30]  # the first CPU's
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    except OSError:
+        return info
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    info.update(cpu=fields.get("model name", info["cpu"]), cpu_family=fields.get("cpu family"),
+                cpu_model=fields.get("model"), simd=sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")))
+    return info
+

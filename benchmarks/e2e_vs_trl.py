@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, write_results  # noqa: E402  (benchmarks/common.py)
+from common import RESULTS, ROOT, machine, write_results  # noqa: E402  (benchmarks/common.py)
 
 sys.path.insert(0, str(ROOT))
 WINDOW = 10
@@ -516,7 +516,7 @@ def main() -> None:
                     per_step = c.algorithm.prompts_per_step * c.rollout.n
                 row = {"system": system, "seed": seed, "model": cell["model"], "prompt": cell["prompt"],
                        **summarize(result["steps_detail"], cell["target"], per_step),
-                       "setup_s": result["setup_s"], "run_s": result["run_s"]}
+                       "setup_s": result["setup_s"], "run_s": result["run_s"], "machine": machine()}
                 if system in ("rlaccel_all", "rlaccel_spec"):
                     row["head_s"] = head_s
                     row["spec_acceptance_pos1_mean"] = result.get("spec_acceptance_pos1_mean")

@@ -39,7 +39,8 @@ def run(actors, model: str, staleness: int, mode: str, quick: bool, run_dir: Pat
     from orchestration.grpo import main
     preset, overrides, steps, quick_steps = CELLS[model]
     config = load_config(preset, [*overrides, *(ASYNC if staleness else []), f"orchestration.max_staleness={staleness}",
-                                  f"orchestration.weight_sync={mode}", f"orchestration.steps={quick_steps if quick else steps}",
+                                  f"orchestration.weight_sync={mode}",
+                                  f"orchestration.steps={quick_steps if quick else steps}",
                                   f"logging.dir={run_dir}", "logging.tensorboard=false"])
     history = main(config, progress=False, actors=actors)
     timed = history[1:]  # step 0: first-call warm-up, and no sync measured yet

@@ -135,8 +135,8 @@ class Actors:
     instead of starting new ones, and skips their imports and first engine build (tiny preset: ~15
     s of a run's ~17 s start-up). New processes are started when the number of workers or ranks,
     ``rollout.max_restarts``, ``trainer.flush_denormal`` (fixed in a process's threads once they
-    run) or the GPUs an actor asks Ray for (``rollout.gpus``, ``trainer.device``) changes, for a data-parallel trainer (its process group lives for one run), and after a
-    failed run. Ray restarts a dead worker with the arguments it was created with, an earlier
+    run) or the GPUs an actor asks Ray for (``rollout.gpus``, ``trainer.device``) changes, for a
+    data-parallel trainer (its process group lives for one run), and after a failed run. Ray restarts a dead worker with the arguments it was created with, an earlier
     run's: :func:`main` resets it to its own before it samples again. ``close()`` after the last run.
     """
 
