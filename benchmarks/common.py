@@ -27,13 +27,13 @@ def machine() -> dict:
     import platform
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     try:
-        lines = Path("/proc/cpuinfo").read_text().split("\n")[:30]  # the first CPU's
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].split("\n")  # the first CPU's block
         fields = dict(line.split(":", 1) for line in lines if ":" in line)
     except OSError:
         return info
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
     info.update(cpu=fields.get("model name", info["cpu"]), cpu_family=fields.get("cpu family"),
-                cpu_model=fields.get("model"), simd=sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")))
+                cpu_model=fields.get("model"),
+                simd=sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")))
     return info
-

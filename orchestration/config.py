@@ -72,7 +72,7 @@ class RolloutConfig:
     backend: str = "vllm"
     num_workers: int = 1
     # Times Ray restarts a rollout worker whose process died; its unfinished prompts are
-    # re-sampled after it gets the current weights.
+    # re-sampled after it gets the current weights (none with orchestration.weight_sync=broadcast).
     max_restarts: int = 3
     # Group size N: responses sampled per prompt.
     n: int = 8

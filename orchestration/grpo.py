@@ -87,9 +87,9 @@ def init_ray(config: Config) -> None:
     gpus = sum(b.get("GPU", 0) for b in bundles(config))
     if ray.cluster_resources().get("GPU", 0) < gpus:
         raise ConfigError(f"the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs but rollout.gpus="
-                          f"{config.rollout.gpus} x {config.rollout.num_workers} workers + one per trainer rank on "
-                          f"trainer.device={config.trainer.device} x {config.trainer.world_size} need {gpus}; "
-                          f"for a CPU run set rollout.gpus=0 and trainer.device=cpu")
+                          f"{config.rollout.gpus} x {config.rollout.num_workers} workers + {trainer_gpus(config)} x "
+                          f"trainer.world_size={config.trainer.world_size} (trainer.device={config.trainer.device}) "
+                          f"need {gpus}; for a CPU run set rollout.gpus=0 and trainer.device=cpu")
 
 
 def slots(config: Config) -> int:
@@ -100,6 +100,13 @@ def slots(config: Config) -> int:
 def trainer_gpus(config: Config) -> int:
     """GPUs per trainer rank: one on a CUDA trainer."""
     return 0 if config.trainer.device == "cpu" else 1
+
+
+def worker_restarts(config: Config) -> int:
+    """Times Ray restarts a dead rollout worker: rollout.max_restarts, but none with a broadcast
+    weight sync, whose group cannot take in the new process (every call to the dead worker then
+    fails, and the run ends with orchestration.weight_sync.WorkerLost)."""
+    return config.rollout.max_restarts if config.orchestration.weight_sync == "object_store" else 0
 
 
 def bundles(config: Config) -> list[dict[str, int]]:
@@ -136,8 +143,10 @@ class Actors:
     s of a run's ~17 s start-up). New processes are started when the number of workers or ranks,
     ``rollout.max_restarts``, ``trainer.flush_denormal`` (fixed in a process's threads once they
     run) or the GPUs an actor asks Ray for (``rollout.gpus``, ``trainer.device``) changes, for a
-    data-parallel trainer (its process group lives for one run), and after a failed run. Ray restarts a dead worker with the arguments it was created with, an earlier
-    run's: :func:`main` resets it to its own before it samples again. ``close()`` after the last run.
+    data-parallel trainer (its process group lives for one run), and after a failed run. Ray
+    restarts a dead worker (with the object-store weight sync) with the arguments it was created
+    with, an earlier run's: :func:`main` resets it to its own before it samples again. ``close()``
+    after the last run.
     """
 
     def __init__(self) -> None:
@@ -155,7 +164,7 @@ class Actors:
         dtype, seed, policy version) for :class:`RolloutWorker`. The trainer ranks are set up by
         :class:`TrainerGroup`."""
         nw, ranks = config.rollout.num_workers, config.trainer.world_size
-        shape = (nw, ranks, config.rollout.max_restarts, config.trainer.flush_denormal, config.rollout.gpus,
+        shape = (nw, ranks, worker_restarts(config), config.trainer.flush_denormal, config.rollout.gpus,
                  trainer_gpus(config))
         if self.pg is not None and self._session != ray_session():
             self.pg, self.workers, self.trainers = None, [], []  # gone with an earlier Ray session
@@ -167,7 +176,7 @@ class Actors:
             return self.workers, self.trainers
         self.pg, self._shape, self._session = place(config), shape, ray_session()
         # A restarted worker returns to its bundle.
-        self.workers = [ray.remote(num_cpus=1, num_gpus=config.rollout.gpus, max_restarts=config.rollout.max_restarts)(
+        self.workers = [ray.remote(num_cpus=1, num_gpus=config.rollout.gpus, max_restarts=worker_restarts(config))(
             RolloutWorker).options(scheduling_strategy=in_bundle(self.pg, i)).remote(*self.worker_args(i))
             for i in range(nw)]
         self.trainers = [ray.remote(num_cpus=1, num_gpus=trainer_gpus(config))(TrainerActor).options(
@@ -338,24 +347,33 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 outs.append(ray.get(ref))
             except WORKER_GONE as exc:
                 restarts += 1
+                log.warning("rollout worker %d died (%s)", k, type(exc).__name__)
                 restarted(k)
-                log.warning("rollout worker %d died (%s); re-sampling its %d prompts on the restarted worker",
-                            k, type(exc).__name__, len(shard))
+                log.warning("re-sampling worker %d's %d prompts on its restarted process", k, len(shard))
                 outs.append(on_restarted(workers[k].generate, shard, seed + k))
         return outs
 
     def sync_results(refs: list) -> list[dict]:
-        results = []
+        """The workers' sync metrics. A worker that died is re-synced by collect() (or the run ends:
+        sync.lost), and that comes first: with broadcast the others' errors follow from it."""
+        results, gone, failed = [], [], None
         for k, ref in enumerate(refs):
             try:
                 result = ray.get(ref)
-            except WORKER_GONE:  # a worker died: collect() re-syncs it (or the run ends: sync.lost)
+            except WORKER_GONE as exc:
                 if k >= len(workers):  # the trainer's own send (broadcast)
                     raise
-                sync.lost(k)
+                gone.append(k)
+                continue
+            except Exception as exc:  # noqa: BLE001 (raised below, after a dead worker's)
+                failed = failed or exc
                 continue
             if result is not None:  # a broadcast's send returns None
                 results.append(result)
+        for k in gone:
+            sync.lost(k)
+        if failed is not None:
+            raise failed
         return results
 
     for batch, seed in (state["in_flight"] if state else []):  # sampled again, none lost
@@ -383,7 +401,8 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             step_metrics = trainer.step(groups)
             # Nothing waits for the weight update here: each worker runs it before any rollout
             # submitted after it (actor call order), and its verification result is collected
-            # one step later, off the trainer's critical path (step 0 has no earlier update: zeros).
+            # one step later (step 0 has no earlier update: zeros). From the object store that is
+            # off the trainer's critical path; a broadcast holds the trainer until the workers receive.
             pushed = sync.push()
             synced = sync_results(pending_sync)
             metrics.update(merge_worker_metrics(synced) if synced else {"sync_s": 0.0, "sync_probe_diff": 0.0})

@@ -15,7 +15,10 @@ receives after the rollouts queued on it before: the trainer's next step waits f
 Either way the worker verifies what it loaded the same way (:meth:`RolloutWorker._apply`: the
 sender's checksum where the weights are on the CPU, the probe logprobs). A worker that Ray
 restarts is re-synced from the object store; a broadcast group cannot take in a new member, so
-with ``broadcast`` a worker's death ends the run (:class:`WorkerLost`).
+with ``broadcast`` Ray does not restart workers and a worker's death ends the run
+(:class:`WorkerLost`). Its policy is then saved with gloo, which reports the lost peer at once;
+NCCL does not, so the trainer stays in its broadcast until the group's timeout and the save, queued
+behind it, gives up: on GPUs resume from the last periodic checkpoint (``checkpoint_every``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class ObjectStoreSync:
     def everyone(self, call) -> None:
         """Every worker on the current weights, waiting for each (``call(method, *args)`` waits
         through a restart)."""
-        self.last_export = self.trainer.export()
+        if self.last_export is None:
+            self.last_export = self.trainer.export()
         for w in self.workers:
             call(w.update_weights, *self.last_export)
 
@@ -77,7 +81,13 @@ class BroadcastSync:
         return [w.receive_weights.remote(*meta) for w in self.workers] + [sending]
 
     def everyone(self, call) -> None:
-        ray.get(self.push())
+        refs = self.push()
+        for k, ref in enumerate(refs[:-1]):
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self.lost(k)
+        ray.get(refs[-1])
 
     def restarted(self, k: int, call, reset: tuple | None = None) -> None:
         self.lost(k)

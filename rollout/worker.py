@@ -1,8 +1,9 @@
 """The rollout worker: a plain class owning one engine; ``ray.remote`` wraps it as an actor.
 
 It turns dataset rows into :class:`policy.batch.Group` s (tokenise, sample, decode) and
-applies verified weight updates: the received tensors must match the sender's checksum,
-and, when the sender names probe tokens, the engine's logprobs of them after the update must
+applies verified weight updates: the received tensors must match the sender's checksum (when
+it sends one: a GPU sender does not), and, when the sender names probe tokens (at least one of
+the two), the engine's logprobs of them after the update must
 match the reference ones (the trainer's, or a transformers forward of the policy's model class
 with the received weights), proving the engine samples with the new weights.
 """

@@ -267,16 +267,18 @@ def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, kept_ac
     assert max(h["staleness_max"] for h in history) <= max_staleness
 
 
-@pytest.mark.slow  # its own Ray processes (~15 s)
-def test_a_worker_death_ends_a_broadcast_run_with_the_policy_saved(tmp_path, cache, kept_actors):
-    """A broadcast group cannot take in the process Ray restarts: the run stops with the reason and
-    the way on (resume, or the object store), its policy saved, the trainer not left waiting in a
-    broadcast to the dead worker (gloo reports the lost peer)."""
+@pytest.mark.slow  # its own Ray processes (~15-25 s each)
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_a_worker_death_ends_a_broadcast_run_with_the_policy_saved(tmp_path, cache, kept_actors, max_staleness):
+    """A broadcast group cannot take in a restarted process, so Ray restarts none: the run stops
+    with the reason and the way on (resume, or the object store), its policy saved, the trainer not
+    left waiting in a broadcast to the dead worker (gloo reports the lost peer). Synchronous, the
+    worker dies idle, with its weight update still to come."""
     from orchestration.weight_sync import WorkerLost
     kept_actors.close()
     _calls["n"] = 0
     config = _config(tmp_path, "hf")
-    config.orchestration.steps, config.orchestration.max_staleness = 4, 1
+    config.orchestration.steps, config.orchestration.max_staleness = 4, max_staleness
     config.orchestration.weight_sync = "broadcast"
     config.data.num_prompts = 16
     config.algorithm.reward_fns = ["tests.orchestration.test_grpo_loop:reward_that_kills_the_rollout_worker"]
