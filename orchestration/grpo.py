@@ -40,7 +40,7 @@ from orchestration.metrics import RunLogger
 from orchestration.model_prep import prepare_model
 from orchestration.trajectories import TrajectoryLog
 from orchestration.trainer_actor import TrainerActor, TrainerGroup
-from orchestration.weight_sync import make_sync
+from orchestration.weight_sync import WORKER_GONE, make_sync
 from policy.models import load_tokenizer
 from rollout.rewards import RewardError, load_reward_fn, score_groups
 from rollout.vllm_adapter import spec_decode_rates
@@ -210,8 +210,6 @@ def ray_session() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-# A worker process that died (RayActorError) or is being restarted by Ray.
-WORKER_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 COUNTS = {"rollout_tokens", "rollout_sequences", "rollout_truncated", "sync_bytes"}
 
 
@@ -353,29 +351,6 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 outs.append(on_restarted(workers[k].generate, shard, seed + k))
         return outs
 
-    def sync_results(refs: list) -> list[dict]:
-        """The workers' sync metrics. A worker that died is re-synced by collect() (or the run ends:
-        sync.lost), and that comes first: with broadcast the others' errors follow from it."""
-        results, gone, failed = [], [], None
-        for k, ref in enumerate(refs):
-            try:
-                result = ray.get(ref)
-            except WORKER_GONE as exc:
-                if k >= len(workers):  # the trainer's own send (broadcast)
-                    raise
-                gone.append(k)
-                continue
-            except Exception as exc:  # noqa: BLE001 (raised below, after a dead worker's)
-                failed = failed or exc
-                continue
-            if result is not None:  # a broadcast's send returns None
-                results.append(result)
-        for k in gone:
-            sync.lost(k)
-        if failed is not None:
-            raise failed
-        return results
-
     for batch, seed in (state["in_flight"] if state else []):  # sampled again, none lost
         in_flight.append(submit([tuple(item) for item in batch], seed))
 
@@ -404,7 +379,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             # one step later (step 0 has no earlier update: zeros). From the object store that is
             # off the trainer's critical path; a broadcast holds the trainer until the workers receive.
             pushed = sync.push()
-            synced = sync_results(pending_sync)
+            synced = sync.results(pending_sync)
             metrics.update(merge_worker_metrics(synced) if synced else {"sync_s": 0.0, "sync_probe_diff": 0.0})
             pending_sync = pushed
             trajectories.write(step, groups)  # while the trainer trains
@@ -430,7 +405,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                     "step": step + 1, "version": int(metrics["version"]), "submitted": submitted,
                     "regenerated": regenerated, "stream": stream.state(),
                     "in_flight": [[list(batch), seed] for _, batch, seed, _ in in_flight]})
-        sync_results(pending_sync)  # the last update must verify too
+        sync.results(pending_sync)  # the last update must verify too
         trainer.save(str(run_dir / "checkpoint"))
         for refs, *_ in in_flight:  # rollouts still queued (async) would delay kept actors' next run
             for ref in refs:

@@ -29,11 +29,45 @@ from orchestration.trainer_actor import TrainerGroup
 from policy import weight_broadcast
 
 
+# A worker process that died (RayActorError) or is being restarted by Ray.
+WORKER_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
 class WorkerLost(RuntimeError):
     pass
 
 
-class ObjectStoreSync:
+class _Sync:
+    workers: list
+
+    def lost(self, k: int) -> None:
+        raise NotImplementedError
+
+    def results(self, refs: list) -> list[dict]:
+        """The workers' sync metrics from :meth:`push`'s refs. A worker that died comes first
+        (:meth:`lost`): with a broadcast the others' errors follow from it."""
+        results, gone, failed = [], [], None
+        for k, ref in enumerate(refs):
+            try:
+                result = ray.get(ref)
+            except WORKER_GONE:
+                if k >= len(self.workers):  # the trainer's own send (broadcast)
+                    raise
+                gone.append(k)
+                continue
+            except Exception as exc:  # noqa: BLE001 (raised below, after a dead worker's)
+                failed = failed or exc
+                continue
+            if result is not None:  # a broadcast's send returns None
+                results.append(result)
+        for k in gone:
+            self.lost(k)
+        if failed is not None:
+            raise failed
+        return results
+
+
+class ObjectStoreSync(_Sync):
     def __init__(self, trainer: TrainerGroup, workers: list):
         self.trainer, self.workers = trainer, workers
         self.last_export = None  # refs of the latest (weights, version, checksum, probe)
@@ -63,7 +97,7 @@ class ObjectStoreSync:
         """Worker k died during a sync: :meth:`restarted` re-syncs it before it samples again."""
 
 
-class BroadcastSync:
+class BroadcastSync(_Sync):
     def __init__(self, trainer: TrainerGroup, workers: list, device: str):
         self.trainer, self.workers = trainer, workers
         rank0, world = trainer.actors[0], 1 + len(workers)
@@ -81,13 +115,7 @@ class BroadcastSync:
         return [w.receive_weights.remote(*meta) for w in self.workers] + [sending]
 
     def everyone(self, call) -> None:
-        refs = self.push()
-        for k, ref in enumerate(refs[:-1]):
-            try:
-                ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                self.lost(k)
-        ray.get(refs[-1])
+        self.results(self.push())
 
     def restarted(self, k: int, call, reset: tuple | None = None) -> None:
         self.lost(k)
