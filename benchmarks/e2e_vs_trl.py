@@ -11,6 +11,9 @@ training, and a cell runs its TRL systems first):
   trl_ftz        TRL with float32 denormals flushed (torch.set_flush_denormal), as rlaccel's trainer
                  does on CPU (trainer.flush_denormal): how much of the small cell's lead is that
                  (--optional; measured once: benchmarks/results/e2e_vs_trl_small_short_ftz.json)
+  trl_malloc     TRL started with glibc malloc keeping freed memory, as rlaccel starts its actors
+                 (orchestration.keep_freed_memory): whether TRL gains from it too (--optional;
+                 measured once: benchmarks/results/e2e_vs_trl_small_short_malloc.json)
   rlaccel_plain  rlaccel, no speculation, unpacked trainer, synchronous
   rlaccel_all    rlaccel with every acceleration: MTP speculation (TV-trained head, adaptive k;
                  EAGLE-3-form over 8,000 draft tokens on the small model), shared-prompt training,
@@ -72,7 +75,7 @@ def cells(quick: bool) -> dict[str, dict]:
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 5, seeds=(0,),
                             target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation,
-                            optional=("trl_ftz",)),
+                            optional=("trl_ftz", "trl_malloc")),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            # one prompt × 8 a step, 4 steps (3 timed): 2 × 8 and 3 steps before, whose untimed
                            # first step alone was 25-45 s a run
@@ -280,8 +283,8 @@ class KeptTRL:
     """The plain TRL runs, one after another in one subprocess: its imports (torch, transformers,
     TRL and the vLLM it imports: ~16 s) are paid once instead of per run. Each run sets its own
     threads and seeds and loads its model from disk; between runs the process waits on a pipe (no
-    CPU). trl_vllm and trl_ftz, which change process-wide state (a vLLM engine, denormal flushing),
-    keep a subprocess each."""
+    CPU). trl_vllm, trl_ftz and trl_malloc, which change process-wide state (a vLLM engine, denormal
+    flushing, malloc's settings), keep a subprocess each."""
 
     def __init__(self):
         self.pool = None
@@ -324,9 +327,11 @@ def spawn(job: dict, log_dir: Path, actors, trl: KeptTRL) -> dict | None:
             if job["system"] == "trl":
                 failed = trl.run(job, log)
             else:
+                from orchestration.grpo import KEEP_FREED_MEMORY
+                malloc = KEEP_FREED_MEMORY if job["system"] == "trl_malloc" else {}
                 failed = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], stdout=f,
                                         stderr=subprocess.STDOUT, cwd=ROOT,
-                                        env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+                                        env={**os.environ, "PYTHONPATH": str(ROOT), **malloc}).returncode
         else:
             failed = run_here(job, f, actors)
     if failed or not Path(job["result"]).is_file():
@@ -455,7 +460,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny-short only, one seed, 20 steps (smoke)")
     parser.add_argument("--cells", default=None, help="comma-separated subset of tiny-short,tiny-long,small-short,small-long")
     parser.add_argument("--optional", action="store_true",
-                        help="also the optional systems (rlaccel_nospec in tiny-short, trl_ftz in small-short)")
+                        help="also the optional systems (rlaccel_nospec in tiny-short, trl_ftz and trl_malloc in "
+                             "small-short)")
     parser.add_argument("--systems", default=None,
                         help="comma-separated: only these systems (their seeds as planned); the other rows of the "
                              "results file are kept")
@@ -472,9 +478,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown cells {sorted(unknown)}; choose from {list(plan)}")
     systems = set(args.systems.split(",")) if args.systems else None
-    bad = (systems or set()) - {*RLACCEL, "trl", "trl_vllm", "trl_ftz"}
+    bad = (systems or set()) - {*RLACCEL, "trl", "trl_vllm", "trl_ftz", "trl_malloc"}
     if bad:
-        parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_vllm, trl_ftz, {', '.join(RLACCEL)}")
+        parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_vllm, trl_ftz, trl_malloc, "
+                     f"{', '.join(RLACCEL)}")
     out = Path(args.out)
     from orchestration.grpo import Actors
     actors = Actors()  # the rlaccel runs' Ray actors, kept from one rlaccel run to the next

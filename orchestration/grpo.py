@@ -129,6 +129,17 @@ def place(config: Config, timeout_s: float = 120.0):
     return pg
 
 
+# glibc malloc settings (read once, at process start) under which a process keeps the memory it
+# frees for its next allocations: nothing below 4 GiB is mmap'd (a freed mmap goes back to the
+# OS at once), and the heap is trimmed only above 64 GiB free (orchestration.keep_freed_memory).
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+
+
+def actor_options(config: Config) -> dict:
+    """Ray options every rollout worker and trainer rank is started with (beyond its resources)."""
+    return {"runtime_env": {"env_vars": KEEP_FREED_MEMORY}} if config.orchestration.keep_freed_memory else {}
+
+
 def in_bundle(pg, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
@@ -142,7 +153,7 @@ class Actors:
     instead of starting new ones, and skips their imports and first engine build (tiny preset: ~15
     s of a run's ~17 s start-up). New processes are started when the number of workers or ranks,
     ``rollout.max_restarts``, ``trainer.flush_denormal`` (fixed in a process's threads once they
-    run) or the GPUs an actor asks Ray for (``rollout.gpus``, ``trainer.device``) changes, for a
+    run), ``orchestration.keep_freed_memory`` (its environment) or the GPUs an actor asks Ray for (``rollout.gpus``, ``trainer.device``) changes, for a
     data-parallel trainer (its process group lives for one run), and after a failed run. Ray
     restarts a dead worker (with the object-store weight sync) with the arguments it was created
     with, an earlier run's: :func:`main` resets it to its own before it samples again. ``close()``
@@ -165,7 +176,7 @@ class Actors:
         :class:`TrainerGroup`."""
         nw, ranks = config.rollout.num_workers, config.trainer.world_size
         shape = (nw, ranks, worker_restarts(config), config.trainer.flush_denormal, config.rollout.gpus,
-                 trainer_gpus(config))
+                 trainer_gpus(config), config.orchestration.keep_freed_memory)
         if self.pg is not None and self._session != ray_session():
             self.pg, self.workers, self.trainers = None, [], []  # gone with an earlier Ray session
         if self.pg is not None and (shape != self._shape or ranks > 1):
@@ -177,10 +188,10 @@ class Actors:
         self.pg, self._shape, self._session = place(config), shape, ray_session()
         # A restarted worker returns to its bundle.
         self.workers = [ray.remote(num_cpus=1, num_gpus=config.rollout.gpus, max_restarts=worker_restarts(config))(
-            RolloutWorker).options(scheduling_strategy=in_bundle(self.pg, i)).remote(*self.worker_args(i))
-            for i in range(nw)]
+            RolloutWorker).options(scheduling_strategy=in_bundle(self.pg, i), **actor_options(config)).remote(
+            *self.worker_args(i)) for i in range(nw)]
         self.trainers = [ray.remote(num_cpus=1, num_gpus=trainer_gpus(config))(TrainerActor).options(
-            scheduling_strategy=in_bundle(self.pg, nw + r)).remote(r) for r in range(ranks)]
+            scheduling_strategy=in_bundle(self.pg, nw + r), **actor_options(config)).remote(r) for r in range(ranks)]
         return self.workers, self.trainers
 
     def worker_nodes(self) -> list[str]:
