@@ -37,3 +37,10 @@ def machine() -> dict:
                 cpu_model=fields.get("model"),
                 simd=sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")))
     return info
+
+
+def resident_gib(actors) -> list[float]:
+    """Resident memory (GiB) of each worker and trainer rank of an orchestration.grpo.Actors."""
+    import ray
+    rss = lambda self: __import__("psutil").Process().memory_info().rss / 2**30  # noqa: E731
+    return ray.get([a.__ray_call__.remote(rss) for a in (*actors.workers, *actors.trainers)])

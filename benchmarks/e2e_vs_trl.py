@@ -430,6 +430,36 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def time_to(curve: list, level: float) -> float | None:
+    """Wall s after step 0 at which a run's 10-step mean reward first reaches ``level`` (the
+    rule of ``wall_s_to_target``)."""
+    return next((wall for i, (wall, avg, _) in enumerate(curve) if i >= WINDOW - 1 and avg >= level), None)
+
+
+def levels_table(rows: list[dict]) -> str:
+    """Markdown: for the cells with a target, the seconds to reward levels up to it, per system (the
+    mean over its seeds where every seed reached the level, else how many did). One machine's runs
+    can all learn more slowly than another's (README, Performance): the target then says little,
+    and the lower levels still compare the systems."""
+    lines = []
+    for (model, prompt) in sorted({(r["model"], r["prompt"]) for r in rows if r["target_reward"] is not None}):
+        cell = [r for r in rows if (r["model"], r["prompt"]) == (model, prompt) and "curve" in r]
+        target = cell[0]["target_reward"]
+        levels = [round(target - d, 3) for d in (0.08, 0.06, 0.04, 0.02, 0.0)]
+        lines += [f"| {model} {prompt}: s to reward | " + " | ".join(f"{x:.2f}" for x in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for system in dict.fromkeys(r["system"] for r in cell):
+            runs = [r for r in cell if r["system"] == system]
+            cells = []
+            for level in levels:
+                hits = [time_to(r["curve"], level) for r in runs]
+                reached = [h for h in hits if h is not None]
+                cells.append(f"{sum(reached) / len(reached):.1f}" if len(reached) == len(hits)
+                             else f"{len(reached)} of {len(hits)} reached")
+            lines.append(f"| {system} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: per cell and system, means over seeds, and speed relative to TRL and rlaccel_plain."""
     lines = ["| model | prompt | system | seeds | s to target | final reward | samples/s | vs TRL | vs plain "
@@ -541,9 +571,10 @@ def main() -> None:
         keep = [r for r in json.loads(out.read_text()) if key(r) not in redone
                 and (systems or f"{r['model']}-{r['prompt']}" not in chosen)]
         rows = keep + rows
-    print(table(rows))
+    print(table(rows), levels_table(rows), sep="\n\n")
     write_results(rows, args.out, plot)
-    out.with_suffix(".md").write_text(table(rows) + "\n")  # beside the JSON (a --out re-run keeps the main table)
+    # beside the JSON (a --out re-run keeps the main table)
+    out.with_suffix(".md").write_text(table(rows) + "\n\n" + levels_table(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, ROOT, machine, write_results  # noqa: E402  (benchmarks/common.py)
+from common import RESULTS, ROOT, machine, resident_gib, write_results  # noqa: E402  (benchmarks/common.py)
 
 sys.path.insert(0, str(ROOT))
 ORDER = (True, False, False, True, False, True, True, False)
@@ -36,7 +36,6 @@ OVERRIDES = ["algorithm.prompts_per_step=4", "orchestration.max_staleness=2", "t
 def run(actors, keep: bool, steps: int, run_dir: Path) -> dict:
     from orchestration.config import load_config
     from orchestration.grpo import main
-    from weight_sync import resident_gib
     config = load_config("configs/small.yaml", [*OVERRIDES, f"orchestration.steps={steps}",
                                                 f"orchestration.keep_freed_memory={keep}", f"logging.dir={run_dir}"])
     history = main(config, progress=False, actors=actors)

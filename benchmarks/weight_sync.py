@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, ROOT, write_results  # noqa: E402  (benchmarks/common.py)
+from common import RESULTS, ROOT, resident_gib, write_results  # noqa: E402  (benchmarks/common.py)
 
 sys.path.insert(0, str(ROOT))
 VARIANTS = {  # name: (orchestration.weight_sync, orchestration.keep_freed_memory)
@@ -44,13 +44,6 @@ CELLS = {  # model: (preset, overrides, steps, quick steps)
     "small": ("configs/small.yaml", ["algorithm.prompts_per_step=4"], 6, 3),
 }
 ASYNC = ["trainer.threads=1", "rollout.threads=1", "orchestration.adaptive_in_flight=false"]
-
-
-def resident_gib(actors) -> list[float]:
-    """Each worker's and trainer rank's resident memory (GiB)."""
-    import ray
-    rss = lambda self: __import__("psutil").Process().memory_info().rss / 2**30  # noqa: E731
-    return ray.get([a.__ray_call__.remote(rss) for a in (*actors.workers, *actors.trainers)])
 
 
 def run(actors, model: str, staleness: int, variant: str, quick: bool, run_dir: Path) -> dict:

@@ -226,14 +226,11 @@ class OrchestrationConfig:
     # trainer's next step no longer overlaps all of them; a worker's death ends a broadcast run
     # (resume from a checkpoint).
     weight_sync: str = "object_store"
-    # Start the rollout workers and trainer ranks with glibc malloc keeping the memory they free
-    # for reuse (orchestration.grpo.KEEP_FREED_MEMORY: no allocation below 4 GiB is mmap'd, the
-    # heap is never trimmed) instead of handing it back to the OS, which gives it again as fresh
-    # pages, zeroed and faulted in one by one. A weight sync into a CPU vLLM engine re-allocates
-    # the policy's size every step (the re-packed linear kernels): on the 100M preset the
-    # worker's sync took 0.63 against 0.90 s a step, 1.06x the samples/s (medians of 4 runs each,
-    # benchmarks/keep_freed_memory.py). The cost: a process keeps its peak memory (that worker
-    # 4.5-6.5 against 4.1-5.0 GiB resident). Ignored where malloc is not glibc's.
+    # Start the CPU rollout workers and trainer ranks with glibc malloc keeping the memory they
+    # free for reuse (orchestration.grpo.KEEP_FREED_MEMORY) instead of handing it back to the OS,
+    # which gives it again as fresh pages, zeroed and faulted in one by one: a weight sync into a
+    # CPU vLLM engine re-allocates the policy's size every step. A process keeps its peak memory.
+    # Not for GPU actors; a warning where glibc ignores it. Measured: README "Memory".
     keep_freed_memory: bool = True
 
 

@@ -135,9 +135,33 @@ def place(config: Config, timeout_s: float = 120.0):
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
-def actor_options(config: Config) -> dict:
-    """Ray options every rollout worker and trainer rank is started with (beyond its resources)."""
-    return {"runtime_env": {"env_vars": KEEP_FREED_MEMORY}} if config.orchestration.keep_freed_memory else {}
+def actor_options(config: Config, gpus: int) -> dict:
+    """Ray options for a rollout worker or trainer rank that asks for ``gpus`` GPUs, beyond its
+    resources: a CPU actor keeps the memory it frees (orchestration.keep_freed_memory); a GPU
+    actor does not, whose host copies (a checkpoint of a multi-GB policy) would stay allocated."""
+    keep = config.orchestration.keep_freed_memory and gpus == 0
+    return {"runtime_env": {"env_vars": KEEP_FREED_MEMORY}} if keep else {}
+
+
+def heap_keeps_large_blocks(_actor=None) -> bool | None:
+    """Whether this process's glibc serves a new 64 MiB block from its heap, as KEEP_FREED_MEMORY
+    asks, rather than mapping it (glibc's default above 32 MiB); None where malloc cannot be asked
+    (not glibc, or glibc before 2.33). Runs in an actor through ``actor.__ray_call__`` (which
+    passes the actor as the argument). A task of a plain Ray actor runs on the process's main
+    thread: other threads' arenas map blocks of 64 MiB and more whatever the threshold."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    before = mallinfo2().hblkhd
+    block = bytearray(64 << 20)
+    return mallinfo2().hblkhd - before < len(block)
 
 
 def in_bundle(pg, index: int) -> PlacementGroupSchedulingStrategy:
@@ -153,7 +177,8 @@ class Actors:
     instead of starting new ones, and skips their imports and first engine build (tiny preset: ~15
     s of a run's ~17 s start-up). New processes are started when the number of workers or ranks,
     ``rollout.max_restarts``, ``trainer.flush_denormal`` (fixed in a process's threads once they
-    run), ``orchestration.keep_freed_memory`` (its environment) or the GPUs an actor asks Ray for (``rollout.gpus``, ``trainer.device``) changes, for a
+    run), ``orchestration.keep_freed_memory`` (their environment) or the GPUs an actor asks Ray for
+    (``rollout.gpus``, ``trainer.device``) changes, for a
     data-parallel trainer (its process group lives for one run), and after a failed run. Ray
     restarts a dead worker (with the object-store weight sync) with the arguments it was created
     with, an earlier run's: :func:`main` resets it to its own before it samples again. ``close()``
@@ -168,6 +193,7 @@ class Actors:
         self._shape: tuple | None = None
         self._worker_args: tuple = ()
         self._resets: list = []
+        self._memory_checks: list = []
         self._session = None
 
     def start(self, config: Config, worker_args: tuple) -> tuple[list, list]:
@@ -188,10 +214,16 @@ class Actors:
         self.pg, self._shape, self._session = place(config), shape, ray_session()
         # A restarted worker returns to its bundle.
         self.workers = [ray.remote(num_cpus=1, num_gpus=config.rollout.gpus, max_restarts=worker_restarts(config))(
-            RolloutWorker).options(scheduling_strategy=in_bundle(self.pg, i), **actor_options(config)).remote(
-            *self.worker_args(i)) for i in range(nw)]
+            RolloutWorker).options(scheduling_strategy=in_bundle(self.pg, i),
+                                   **actor_options(config, config.rollout.gpus)).remote(*self.worker_args(i))
+            for i in range(nw)]
         self.trainers = [ray.remote(num_cpus=1, num_gpus=trainer_gpus(config))(TrainerActor).options(
-            scheduling_strategy=in_bundle(self.pg, nw + r), **actor_options(config)).remote(r) for r in range(ranks)]
+            scheduling_strategy=in_bundle(self.pg, nw + r), **actor_options(config, trainer_gpus(config))).remote(r)
+            for r in range(ranks)]
+        # Checked once the workers are ready (worker_nodes): queued behind their start.
+        started = [*((w, config.rollout.gpus) for w in self.workers), *((t, trainer_gpus(config)) for t in self.trainers)]
+        self._memory_checks = [actor.__ray_call__.remote(heap_keeps_large_blocks) for actor, gpus in started
+                               if actor_options(config, gpus)]
         return self.workers, self.trainers
 
     def worker_nodes(self) -> list[str]:
@@ -199,6 +231,12 @@ class Actors:
         worker's constructor error would be)."""
         resets, self._resets = self._resets, []
         ray.get(resets)
+        checks, self._memory_checks = ray.get(self._memory_checks), []
+        if False in checks or None in checks:
+            log.warning("orchestration.keep_freed_memory: %s; set orchestration.keep_freed_memory=false (README "
+                        "\"Memory\")", "this glibc ignored MALLOC_MMAP_THRESHOLD_=4 GiB (an older glibc caps it at "
+                        "32 MiB, and MALLOC_TRIM_THRESHOLD_ then leaves every block over 128 KiB mapped)"
+                        if False in checks else "the actors' malloc is not glibc 2.33 or later, where it can be checked")
         return ray.get([w.node_id.remote() for w in self.workers])
 
     def worker_args(self, i: int) -> tuple:
@@ -211,7 +249,7 @@ class Actors:
             for actor in (*self.workers, *self.trainers):
                 ray.kill(actor)
             remove_placement_group(self.pg)
-        self.pg, self.workers, self.trainers, self.reused, self._resets = None, [], [], False, []
+        self.pg, self.workers, self.trainers, self.reused, self._resets, self._memory_checks = None, [], [], False, [], []
 
 
 def ray_session() -> str:

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from orchestration.config import ConfigError, load_config
-from orchestration.grpo import KEEP_FREED_MEMORY, Actors, cli, main
+from orchestration.grpo import KEEP_FREED_MEMORY, Actors, actor_options, cli, heap_keeps_large_blocks, main
 from orchestration.metrics import read_metrics
 
 
@@ -108,43 +108,26 @@ def test_each_actor_gets_its_gpus_from_ray_and_too_few_is_an_error(tmp_path, cac
     ray.shutdown()
 
 
-def _allocation_is_mapped(actor) -> tuple[str | None, bool]:
-    """In ``actor``'s process: its MALLOC_MMAP_THRESHOLD_, and whether glibc serves a fresh 64 MiB
-    allocation by mmap (handed back to the OS when freed) rather than from its heap."""
-    def probe(self):
-        import ctypes
-        import os
-
-        import numpy as np
-
-        class MallInfo2(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = MallInfo2
-        before = libc.mallinfo2().hblkhd
-        block = np.ones(64 << 20, dtype=np.uint8)
-        mapped = libc.mallinfo2().hblkhd - before >= block.nbytes
-        return os.environ.get("MALLOC_MMAP_THRESHOLD_"), bool(mapped)
-    return ray.get(actor.__ray_call__.remote(probe))
-
-
-def test_actors_keep_freed_memory_unless_configured_not_to(tmp_path, cache, kept_actors):
-    """orchestration.keep_freed_memory reaches glibc in every worker and trainer rank: a large
-    allocation comes from the heap (kept when freed), where by default glibc maps it; switching the
-    setting starts new processes (the environment is read at start)."""
+def test_cpu_actors_keep_freed_memory_unless_configured_not_to(tmp_path, cache, kept_actors):
+    """orchestration.keep_freed_memory reaches glibc in every CPU worker and trainer rank: a large
+    block comes from the heap (kept when freed), where glibc's default maps it; switching the
+    setting starts new processes (the environment is read at start). A GPU actor never gets it."""
+    def memory(actor):
+        return ray.get(actor.__ray_call__.remote(lambda self: (
+            os.environ.get("MALLOC_MMAP_THRESHOLD_"), heap_keeps_large_blocks(),
+            os.environ.get("TOKENIZERS_PARALLELISM"))))  # the job's environment beside the actor's
     config = _config(tmp_path, "hf")
     config.orchestration.steps = 1
+    assert actor_options(config, 0) and not actor_options(config, 1)
+    config.orchestration.keep_freed_memory = False
     main(config, progress=False, actors=kept_actors)
     for actor in (*kept_actors.workers, *kept_actors.trainers):
-        assert _allocation_is_mapped(actor) == (KEEP_FREED_MEMORY["MALLOC_MMAP_THRESHOLD_"], False)
-        # the job's environment is still there beside the actor's
-        assert ray.get(actor.__ray_call__.remote(lambda self: os.environ.get("TOKENIZERS_PARALLELISM"))) == "false"
-    config.orchestration.keep_freed_memory = False
+        assert memory(actor) == (None, False, "false")
+    config.orchestration.keep_freed_memory = True  # the other tests' setting: their kept actors last
     main(config, progress=False, actors=kept_actors)
     assert not kept_actors.reused
     for actor in (*kept_actors.workers, *kept_actors.trainers):
-        assert _allocation_is_mapped(actor) == (None, True)
+        assert memory(actor) == (KEEP_FREED_MEMORY["MALLOC_MMAP_THRESHOLD_"], True, "false")
 
 
 def test_loop_with_two_rollout_workers(tmp_path, cache):
