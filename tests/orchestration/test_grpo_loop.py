@@ -55,6 +55,8 @@ def test_loop_with_transformers_engine(tmp_path, cache, kept_actors):
     history = main(_config(tmp_path, "hf"), progress=False, actors=kept_actors)
     _check_run(tmp_path, history)
     assert max(h["logp_mismatch_max"] for h in history) < 1e-4
+    for actor in (*kept_actors.workers, *kept_actors.trainers):  # orchestration.keep_freed_memory (default)
+        assert _memory(actor) == (KEEP_FREED_MEMORY["MALLOC_MMAP_THRESHOLD_"], True, "false")
     log = pq.read_table(tmp_path / "run" / "trajectories.parquet").to_pylist()
     assert len(log) == 3 * 4 * 8  # steps x prompts x n: every trained response, once
     assert [r["step"] for r in log] == sorted(r["step"] for r in log)
@@ -108,26 +110,30 @@ def test_each_actor_gets_its_gpus_from_ray_and_too_few_is_an_error(tmp_path, cac
     ray.shutdown()
 
 
+def _memory(actor) -> tuple:
+    """In ``actor``'s process: MALLOC_MMAP_THRESHOLD_, whether glibc serves a large block from its
+    heap (orchestration.keep_freed_memory) and the job's environment beside the actor's."""
+    return ray.get(actor.__ray_call__.remote(lambda self: (
+        os.environ.get("MALLOC_MMAP_THRESHOLD_"), heap_keeps_large_blocks(), os.environ.get("TOKENIZERS_PARALLELISM"))))
+
+
+@pytest.mark.slow
 def test_cpu_actors_keep_freed_memory_unless_configured_not_to(tmp_path, cache, kept_actors):
-    """orchestration.keep_freed_memory reaches glibc in every CPU worker and trainer rank: a large
-    block comes from the heap (kept when freed), where glibc's default maps it; switching the
-    setting starts new processes (the environment is read at start). A GPU actor never gets it."""
-    def memory(actor):
-        return ray.get(actor.__ray_call__.remote(lambda self: (
-            os.environ.get("MALLOC_MMAP_THRESHOLD_"), heap_keeps_large_blocks(),
-            os.environ.get("TOKENIZERS_PARALLELISM"))))  # the job's environment beside the actor's
+    """Without orchestration.keep_freed_memory glibc maps a large block (its default); switching the
+    setting starts new processes (the environment is read at start). A GPU actor never gets it.
+    The default's side: test_loop_with_transformers_engine."""
     config = _config(tmp_path, "hf")
     config.orchestration.steps = 1
     assert actor_options(config, 0) and not actor_options(config, 1)
     config.orchestration.keep_freed_memory = False
     main(config, progress=False, actors=kept_actors)
     for actor in (*kept_actors.workers, *kept_actors.trainers):
-        assert memory(actor) == (None, False, "false")
+        assert _memory(actor) == (None, False, "false")
     config.orchestration.keep_freed_memory = True  # the other tests' setting: their kept actors last
     main(config, progress=False, actors=kept_actors)
     assert not kept_actors.reused
     for actor in (*kept_actors.workers, *kept_actors.trainers):
-        assert memory(actor) == (KEEP_FREED_MEMORY["MALLOC_MMAP_THRESHOLD_"], True, "false")
+        assert _memory(actor) == (KEEP_FREED_MEMORY["MALLOC_MMAP_THRESHOLD_"], True, "false")
 
 
 def test_loop_with_two_rollout_workers(tmp_path, cache):
