@@ -27,7 +27,8 @@ from policy.models import build_char_tokenizer, build_model, num_parameters, sav
 from policy.warm_start import warm_start
 
 log = logging.getLogger(__name__)
-WARM_START_VERSION = 1  # bump when the recipe changes, to invalidate caches
+# Bump when the recipe changes, to invalidate caches (2: the warm start's learning rate decays to 0).
+WARM_START_VERSION = 2
 
 
 def cache_dir() -> Path:

@@ -8,10 +8,19 @@ from solved — which is where GRPO has signal. Loss on answer tokens and EOS on
 the warm-started policy is diffuse: its mode is often right while samples at temperature 1
 often are not, like a pretrained model before RL. GRPO's first gains on such a policy come
 from concentrating probability on what it already knows, and then from learning more.
+
+The learning rate warms up over 20 steps and then decays to 0 (cosine). At a constant rate the
+model ends wherever the last noisy steps left it, and float rounding decides where: the tiny
+preset built with this machine's AVX-512 kernels and with AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2``) gave policies with expected reward 0.079 vs 0.084 at temperature 1,
+which TRL's GRPO then trained to 0.201 vs 0.245 (60 steps, mean of 3 seeds). Decayed to 0, the two
+builds are the same policy to within 0.2% (0.1182 vs 0.1184; mean answer-token NLL 0.911 vs 0.908)
+and train alike (0.221 vs 0.231).
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -27,7 +36,8 @@ def warm_start(model, tokenizer, examples: list[tuple[str, str]], steps: int, lr
     encoded = [(tokenizer(p, add_special_tokens=False).input_ids,
                 tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]) for p, a in examples]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     model.train()
     losses = []
     bar = tqdm(range(steps), desc="warm start (SFT)", disable=not progress, leave=False)

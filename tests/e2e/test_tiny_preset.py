@@ -2,16 +2,16 @@
 local Ray head, our metrics scraped from the head's Prometheus endpoint (bound to 127.0.0.1)
 while it runs; the run must learn, learn the same as the shared-prompt trainer, and follow the
 golden curve. One test, so that the job (the preset's first 100 steps: the reward climbs from
-~0.12 to ~0.3 within them) runs once.
+~0.15 to ~0.28 within them) runs once.
 
-The golden curve belongs to one warm-started model: the warm start (800 SFT steps) amplifies
-float rounding, so a CPU with other kernels builds a different model that learns along another
-curve (seen: first-window reward 0.157 instead of 0.121, final 0.42 instead of 0.31, with code
-that matched the golden on the machine it was recorded on). The golden file records the model's
-checksum; on another model the test still holds both trainers to each other and to learning, and
-warns that the golden comparison does not apply. Regenerate it after an intended change of the
-recipe with ``RLACCEL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/e2e`` and say why in the
-commit.
+The golden curve belongs to one warm-started model, recorded with its checksum: another CPU's
+kernels round differently and build other bits. Until warm-start recipe 2 (the learning rate
+decays to 0) they also built another policy that learned along another curve (first-window reward
+0.157 instead of 0.121, final 0.42 instead of 0.31; policy/warm_start.py); recipe 2's builds are
+the same policy to within 0.2%, but their sampled trajectories still part. On a model with
+another checksum the test holds both trainers to each other and to learning, and warns that the
+golden comparison does not apply. Regenerate it after an intended change of the recipe with
+``RLACCEL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/e2e`` and say why in the commit.
 """
 
 import json
@@ -26,6 +26,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import ray
@@ -46,6 +47,11 @@ WINDOWS = 10
 # One window averages 2,560 binary samples (sampling s.d. < 0.01); the rest is allowed for float
 # reassociation (the shared-prompt trainer's, another CPU's) changing the sampled trajectory.
 WINDOW_TOL = 0.04
+# The run learns: the least-squares slope of the per-step mean reward over the run is this many
+# standard errors above 0. Without learning t follows Student's t (98 d.o.f.): P(t >= 4) ~ 6e-5.
+# Measured t: 6.6 on this preset's model (0.150 -> 0.276, first and last 10%), 13.8 on the golden
+# machine's model of the earlier warm-start recipe (0.136 -> 0.355).
+LEARNING_T = 4.0
 
 
 @pytest.mark.slow
@@ -76,9 +82,10 @@ def test_the_readme_job_learns_like_the_shared_prompt_trainer_and_the_golden_cur
         ray.shutdown()
     runs = {False: unpacked, True: shared}
     curves = {k: window_means([h["reward"] for h in history]) for k, history in runs.items()}
-    for shared_prompt, means in curves.items():
-        assert means[-1] >= 2 * means[0], (f"no learning (shared_prompt={shared_prompt}): first 10% {means[0]:.3f}, "
-                                           f"last 10% {means[-1]:.3f}")
+    for shared_prompt, history in runs.items():
+        t = trend_t([h["reward"] for h in history])
+        assert t >= LEARNING_T, (f"no learning (shared_prompt={shared_prompt}): the reward's trend over the run has "
+                                 f"t = {t:.1f} < {LEARNING_T}; windows {curves[shared_prompt]}")
     diffs = [abs(a - b) for a, b in zip(curves[False], curves[True])]
     assert max(diffs) <= WINDOW_TOL, f"the trainers learned differently: {curves[False]} vs {curves[True]}"
 
@@ -148,6 +155,15 @@ def _free_ports(count: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def trend_t(values: list[float]) -> float:
+    """t statistic of the least-squares slope of ``values`` against their index."""
+    y = np.asarray(values, dtype=np.float64)
+    x = np.arange(len(y), dtype=np.float64) - (len(y) - 1) / 2
+    slope = (x * y).sum() / (x * x).sum()
+    resid = y - y.mean() - slope * x
+    return float(slope / np.sqrt((resid ** 2).sum() / (len(y) - 2) / (x * x).sum()))
 
 
 def window_means(values: list[float], windows: int = WINDOWS) -> list[float]:
