@@ -123,19 +123,18 @@ def summarize(steps: list[dict], target: float | None, samples_per_step: int) ->
     avg = moving(rewards)
     timed = steps[1:]
     wall = timed[-1]["wall"] if timed else float("nan")
-    hit = None
-    if target is not None:
-        hit = next((s["wall"] for i, s in enumerate(steps) if i >= WINDOW - 1 and avg[i] >= target), None)
+    curve = [(s["wall"], a, samples_per_step * (i + 1)) for i, (s, a) in enumerate(zip(steps, avg))]
     tail = max(1, len(rewards) // 10)
     total = lambda k: sum(s.get(k, 0.0) for s in timed)  # noqa: E731
-    return {"wall_s_to_target": hit, "target_reward": target, "final_reward": sum(rewards[-tail:]) / tail,
+    return {"wall_s_to_target": time_to(curve, target) if target is not None else None, "target_reward": target,
+            "final_reward": sum(rewards[-tail:]) / tail,
             "samples": samples_per_step * len(steps), "steps": len(steps), "wall_s_total": wall,
             "samples_per_s": samples_per_step * len(timed) / wall if timed and wall > 0 else None,
             "rollout_tok_s": total("rollout_tokens") / total("rollout_s") if total("rollout_s") else None,
             "update_tok_s": total("update_tokens") / total("update_s") if total("update_s") else None,
             # where a step's time goes (means after step 0): sampling, the update, the weight sync
             "step_breakdown_s": {k: total(k) / len(timed) for k in ("rollout_s", "update_s", "sync_s")} if timed else {},
-            "curve": [(s["wall"], a, samples_per_step * (i + 1)) for i, (s, a) in enumerate(zip(steps, avg))]}
+            "curve": curve}
 
 
 # ---- one run (TRL in a subprocess, rlaccel in the driver) ---------------------------------------

@@ -212,18 +212,18 @@ class Actors:
             self._resets = [w.reset.remote(*self.worker_args(i)) for i, w in enumerate(self.workers)]
             return self.workers, self.trainers
         self.pg, self._shape, self._session = place(config), shape, ray_session()
+        worker_options = actor_options(config, config.rollout.gpus)
+        trainer_options = actor_options(config, trainer_gpus(config))
         # A restarted worker returns to its bundle.
         self.workers = [ray.remote(num_cpus=1, num_gpus=config.rollout.gpus, max_restarts=worker_restarts(config))(
-            RolloutWorker).options(scheduling_strategy=in_bundle(self.pg, i),
-                                   **actor_options(config, config.rollout.gpus)).remote(*self.worker_args(i))
-            for i in range(nw)]
+            RolloutWorker).options(scheduling_strategy=in_bundle(self.pg, i), **worker_options).remote(
+            *self.worker_args(i)) for i in range(nw)]
         self.trainers = [ray.remote(num_cpus=1, num_gpus=trainer_gpus(config))(TrainerActor).options(
-            scheduling_strategy=in_bundle(self.pg, nw + r), **actor_options(config, trainer_gpus(config))).remote(r)
-            for r in range(ranks)]
+            scheduling_strategy=in_bundle(self.pg, nw + r), **trainer_options).remote(r) for r in range(ranks)]
         # Checked once the workers are ready (worker_nodes): queued behind their start.
-        started = [*((w, config.rollout.gpus) for w in self.workers), *((t, trainer_gpus(config)) for t in self.trainers)]
-        self._memory_checks = [actor.__ray_call__.remote(heap_keeps_large_blocks) for actor, gpus in started
-                               if actor_options(config, gpus)]
+        self._memory_checks = [actor.__ray_call__.remote(heap_keeps_large_blocks) for actors, options in
+                               ((self.workers, worker_options), (self.trainers, trainer_options)) if options
+                               for actor in actors]
         return self.workers, self.trainers
 
     def worker_nodes(self) -> list[str]:
