@@ -110,6 +110,29 @@ def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_mode
     assert _greedy(engine) == greedy_a
 
 
+def test_an_update_packs_the_tied_vocabulary_matrix_once(engine, tiny_model_dir, tiny_model_dir_b, monkeypatch):
+    """vllm_adapter._reload_policy: vLLM's reload packs the vocabulary matrix for the input
+    embedding and for the tied head (from a buffer it does not fill) before the adapter's repack;
+    only the repack's kernel is used. The update must still equal the new weights (the untied
+    head, which the reload packs, is covered by the MoE sync test below)."""
+    import vllm.model_executor.layers.utils as layer_utils
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    packed, dispatch = [], layer_utils.dispatch_cpu_unquantized_gemm
+
+    def counting(layer, remove_weight):
+        if isinstance(layer, VocabParallelEmbedding):
+            packed.append(type(layer).__name__)
+        return dispatch(layer, remove_weight)
+    monkeypatch.setattr(layer_utils, "dispatch_cpu_unquantized_gemm", counting)
+    probe = PROMPTS[3]
+    engine.load_weights(load_model(tiny_model_dir_b).state_dict())
+    assert packed == ["ParallelLMHead"]
+    assert (torch.tensor(engine.prompt_logprobs(probe)) - _hf_prompt_logprobs(tiny_model_dir_b, probe)).abs().max() <= TOL
+    engine.load_weights(load_model(tiny_model_dir).state_dict())
+    assert packed == ["ParallelLMHead"] * 2
+    assert (torch.tensor(engine.prompt_logprobs(probe)) - _hf_prompt_logprobs(tiny_model_dir, probe)).abs().max() <= TOL
+
+
 def test_an_engine_shut_down_or_collected_leaves_the_others_running(engine, tiny_model_dir, rollout_cfg):
     """vLLM destroys the process's model-parallel groups when an in-process engine is collected
     or shut down; the adapter keeps them while another engine runs (vllm_adapter.build_llm).
