@@ -289,9 +289,10 @@ def in_flight_depth(max_staleness: int, rollout_s: float, update_s: float) -> in
 
 # The weight-sync probe (rollout.worker: the engine's logprobs of these tokens against a reference
 # forward with the received weights) is the end of the first prompt and its answer, at most this
-# many tokens: a wrong or stale weight shows on any of them, and a probe costs two forwards of its
-# length per sync on a CPU worker (a 322-token few-shot prompt on the 100M preset, 2 threads:
-# 1.1-1.6 s a sync, the last 32 tokens 0.44-0.68 s, no probe 0.32-0.40 s).
+# many tokens. Every layer's weights and the whole LM head take part at any length (the embedding
+# rows checked are those of its tokens, the positions its first 32); it costs two forwards of its
+# length per sync on a CPU worker (benchmarks/cpu_sync.py, 100M preset, 2 threads: with a 322-token
+# few-shot prompt as the probe a sync took 2.1 s, with its last 32 tokens 0.81 s, no probe 0.50 s).
 PROBE_TOKENS = 32
 
 

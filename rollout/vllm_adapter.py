@@ -9,8 +9,8 @@ fails loudly if an upgrade changes it):
   in-place reload path instead.
 * A *tied* LM head keeps a stale packed copy of the embedding after that reload until
   ``lm_head.quant_method.process_weights_after_loading(lm_head)`` runs again; the reload's own
-  packing of the vocabulary matrix (for the embedding and that stale copy) is skipped
-  (``_reload_policy``).
+  packing of the vocabulary matrix (for the embedding, whose lookups never use it, and for that
+  head) is skipped where that is safe (``_reload_policy``).
 * The prefix cache holds KV computed with the old weights: ``reset_prefix_cache()``.
 * In-process engines share the process's model-parallel groups, and each engine tears them
   down when it is collected (see ``build_llm``).
@@ -156,21 +156,33 @@ def _repack_tied_lm_head(worker) -> bool:
     return True
 
 
+def vocabulary_packs_to_skip(model) -> list:
+    """The vocabulary-matrix modules whose packing :func:`_reload_policy` skips: none unless the
+    model's LM head is its own ``lm_head`` module; then every other embedding (lookups only), and
+    the head itself if tied (:func:`_repack_tied_lm_head` packs it after the reload)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+    lm_head = getattr(model, "lm_head", None)
+    if not isinstance(lm_head, ParallelLMHead):
+        return []
+    skip = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding) and m is not lm_head]
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    return skip + [lm_head] if tied else skip
+
+
 def _reload_policy(worker, pairs: list) -> None:
     """Runs inside the engine's worker: vLLM's in-place reload, packing the vocabulary matrix once.
 
-    On CPU the reload packs every linear layer's weight into a oneDNN kernel, the vocabulary
-    matrix three times for a tied head: for the input embedding (whose lookups read the weight
-    itself, never the packed copy), for the tied LM head from a buffer the reload does not fill
-    (the stale copy :func:`_repack_tied_lm_head` replaces), and in that repack. On the 100M preset
-    (32k x 768) that was 0.19-0.23 s of a 0.40 s sync on 2 threads; the 48 other layers' kernels
-    0.04 s. The first two are skipped here (an untied LM head is packed by the reload, as before)."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
-                                                                     VocabParallelEmbedding)
-    model = worker.model_runner.get_model()
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    unused = {id(m) for m in model.modules() if isinstance(m, VocabParallelEmbedding)
-              and (tied or not isinstance(m, ParallelLMHead))}
+    On CPU the reload packs every linear layer's weight into a kernel (oneDNN here), the
+    vocabulary matrix three times for a tied head: for the input embedding (whose lookups read the
+    weight itself, never the packed copy), for the LM head during the reload, and again in
+    :func:`_repack_tied_lm_head`, which packs the head from the weight it shares with the embedding
+    once the reload is done. On the 100M preset (32k x 768) that was 0.19-0.23 s of a 0.40 s sync
+    on 2 threads; the 48 other layers' kernels 0.04 s. The first two are skipped here, and only
+    where that is known to be safe: the model's LM head is its own ``lm_head`` module (so no
+    embedding computes logits, as Gemma-2's or Command-R's does), and a tied one is repacked after
+    the reload. Otherwise (an untied head; a model without ``lm_head``) the reload packs as before."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    unused = {id(m) for m in vocabulary_packs_to_skip(worker.model_runner.get_model())}
     pack = UnquantizedEmbeddingMethod.process_weights_after_loading
 
     def pack_used(self, layer):

@@ -133,6 +133,27 @@ def test_an_update_packs_the_tied_vocabulary_matrix_once(engine, tiny_model_dir,
     assert (torch.tensor(engine.prompt_logprobs(probe)) - _hf_prompt_logprobs(tiny_model_dir, probe)).abs().max() <= TOL
 
 
+def test_the_vocabulary_packs_skipped_are_only_those_nothing_reads(engine):
+    """vllm_adapter.vocabulary_packs_to_skip: the tied Qwen3 skips its embedding and head (the head
+    is repacked after); untied, only the embedding; a model whose logits come from another module
+    than an ``lm_head`` (Gemma-2, Command-R: the embedding; InternLM2: ``output``) skips nothing."""
+    import types
+
+    def cases(worker):
+        from rollout.vllm_adapter import vocabulary_packs_to_skip
+        model = worker.model_runner.get_model()
+        embed, head = model.model.embed_tokens, model.lm_head
+        untied = torch.nn.Module()
+        untied.embed, untied.lm_head, untied.config = embed, head, types.SimpleNamespace(tie_word_embeddings=False)
+        headless = torch.nn.Module()
+        headless.embed, headless.output, headless.config = embed, head, types.SimpleNamespace(tie_word_embeddings=True)
+        same = lambda got, want: sorted(map(id, got)) == sorted(map(id, want))  # noqa: E731
+        return (same(vocabulary_packs_to_skip(model), [embed, head]), same(vocabulary_packs_to_skip(untied), [embed]),
+                vocabulary_packs_to_skip(headless) == [])
+
+    assert engine.llm.collective_rpc(cases) == [(True, True, True)]
+
+
 def test_an_engine_shut_down_or_collected_leaves_the_others_running(engine, tiny_model_dir, rollout_cfg):
     """vLLM destroys the process's model-parallel groups when an in-process engine is collected
     or shut down; the adapter keeps them while another engine runs (vllm_adapter.build_llm).

@@ -1,0 +1,118 @@
+"""A CPU rollout worker's side of one weight sync (checksum, vLLM in-place reload, probe), side by side.
+
+On the 100M preset, in one worker process (rollout.worker.RolloutWorker with its vLLM engine, no
+Ray), the same weights loaded again and again, the variants alternating (A A B B A A ...; the first
+sync of each variant is dropped as warm-up):
+
+  reload   vLLM's reload as before 45b489b (``worker.reload_weights`` packing the vocabulary matrix
+           for the embedding and the tied head, then the adapter's repack) against
+           ``rollout.vllm_adapter.reload_weights`` (packed once); a 32-token probe in both
+  probe    the probe as the whole first prompt and answer of the long-prompt cell (a 32-example
+           few-shot block: ~320 tokens) against its last ``orchestration.grpo.PROBE_TOKENS``, and
+           no probe (checksum only), with the current reload
+
+    python benchmarks/cpu_sync.py [--threads 2] [--rounds 6]
+
+Writes benchmarks/results/cpu_sync.json ({machine, threads, rows: [{comparison, variant, sync_s
+(median), syncs: [...]}]}) and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+from common import RESULTS, ROOT, machine, write_results  # noqa: E402  (benchmarks/common.py)
+
+sys.path.insert(0, str(ROOT))
+LONG = ["data.few_shot=32", "data.max_prompt_tokens=384", "rollout.max_model_len=480"]
+
+
+def vllm_reload_before(llm, state_dict) -> None:
+    """The adapter's reload before 45b489b: vLLM's own in-place reload, then the tied head's repack."""
+    from rollout.vllm_adapter import _repack_tied_lm_head
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+    llm.collective_rpc(_repack_tied_lm_head)
+    llm.reset_prefix_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6, help="syncs per variant (the first dropped)")
+    parser.add_argument("--out", default=str(RESULTS / "cpu_sync.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    import rollout.vllm_engine as vllm_engine
+    from orchestration.config import load_config
+    from orchestration.data import load_prompts
+    from orchestration.grpo import PROBE_TOKENS
+    from orchestration.model_prep import prepare_model
+    from policy.models import load_model, load_tokenizer, pack_state, state_checksum
+    from rollout.vllm_adapter import reload_weights, set_engine_env
+    config = load_config("configs/small.yaml", [f"rollout.threads={args.threads}", *LONG])
+    model_dir = prepare_model(load_config("configs/small.yaml"))  # the long cell's prompts, the short cell's model
+    set_engine_env(config.rollout.kv_cache_gib, args.threads)
+    torch.set_num_threads(args.threads)
+    from rollout.worker import RolloutWorker
+    worker = RolloutWorker(str(model_dir), config.rollout, "float32", 0)
+    tokenizer = load_tokenizer(model_dir)
+    row = load_prompts(config.data, tokenizer)[0]
+    whole = tokenizer(row["prompt"] + row["answer"], add_special_tokens=False).input_ids
+    state = {k: v.detach().clone() for k, v in load_model(model_dir).state_dict().items()}
+
+    def sync(reload, probe) -> float:
+        vllm_engine.reload_weights = reload
+        t0 = time.perf_counter()
+        worker.update_weights(pack_state(state), worker.version + 1, state_checksum(state),
+                              None if probe is None else (probe, None))
+        return time.perf_counter() - t0
+
+    comparisons = {
+        "reload": {"vllm_reload_before": (vllm_reload_before, whole[-PROBE_TOKENS:]),
+                   "packed_once": (reload_weights, whole[-PROBE_TOKENS:])},
+        "probe": {f"whole_prompt_{len(whole)}": (reload_weights, whole),
+                  f"last_{PROBE_TOKENS}": (reload_weights, whole[-PROBE_TOKENS:]),
+                  "no_probe": (reload_weights, None)},
+    }
+    rows = []
+    try:
+        for name, variants in comparisons.items():
+            times = {v: [] for v in variants}
+            order = [v for _ in range(args.rounds) for v in variants]
+            order = [order[i ^ 1] if len(variants) == 2 and (i // 2) % 2 else order[i] for i in range(len(order))]
+            for v in order:  # two variants: A B B A A B ...; more: round-robin
+                times[v].append(sync(*variants[v]))
+                print(f"{name:7s} {v:22s} {times[v][-1]:.3f} s", flush=True)
+            rows += [{"comparison": name, "variant": v, "sync_s": statistics.median(t[1:]), "syncs": t}
+                     for v, t in times.items()]
+    finally:
+        vllm_engine.reload_weights = reload_weights
+    for r in rows:
+        print(f"{r['comparison']:7s} {r['variant']:22s} median {r['sync_s']:.3f} s")
+    write_results({"machine": machine(), "threads": args.threads, "rows": rows}, args.out, plot)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    labels = [f"{r['comparison']}: {r['variant']}" for r in rows]
+    ax.barh(labels, [r["sync_s"] for r in rows], color=["C0" if r["comparison"] == "reload" else "C1" for r in rows])
+    for i, r in enumerate(rows):
+        ax.plot(r["syncs"][1:], [i] * (len(r["syncs"]) - 1), "k.", ms=3)
+    ax.set_xlabel(f"worker sync, s (median; dots: each sync after the first), {result['threads']} threads")
+    ax.set_title("100M preset: a CPU worker's weight sync")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
