@@ -86,6 +86,7 @@ def test_too_few_cpus_is_an_error_not_a_hang(tmp_path, cache):
     ray.shutdown()
 
 
+@pytest.mark.slow  # its own Ray session and actor processes (40-47 s on a Zen 3 core pair)
 def test_each_actor_gets_its_gpus_from_ray_and_too_few_is_an_error(tmp_path, cache):
     """Ray shows an actor's process only the GPUs it asked for (a CUDA engine or trainer that asks
     for none finds none), so every actor asks for its own: rollout.gpus per worker, one per trainer
@@ -136,6 +137,7 @@ def test_cpu_actors_keep_freed_memory_unless_configured_not_to(tmp_path, cache, 
         assert _memory(actor) == (KEEP_FREED_MEMORY["MALLOC_MMAP_THRESHOLD_"], True, "false")
 
 
+@pytest.mark.slow  # its own Ray session and actor processes (40-47 s on a Zen 3 core pair)
 def test_loop_with_two_rollout_workers(tmp_path, cache):
     ray.shutdown()  # main() starts a local Ray with a CPU slot for each actor
     config = _config(tmp_path, "hf")
