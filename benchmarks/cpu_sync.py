@@ -1,8 +1,8 @@
 """A CPU rollout worker's side of one weight sync (checksum, vLLM in-place reload, probe), side by side.
 
 On the 100M preset, in one worker process (rollout.worker.RolloutWorker with its vLLM engine, no
-Ray), the same weights loaded again and again, the variants alternating (A A B B A A ...; the first
-sync of each variant is dropped as warm-up):
+Ray), the same weights loaded again and again, the variants alternating (two: A B B A A B ...; three: round-robin;
+the first sync of each variant is dropped as warm-up):
 
   reload   vLLM's reload as before 45b489b (``worker.reload_weights`` packing the vocabulary matrix
            for the embedding and the tied head, then the adapter's repack) against

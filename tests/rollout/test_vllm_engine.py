@@ -112,9 +112,9 @@ def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_mode
 
 def test_an_update_packs_the_tied_vocabulary_matrix_once(engine, tiny_model_dir, tiny_model_dir_b, monkeypatch):
     """vllm_adapter._reload_policy: vLLM's reload packs the vocabulary matrix for the input
-    embedding and for the tied head (from a buffer it does not fill) before the adapter's repack;
-    only the repack's kernel is used. The update must still equal the new weights (the untied
-    head, which the reload packs, is covered by the MoE sync test below)."""
+    embedding (whose lookups never read the packed copy) and for the tied head, and the adapter's
+    repack packs the head again; only the repack is kept. The update must still equal the new
+    weights (the untied head, which the reload packs, is covered by the MoE sync test below)."""
     import vllm.model_executor.layers.utils as layer_utils
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
     packed, dispatch = [], layer_utils.dispatch_cpu_unquantized_gemm
