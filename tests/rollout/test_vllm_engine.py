@@ -176,6 +176,22 @@ def test_an_engine_shut_down_or_collected_leaves_the_others_running(engine, tiny
     assert _greedy(engine) == before
 
 
+def test_a_failed_engine_build_leaves_the_heap_unfrozen_and_no_engine_counted(tmp_path):
+    """build_llm freezes the heap while vLLM builds (its full collections then skip what was there
+    before); a build that fails must not leave it frozen, whose objects would then never be collected."""
+    import gc
+    import json
+
+    from rollout.vllm_adapter import build_llm, live_engines
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
+    gc.unfreeze()
+    live = live_engines()
+    with pytest.raises(Exception):
+        build_llm(model=str(tmp_path), dtype="float32", enforce_eager=True)
+    assert gc.get_freeze_count() == 0
+    assert live_engines() == live
+
+
 def test_native_mtp_on_a_model_without_mtp_layers_is_refused(tiny_model_dir):
     from rollout.vllm_engine import VLLMEngine
     with pytest.raises(ValueError, match="declares no native MTP layers.*mtp.head=native"):
