@@ -74,10 +74,10 @@ def native(request, tmp_path_factory):
 SAMPLING = {"mimo": [(1.0, 1.0), (0.7, 0.9)], "deepseek": [(1.0, 1.0)], "qwen3_next": [(1.0, 1.0)]}
 
 
-# Every test of the module-scoped ``native`` fixture lists the forms in one order: pytest groups a
-# module's tests by the fixture's parameter *index*, so lists that differ (this test once had a
-# second MiMo case) interleaved the forms and rebuilt each fixture (a policy, a trained layer, two
-# engines: 13-21 s) once per test function.
+# ``native`` is parametrized alone (the sampling settings are looped over inside): a parametrize
+# that also names direct arguments gets function scope (pytest's _infer_parametrize_scope), and
+# the module-scoped fixture was then built for each such test (a policy, a trained layer, two
+# engines: 13-21 s each; 7 builds for 3 forms, now 3).
 @pytest.mark.parametrize("native", ["mimo", "deepseek", "qwen3_next"], indirect=True)
 def test_native_mtp_sampling_is_lossless(native, request):
     model, _, spec, _ = native
