@@ -40,6 +40,9 @@ ENGINE_ENV = {
 }
 
 
+_KV_SPACE_MARK = "RLACCEL_SET_VLLM_CPU_KVCACHE_SPACE"
+
+
 def set_engine_env(kv_cache_gib: int, threads: int) -> None:
     """The engine's environment, and ``threads`` intra-op threads for this process.
 
@@ -52,7 +55,12 @@ def set_engine_env(kv_cache_gib: int, threads: int) -> None:
     set from outside (``set_torch_threads_for_runtime``)."""
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    # The CPU KV cache follows rollout.kv_cache_gib engine by engine (a kept worker's next run may
+    # ask for another size; vLLM reads the variable at each engine's start), unless
+    # VLLM_CPU_KVCACHE_SPACE was set from outside: the value set here carries a mark, which the
+    # processes started from this one inherit with it.
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") in ("", os.environ.get(_KV_SPACE_MARK)):
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ[_KV_SPACE_MARK] = str(kv_cache_gib)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch._C.set_num_threads(threads)
 
@@ -108,11 +116,13 @@ def build_llm(**kwargs):
     gc.collect()  # dead engines shut down now, not in the middle of the next one's start
     if _declares_experts(kwargs["model"]):
         _make_room_for_experts()
-    # What survived that collection is not garbage: freeze it, so that the five full collections
-    # vLLM runs while it builds (two in load_model, three before its own gc.freeze() at the end
-    # of EngineCore.__init__, which freezes the whole heap anyway) skip it: a tiny-preset engine
-    # built in 1.9-2.1 s instead of 3.6-3.9 s. A failed build unfreezes the heap; an engine's
-    # shutdown does (vLLM's own gc.unfreeze()).
+        gc.collect()  # the dropped groups, before the freeze below
+    # What survived that collection is not garbage: freeze it, so that the collections vLLM runs
+    # while it builds (two full ones in load_model, then generations 0, 1 and 2 before its own
+    # gc.freeze() at the end of EngineCore.__init__, which freezes the whole heap anyway) skip it:
+    # a tiny-preset engine built in 1.9-2.1 s instead of 3.6-3.9 s. A failed build unfreezes the
+    # heap; the process's last engine unfreezes it when it shuts down (vLLM's own gc.unfreeze();
+    # an earlier engine's shutdown, _shutdown_engine_core, does not, as before this freeze).
     gc.freeze()
     _live_engines += 1  # before building: a dead engine collected meanwhile must not be the last
     try:

@@ -4,6 +4,8 @@ These pin the vLLM internals that rlaccel relies on (rollout/vllm_adapter.py): i
 changes them, a test here fails and says which.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -190,6 +192,28 @@ def test_a_failed_engine_build_leaves_the_heap_unfrozen_and_no_engine_counted(tm
         build_llm(model=str(tmp_path), dtype="float32", enforce_eager=True)
     assert gc.get_freeze_count() == 0
     assert live_engines() == live
+
+
+def test_each_engine_gets_its_configured_kv_cache_unless_set_from_outside(engine, tiny_model_dir, rollout_cfg,
+                                                                          monkeypatch):
+    """rollout.kv_cache_gib holds engine by engine in one process (a kept rollout worker's next run
+    may ask for another size: it kept the first engine's size before); a VLLM_CPU_KVCACHE_SPACE set
+    from outside the process wins."""
+    import dataclasses
+
+    from rollout.vllm_adapter import set_engine_env
+    from rollout.vllm_engine import VLLMEngine
+    size = lambda e: e.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes / 2**30  # noqa: E731
+    assert size(engine) == rollout_cfg.kv_cache_gib
+    other = VLLMEngine(str(tiny_model_dir), dataclasses.replace(rollout_cfg, kv_cache_gib=rollout_cfg.kv_cache_gib + 1))
+    try:
+        assert size(other) == rollout_cfg.kv_cache_gib + 1
+    finally:
+        other.close()
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    monkeypatch.delenv("RLACCEL_SET_VLLM_CPU_KVCACHE_SPACE", raising=False)
+    set_engine_env(1, torch.get_num_threads())
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
 
 
 def test_native_mtp_on_a_model_without_mtp_layers_is_refused(tiny_model_dir):
