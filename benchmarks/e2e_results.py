@@ -1,0 +1,113 @@
+"""The end-to-end benchmark's results (benchmarks/e2e_vs_trl.py): a run's per-step records
+summarised into a results row, the markdown tables and the plot of the rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WINDOW = 10  # steps in the moving mean of the reward that the target and the levels are read from
+
+
+def moving(rewards: list[float]) -> list[float]:
+    return [sum(rewards[max(0, i - WINDOW + 1):i + 1]) / min(i + 1, WINDOW) for i in range(len(rewards))]
+
+
+def summarize(steps: list[dict], target: float | None, samples_per_step: int) -> dict:
+    """steps: per optimizer step {wall (s since the end of step 0), reward, rollout_s, update_s,
+    rollout_tokens, update_tokens}; step 0 is dropped from the timings."""
+    rewards = [s["reward"] for s in steps]
+    avg = moving(rewards)
+    timed = steps[1:]
+    wall = timed[-1]["wall"] if timed else float("nan")
+    curve = [(s["wall"], a, samples_per_step * (i + 1)) for i, (s, a) in enumerate(zip(steps, avg))]
+    tail = max(1, len(rewards) // 10)
+    total = lambda k: sum(s.get(k, 0.0) for s in timed)  # noqa: E731
+    return {"wall_s_to_target": time_to(curve, target) if target is not None else None, "target_reward": target,
+            "final_reward": sum(rewards[-tail:]) / tail,
+            "samples": samples_per_step * len(steps), "steps": len(steps), "wall_s_total": wall,
+            "samples_per_s": samples_per_step * len(timed) / wall if timed and wall > 0 else None,
+            "rollout_tok_s": total("rollout_tokens") / total("rollout_s") if total("rollout_s") else None,
+            "update_tok_s": total("update_tokens") / total("update_s") if total("update_s") else None,
+            # where a step's time goes (means after step 0): sampling, the update, the weight sync
+            "step_breakdown_s": {k: total(k) / len(timed) for k in ("rollout_s", "update_s", "sync_s")} if timed else {},
+            "curve": curve}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = sorted({(r["model"], r["prompt"]) for r in rows}, key=lambda k: (k[0] != "tiny", k[1] != "short"))
+    fig, axes = plt.subplots(len(keys), 2, figsize=(12, 3.4 * len(keys)), squeeze=False)
+    for (model, prompt), (ax_t, ax_s) in zip(keys, axes):
+        for r in rows:
+            if (r["model"], r["prompt"]) != (model, prompt) or r["seed"] != 0:
+                continue
+            wall, avg, samples = zip(*r["curve"])
+            ax_t.plot(wall, avg, label=r["system"])
+            ax_s.plot(samples, avg, label=r["system"])
+        target = next((r["target_reward"] for r in rows if (r["model"], r["prompt"]) == (model, prompt)), None)
+        for ax, xlabel in ((ax_t, "wall-clock s after step 0"), (ax_s, "samples")):
+            if target is not None:
+                ax.axhline(target, color="grey", ls=":")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"reward ({WINDOW}-step avg)")
+            ax.set_title(f"{model} model, {prompt} prompts, seed 0")
+        ax_t.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def time_to(curve: list, level: float) -> float | None:
+    """Wall s after step 0 at which a run's 10-step mean reward first reaches ``level`` (the
+    rule of ``wall_s_to_target``)."""
+    return next((wall for i, (wall, avg, _) in enumerate(curve) if i >= WINDOW - 1 and avg >= level), None)
+
+
+def levels_table(rows: list[dict]) -> str:
+    """Markdown: for the cells with a target, the seconds to reward levels up to it, per system (the
+    mean over its seeds where every seed reached the level, else how many did). One machine's runs
+    can all learn more slowly than another's (README, Performance): the target then says little,
+    and the lower levels still compare the systems."""
+    lines = []
+    for (model, prompt) in sorted({(r["model"], r["prompt"]) for r in rows if r["target_reward"] is not None}):
+        cell = [r for r in rows if (r["model"], r["prompt"]) == (model, prompt) and "curve" in r]
+        target = cell[0]["target_reward"]
+        levels = [round(target - d, 3) for d in (0.08, 0.06, 0.04, 0.02, 0.0)]
+        lines += [f"| {model} {prompt}: s to reward | " + " | ".join(f"{x:.2f}" for x in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for system in dict.fromkeys(r["system"] for r in cell):
+            runs = [r for r in cell if r["system"] == system]
+            cells = []
+            for level in levels:
+                hits = [time_to(r["curve"], level) for r in runs]
+                reached = [h for h in hits if h is not None]
+                cells.append(f"{sum(reached) / len(reached):.1f}" if len(reached) == len(hits)
+                             else f"{len(reached)} of {len(hits)} reached")
+            lines.append(f"| {system} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per cell and system, means over seeds, and speed relative to TRL and rlaccel_plain."""
+    lines = ["| model | prompt | system | seeds | s to target | final reward | samples/s | vs TRL | vs plain "
+             "| rollout tok/s | update tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    by_cell: dict = {}
+    for r in rows:
+        by_cell.setdefault((r["model"], r["prompt"]), {}).setdefault(r["system"], []).append(r)
+    fmt = lambda x, f="{:.1f}": "–" if x is None else f.format(x)  # noqa: E731
+    for (model, prompt), systems in by_cell.items():
+        sps = {s: mean([r["samples_per_s"] for r in rs if r["samples_per_s"]]) for s, rs in systems.items()}
+        for s, rs in systems.items():
+            hits = [r["wall_s_to_target"] for r in rs]
+            to_target = mean(hits) if all(h is not None for h in hits) else None
+            lines.append(f"| {model} | {prompt} | {s} | {len(rs)} | "
+                         f"{fmt(to_target) if rs[0]['target_reward'] is not None else 'n/a'}"
+                         f"{'' if all(h is not None for h in hits) or rs[0]['target_reward'] is None else ' (not all)'} | "
+                         f"{fmt(mean([r['final_reward'] for r in rs]), '{:.3f}')} | {fmt(sps[s], '{:.1f}')} | "
+                         f"{fmt(sps[s] / sps['trl'] if sps.get('trl') and sps[s] else None, '{:.2f}x')} | "
+                         f"{fmt(sps[s] / sps['rlaccel_plain'] if sps.get('rlaccel_plain') and sps[s] else None, '{:.2f}x')} | "
+                         f"{fmt(mean([r['rollout_tok_s'] for r in rs if r['rollout_tok_s']]), '{:.0f}')} | "
+                         f"{fmt(mean([r['update_tok_s'] for r in rs if r['update_tok_s']]), '{:.0f}')} |")
+    return "\n".join(lines)
