@@ -18,8 +18,10 @@ training and the rlaccel runs of all cells share one):
   rlaccel_plain  rlaccel, no speculation, unpacked trainer, synchronous
   rlaccel_all    rlaccel with every acceleration: MTP speculation (TV-trained head, adaptive k;
                  EAGLE-3-form over 8,000 draft tokens on the small model), shared-prompt training,
-                 async with max_staleness = 1
-  rlaccel_spec / rlaccel_shared / rlaccel_async   one acceleration alone (ablation)
+                 async with max_staleness = 1, zero-advantage responses skipped in the update
+                 (tiny-short only: the other cells' models earn no reward, see cells())
+  rlaccel_spec / rlaccel_shared / rlaccel_async / rlaccel_skip   one acceleration alone (ablation;
+                 rlaccel_skip in tiny-short only)
   rlaccel_nospec shared-prompt + async, no speculation (--optional; on the tiny model, where the
                  drafter is off in ~90% of rollout calls, it measured as fast as rlaccel_all)
 
@@ -62,6 +64,10 @@ def cells(quick: bool) -> dict[str, dict]:
     """Per cell: preset, overrides, steps, seeds, target reward, the systems and who runs each seed.
     Every cell has the ablation (each acceleration alone) beside plain and all."""
     ablation = ("rlaccel_spec", "rlaccel_shared", "rlaccel_async")
+    # The other cells' models earn no reward (every advantage is 0): skipping zero-advantage
+    # responses would leave out their whole update, which then measures nothing. There
+    # rlaccel_all computes them, and rlaccel_skip is not run.
+    no_reward = dict(skip=False)
     # tiny-short: 80 steps (20,480 samples). On warm-start recipe 2 (policy/warm_start.py) TRL's
     # 10-step mean reward reached the target at steps 37, 51 and 35 (seeds 0-2) and levels off at
     # ~0.25 by step 60-100; 60 steps left no margin for a slower seed.
@@ -69,22 +75,23 @@ def cells(quick: bool) -> dict[str, dict]:
         "tiny-short": dict(model="tiny", prompt="short", preset="configs/tiny.yaml", overrides=[],
                            steps=20 if quick else 80, seeds=(0,) if quick else (0, 1, 2), target=0.22,
                            systems=("trl", "rlaccel_plain", "rlaccel_all"),
-                           seed0_only=("trl_vllm",) + ablation, optional=("rlaccel_nospec",)),
+                           seed0_only=("trl_vllm",) + ablation + ("rlaccel_skip",), optional=("rlaccel_nospec",)),
         "tiny-long": dict(model="tiny", prompt="long", preset="configs/tiny.yaml",
                           overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 12, seeds=(0,),
-                          target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation),
+                          target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation,
+                          **no_reward),
         # small-short: 10 steps (9 timed). With 5, TRL's first timed steps weighed in at 3.8 and 3.1 s
         # against 2.3 s once settled (seed 0, 45b489b's run), and one slow step of 4 moved a ratio by 0.5x.
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 10, seeds=(0,),
                             target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation,
-                            optional=("trl_ftz", "trl_malloc")),
+                            optional=("trl_ftz", "trl_malloc"), **no_reward),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            # one prompt × 8 a step, 4 steps (3 timed): 2 × 8 and 3 steps before, whose untimed
                            # first step alone was 25-45 s a run
                            overrides=LONG + ["algorithm.prompts_per_step=1", "rollout.max_model_len=480"],
                            steps=3 if quick else 4, seeds=(0,), target=None,
-                           systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation),
+                           systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation, **no_reward),
     }
 
 
@@ -96,11 +103,13 @@ ASYNC_THREADS = ["trainer.threads=1", "rollout.threads=1"]
 # update), which kept the trainer busy as well as 3 (staleness 2): small-short, shared + async,
 # paired (order 1,1,2,2,1,2,1,1,2,2, first run dropped): 22.4 vs 23.1 samples/s (medians), while
 # on tiny-short (3 seeds) staleness 2 needed 16.8k samples to the 0.22 target against 12.0k.
+NO_SKIP = "trainer.skip_zero_advantage=false"
 RLACCEL = {
-    "rlaccel_plain": ["orchestration.max_staleness=0", "trainer.shared_prompt=false"],
-    "rlaccel_spec": ["orchestration.max_staleness=0", "trainer.shared_prompt=false", "SPEC"],
-    "rlaccel_shared": ["orchestration.max_staleness=0", "trainer.shared_prompt=true"],
-    "rlaccel_async": ["orchestration.max_staleness=1", "trainer.shared_prompt=false", *ASYNC_THREADS],
+    "rlaccel_plain": ["orchestration.max_staleness=0", "trainer.shared_prompt=false", NO_SKIP],
+    "rlaccel_spec": ["orchestration.max_staleness=0", "trainer.shared_prompt=false", NO_SKIP, "SPEC"],
+    "rlaccel_shared": ["orchestration.max_staleness=0", "trainer.shared_prompt=true", NO_SKIP],
+    "rlaccel_async": ["orchestration.max_staleness=1", "trainer.shared_prompt=false", NO_SKIP, *ASYNC_THREADS],
+    "rlaccel_skip": ["orchestration.max_staleness=0", "trainer.shared_prompt=false", "trainer.skip_zero_advantage=true"],
     "rlaccel_nospec": ["orchestration.max_staleness=1", "trainer.shared_prompt=true", *ASYNC_THREADS],
     "rlaccel_all": ["orchestration.max_staleness=1", "trainer.shared_prompt=true", *ASYNC_THREADS, "SPEC"],
 }
@@ -123,6 +132,8 @@ def run_rlaccel(job: dict, actors) -> dict:
     extra = []
     for o in RLACCEL[job["system"]]:
         extra += spec_overrides(job["head"]) if o == "SPEC" else [o]
+    if not job["skip"]:
+        extra = [o for o in extra if not o.startswith("trainer.skip_zero_advantage=")] + [NO_SKIP]
     config = load_config(job["preset"], [*job["overrides"], *extra, f"orchestration.steps={job['steps']}",
                                          f"orchestration.seed={job['seed']}", f"model.path={job['model_dir']}",
                                          f"logging.dir={job['run_dir']}", "logging.tensorboard=false"])
@@ -136,7 +147,10 @@ def run_rlaccel(job: dict, actors) -> dict:
                       "rollout_tokens": h.get("rollout_tokens", 0.0), "update_tokens": h.get("update_tokens", 0.0),
                       "sync_s": h.get("sync_s", 0.0), "spec_acceptance_pos1": h.get("spec_acceptance_pos1"),
                       "spec_off_calls": h.get("spec_off_calls")})
-    out = {"setup_s": setup + history[0]["step_s"], "steps_detail": steps}
+    # the fraction of responses whose update was skipped (zero advantage), over the timed steps
+    skipped = [h.get("update_skipped", 0.0) for h in history[1:]]
+    out = {"setup_s": setup + history[0]["step_s"], "steps_detail": steps,
+           "update_skipped": sum(skipped) / max(len(skipped), 1)}
     acc = [s["spec_acceptance_pos1"] for s in steps if s["spec_acceptance_pos1"] is not None]
     if acc:
         out["spec_acceptance_pos1_mean"] = sum(acc) / len(acc)
@@ -398,7 +412,7 @@ def run_cell(name: str, cell: dict, todo: list[tuple[str, int]], model_dir: str,
     rows = []
     for system, seed in todo:
         job = {"system": system, "seed": seed, "cell": name, "preset": cell["preset"], "overrides": cell["overrides"],
-               "steps": cell["steps"], "model_dir": model_dir, "head": head,
+               "steps": cell["steps"], "model_dir": model_dir, "head": head, "skip": cell.get("skip", True),
                "run_dir": str(tmp / f"{name}-{system}-{seed}"), "result": str(tmp / f"{name}-{system}-{seed}.json")}
         result = spawn(job, log_dir, actors, trl)
         if result is None:
@@ -406,6 +420,8 @@ def run_cell(name: str, cell: dict, todo: list[tuple[str, int]], model_dir: str,
         row = {"system": system, "seed": seed, "model": cell["model"], "prompt": cell["prompt"],
                **summarize(result["steps_detail"], cell["target"], per_step),
                "setup_s": result["setup_s"], "run_s": result["run_s"], "machine": machine()}
+        if "update_skipped" in result:
+            row["update_skipped"] = result["update_skipped"]
         if system in ("rlaccel_all", "rlaccel_spec"):
             row["head_s"] = head_s
             row["spec_acceptance_pos1_mean"] = result.get("spec_acceptance_pos1_mean")

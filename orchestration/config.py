@@ -158,6 +158,11 @@ class TrainerConfig:
     # thread, gradient clipping 0.30 -> 0.11 s and AdamW 0.72 -> 0.16 s per step. The update
     # changes by far less than a float32 rounding of any weight (tests/policy/test_trainer.py).
     flush_denormal: bool = True
+    # Skip the forward and backward of responses whose advantage is exactly 0 (the groups whose
+    # rewards are all equal, with binary rewards): they add exactly nothing to the loss or its
+    # gradient unless algorithm.kl_coef > 0 (then nothing is skipped). Exact up to float rounding
+    # (tests/policy/test_trainer.py); the metric update_skipped is the fraction left out.
+    skip_zero_advantage: bool = True
     # Pack each group as one row [prompt | r_1 | … | r_N] so the prompt is processed once
     # (attention/layout.py); exact, see tests/policy/test_packed.py.
     shared_prompt: bool = False

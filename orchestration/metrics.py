@@ -20,6 +20,7 @@ GAUGES = {
     "rollout_idle_frac": "Fraction of the step the rollout workers were idle",
     "in_flight": "Rollout batches kept in flight (the buffer depth)",
     "staleness_mean": "Mean policy versions a trained sample lagged the trainer",
+    "update_skipped": "Fraction of the step's responses whose forward and backward were skipped (advantage 0)",
     "regenerated_groups": "Groups sampled again because they exceeded orchestration.max_staleness (total)",
     "worker_restarts": "Rollout workers restarted by Ray (total)",
     "entropy": "Mean negative log-probability of the sampled tokens",

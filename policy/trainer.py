@@ -94,6 +94,8 @@ class PolicyTrainer:
         if mini_batch is None:
             mini_batch = mini_batch_ids(len(groups), M)
         seq_mini = [m for g, m in zip(groups, mini_batch) for _ in range(g.n)]
+        minis = [[i for i in range(n) if seq_mini[i] == m] for m in range(M)]
+        work = [self._to_compute(mini, advantages) for mini in minis]
         # Old logprobs: the trainer's policy before this step's first update. With one
         # mini-batch they are the current logprobs, detached (free); with more, one extra
         # no-grad pass computes them up front.
@@ -101,21 +103,21 @@ class PolicyTrainer:
         if self.cfg.mini_batches > 1:
             with torch.no_grad():
                 old = [None] * n
-                for idx in self._micro_batches(prompts, responses, range(n)):
+                for idx in self._micro_batches(prompts, responses, [i for w in work for i in w]):
                     lp, _ = self._logprobs(self.model, prompts, responses, idx)
                     for i, row in zip(idx, lp.cpu()):
                         old[i] = row[:len(responses[i])]
         sums: dict[str, float] = {}
         mismatch, grad_norms = 0.0, []
-        for m in range(M):  # always M mini-batches (maybe empty on a rank): the group steps together
-            mini = [i for i in range(n) if seq_mini[i] == m]
+        for m, mini in enumerate(minis):  # always M mini-batches (maybe empty on a rank): the group steps together
+            # the loss's denominators count every response, computed or skipped
             tokens, sequences = self.update.all_sum([sum(len(responses[i]) for i in mini), len(mini)])
             if sequences == 0:  # fewer groups than mini-batches: nothing to step on (on any rank)
                 continue
             totals = StepTotals(tokens=max(int(tokens), 1), sequences=int(sequences),
                                 max_tokens=self.max_tokens)
             self.update.zero_grad()
-            micro = self._micro_batches(prompts, responses, mini)
+            micro = self._micro_batches(prompts, responses, work[m])
             # Every rank of a group runs the same number of backwards (ZeRO-2 reduces in each).
             backwards_due = int(self.update.all_max([len(micro)])[0])
             finite, backwards = True, 0
@@ -153,19 +155,32 @@ class PolicyTrainer:
         keys = sorted(sums)
         sums = dict(zip(keys, self.update.all_sum([sums[k] for k in keys])))
         mismatch = self.update.all_max([mismatch])[0]
-        n = max(int(self.update.all_sum([n])[0]), 1)
+        n, computed = (max(int(x), 1) for x in self.update.all_sum([n, sum(len(w) for w in work)]))
         staleness = [self.version - v for v in versions]  # policy versions behind, at training time
         stale_sum, update_tokens = self.update.all_sum(
             [sum(staleness), sum(len(p) + len(r) for p, r in zip(prompts, responses))])
         stale_max = self.update.all_max([max(staleness, default=0)])[0]
         self.version += 1
         seconds = self.update.all_max([time.perf_counter() - t0])[0]
-        metrics = {k: (v if k == "loss" else v / n) for k, v in sums.items()}
-        metrics.update(staleness_mean=stale_sum / n, staleness_max=stale_max)
+        metrics = {k: (v if k == "loss" else v / computed) for k, v in sums.items()}
+        metrics.update(staleness_mean=stale_sum / n, staleness_max=stale_max, update_skipped=1.0 - computed / n)
         metrics.update(grad_norm=sum(grad_norms) / max(len(grad_norms), 1), logp_mismatch_max=mismatch, update_s=seconds,
                        update_tokens=update_tokens, version=float(self.version))
         metrics["update_tok_s"] = metrics["update_tokens"] / seconds
         return metrics
+
+    def _to_compute(self, mini: list[int], advantages: torch.Tensor) -> list[int]:
+        """The responses of a mini-batch whose forward and backward are run. With
+        ``trainer.skip_zero_advantage`` and no KL term, a response whose advantage is exactly 0
+        (every response of a group whose rewards are all equal, for binary rewards) adds exactly
+        0 to the loss and to every gradient (its surrogate is ρ·0 and the loss's denominators are
+        the step's totals), so it is left out: the update is the same up to float rounding
+        (micro-batches composed differently). One response is kept when all would be skipped, so a
+        mini-batch still has a backward: gradients of zeros rather than none (AdamW still counts
+        the step and decays the weights; ZeRO ranks reduce together)."""
+        if not self.cfg.skip_zero_advantage or self.ref_model is not None:
+            return mini
+        return [i for i in mini if advantages[i] != 0] or mini[:1]
 
     def _micro_batches(self, prompts, responses, indices) -> list[list[int]]:
         """Sequence indices per forward/backward. Unpacked: chunks of micro_batch_size.

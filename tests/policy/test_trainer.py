@@ -147,3 +147,62 @@ def test_flushing_denormals_changes_the_update_by_less_than_float32_rounding(tin
     for k, w in weights[False].items():
         ulp = torch.finfo(torch.float32).eps * w.abs().clamp_min(tiny)
         assert ((weights[True][k] - w).abs() <= ulp).all(), k
+
+
+def _skip_and_compute(tiny_model_dir, rewards, *overrides):
+    """The same float64 step by a trainer that skips zero-advantage responses and by one that
+    computes them: (their metrics, their gradients as AdamW's first moment, their weights)."""
+    out = []
+    for skip in (True, False):
+        cfg = load_config(None, ["trainer.lr=1e-2", "trainer.micro_batch_size=3", "trainer.weight_decay=0.1",
+                                 f"trainer.skip_zero_advantage={skip}", *overrides])
+        t = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, temperature=1.0, max_tokens=8, dtype="float64")
+        metrics = t.step(_groups(rewards))
+        state = t.update.optimizer.state
+        out.append((metrics, {n: state[p]["exp_avg"] for n, p in t.model.named_parameters()},
+                    {k: v.clone() for k, v in t.model.state_dict().items()}, int(state[next(t.model.parameters())]["step"])))
+    return out
+
+
+def _assert_same_update(a: dict, b: dict) -> None:
+    # float64: the same sums grouped into other micro-batches agree to ~1e-13 of their size; a
+    # skipped response that should have counted, or a denominator that left skipped ones out,
+    # moves a gradient by a sizeable fraction of itself
+    for k in a:
+        scale = float(b[k].abs().max())
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-10 * max(scale, 1e-30)), (k, float((a[k] - b[k]).abs().max()), scale)
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
+def test_skipping_zero_advantage_responses_leaves_the_update_unchanged(tiny_model_dir, shared_prompt, loss_agg):
+    # two groups with equal rewards (advantage exactly 0) between two that learn
+    rewards = [[1.0, 0.0, 0.0, 1.0], [0.0] * 4, [1.0] * 4, [0.0, 1.0, 0.0, 0.0]]
+    (m_skip, g_skip, w_skip, _), (m_all, g_all, w_all, _) = _skip_and_compute(
+        tiny_model_dir, rewards, f"trainer.shared_prompt={shared_prompt}", f"algorithm.loss_agg={loss_agg}")
+    assert m_skip["update_skipped"] == 0.5 and m_all["update_skipped"] == 0.0
+    assert max(float(g.abs().max()) for g in g_all.values()) > 0
+    _assert_same_update(g_skip, g_all)
+    _assert_same_update(w_skip, w_all)
+    assert math.isclose(m_skip["grad_norm"], m_all["grad_norm"], rel_tol=1e-10)
+
+
+def test_a_step_of_only_equal_rewards_still_steps_the_optimizer(tiny_model_dir):
+    """No response carries a gradient, yet AdamW must count the step and decay the weights as
+    the trainer that computes them all does (one response is computed: zero gradients, not none)."""
+    (m_skip, g_skip, w_skip, steps_skip), (_, g_all, w_all, steps_all) = _skip_and_compute(
+        tiny_model_dir, [[0.0] * 4, [1.0] * 4])
+    assert m_skip["update_skipped"] == 7 / 8
+    assert steps_skip == steps_all == 1
+    assert all(float(g.abs().max()) == 0 for g in g_skip.values())
+    _assert_same_update(w_skip, w_all)
+    initial = load_model(tiny_model_dir, torch.float64).state_dict()
+    assert not torch.equal(w_skip["model.norm.weight"], initial["model.norm.weight"])  # decayed
+
+
+def test_nothing_is_skipped_with_a_kl_term(tiny_model_dir):
+    # the k3 KL's gradient does not vanish with the advantage
+    (m_skip, g_skip, _, _), (_, g_all, _, _) = _skip_and_compute(
+        tiny_model_dir, [[0.0] * 4, [1.0, 0.0, 0.0, 0.0]], "algorithm.kl_coef=0.1")
+    assert m_skip["update_skipped"] == 0.0
+    _assert_same_update(g_skip, g_all)
