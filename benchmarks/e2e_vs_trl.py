@@ -22,8 +22,9 @@ training and the rlaccel runs of all cells share one):
                  (tiny-short only: the other cells' models earn no reward, see cells())
   rlaccel_spec / rlaccel_shared / rlaccel_async / rlaccel_skip   one acceleration alone (ablation;
                  rlaccel_skip in tiny-short only)
-  rlaccel_nospec shared-prompt + async, no speculation (--optional; on the tiny model, where the
-                 drafter is off in ~90% of rollout calls, it measured as fast as rlaccel_all)
+  rlaccel_nospec shared-prompt + async + zero-advantage skipping, no speculation (--optional; on
+                 the tiny model, where the drafter is off in ~90% of rollout calls, it measured as fast
+                 as rlaccel_all before the skipping)
 
 Cells: model tiny (~1M, learns in minutes) and small (~100M, samples/s and early learning only),
 prompt short (the built-in arithmetic task) and long (the same questions after a fixed few-shot

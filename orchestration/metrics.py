@@ -10,7 +10,8 @@ from pathlib import Path
 GAUGES = {
     "reward": "Mean reward of the step's samples",
     "rollout_tok_s": "Rollout (sampling) tokens per second",
-    "update_tok_s": "Trainer update tokens (prompt+response) per second",
+    "update_tok_s": "Trainer update tokens per second: the step's samples' prompt+response tokens, a shared prompt "
+                    "and skipped (zero-advantage) responses counted as trained",
     "rollout_s": "Seconds spent sampling in the step",
     "update_s": "Seconds spent in the trainer update in the step",
     "sync_s": "Seconds spent in the weight sync in the step",

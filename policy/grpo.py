@@ -55,15 +55,23 @@ def register(registry: dict, name: str):
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """rewards [G, N] -> advantages [G, N], group mean/std normalised."""
     assert rewards.dim() == 2 and rewards.shape[1] >= 2, rewards.shape
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    return _centred(rewards) / (rewards.std(dim=1, keepdim=True) + eps)
 
 
 @register(ADVANTAGES, "dr_grpo")
 def dr_grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """rewards [G, N] -> advantages [G, N], group mean removed, no std normalisation."""
     assert rewards.dim() == 2 and rewards.shape[1] >= 2, rewards.shape
-    return rewards - rewards.mean(dim=1, keepdim=True)
+    return _centred(rewards)
+
+
+def _centred(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards − group mean, exactly 0 in a group of equal rewards: their float mean need not be
+    the value itself (0.1 six times averages to 0.1 + 1.4e-17 in float64), which divided by the tiny std
+    and eps left an advantage of ~1e-11 where there is no signal."""
+    uniform = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return torch.where(uniform, torch.zeros_like(centred), centred)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ class PolicyTrainer:
             mini_batch = mini_batch_ids(len(groups), M)
         seq_mini = [m for g, m in zip(groups, mini_batch) for _ in range(g.n)]
         minis = [[i for i in range(n) if seq_mini[i] == m] for m in range(M)]
-        work = [self._to_compute(mini, advantages) for mini in minis]
+        work = [self._to_compute(mini, advantages, responses) for mini in minis]
         # Old logprobs: the trainer's policy before this step's first update. With one
         # mini-batch they are the current logprobs, detached (free); with more, one extra
         # no-grad pass computes them up front.
@@ -169,18 +169,21 @@ class PolicyTrainer:
         metrics["update_tok_s"] = metrics["update_tokens"] / seconds
         return metrics
 
-    def _to_compute(self, mini: list[int], advantages: torch.Tensor) -> list[int]:
+    def _to_compute(self, mini: list[int], advantages: torch.Tensor, responses) -> list[int]:
         """The responses of a mini-batch whose forward and backward are run. With
         ``trainer.skip_zero_advantage`` and no KL term, a response whose advantage is exactly 0
-        (every response of a group whose rewards are all equal, for binary rewards) adds exactly
-        0 to the loss and to every gradient (its surrogate is ρ·0 and the loss's denominators are
-        the step's totals), so it is left out: the update is the same up to float rounding
-        (micro-batches composed differently). One response is kept when all would be skipped, so a
-        mini-batch still has a backward: gradients of zeros rather than none (AdamW still counts
-        the step and decays the weights; ZeRO ranks reduce together)."""
-        if not self.cfg.skip_zero_advantage or self.ref_model is not None:
+        (every response of a group of equal rewards: policy.grpo gives them exact zeros) adds
+        exactly 0 to the loss and to every gradient while its loss is finite (its surrogate is
+        ρ·0 and the loss's denominators are the step's totals), so it is left out: the update is
+        the same up to float rounding (micro-batches composed differently). Its logprobs are then
+        not compared with the sampler's either (``logp_mismatch_max`` covers the computed ones).
+        The shortest response is kept when all would be skipped, so a mini-batch still has a
+        backward: gradients of zeros rather than none (AdamW still counts the step and decays
+        the weights; ZeRO ranks reduce together)."""
+        if not mini or not self.cfg.skip_zero_advantage or self.ref_model is not None:
             return mini
-        return [i for i in mini if advantages[i] != 0] or mini[:1]
+        nonzero = (advantages != 0).tolist()
+        return [i for i in mini if nonzero[i]] or [min(mini, key=lambda i: len(responses[i]))]
 
     def _micro_batches(self, prompts, responses, indices) -> list[list[int]]:
         """Sequence indices per forward/backward. Unpacked: chunks of micro_batch_size.

@@ -36,8 +36,11 @@ def cache(tmp_path, monkeypatch):
 
 
 def _config(tmp_path, backend):
+    # every response through the trainer: logp_mismatch_max then compares every sampled token's
+    # behaviour logprob with the trainer's (a skipped zero-advantage response is not compared)
     return load_config("tiny", [f"rollout.backend={backend}", "orchestration.steps=3", "algorithm.prompts_per_step=4",
-                                "model.warm_start_steps=20", "data.num_prompts=64", f"logging.dir={tmp_path / 'run'}"])
+                                "model.warm_start_steps=20", "data.num_prompts=64", f"logging.dir={tmp_path / 'run'}",
+                                "trainer.skip_zero_advantage=false"])
 
 
 def _check_run(tmp_path, history):

@@ -21,6 +21,15 @@ def test_grpo_advantages_constant_group_is_zero():
     assert torch.equal(adv, torch.zeros(1, 3))
 
 
+@pytest.mark.parametrize("advantage", ["grpo", "dr_grpo"])
+def test_a_group_of_equal_rewards_has_advantage_exactly_zero(advantage):
+    # 0.1 six times averages to 0.1 - 1.4e-17 in float64 (as the trainer computes them): without the
+    # exact zero, grpo gave 1.4e-11, and the responses were not skipped (trainer.skip_zero_advantage)
+    rewards = torch.tensor([[0.1] * 6, [0.7] * 6, [0.3, 0.1, 0.1, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    adv = ADVANTAGES[advantage](rewards)
+    assert torch.equal(adv[:2], torch.zeros(2, 6, dtype=torch.float64)) and (adv[2] != 0).all()
+
+
 def test_dr_grpo_advantages_do_not_divide_by_std():
     adv = dr_grpo_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 2.0]]))
     assert torch.equal(adv, torch.tensor([[0.5, -0.5, -0.5, 0.5], [1.0, -1.0, 0.0, 0.0]]))

@@ -149,15 +149,21 @@ def test_flushing_denormals_changes_the_update_by_less_than_float32_rounding(tin
         assert ((weights[True][k] - w).abs() <= ulp).all(), k
 
 
-def _skip_and_compute(tiny_model_dir, rewards, *overrides):
+def _skip_and_compute(tiny_model_dir, rewards, *overrides, stale=()):
     """The same float64 step by a trainer that skips zero-advantage responses and by one that
-    computes them: (their metrics, their gradients as AdamW's first moment, their weights)."""
+    computes them: (their metrics, their gradients as AdamW's first moment, their weights, AdamW's
+    step count). Group g has its own prompt; the groups in ``stale`` were sampled one version back."""
     out = []
     for skip in (True, False):
         cfg = load_config(None, ["trainer.lr=1e-2", "trainer.micro_batch_size=3", "trainer.weight_decay=0.1",
                                  f"trainer.skip_zero_advantage={skip}", *overrides])
         t = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, temperature=1.0, max_tokens=8, dtype="float64")
-        metrics = t.step(_groups(rewards))
+        t.version = 1
+        groups = _groups(rewards)
+        for g, group in enumerate(groups):
+            group.prompt_ids = [3, 70 + g, 3, 82]
+            group.version = 0 if g in stale else 1
+        metrics = t.step(groups)
         state = t.update.optimizer.state
         out.append((metrics, {n: state[p]["exp_avg"] for n, p in t.model.named_parameters()},
                     {k: v.clone() for k, v in t.model.state_dict().items()}, int(state[next(t.model.parameters())]["step"])))
@@ -173,15 +179,26 @@ def _assert_same_update(a: dict, b: dict) -> None:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-10 * max(scale, 1e-30)), (k, float((a[k] - b[k]).abs().max()), scale)
 
 
-@pytest.mark.parametrize("shared_prompt", [False, True])
-@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
-def test_skipping_zero_advantage_responses_leaves_the_update_unchanged(tiny_model_dir, shared_prompt, loss_agg):
-    # two groups with equal rewards (advantage exactly 0) between two that learn
-    rewards = [[1.0, 0.0, 0.0, 1.0], [0.0] * 4, [1.0] * 4, [0.0, 1.0, 0.0, 0.0]]
-    (m_skip, g_skip, w_skip, _), (m_all, g_all, w_all, _) = _skip_and_compute(
-        tiny_model_dir, rewards, f"trainer.shared_prompt={shared_prompt}", f"algorithm.loss_agg={loss_agg}")
+@pytest.mark.parametrize("overrides", [
+    ["trainer.shared_prompt=false", "algorithm.loss_agg=token_mean"],
+    ["trainer.shared_prompt=true", "algorithm.loss_agg=token_mean"],
+    ["trainer.shared_prompt=false", "algorithm.loss_agg=seq_mean"],
+    ["trainer.shared_prompt=true", "algorithm.loss_agg=seq_sum_norm"],
+    # two optimizer steps: the second mini-batch's ratios are taken against the policy before the
+    # first (they move, and clip), and stale groups get the truncated behaviour weight
+    ["trainer.mini_batches=2", "algorithm.clip_low=0.01", "algorithm.clip_high=0.01"],
+], ids=["unpacked", "packed", "seq_mean", "packed-seq_sum_norm", "two_mini_batches-stale"])
+def test_skipping_zero_advantage_responses_leaves_the_update_unchanged(tiny_model_dir, overrides):
+    # groups of equal rewards (advantage exactly 0) among groups that learn; by mini-batch (of 2):
+    # a learning group and two equal ones, then a learning group, an equal one and a learning one
+    rewards = [[1.0, 0.0, 0.0, 1.0], [0.0] * 4, [1.0] * 4, [0.0, 1.0, 0.0, 0.0], [0.0] * 4, [0.0, 0.0, 1.0, 1.0]]
+    (m_skip, g_skip, w_skip, steps_skip), (m_all, g_all, w_all, steps_all) = _skip_and_compute(
+        tiny_model_dir, rewards, *overrides, stale=(0, 1, 5))
     assert m_skip["update_skipped"] == 0.5 and m_all["update_skipped"] == 0.0
+    assert steps_skip == steps_all
     assert max(float(g.abs().max()) for g in g_all.values()) > 0
+    if "trainer.mini_batches=2" in overrides:
+        assert m_all["clip_frac"] > 0 and m_all["ratio_mean"] != 1.0  # the clip and the ratio were at work
     _assert_same_update(g_skip, g_all)
     _assert_same_update(w_skip, w_all)
     assert math.isclose(m_skip["grad_norm"], m_all["grad_norm"], rel_tol=1e-10)
