@@ -134,7 +134,7 @@ def run_rlaccel(job: dict, actors) -> dict:
     for o in RLACCEL[job["system"]]:
         extra += spec_overrides(job["head"]) if o == "SPEC" else [o]
     if not job["skip"]:
-        extra = [o for o in extra if not o.startswith("trainer.skip_zero_advantage=")] + [NO_SKIP]
+        extra.append(NO_SKIP)  # a later override wins (load_config merges in order)
     config = load_config(job["preset"], [*job["overrides"], *extra, f"orchestration.steps={job['steps']}",
                                          f"orchestration.seed={job['seed']}", f"model.path={job['model_dir']}",
                                          f"logging.dir={job['run_dir']}", "logging.tensorboard=false"])

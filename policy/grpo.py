@@ -67,7 +67,7 @@ def dr_grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 def _centred(rewards: torch.Tensor) -> torch.Tensor:
     """rewards − group mean, exactly 0 in a group of equal rewards: their float mean need not be
-    the value itself (0.1 six times averages to 0.1 + 1.4e-17 in float64), which divided by the tiny std
+    the value itself (0.1 six times averages to 0.1 − 1.4e-17 in float64), which divided by the tiny std
     and eps left an advantage of ~1e-11 where there is no signal."""
     uniform = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
     centred = rewards - rewards.mean(dim=1, keepdim=True)
