@@ -30,14 +30,22 @@ def packed_token_logprobs(model, prompts: list[list[int]], responses: list[list[
         hidden = model.model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
                              shared_prompt_batch=batch, shared_prompt_backend=backend,
                              use_cache=False).last_hidden_state                     # [B, L, d]
-    per_row = []
+    # The head runs once over every row's distinct predicting positions: one [ΣU, d] x [d, V]
+    # product instead of one per row, whose few rows each (a group's U) leave a 32k-vocabulary
+    # head's multiply at half the speed of one over all of them (forward and both backward ones).
+    picked, inverse, targets, offset = [], [], [], 0
     for b, row in enumerate(batch.rows):
         valid = row.response_valid.to(device)
         where = predicting_positions(row).to(device)[valid]                          # [ΣR]
-        unique, inverse = torch.unique(where, return_inverse=True)
-        logprobs = torch.log_softmax(upcast(model.lm_head(hidden[b, unique])) / temperature, dim=-1)  # [U, V]
-        targets = batch.input_ids[b].to(device)[row.response_index.to(device)[valid]]
-        per_row.append(logprobs[inverse, targets].split(row.response_lens))          # N × [R_n]
+        unique, inv = torch.unique(where, return_inverse=True)
+        picked.append(hidden[b, unique])                                              # [U, d]
+        inverse.append(inv + offset)
+        targets.append(batch.input_ids[b].to(device)[row.response_index.to(device)[valid]])
+        offset += len(unique)
+    logprobs = torch.log_softmax(upcast(model.lm_head(torch.cat(picked))) / temperature, dim=-1)  # [ΣU, V]
+    token_logp = logprobs[torch.cat(inverse), torch.cat(targets)]                    # [Σ rows' ΣR]
+    per_row = [lp.split(row.response_lens)                                           # N × [R_n]
+               for lp, row in zip(token_logp.split([sum(row.response_lens) for row in batch.rows]), batch.rows)]
     per_seq = [per_row[b][n] for b, n in zip(batch.seq_row, batch.seq_response)]
     logp = pad_sequence(per_seq, batch_first=True)
     mask = pad_sequence([torch.ones(len(r), dtype=logp.dtype, device=device) for r in responses], batch_first=True)
