@@ -7,6 +7,7 @@ top_p < 1 — the trainer applies temperature only, so keep top_p = 1 for exact 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -17,8 +18,9 @@ import torch
 from rollout.adaptive import MAX_BATCH, ScheduleCheck
 from rollout.engine import Completion
 from policy.models import checkpoint_configs
-from rollout.vllm_adapter import (build_llm, count_spec_decoding, enable_drafter_skip, quiet_benign_warnings,
-                                   reload_drafter, reload_weights, set_drafter_off, set_engine_env, set_spec_schedule,
+from rollout.vllm_adapter import (COPY_RELOAD_TYPES, build_llm, count_spec_decoding, enable_drafter_skip,
+                                   keeping_linear_weights, mark_copy_reload, quiet_benign_warnings, reload_drafter,
+                                   reload_weights, set_drafter_off, set_engine_env, set_spec_schedule,
                                    spec_decode_counters, spec_decode_delta, spec_decode_rates, use_eager_logprob_ranks)
 from rollout.vllm_cpu_fixes import ensure_lossless_speculation, use_cpu_samplers, use_moe_repack
 
@@ -132,7 +134,13 @@ class VLLMEngine:
         elif (self.speculative and not torch.cuda.is_available()
               and rollout_cfg.max_model_len - rollout_cfg.max_tokens >= 2 * CPU_BLOCK_SIZE):
             kwargs["block_size"] = SPEC_CPU_BLOCK_SIZE  # prompts may span two blocks: see rollout.block_size
-        self.llm = build_llm(**kwargs)
+        # rollout.cpu_keep_weights: the linear weights stay beside their CPU kernels, for updates
+        # that copy into them (vllm_adapter._copy_reload); checked on the built model.
+        keep = (rollout_cfg.cpu_keep_weights and not torch.cuda.is_available()
+                and checkpoint_configs(model_dir)[0].get("model_type") in COPY_RELOAD_TYPES)
+        with keeping_linear_weights() if keep else contextlib.nullcontext():
+            self.llm = build_llm(**kwargs)
+        self.copy_reload = keep and mark_copy_reload(self.llm)
         self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
         quiet_benign_warnings()
         use_eager_logprob_ranks(self.llm)

@@ -19,11 +19,12 @@ PROMPTS = [[3, 4, 74, 5, 82], [9, 76, 5, 82], [12, 13, 14], [40, 41, 42, 43, 44,
 # Two float32 forwards of the same weights (vLLM's CPU kernels vs transformers' SDPA) agree
 # to ~1e-6 here; 1e-4 is two orders above that and far below any real weight difference.
 TOL = 1e-4
+ROLLOUT = ["rollout.temperature=0.7", "rollout.n=4", "rollout.max_tokens=6"]
 
 
 @pytest.fixture(scope="module")
 def rollout_cfg():
-    return load_config(None, ["rollout.temperature=0.7", "rollout.n=4", "rollout.max_tokens=6"]).rollout
+    return load_config(None, ROLLOUT).rollout
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +98,25 @@ def test_logprob_ranks_are_counted_eagerly_and_the_same(engine):
     assert engine.generate(PROMPTS[:1], seed=2)[0][0].logprobs
 
 
-def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg):
+def _kept_linear_weights(worker) -> list[int]:
+    from rollout.vllm_adapter import _unquantized_linears
+    return [m.weight.numel() for m in _unquantized_linears(worker.model_runner.get_model())]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg, keep):
+    """Both reload paths: copying into the linear weights the engine kept (rollout.cpu_keep_weights,
+    vllm_adapter._copy_reload; every linear layer and the head repacked), and vLLM's layerwise reload
+    of an engine that dropped them (built after the keeping one in this process: the keeping is
+    scoped to its own build)."""
     from rollout.vllm_engine import VLLMEngine
+    if not keep:
+        engine = VLLMEngine(str(tiny_model_dir), load_config(None, [*ROLLOUT, "rollout.cpu_keep_weights=false"]).rollout,
+                            seed=0)
+    assert engine.copy_reload is keep
+    kept = engine.llm.collective_rpc(_kept_linear_weights)[0]
+    assert len(kept) == 4 * 4  # qkv, o, gate_up, down in each of the tiny model's 4 layers
+    assert all(n > 0 for n in kept) if keep else all(n == 0 for n in kept)
     greedy_a = _greedy(engine)
     engine.load_weights(load_model(tiny_model_dir_b).state_dict())
     greedy_updated = _greedy(engine)
@@ -310,6 +328,7 @@ def test_a_mixture_of_experts_policy_syncs_exactly_only_with_the_repack(engine, 
     model = AutoModelForCausalLM.from_config(config).eval()
     directory = save_model(model, build_char_tokenizer("abcdefghij"), tmp_path / "moe")
     moe = VLLMEngine(str(directory), rollout_cfg)
+    assert not moe.copy_reload  # not a dense type: vLLM's layerwise reload
     ids = [2, 3, 4, 5, 6, 7, 8, 9, 2, 3]
 
     def sync_error(seed: int) -> float:
