@@ -1,15 +1,21 @@
 """A CPU rollout worker's side of one weight sync (checksum, vLLM in-place reload, probe), side by side.
 
 On the 100M preset, in one worker process (rollout.worker.RolloutWorker with its vLLM engine, no
-Ray), the same weights loaded again and again, the variants alternating (two: A B B A A B ...; three: round-robin;
+Ray; with a run's worker allocator settings, ``orchestration.keep_freed_memory``), the same weights
+loaded again and again, the variants alternating (two: A B B A A B ...; three: round-robin;
 the first sync of each variant is dropped as warm-up):
 
   reload   vLLM's reload as before 45b489b (``worker.reload_weights`` packing the vocabulary matrix
            for the embedding and the tied head, then the adapter's repack) against
-           ``rollout.vllm_adapter.reload_weights`` (packed once); a 32-token probe in both
+           ``rollout.vllm_adapter.reload_weights`` (packed once), on an engine that dropped its
+           linear weights (``rollout.cpu_keep_weights=false``); a 32-token probe in both
   probe    the probe as the whole first prompt and answer of the long-prompt cell (a 32-example
            few-shot block: ~320 tokens) against its last ``orchestration.grpo.PROBE_TOKENS``, and
-           no probe (checksum only), with the current reload
+           no probe (checksum only), with the current reload (the default engine's)
+  keep     an engine that kept its linear weights beside their packed kernels
+           (``rollout.cpu_keep_weights``, the default: an update copies into them and repacks)
+           against one that dropped them (vLLM's layerwise reload, packing the vocabulary matrix
+           once), a second worker in the same process; a 32-token probe in both
 
     python benchmarks/cpu_sync.py [--threads 2] [--rounds 6]
 
@@ -20,6 +26,7 @@ Writes benchmarks/results/cpu_sync.json ({machine, threads, rows: [{comparison, 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -44,6 +51,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="syncs per variant (the first dropped)")
     parser.add_argument("--out", default=str(RESULTS / "cpu_sync.json"))
     args = parser.parse_args()
+    from orchestration.grpo import KEEP_FREED_MEMORY
+    if any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
+        # glibc reads its settings at start: run again with the ones a run's workers get
+        # (orchestration.keep_freed_memory)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
 
     import torch
 
@@ -60,24 +72,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from rollout.worker import RolloutWorker
     worker = RolloutWorker(str(model_dir), config.rollout, "float32", 0)
+    dropped = RolloutWorker(str(model_dir), load_config("configs/small.yaml", [
+        f"rollout.threads={args.threads}", *LONG, "rollout.cpu_keep_weights=false"]).rollout, "float32", 0)
+    assert worker.engine.copy_reload and not dropped.engine.copy_reload
     tokenizer = load_tokenizer(model_dir)
     row = load_prompts(config.data, tokenizer)[0]
     whole = tokenizer(row["prompt"] + row["answer"], add_special_tokens=False).input_ids
     state = {k: v.detach().clone() for k, v in load_model(model_dir).state_dict().items()}
 
-    def sync(reload, probe) -> float:
+    def sync(reload, probe, on=worker) -> float:
         vllm_engine.reload_weights = reload
         t0 = time.perf_counter()
-        worker.update_weights(pack_state(state), worker.version + 1, state_checksum(state),
-                              None if probe is None else (probe, None))
+        on.update_weights(pack_state(state), on.version + 1, state_checksum(state),
+                          None if probe is None else (probe, None))
         return time.perf_counter() - t0
 
     comparisons = {
-        "reload": {"vllm_reload_before": (vllm_reload_before, whole[-PROBE_TOKENS:]),
-                   "packed_once": (reload_weights, whole[-PROBE_TOKENS:])},
+        "reload": {"vllm_reload_before": (vllm_reload_before, whole[-PROBE_TOKENS:], dropped),
+                   "packed_once": (reload_weights, whole[-PROBE_TOKENS:], dropped)},
         "probe": {f"whole_prompt_{len(whole)}": (reload_weights, whole),
                   f"last_{PROBE_TOKENS}": (reload_weights, whole[-PROBE_TOKENS:]),
                   "no_probe": (reload_weights, None)},
+        "keep": {"kept_copy": (reload_weights, whole[-PROBE_TOKENS:], worker),
+                 "dropped_layerwise": (reload_weights, whole[-PROBE_TOKENS:], dropped)},
     }
     rows = []
     try:
@@ -102,9 +119,10 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     labels = [f"{r['comparison']}: {r['variant']}" for r in rows]
-    ax.barh(labels, [r["sync_s"] for r in rows], color=["C0" if r["comparison"] == "reload" else "C1" for r in rows])
+    colours = {"reload": "C0", "probe": "C1", "keep": "C2"}
+    ax.barh(labels, [r["sync_s"] for r in rows], color=[colours.get(r["comparison"], "C3") for r in rows])
     for i, r in enumerate(rows):
         ax.plot(r["syncs"][1:], [i] * (len(r["syncs"]) - 1), "k.", ms=3)
     ax.set_xlabel(f"worker sync, s (median; dots: each sync after the first), {result['threads']} threads")

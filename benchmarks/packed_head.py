@@ -1,0 +1,155 @@
+"""The packed trainer step's LM head: one multiply over every group's positions, side by side with one
+per group (as before 39d38ba).
+
+On the 100M preset (32k vocabulary, tied head), one ``PolicyTrainer.step`` (forward, backward,
+AdamW; shared-prompt training, every response computed) on the small-short cell's shapes: 4
+arithmetic prompts × 8 responses of 2-5 tokens (the last EOS), new ones each step from one seed.
+The variants alternate A B B A A B ... on one trainer (its weights move with every step, the same
+for both), the first step of each dropped as warm-up. Before timing, both variants' logprobs and
+gradients on one batch are compared (float32; they differ by summation order only). The process
+runs with a run's trainer allocator settings (``orchestration.keep_freed_memory``).
+
+    python benchmarks/packed_head.py [--threads 1] [--rounds 15]
+
+Writes benchmarks/results/packed_head.json ({machine, threads, max_logp_diff, max_grad_rel_diff,
+rows: [{variant, step_s (median), steps: [...]}]}) and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+from common import RESULTS, ROOT, machine, write_results  # noqa: E402  (benchmarks/common.py)
+
+sys.path.insert(0, str(ROOT))
+
+
+def per_group_head_logprobs(model, prompts, responses, pad_id, temperature=1.0, backend="regions"):
+    """``policy.packed.packed_token_logprobs`` before 39d38ba: the LM head applied row by row."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    from attention.hf import shared_prompt_attention_enabled
+    from attention.layout import pack, predicting_positions
+    from policy.packed import upcast
+    batch = pack(prompts, responses, pad_id)
+    device = next(model.parameters()).device
+    with shared_prompt_attention_enabled(model):
+        hidden = model.model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                             shared_prompt_batch=batch, shared_prompt_backend=backend,
+                             use_cache=False).last_hidden_state
+    per_row = []
+    for b, row in enumerate(batch.rows):
+        valid = row.response_valid.to(device)
+        where = predicting_positions(row).to(device)[valid]
+        unique, inverse = torch.unique(where, return_inverse=True)
+        logprobs = torch.log_softmax(upcast(model.lm_head(hidden[b, unique])) / temperature, dim=-1)
+        targets = batch.input_ids[b].to(device)[row.response_index.to(device)[valid]]
+        per_row.append(logprobs[inverse, targets].split(row.response_lens))
+    per_seq = [per_row[b][n] for b, n in zip(batch.seq_row, batch.seq_response)]
+    logp = pad_sequence(per_seq, batch_first=True)
+    mask = pad_sequence([torch.ones(len(r), dtype=logp.dtype, device=device) for r in responses], batch_first=True)
+    return logp, mask
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="trainer threads (1: an async run's trainer)")
+    parser.add_argument("--rounds", type=int, default=15, help="steps per variant (the first dropped)")
+    parser.add_argument("--out", default=str(RESULTS / "packed_head.json"))
+    args = parser.parse_args()
+    from orchestration.grpo import KEEP_FREED_MEMORY
+    if any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
+        # glibc reads its settings at start: run again with the ones a run's trainer gets
+        # (orchestration.keep_freed_memory), without which fresh pages weigh on every step
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
+
+    import torch
+
+    import policy.trainer as trainer_module
+    from orchestration.config import load_config
+    from orchestration.data import load_prompts
+    from orchestration.model_prep import prepare_model
+    from policy.batch import Group
+    from policy.packed import packed_token_logprobs
+    from policy.trainer import PolicyTrainer
+    config = load_config("configs/small.yaml", [f"trainer.threads={args.threads}", "trainer.shared_prompt=true",
+                                                "trainer.skip_zero_advantage=false", "algorithm.prompts_per_step=4"])
+    model_dir = prepare_model(config)
+    trainer = PolicyTrainer(model_dir, config.trainer, config.algorithm, 1.0, config.rollout.max_tokens)
+    tokenizer = trainer.tokenizer
+    rows = load_prompts(config.data, tokenizer)
+    digits = tokenizer("0123456789", add_special_tokens=False).input_ids
+    rng = random.Random(0)
+
+    def groups() -> list[Group]:
+        out = []
+        for g, row in enumerate(rng.sample(rows, 4)):
+            responses = [[rng.choice(digits) for _ in range(rng.randint(1, 4))] + [tokenizer.eos_token_id]
+                         for _ in range(8)]
+            out.append(Group(prompt=row["prompt"], prompt_ids=tokenizer(row["prompt"], add_special_tokens=False).input_ids,
+                             responses=responses, behaviour_logprobs=[[-1.0] * len(r) for r in responses],
+                             version=trainer.version, rewards=[float(rng.random() < 0.3) for _ in range(8)], index=g))
+        return out
+
+    variants = {"one_head": packed_token_logprobs, "per_group_head": per_group_head_logprobs}
+    # Same values: logprobs and the gradients of their sum, on one batch.
+    batch = groups()
+    prompts = [g.prompt_ids for g in batch for _ in range(g.n)]
+    responses = [r for g in batch for r in g.responses]
+    got = {}
+    for name, fn in variants.items():
+        trainer.model.zero_grad()
+        logp, mask = fn(trainer.model, prompts, responses, tokenizer.pad_token_id)
+        (logp * mask).sum().backward()
+        got[name] = (logp.detach(), {k: p.grad.clone() for k, p in trainer.model.named_parameters()})
+    trainer.model.zero_grad()
+    (a, ga), (b, gb) = got.values()
+    max_logp_diff = (a - b).abs().max().item()
+    max_grad_rel = max(((ga[k] - gb[k]).norm() / ga[k].norm().clamp_min(1e-30)).item() for k in ga)
+    print(f"one head vs per group: logprobs differ by {max_logp_diff:.2e}, gradients by {max_grad_rel:.2e} (relative)")
+
+    times = {v: [] for v in variants}
+    order = [v for _ in range(args.rounds) for v in variants]
+    order = [order[i ^ 1] if (i // 2) % 2 else order[i] for i in range(len(order))]  # A B B A A B ...
+    try:
+        for v in order:
+            trainer_module.packed_token_logprobs = variants[v]
+            step_groups = groups()
+            t0 = time.perf_counter()
+            trainer.step(step_groups)
+            times[v].append(time.perf_counter() - t0)
+            print(f"{v:15s} {times[v][-1]:.3f} s", flush=True)
+    finally:
+        trainer_module.packed_token_logprobs = packed_token_logprobs
+    result = {"machine": machine(), "threads": args.threads, "max_logp_diff": max_logp_diff,
+              "max_grad_rel_diff": max_grad_rel,
+              "rows": [{"variant": v, "step_s": statistics.median(t[1:]), "steps": t} for v, t in times.items()]}
+    for r in result["rows"]:
+        print(f"{r['variant']:15s} median {r['step_s']:.3f} s")
+    write_results(result, args.out, plot)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 2.4))
+    ax.barh([r["variant"] for r in rows], [r["step_s"] for r in rows], color=["C0", "C1"])
+    for i, r in enumerate(rows):
+        ax.plot(r["steps"][1:], [i] * (len(r["steps"]) - 1), "k.", ms=3)
+    ax.set_xlabel(f"trainer step, s (median; dots: each step after the first), {result['threads']} thread(s)")
+    ax.set_title("100M preset, small-short shapes: the packed step's LM head")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
