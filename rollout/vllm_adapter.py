@@ -270,7 +270,8 @@ def _reload_policy(worker, pairs: list) -> None:
     embedding computes logits, as Gemma-2's or Command-R's does), and a tied one is repacked after
     the reload. Otherwise (an untied head; a model without ``lm_head``) the reload packs as before.
     An engine that kept its linear weights (:func:`mark_copy_reload`) copies instead
-    (:func:`_copy_reload`: 0.20 s against this path's 0.28 s on the 100M preset, one thread)."""
+    (:func:`_copy_reload`; a worker's whole sync 0.55 against 0.68 s with this path on the 100M
+    preset, one thread: ``benchmarks/cpu_sync.py``)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
     model = worker.model_runner.get_model()
     if getattr(model, "rlaccel_copy_reload", False):
