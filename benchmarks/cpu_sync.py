@@ -26,12 +26,12 @@ Writes benchmarks/results/cpu_sync.json ({machine, threads, rows: [{comparison, 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-from common import RESULTS, ROOT, machine, write_results  # noqa: E402  (benchmarks/common.py)
+from common import (RESULTS, ROOT, alternating, machine, plot_medians, with_run_allocator,  # noqa: E402
+                    write_results)
 
 sys.path.insert(0, str(ROOT))
 LONG = ["data.few_shot=32", "data.max_prompt_tokens=384", "rollout.max_model_len=480"]
@@ -51,11 +51,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="syncs per variant (the first dropped)")
     parser.add_argument("--out", default=str(RESULTS / "cpu_sync.json"))
     args = parser.parse_args()
-    from orchestration.grpo import KEEP_FREED_MEMORY
-    if any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
-        # glibc reads its settings at start: run again with the ones a run's workers get
-        # (orchestration.keep_freed_memory)
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
+    with_run_allocator()
 
     import torch
 
@@ -100,9 +96,7 @@ def main() -> None:
     try:
         for name, variants in comparisons.items():
             times = {v: [] for v in variants}
-            order = [v for _ in range(args.rounds) for v in variants]
-            order = [order[i ^ 1] if len(variants) == 2 and (i // 2) % 2 else order[i] for i in range(len(order))]
-            for v in order:  # two variants: A B B A A B ...; more: round-robin
+            for v in alternating(list(variants), args.rounds):
                 times[v].append(sync(*variants[v]))
                 print(f"{name:7s} {v:22s} {times[v][-1]:.3f} s", flush=True)
             rows += [{"comparison": name, "variant": v, "sync_s": statistics.median(t[1:]), "syncs": t}
@@ -115,21 +109,11 @@ def main() -> None:
 
 
 def plot(result: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    labels = [f"{r['comparison']}: {r['variant']}" for r in rows]
     colours = {"reload": "C0", "probe": "C1", "keep": "C2"}
-    ax.barh(labels, [r["sync_s"] for r in rows], color=[colours.get(r["comparison"], "C3") for r in rows])
-    for i, r in enumerate(rows):
-        ax.plot(r["syncs"][1:], [i] * (len(r["syncs"]) - 1), "k.", ms=3)
-    ax.set_xlabel(f"worker sync, s (median; dots: each sync after the first), {result['threads']} threads")
-    ax.set_title("100M preset: a CPU worker's weight sync")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_medians(path, [f"{r['comparison']}: {r['variant']}" for r in rows], [r["syncs"] for r in rows],
+                 f"worker sync, s (median; dots: each sync after the first), {result['threads']} threads",
+                 "100M preset: a CPU worker's weight sync", [colours.get(r["comparison"], "C3") for r in rows])
 
 
 if __name__ == "__main__":

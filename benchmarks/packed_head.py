@@ -18,13 +18,13 @@ rows: [{variant, step_s (median), steps: [...]}]}) and a PNG.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
 import time
 
-from common import RESULTS, ROOT, machine, write_results  # noqa: E402  (benchmarks/common.py)
+from common import (RESULTS, ROOT, alternating, machine, plot_medians, with_run_allocator,  # noqa: E402
+                    write_results)
 
 sys.path.insert(0, str(ROOT))
 
@@ -63,11 +63,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="steps per variant (the first dropped)")
     parser.add_argument("--out", default=str(RESULTS / "packed_head.json"))
     args = parser.parse_args()
-    from orchestration.grpo import KEEP_FREED_MEMORY
-    if any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
-        # glibc reads its settings at start: run again with the ones a run's trainer gets
-        # (orchestration.keep_freed_memory), without which fresh pages weigh on every step
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
+    with_run_allocator()
 
     import torch
 
@@ -115,10 +111,8 @@ def main() -> None:
     print(f"one head vs per group: logprobs differ by {max_logp_diff:.2e}, gradients by {max_grad_rel:.2e} (relative)")
 
     times = {v: [] for v in variants}
-    order = [v for _ in range(args.rounds) for v in variants]
-    order = [order[i ^ 1] if (i // 2) % 2 else order[i] for i in range(len(order))]  # A B B A A B ...
     try:
-        for v in order:
+        for v in alternating(list(variants), args.rounds):
             trainer_module.packed_token_logprobs = variants[v]
             step_groups = groups()
             t0 = time.perf_counter()
@@ -136,19 +130,10 @@ def main() -> None:
 
 
 def plot(result: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 2.4))
-    ax.barh([r["variant"] for r in rows], [r["step_s"] for r in rows], color=["C0", "C1"])
-    for i, r in enumerate(rows):
-        ax.plot(r["steps"][1:], [i] * (len(r["steps"]) - 1), "k.", ms=3)
-    ax.set_xlabel(f"trainer step, s (median; dots: each step after the first), {result['threads']} thread(s)")
-    ax.set_title("100M preset, small-short shapes: the packed step's LM head")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_medians(path, [r["variant"] for r in rows], [r["steps"] for r in rows],
+                 f"trainer step, s (median; dots: each step after the first), {result['threads']} thread(s)",
+                 "100M preset, small-short shapes: the packed step's LM head", ["C0", "C1"])
 
 
 if __name__ == "__main__":
