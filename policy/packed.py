@@ -15,6 +15,12 @@ from attention.hf import shared_prompt_attention_enabled
 from attention.layout import pack, predicting_positions
 
 
+# Families whose forward is ``lm_head(model(...).last_hidden_state)`` with nothing after the head
+# (no logit scale or soft-cap), so the head can be applied at the predicting positions alone
+# (here, and in policy.trainer.token_logprobs).
+PLAIN_LM_HEAD = {"qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "mimo"}
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """Half-precision logits to float32 for the softmax; float32/64 unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -33,6 +39,8 @@ def packed_token_logprobs(model, prompts: list[list[int]], responses: list[list[
     # The head runs once over every row's distinct predicting positions: one [ΣU, d] x [d, V]
     # product instead of one per row, whose few rows each (a group's U) leave a 32k-vocabulary
     # head's multiply at half the speed of one over all of them (forward and both backward ones).
+    # The [ΣU, V] logits of every row are then alive at once (with their log-softmax and its
+    # gradient, ~2-3x ΣU·V·4 bytes), as the unpacked path's are for its micro-batch.
     picked, inverse, targets, offset = [], [], [], 0
     for b, row in enumerate(batch.rows):
         valid = row.response_valid.to(device)

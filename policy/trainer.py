@@ -19,12 +19,7 @@ from policy.batch import Group, pad_sequences
 from policy.distributed import DeepSpeedUpdate, LocalUpdate
 from policy.grpo import ADVANTAGES, StepTotals, grpo_loss
 from policy.models import load_model, load_tokenizer, set_cpu_math
-from policy.packed import packed_token_logprobs, upcast
-
-
-# Families whose forward is ``lm_head(model(...).last_hidden_state)`` with nothing after the head
-# (no logit scale or soft-cap), so the head can be applied at the predicting positions alone.
-PLAIN_LM_HEAD = {"qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "mimo"}
+from policy.packed import PLAIN_LM_HEAD, packed_token_logprobs, upcast
 
 
 def token_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
@@ -61,6 +56,11 @@ class PolicyTrainer:
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_model(model_dir, dtype).to(trainer_cfg.device)
         self.model.train()
+        if trainer_cfg.shared_prompt and self.model.config.model_type not in PLAIN_LM_HEAD:
+            raise ValueError(f"trainer.shared_prompt: the packed path applies the LM head to the hidden states itself, "
+                             f"which is exact only for {sorted(PLAIN_LM_HEAD)}; {model_dir} is a "
+                             f"{self.model.config.model_type!r} (its forward may scale or soft-cap the logits): "
+                             "set trainer.shared_prompt=false")
         self.ref_model = None
         if algorithm_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)

@@ -177,8 +177,9 @@ def _repack_tied_lm_head(worker) -> bool:
 
 
 # Dense architectures whose vLLM modules derive nothing from their weights at load but the CPU
-# linear kernels (no MLA absorption, expert repacking or convolution-weight packing): the only ones
-# :func:`_copy_reload` reloads by copying.
+# linear kernels and the LM head's packed copy (no MLA absorption, expert repacking or
+# convolution-weight packing): the only ones :func:`_copy_reload` reloads by copying, repacking
+# both.
 COPY_RELOAD_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
 _keep_linear_weights = False
 
@@ -194,7 +195,12 @@ def keeping_linear_weights():
         dispatch = layer_utils.dispatch_cpu_unquantized_gemm
 
         def dispatch_keeping(layer, remove_weight):
-            return dispatch(layer, remove_weight and not _keep_linear_weights)
+            # A layer built keeping its weight keeps it on every later pack, whichever path
+            # reloads it (vLLM's layerwise reload copies the packed result into the kept tensors).
+            keep = _keep_linear_weights or getattr(layer, "rlaccel_keep_weight", False)
+            if keep:
+                layer.rlaccel_keep_weight = True
+            return dispatch(layer, remove_weight and not keep)
         dispatch_keeping.rlaccel_keeps = True
         layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping
     before, _keep_linear_weights = _keep_linear_weights, True
@@ -237,7 +243,11 @@ def _copy_reload(model, pairs: list) -> None:
     gate/up projections included), then every linear layer's kernel and the LM head's are packed
     again from them (the input embedding's lookups read its weight itself)."""
     with torch.no_grad():
-        model.load_weights(iter(pairs))
+        loaded = model.load_weights(iter(pairs))
+    missing = {name for name, _ in model.named_parameters()} - set(loaded)
+    if missing:
+        raise RuntimeError(f"weight update: the engine's {sorted(missing)[:5]} (of {len(missing)}) were not in the "
+                           "update; it must carry every weight of the policy (Hugging Face names)")
     with keeping_linear_weights():
         for layer in _unquantized_linears(model):
             layer.quant_method.process_weights_after_loading(layer)

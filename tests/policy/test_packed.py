@@ -4,10 +4,12 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from attention.layout import pack
 from orchestration.config import load_config
 from policy.batch import Group, pad_sequences
+from policy.models import build_char_tokenizer, save_model
 from policy.packed import packed_token_logprobs
 from policy.trainer import PolicyTrainer, token_logprobs
 
@@ -84,6 +86,27 @@ def test_packed_equals_unpacked_float64(arch, n, backend):
         assert (g_out[name] - g_ref[name]).abs().max() <= 1e-10, name
 
 
+@pytest.mark.parametrize("backend", ["reference", "regions"])
+def test_packed_rows_of_unequal_size_and_a_prompt_seen_twice(backend):
+    """Rows of 3, 1 and 2 responses, the first and last with the same prompt (A B A: two rows,
+    only consecutive pairs share one): every row's logprobs land on its own sequences when
+    the LM head runs once over all rows' positions (policy.packed)."""
+    model = _model("qwen3")
+    rng = random.Random(3)
+    a, b = ([rng.randrange(2, VOCAB) for _ in range(P)] for P in (6, 4))
+    prompts = [a] * 3 + [b] + [a] * 2
+    responses = [[rng.randrange(2, VOCAB) for _ in range(rng.randint(1, 9))] for _ in prompts]
+    ref, mask = _unpacked(model, prompts, responses, 0.8)
+    out, out_mask = packed_token_logprobs(model, prompts, responses, 0, 0.8, backend)
+    assert len(pack(prompts, responses, 0).rows) == 3
+    assert torch.equal(out_mask, mask[:, :out.shape[1]])
+    assert (out - ref[:, :out.shape[1]]).abs().max() <= 1e-10
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g_ref, g_out = _grads(model, ref, mask, w), _grads(model, out, out_mask, w)
+    for name in g_ref:
+        assert (g_out[name] - g_ref[name]).abs().max() <= 1e-10, name
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_packed_float32_error_within_twice_unpacked(arch):
     """Against the float64 result, packed float32 may err at most ~2x as much as unpacked float32."""
@@ -135,3 +158,18 @@ def test_packed_micro_batches_hold_whole_groups_within_the_unpacked_token_budget
         budget = micro * max(len(p) + len(r) for p, r in zip(prompts, responses))
         packed = [sum(len(prompts[4 * g]) + sum(len(r) for r in responses[4 * g:4 * g + 4]) for g in gs) for gs in groups]
         assert max(packed) <= budget
+
+
+def test_a_model_whose_forward_changes_the_logits_is_refused_for_the_packed_path(tmp_path):
+    """Gemma-2 soft-caps its logits after the head: the packed path, which applies the head
+    itself, would train on other logprobs than the rollout's; the trainer refuses it by name."""
+    tokenizer = build_char_tokenizer()
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, final_logit_softcapping=30.0))
+    model_dir = save_model(model, tokenizer, tmp_path)
+    cfg = load_config(None, ["trainer.shared_prompt=true"])
+    with pytest.raises(ValueError, match="'gemma2'.*trainer.shared_prompt=false"):
+        PolicyTrainer(model_dir, cfg.trainer, cfg.algorithm, 1.0, 8)
+    cfg = load_config(None, ["trainer.shared_prompt=false"])
+    PolicyTrainer(model_dir, cfg.trainer, cfg.algorithm, 1.0, 8)

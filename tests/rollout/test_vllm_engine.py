@@ -33,6 +33,19 @@ def engine(tiny_model_dir, rollout_cfg):
     return VLLMEngine(str(tiny_model_dir), rollout_cfg, seed=0)
 
 
+@pytest.fixture(scope="module")
+def dropped_engine(tiny_model_dir, engine):
+    """An engine that dropped its linear weights (rollout.cpu_keep_weights=false), built after the
+    keeping one in this process: the keeping is scoped to its own build."""
+    from rollout.vllm_engine import VLLMEngine
+    return VLLMEngine(str(tiny_model_dir), load_config(None, [*ROLLOUT, "rollout.cpu_keep_weights=false"]).rollout,
+                      seed=0)
+
+
+def _set_copy_reload(worker, on: bool) -> None:
+    worker.model_runner.get_model().rlaccel_copy_reload = on
+
+
 def _greedy(engine) -> list[list[int]]:
     from vllm import SamplingParams
     outs = engine.llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
@@ -103,20 +116,31 @@ def _kept_linear_weights(worker) -> list[int]:
     return [m.weight.numel() for m in _unquantized_linears(worker.model_runner.get_model())]
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg, keep):
-    """Both reload paths: copying into the linear weights the engine kept (rollout.cpu_keep_weights,
-    vllm_adapter._copy_reload; every linear layer and the head repacked), and vLLM's layerwise reload
-    of an engine that dropped them (built after the keeping one in this process: the keeping is
-    scoped to its own build)."""
-    from rollout.vllm_engine import VLLMEngine
+@pytest.mark.parametrize("path", ["copy", "layerwise", "layerwise_kept"])
+def test_in_place_update_equals_a_fresh_engine(engine, dropped_engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg,
+                                               path):
+    """Every reload path: copying into the linear weights the engine kept (rollout.cpu_keep_weights,
+    vllm_adapter._copy_reload; every linear layer and the head repacked); vLLM's layerwise reload of
+    an engine that dropped them; and vLLM's layerwise reload of an engine that kept them (what an
+    EAGLE drafter built beside a keeping model gets: its packs must keep the weight too)."""
+    keep = path != "layerwise"
     if not keep:
-        engine = VLLMEngine(str(tiny_model_dir), load_config(None, [*ROLLOUT, "rollout.cpu_keep_weights=false"]).rollout,
-                            seed=0)
+        engine = dropped_engine
     assert engine.copy_reload is keep
     kept = engine.llm.collective_rpc(_kept_linear_weights)[0]
     assert len(kept) == 4 * 4  # qkv, o, gate_up, down in each of the tiny model's 4 layers
     assert all(n > 0 for n in kept) if keep else all(n == 0 for n in kept)
+    if path == "layerwise_kept":
+        engine.llm.collective_rpc(_set_copy_reload, args=(False,))
+    try:
+        _update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg)
+    finally:
+        engine.llm.collective_rpc(_set_copy_reload, args=(engine.copy_reload,))
+    assert engine.llm.collective_rpc(_kept_linear_weights)[0] == kept
+
+
+def _update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg) -> None:
+    from rollout.vllm_engine import VLLMEngine
     greedy_a = _greedy(engine)
     engine.load_weights(load_model(tiny_model_dir_b).state_dict())
     greedy_updated = _greedy(engine)
@@ -130,7 +154,8 @@ def test_in_place_update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_mode
     assert _greedy(engine) == greedy_a
 
 
-def test_an_update_packs_the_tied_vocabulary_matrix_once(engine, tiny_model_dir, tiny_model_dir_b, monkeypatch):
+def test_an_update_packs_the_tied_vocabulary_matrix_once(dropped_engine, tiny_model_dir, tiny_model_dir_b,
+                                                         monkeypatch):
     """vllm_adapter._reload_policy: vLLM's reload packs the vocabulary matrix for the input
     embedding (whose lookups never read the packed copy) and for the tied head, and the adapter's
     repack packs the head again; only the repack is kept. The update must still equal the new
@@ -144,6 +169,7 @@ def test_an_update_packs_the_tied_vocabulary_matrix_once(engine, tiny_model_dir,
             packed.append(type(layer).__name__)
         return dispatch(layer, remove_weight)
     monkeypatch.setattr(layer_utils, "dispatch_cpu_unquantized_gemm", counting)
+    engine = dropped_engine  # the layerwise reload (an engine that kept its weights copies instead)
     probe = PROMPTS[3]
     engine.load_weights(load_model(tiny_model_dir_b).state_dict())
     assert packed == ["ParallelLMHead"]
