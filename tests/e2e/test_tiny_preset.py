@@ -14,8 +14,9 @@ model without a recorded curve the test holds both trainers to each other and to
 warns that the golden comparison does not apply. Curves are kept per model checksum
 (``golden/tiny_reward_curve_<checksum[:8]>.json``): 298cf3c0, recorded at 8c18426 on the
 machine of that day, and 86070f86, the AMD EPYC Zen 3 (AVX2) machine's, from the fresh-clone
-suite run of cf65007 (2026-12-04). Record this machine's, or regenerate after an intended change of the recipe,
-with ``RLACCEL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/e2e`` and say why in the commit.
+suite run of cf65007 (2026-12-04). Record this machine's, or regenerate after an intended change
+of the recipe, with ``RLACCEL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/e2e`` and say why
+in the commit.
 """
 
 import json
