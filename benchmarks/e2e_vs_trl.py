@@ -22,9 +22,9 @@ training and the rlaccel runs of all cells share one):
                  (tiny-short only: the other cells' models earn no reward, see cells())
   rlaccel_spec / rlaccel_shared / rlaccel_async / rlaccel_skip   one acceleration alone (ablation;
                  rlaccel_skip in tiny-short only)
-  rlaccel_nospec shared-prompt + async + zero-advantage skipping, no speculation (--optional; on
-                 the tiny model, where the drafter is off in ~90% of rollout calls, it measured as fast
-                 as rlaccel_all before the skipping)
+  rlaccel_nospec shared-prompt + async + zero-advantage skipping, no speculation (--optional, in
+                 tiny-short and small-short; on the tiny model, where the drafter is off in ~90% of
+                 rollout calls, it measured as fast as rlaccel_all before the skipping)
 
 Cells: model tiny (~1M, learns in minutes) and small (~100M, samples/s and early learning only),
 prompt short (the built-in arithmetic task) and long (the same questions after a fixed few-shot
@@ -86,7 +86,7 @@ def cells(quick: bool) -> dict[str, dict]:
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 10, seeds=(0,),
                             target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation,
-                            optional=("trl_ftz", "trl_malloc"), **no_reward),
+                            optional=("trl_ftz", "trl_malloc", "rlaccel_nospec"), **no_reward),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            # one prompt × 8 a step, 4 steps (3 timed): 2 × 8 and 3 steps before, whose untimed
                            # first step alone was 25-45 s a run
@@ -439,8 +439,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny-short only, one seed, 20 steps (smoke)")
     parser.add_argument("--cells", default=None, help="comma-separated subset of tiny-short,tiny-long,small-short,small-long")
     parser.add_argument("--optional", action="store_true",
-                        help="also the optional systems (rlaccel_nospec in tiny-short, trl_ftz and trl_malloc in "
-                             "small-short)")
+                        help="also the optional systems (rlaccel_nospec in tiny-short and small-short, trl_ftz and "
+                             "trl_malloc in small-short)")
     parser.add_argument("--systems", default=None,
                         help="comma-separated: only these systems (their seeds as planned); the other rows of the "
                              "results file are kept")
