@@ -132,10 +132,14 @@ def test_in_place_update_equals_a_fresh_engine(engine, dropped_engine, tiny_mode
     assert all(n > 0 for n in kept) if keep else all(n == 0 for n in kept)
     if path == "layerwise_kept":
         engine.llm.collective_rpc(_set_copy_reload, args=(False,))
+    back_on_a = False
     try:
         _update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg)
+        back_on_a = True
     finally:
         engine.llm.collective_rpc(_set_copy_reload, args=(engine.copy_reload,))
+        if not back_on_a:  # failed midway: the module's later tests expect weights A
+            engine.load_weights(load_model(tiny_model_dir).state_dict())
     assert engine.llm.collective_rpc(_kept_linear_weights)[0] == kept
 
 
