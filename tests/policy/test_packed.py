@@ -88,8 +88,8 @@ def test_packed_equals_unpacked_float64(arch, n, backend):
 
 @pytest.mark.parametrize("backend", ["reference", "regions"])
 def test_packed_rows_of_unequal_size_and_a_prompt_seen_twice(backend):
-    """Rows of 3, 1 and 2 responses, the first and last with the same prompt (A B A: two rows,
-    only consecutive pairs share one): every row's logprobs land on its own sequences when
+    """Rows of 3, 1 and 2 responses, the first and last with the same prompt (A B A: three rows,
+    as only consecutive pairs share one): every row's logprobs land on its own sequences when
     the LM head runs once over all rows' positions (policy.packed)."""
     model = _model("qwen3")
     rng = random.Random(3)
