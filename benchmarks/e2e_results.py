@@ -3,6 +3,7 @@ summarised into a results row, the markdown tables and the plot of the rows."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 WINDOW = 10  # steps in the moving mean of the reward that the target and the levels are read from
@@ -21,11 +22,15 @@ def summarize(steps: list[dict], target: float | None, samples_per_step: int) ->
     wall = timed[-1]["wall"] if timed else float("nan")
     curve = [(s["wall"], a, samples_per_step * (i + 1)) for i, (s, a) in enumerate(zip(steps, avg))]
     tail = max(1, len(rewards) // 10)
+    # a timed step's seconds; their median is robust to a run's few slow steps (warm-up, a stall)
+    median_step = statistics.median(b["wall"] - a["wall"] for a, b in zip(steps, timed)) if timed else None
     total = lambda k: sum(s.get(k, 0.0) for s in timed)  # noqa: E731
     return {"wall_s_to_target": time_to(curve, target) if target is not None else None, "target_reward": target,
             "final_reward": sum(rewards[-tail:]) / tail,
             "samples": samples_per_step * len(steps), "steps": len(steps), "wall_s_total": wall,
             "samples_per_s": samples_per_step * len(timed) / wall if timed and wall > 0 else None,
+            "median_step_s": median_step,
+            "samples_per_s_median_step": samples_per_step / median_step if median_step else None,
             "rollout_tok_s": total("rollout_tokens") / total("rollout_s") if total("rollout_s") else None,
             "update_tok_s": total("update_tokens") / total("update_s") if total("update_s") else None,
             # where a step's time goes (means after step 0): sampling, the update, the weight sync
@@ -91,7 +96,8 @@ def levels_table(rows: list[dict]) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: per cell and system, means over seeds, and speed relative to TRL and rlaccel_plain."""
     lines = ["| model | prompt | system | seeds | s to target | final reward | samples/s | vs TRL | vs plain "
-             "| rollout tok/s | update tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| median step s | vs TRL (median steps) | rollout tok/s | update tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     by_cell: dict = {}
     for r in rows:
@@ -99,6 +105,8 @@ def table(rows: list[dict]) -> str:
     fmt = lambda x, f="{:.1f}": "–" if x is None else f.format(x)  # noqa: E731
     for (model, prompt), systems in by_cell.items():
         sps = {s: mean([r["samples_per_s"] for r in rs if r["samples_per_s"]]) for s, rs in systems.items()}
+        # rows from before the median was recorded have none
+        med = {s: mean([r["median_step_s"] for r in rs if r.get("median_step_s")]) for s, rs in systems.items()}
         for s, rs in systems.items():
             hits = [r["wall_s_to_target"] for r in rs]
             to_target = mean(hits) if all(h is not None for h in hits) else None
@@ -108,6 +116,7 @@ def table(rows: list[dict]) -> str:
                          f"{fmt(mean([r['final_reward'] for r in rs]), '{:.3f}')} | {fmt(sps[s], '{:.1f}')} | "
                          f"{fmt(sps[s] / sps['trl'] if sps.get('trl') and sps[s] else None, '{:.2f}x')} | "
                          f"{fmt(sps[s] / sps['rlaccel_plain'] if sps.get('rlaccel_plain') and sps[s] else None, '{:.2f}x')} | "
+                         f"{fmt(med[s], '{:.2f}')} | {fmt(med['trl'] / med[s] if med.get('trl') and med[s] else None, '{:.2f}x')} | "
                          f"{fmt(mean([r['rollout_tok_s'] for r in rs if r['rollout_tok_s']]), '{:.0f}')} | "
                          f"{fmt(mean([r['update_tok_s'] for r in rs if r['update_tok_s']]), '{:.0f}')} |")
     return "\n".join(lines)

@@ -1,18 +1,21 @@
-"""The packed trainer step's LM head: one multiply over every group's positions, side by side with one
-per group (as before 39d38ba).
+"""The packed trainer step's tied vocabulary matrix, side by side: the LM head as one multiply over
+every group's positions against one per group (as before 39d38ba), and the tied embedding's
+gradient as sparse rows added into the head's (``policy.trainer.sparse_tied_embedding``) against
+the dense embedding backward.
 
 On the 100M preset (32k vocabulary, tied head), one ``PolicyTrainer.step`` (forward, backward,
 AdamW; shared-prompt training, every response computed) on the small-short cell's shapes: 4
 arithmetic prompts × 8 responses of 2-5 tokens (the last EOS), new ones each step from one seed.
-The variants alternate A B B A A B ... on one trainer (its weights move with every step, the same
-for both), the first step of each dropped as warm-up. Before timing, both variants' logprobs and
-gradients on one batch are compared (float32; they differ by summation order only). The process
-runs with a run's trainer allocator settings (``orchestration.keep_freed_memory``).
+The variants take turns (one_head A, per_group_head B, dense_embedding_grad C: A B C A B C ...) on
+one trainer (its weights move with every step, the same for all), the first step of each dropped
+as warm-up. Before timing, each variant's logprobs and gradients on one batch are compared with
+one_head's (float32; they differ by summation order only). The process runs with a run's trainer
+allocator settings (``orchestration.keep_freed_memory``).
 
     python benchmarks/packed_head.py [--threads 1] [--rounds 15]
 
-Writes benchmarks/results/packed_head.json ({machine, threads, max_logp_diff, max_grad_rel_diff,
-rows: [{variant, step_s (median), steps: [...]}]}) and a PNG.
+Writes benchmarks/results/packed_head.json ({machine, threads, max_logp_diff, max_grad_rel_diff
+(each against one_head), rows: [{variant, step_s (median), steps: [...]}]}) and a PNG.
 """
 
 from __future__ import annotations
@@ -93,34 +96,43 @@ def main() -> None:
                              version=trainer.version, rewards=[float(rng.random() < 0.3) for _ in range(8)], index=g))
         return out
 
-    variants = {"one_head": packed_token_logprobs, "per_group_head": per_group_head_logprobs}
+    embed = trainer.model.get_input_embeddings()
+    assert embed.sparse, "the 100M preset's embedding is tied: the trainer makes its gradient sparse"
+    # variant: (the packed logprobs, a sparse embedding gradient)
+    variants = {"one_head": (packed_token_logprobs, True), "per_group_head": (per_group_head_logprobs, True),
+                "dense_embedding_grad": (packed_token_logprobs, False)}
     # Same values: logprobs and the gradients of their sum, on one batch.
     batch = groups()
     prompts = [g.prompt_ids for g in batch for _ in range(g.n)]
     responses = [r for g in batch for r in g.responses]
     got = {}
-    for name, fn in variants.items():
+    for name, (fn, sparse) in variants.items():
         trainer.model.zero_grad()
+        embed.sparse = sparse
         logp, mask = fn(trainer.model, prompts, responses, tokenizer.pad_token_id)
         (logp * mask).sum().backward()
         got[name] = (logp.detach(), {k: p.grad.clone() for k, p in trainer.model.named_parameters()})
     trainer.model.zero_grad()
-    (a, ga), (b, gb) = got.values()
-    max_logp_diff = (a - b).abs().max().item()
-    max_grad_rel = max(((ga[k] - gb[k]).norm() / ga[k].norm().clamp_min(1e-30)).item() for k in ga)
-    print(f"one head vs per group: logprobs differ by {max_logp_diff:.2e}, gradients by {max_grad_rel:.2e} (relative)")
+    a, ga = got["one_head"]
+    max_logp_diff, max_grad_rel = {}, {}
+    for name, (b, gb) in got.items():
+        if name != "one_head":
+            max_logp_diff[name] = (a - b).abs().max().item()
+            max_grad_rel[name] = max(((ga[k] - gb[k]).norm() / ga[k].norm().clamp_min(1e-30)).item() for k in ga)
+            print(f"one_head vs {name}: logprobs differ by {max_logp_diff[name]:.2e}, gradients by "
+                  f"{max_grad_rel[name]:.2e} (relative)")
 
     times = {v: [] for v in variants}
     try:
         for v in alternating(list(variants), args.rounds):
-            trainer_module.packed_token_logprobs = variants[v]
+            trainer_module.packed_token_logprobs, embed.sparse = variants[v]
             step_groups = groups()
             t0 = time.perf_counter()
             trainer.step(step_groups)
             times[v].append(time.perf_counter() - t0)
             print(f"{v:15s} {times[v][-1]:.3f} s", flush=True)
     finally:
-        trainer_module.packed_token_logprobs = packed_token_logprobs
+        trainer_module.packed_token_logprobs, embed.sparse = packed_token_logprobs, True
     result = {"machine": machine(), "threads": args.threads, "max_logp_diff": max_logp_diff,
               "max_grad_rel_diff": max_grad_rel,
               "rows": [{"variant": v, "step_s": statistics.median(t[1:]), "steps": t} for v, t in times.items()]}
@@ -133,7 +145,7 @@ def plot(result: dict, path) -> None:
     rows = result["rows"]
     plot_medians(path, [r["variant"] for r in rows], [r["steps"] for r in rows],
                  f"trainer step, s (median; dots: each step after the first), {result['threads']} thread(s)",
-                 "100M preset, small-short shapes: the packed step's LM head", ["C0", "C1"])
+                 "100M preset, small-short shapes: the packed step's tied vocabulary matrix", ["C0", "C1", "C2"])
 
 
 if __name__ == "__main__":

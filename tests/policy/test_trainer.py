@@ -223,3 +223,39 @@ def test_nothing_is_skipped_with_a_kl_term(tiny_model_dir):
         tiny_model_dir, [[0.0] * 4, [1.0, 0.0, 0.0, 0.0]], "algorithm.kl_coef=0.1")
     assert m_skip["update_skipped"] == 0.0
     _assert_same_update(g_skip, g_all)
+
+
+@pytest.mark.parametrize("overrides", [["trainer.shared_prompt=false"], ["trainer.shared_prompt=true"]],
+                         ids=["unpacked", "packed"])
+def test_the_sparse_tied_embedding_gradient_equals_the_dense_one(tiny_model_dir, overrides):
+    """The tied embedding's rows (sparse) added into the LM head's dense gradient give the same
+    weight gradient and update as the dense embedding backward: float64, three micro-batches (so
+    ``.grad`` also accumulates across backwards), tokens repeated within and across sequences."""
+    grads, weights = {}, {}
+    for sparse in (True, False):
+        cfg = load_config(None, ["trainer.lr=1e-2", "trainer.micro_batch_size=3", *overrides])
+        t = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, temperature=1.0, max_tokens=8, dtype="float64")
+        embed = t.model.get_input_embeddings()
+        assert embed.sparse and embed.weight is t.model.get_output_embeddings().weight
+        embed.sparse = sparse
+        t.step(_groups([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.5, 0.0]]))
+        assert not embed.weight.grad.is_sparse
+        grads[sparse] = {n: p.grad.clone() for n, p in t.model.named_parameters()}
+        weights[sparse] = {k: v.clone() for k, v in t.model.state_dict().items()}
+    used = sorted({3, 74, 82, 4, 5, 1})  # the embedding rows the batch reads
+    emb = "model.embed_tokens.weight"
+    assert grads[True][emb][used].abs().sum() > 0
+    _assert_same_update(grads[True], grads[False])
+    _assert_same_update(weights[True], weights[False])
+
+
+def test_an_untied_embedding_keeps_its_dense_gradient():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from policy.trainer import sparse_tied_embedding
+    config = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8)
+    untied = Qwen3ForCausalLM(Qwen3Config(**config, tie_word_embeddings=False))
+    assert not sparse_tied_embedding(untied) and not untied.get_input_embeddings().sparse
+    tied = Qwen3ForCausalLM(Qwen3Config(**config, tie_word_embeddings=True))
+    assert sparse_tied_embedding(tied) and tied.get_input_embeddings().sparse
