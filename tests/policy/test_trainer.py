@@ -229,8 +229,9 @@ def test_nothing_is_skipped_with_a_kl_term(tiny_model_dir):
                          ids=["unpacked", "packed"])
 def test_the_sparse_tied_embedding_gradient_equals_the_dense_one(tiny_model_dir, overrides):
     """The tied embedding's rows (sparse) added into the LM head's dense gradient give the same
-    weight gradient and update as the dense embedding backward: float64, three micro-batches (so
-    ``.grad`` also accumulates across backwards), tokens repeated within and across sequences."""
+    weight gradient and update as the dense embedding backward: float64, micro-batches of 3 (the
+    unpacked step's three backwards also accumulate into ``.grad``), tokens repeated within and
+    across sequences."""
     grads, weights = {}, {}
     for sparse in (True, False):
         cfg = load_config(None, ["trainer.lr=1e-2", "trainer.micro_batch_size=3", *overrides])
