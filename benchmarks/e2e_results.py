@@ -116,7 +116,8 @@ def table(rows: list[dict]) -> str:
                          f"{fmt(mean([r['final_reward'] for r in rs]), '{:.3f}')} | {fmt(sps[s], '{:.1f}')} | "
                          f"{fmt(sps[s] / sps['trl'] if sps.get('trl') and sps[s] else None, '{:.2f}x')} | "
                          f"{fmt(sps[s] / sps['rlaccel_plain'] if sps.get('rlaccel_plain') and sps[s] else None, '{:.2f}x')} | "
-                         f"{fmt(med[s], '{:.2f}')} | {fmt(med['trl'] / med[s] if med.get('trl') and med[s] else None, '{:.2f}x')} | "
+                         f"{fmt(med[s], '{:.2f}')} | "
+                         f"{fmt(med['trl'] / med[s] if med.get('trl') and med[s] else None, '{:.2f}x')} | "
                          f"{fmt(mean([r['rollout_tok_s'] for r in rs if r['rollout_tok_s']]), '{:.0f}')} | "
                          f"{fmt(mean([r['update_tok_s'] for r in rs if r['update_tok_s']]), '{:.0f}')} |")
     return "\n".join(lines)

