@@ -13,10 +13,11 @@ recipe 2's builds with AVX-512 and AVX2 kernels on one CPU were the same policy 
 model without a recorded curve the test holds both trainers to each other and to learning, and
 warns that the golden comparison does not apply. Curves are kept per model checksum
 (``golden/tiny_reward_curve_<checksum[:8]>.json``): 298cf3c0, recorded at 8c18426 on the
-machine of that day, and 86070f86, the AMD EPYC Zen 3 (AVX2) machine's, from the fresh-clone
-suite run of cf65007 (2026-12-04). Record this machine's, or regenerate after an intended change
-of the recipe, with ``RLACCEL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/e2e`` and say why
-in the commit.
+machine of that day, 86070f86, the AMD EPYC Zen 3 (AVX2) machine's, from the fresh-clone suite
+run of cf65007 (2026-12-04), and efe0bf03, the Intel Xeon (AVX-512, AMX) machine's, from the
+fresh-clone suite run of 97e69f2 (2026-12-04, with the recording switch below). Record this
+machine's, or regenerate after an intended change of the recipe, with
+``RLACCEL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/e2e`` and say why in the commit.
 """
 
 import json
