@@ -38,7 +38,7 @@ def has_linear_attention(model_dir: str) -> bool:
 
 def uses_latent_attention(model_dir: str) -> bool:
     """DeepSeek-V2/V3-style multi-head latent attention (a compressed KV of ``kv_lora_rank``)."""
-    return bool(checkpoint_configs(model_dir)[0].get("kv_lora_rank"))
+    return any(c.get("kv_lora_rank") for c in checkpoint_configs(model_dir))
 
 
 def refuse_tied_qwen3_next(model_dir: str) -> None:

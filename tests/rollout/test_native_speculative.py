@@ -164,12 +164,11 @@ def _probs(position) -> torch.Tensor:
     return p
 
 
-def _distributions(llm, prompts, params, tokens: bool = False) -> list:
-    """Per prompt, [new tokens, VOCAB]: the distributions vLLM reports for its tokens (with
-    ``tokens``: (the new tokens, those distributions))."""
+def _distributions(llm, prompts, params) -> list[tuple[list[int], torch.Tensor]]:
+    """Per prompt, (its new tokens, [new tokens, VOCAB]: the distributions vLLM reports for them)."""
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    dists = [torch.stack([_probs(position) for position in out.outputs[0].logprobs]) for out in outs]
-    return [(list(out.outputs[0].token_ids), d) for out, d in zip(outs, dists)] if tokens else dists
+    return [(list(out.outputs[0].token_ids), torch.stack([_probs(position) for position in out.outputs[0].logprobs]))
+            for out in outs]
 
 
 def test_qwen3_next_with_linear_attention_drafts_with_rlaccels_layer(gdn):
@@ -244,8 +243,8 @@ def test_gated_delta_net_one_token_prompts_beside_speculative_decodes(gdn, monke
         if not fixed:
             monkeypatch.setattr(vllm_engine, "unpadded_schedule", lambda model_dir, k: None)
         spec = _gdn_engine(directory)
-        together = _distributions(spec.llm, prompts, params, tokens=True)
-        alone = [_distributions(spec.llm, [p], params, tokens=True)[0] for p in prompts]
+        together = _distributions(spec.llm, prompts, params)
+        alone = [_distributions(spec.llm, [p], params)[0] for p in prompts]
         tv = [_tv_on_equal_contexts(a, b) for a, b in zip(together, alone)]
         worst[fixed] = (max(t for t, p in zip(tv, prompts) if len(p) > 1),
                         max(t for t, p in zip(tv, prompts) if len(p) == 1))
