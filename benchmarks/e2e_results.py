@@ -121,3 +121,41 @@ def table(rows: list[dict]) -> str:
                          f"{fmt(mean([r['rollout_tok_s'] for r in rs if r['rollout_tok_s']]), '{:.0f}')} | "
                          f"{fmt(mean([r['update_tok_s'] for r in rs if r['update_tok_s']]), '{:.0f}')} |")
     return "\n".join(lines)
+
+
+# The async variants, whose update and rollout run on one core each (e2e_vs_trl.ASYNC_THREADS).
+ONE_THREAD = ("rlaccel_all", "rlaccel_nospec", "rlaccel_async")
+
+
+def ceiling_table(rows: list[dict]) -> str:
+    """Markdown: per cell, the fastest rlaccel_all could go on the run's 2 cores with its update and
+    its rollout as measured and nothing else: no weight sync, no wait, the two phases' core-seconds
+    split evenly over the 2 cores (a step of (update + rollout) / 2). The update is rlaccel_all's
+    (shared prompt, one thread), the rollout the fastest one-thread rollout of the async variants
+    (with the drafter or without it); means of their timed steps. Running a phase on 2 threads
+    costs more core-seconds, not fewer, so this bounds every split of these two phases. What a
+    system gains beyond it must come from a cheaper update or rollout, not from scheduling."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    lines = ["| model | prompt | update s (1 thread) | rollout s (1 thread) | sync s | rlaccel_all step s "
+             "| bound step s | TRL step s | rlaccel_all vs TRL | bound vs TRL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, prompt) in dict.fromkeys((r["model"], r["prompt"]) for r in rows):
+        cell = [r for r in rows if (r["model"], r["prompt"]) == (model, prompt) and r.get("step_breakdown_s")]
+        phase = lambda system, key: mean([r["step_breakdown_s"][key] for r in cell if r["system"] == system])  # noqa: E731
+        step = lambda system: mean([r["samples"] / r["steps"] / r["samples_per_s"]  # noqa: E731
+                                    for r in cell if r["system"] == system and r["samples_per_s"]])
+        rollouts = {s: phase(s, "rollout_s") for s in ONE_THREAD if phase(s, "rollout_s") is not None}
+        update, trl, actual = phase("rlaccel_all", "update_s"), step("trl"), step("rlaccel_all")
+        if update is None or not rollouts or trl is None:
+            continue
+        fastest = min(rollouts, key=rollouts.get)
+        bound = (update + rollouts[fastest]) / 2
+        lines.append(f"| {model} | {prompt} | {update:.2f} | {rollouts[fastest]:.2f} ({fastest}) | "
+                     f"{phase('rlaccel_all', 'sync_s'):.2f} | {actual:.2f} | {bound:.2f} | {trl:.2f} | "
+                     f"{trl / actual:.2f}x | {trl / bound:.2f}x |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict]) -> str:
+    """The run's markdown: the systems' table, the levels' and the bound's."""
+    return "\n\n".join(t for t in (table(rows), levels_table(rows), ceiling_table(rows)) if t)

@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, ROOT, machine, write_results  # noqa: E402  (benchmarks/common.py)
-from e2e_results import levels_table, plot, summarize, table  # noqa: E402  (benchmarks/e2e_results.py)
+from e2e_results import plot, report, summarize  # noqa: E402  (benchmarks/e2e_results.py)
 
 sys.path.insert(0, str(ROOT))
 LONG = ["data.few_shot=32", "data.max_prompt_tokens=384", "rollout.max_model_len=448"]
@@ -516,10 +516,10 @@ def main() -> None:
         keep = [r for r in json.loads(out.read_text()) if key(r) not in redone
                 and (systems or f"{r['model']}-{r['prompt']}" not in chosen)]
         rows = keep + rows
-    print(table(rows), levels_table(rows), sep="\n\n")
+    print(report(rows))
     write_results(rows, args.out, plot)
     # beside the JSON (a --out re-run keeps the main table)
-    out.with_suffix(".md").write_text(table(rows) + "\n\n" + levels_table(rows) + "\n")
+    out.with_suffix(".md").write_text(report(rows) + "\n")
 
 
 if __name__ == "__main__":
