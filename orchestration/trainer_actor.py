@@ -134,16 +134,32 @@ class TrainerActor:
         return self.trainer.version
 
 
-def split_groups(groups: list[Group], ranks: int) -> list[list[Group]]:
-    """Whole groups per rank, balanced by token count (largest first onto the lightest rank),
-    each rank's groups in their original order."""
+def split_groups(groups: list[Group], ranks: int, load: list[int] | None = None) -> list[list[Group]]:
+    """Whole groups per rank, balanced by token count (largest first onto the lightest rank, given
+    the ranks' ``load`` so far, which it adds to), each rank's groups in their original order."""
     cost = [len(g.prompt_ids) * g.n + sum(len(r) for r in g.responses) for g in groups]
-    load, shards = [0] * ranks, [[] for _ in range(ranks)]
+    load, shards = load if load is not None else [0] * ranks, [[] for _ in range(ranks)]
     for i in sorted(range(len(groups)), key=lambda i: -cost[i]):
         r = min(range(ranks), key=lambda r: (load[r], r))
         load[r] += cost[i]
         shards[r].append(i)
     return [[groups[i] for i in sorted(s)] for s in shards]
+
+
+def shard_step(groups: list[Group], ranks: int, mini_batches: int) -> tuple[list[list[Group]], list[list[int]]]:
+    """Each rank's groups of a step and their mini-batches: mini-batch m is the m-th run of the
+    groups (as in one process), split over the ranks. The ranks' loads carry over from one
+    mini-batch to the next, so a rank short in one gets more in the next, and every rank gets a
+    group when there are as many groups as ranks (a split per mini-batch from zero gave every
+    odd group to rank 0: 4 groups in 4 mini-batches left rank 1 none, and its step failed)."""
+    ids, load = mini_batch_ids(len(groups), mini_batches), [0] * ranks
+    shards: list[list[Group]] = [[] for _ in range(ranks)]
+    minis: list[list[int]] = [[] for _ in range(ranks)]
+    for m in range(mini_batches):
+        for r, part in enumerate(split_groups([g for g, i in zip(groups, ids) if i == m], ranks, load)):
+            shards[r] += part
+            minis[r] += [m] * len(part)
+    return shards, minis
 
 
 class TrainerGroup:
@@ -159,13 +175,7 @@ class TrainerGroup:
     def step(self, groups: list[Group]) -> list:
         """Refs of every rank's metrics (identical on every rank); :meth:`metrics` reads them.
         Mini-batch m is the m-th run of the groups (as in one process), split over the ranks."""
-        R, ids = len(self.actors), mini_batch_ids(len(groups), self.mini_batches)
-        shards: list[list[Group]] = [[] for _ in range(R)]
-        minis: list[list[int]] = [[] for _ in range(R)]
-        for m in range(self.mini_batches):
-            for r, part in enumerate(split_groups([g for g, i in zip(groups, ids) if i == m], R)):
-                shards[r] += part
-                minis[r] += [m] * len(part)
+        shards, minis = shard_step(groups, len(self.actors), self.mini_batches)
         return [a.step.remote(shard, mini) for a, shard, mini in zip(self.actors, shards, minis)]
 
     @staticmethod

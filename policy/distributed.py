@@ -18,10 +18,13 @@ parameters themselves, and the packed attention path and the weight export read 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def adamw(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
@@ -32,13 +35,26 @@ def adamw(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
                              fused=True)
 
 
+def keep_configured_hyperparameters(param_groups: list[dict], cfg) -> None:
+    """After an optimizer's state is loaded from a checkpoint: the learning rate, betas and weight
+    decay are the run's config's, not the checkpoint's (torch's ``load_state_dict`` restores
+    those too, so a resume with a lower ``trainer.lr`` would otherwise train at the old one)."""
+    configured = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    for group in param_groups:
+        had = {k: group[k] for k, v in configured.items() if (tuple(group[k]) if k == "betas" else group[k]) != v}
+        if had:
+            log.info("resume: the optimizer's %s from the config, %s (the checkpoint had %s)", sorted(had),
+                     {k: configured[k] for k in had}, had)
+        group.update(configured)
+
+
 class LocalUpdate:
     """One process: torch AdamW with gradient-norm clipping."""
 
     world_size, rank = 1, 0
 
     def __init__(self, model: torch.nn.Module, cfg):
-        self.model, self.max_grad_norm = model, cfg.max_grad_norm
+        self.model, self.max_grad_norm, self.cfg = model, cfg.max_grad_norm, cfg
         self.optimizer = adamw(model, cfg)
 
     def zero_grad(self) -> None:
@@ -70,6 +86,7 @@ class LocalUpdate:
 
     def load(self, directory: Path) -> None:
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        keep_configured_hyperparameters(self.optimizer.param_groups, self.cfg)
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, device: str) -> None:
@@ -88,7 +105,7 @@ class DeepSpeedUpdate:
         import deepspeed
         import torch.distributed as dist
 
-        self.model, self.dist = model, dist
+        self.model, self.dist, self.cfg = model, dist, cfg
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         optimizer = adamw(model, cfg)
         config = {
@@ -144,3 +161,4 @@ class DeepSpeedUpdate:
     def load(self, directory: Path) -> None:
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
+        keep_configured_hyperparameters(self.engine.optimizer.param_groups, self.cfg)

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from orchestration.config import load_config
-from orchestration.trainer_actor import TrainerActor, TrainerGroup, split_groups
+from orchestration.trainer_actor import TrainerActor, TrainerGroup, shard_step, split_groups
 from policy.batch import Group
 from policy.models import state_checksum, unpack_state
 from policy.trainer import PolicyTrainer
@@ -49,6 +49,21 @@ def test_split_groups_balances_whole_groups():
     cost = [sum(len(g.prompt_ids) * g.n + sum(map(len, g.responses)) for g in s) for s in shards]
     largest = max(len(g.prompt_ids) * g.n + sum(map(len, g.responses)) for g in groups)
     assert abs(cost[0] - cost[1]) <= largest
+
+
+def test_every_rank_gets_groups_when_mini_batches_split_them_one_by_one():
+    """4 groups in 4 mini-batches over 2 ranks: each mini-batch's one group goes to the rank with
+    less so far, so each rank trains 2 (a split from zero per mini-batch gave rank 1 none)."""
+    groups = _groups(4)
+    shards, minis = shard_step(groups, 2, 4)
+    assert [len(s) for s in shards] == [2, 2]
+    assert sorted(g.index for s in shards for g in s) == [0, 1, 2, 3]
+    assert sorted(m for ms in minis for m in ms) == [0, 1, 2, 3]
+    for shard, ms in zip(shards, minis):  # each group keeps its mini-batch (group i is mini-batch i here)
+        assert [g.index for g in shard] == ms
+    # the same with 3 ranks and 3 groups, 3 mini-batches
+    shards, _ = shard_step(_groups(3), 3, 3)
+    assert [len(s) for s in shards] == [1, 1, 1]
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,12 @@ def test_checkpoint_round_trip(trainer, tiny_model_dir, tmp_path):
     assert state_checksum(other.state_dict()) == state_checksum(trainer.state_dict())
     assert torch.equal(other.update.optimizer.state_dict()["state"][0]["exp_avg"],
                        trainer.update.optimizer.state_dict()["state"][0]["exp_avg"])
+    # the resumed run's config sets the learning rate, betas and weight decay (torch's
+    # load_state_dict would restore the checkpoint's lr=1e-2)
+    assert cfg.trainer.lr != 1e-2
+    for group in other.update.optimizer.param_groups:
+        assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (
+            cfg.trainer.lr, (cfg.trainer.beta1, cfg.trainer.beta2), cfg.trainer.weight_decay)
 
 
 def test_mini_batches_take_several_steps_against_the_pre_update_policy(tiny_model_dir):
