@@ -40,7 +40,7 @@ from orchestration.metrics import RunLogger
 from orchestration.model_prep import prepare_model
 from orchestration.trajectories import TrajectoryLog
 from orchestration.trainer_actor import TrainerActor, TrainerGroup
-from orchestration.weight_sync import WORKER_GONE, make_sync
+from orchestration.weight_sync import WORKER_GONE, WorkerLost, make_sync
 from policy.models import load_tokenizer
 from rollout.rewards import RewardError, load_reward_fn, score_groups
 from rollout.vllm_adapter import spec_decode_rates
@@ -317,9 +317,11 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     stream = PromptStream(rows, o.seed)
     probe_ids = tokenizer(rows[0]["prompt"] + rows[0]["answer"], add_special_tokens=False).input_ids[-PROBE_TOKENS:]
 
+    data = checkpoint.data_identity(rows, o.seed)
     state = checkpoint.load(o.resume) if o.resume else None
     start = state["step"] if state else 0
     if state:
+        checkpoint.check_data(state, data, o.resume)
         stream.restore(state["stream"])
         log.info("resuming at step %d from %s", start, o.resume)
 
@@ -349,7 +351,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         actors.close()
         raise
 
-    logger = RunLogger(run_dir, config.logging.tensorboard, append=bool(state))
+    logger = RunLogger(run_dir, config.logging.tensorboard, append=bool(state), before_step=start if state else None)
     trajectories = TrajectoryLog(run_dir / (f"trajectories.from-step{start}.parquet" if state
                                             else "trajectories.parquet"))
     history: list[dict] = []
@@ -365,6 +367,9 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     regenerated = state["regenerated"] if state else 0
     pending_sync: list = []
     restarts = 0
+    # Where a checkpoint taken now would resume: the next step, and the batch popped for this
+    # step until the update has it (it is queued again on resume). None while the trainer updates.
+    next_step, head, updating = start, None, False
     depth, timing = o.max_staleness + 1, None  # batches kept in flight; EMA of (rollout_s, update_s)
 
     def submit(batch, seed: int | None = None) -> tuple:
@@ -386,6 +391,13 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+            except ray.exceptions.ActorDiedError as exc:  # no restart left
+                raise WorkerLost(
+                    f"a rollout worker died and Ray will not restart it (rollout.max_restarts="
+                    f"{config.rollout.max_restarts} used up, or its node is gone): look for the cause in its log "
+                    f"(out of memory is the usual one: rollout.kv_cache_gib, rollout.gpu_memory_utilization), "
+                    f"then --resume the checkpoint this run saves; Ray's report: {' '.join(str(exc).split())[:300]}"
+                ) from None
 
     def restarted(k: int) -> None:
         """Give worker k, just restarted by Ray, the current weights: it has its start-up ones (and,
@@ -409,15 +421,24 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 outs.append(on_restarted(workers[k].generate, shard, seed + k))
         return outs
 
+    def loop_state(step: int, queued: list) -> dict:
+        """A checkpoint's loop state (orchestration.checkpoint) resuming at ``step`` with the
+        batches ``queued`` (sampled again first, with their seeds)."""
+        return {"step": step, "version": step, "submitted": submitted, "regenerated": regenerated,
+                "stream": stream.state(), "data": data,
+                "in_flight": [[[i for i, _ in batch], seed] for _, batch, seed, _ in queued]}
+
     for batch, seed in (state["in_flight"] if state else []):  # sampled again, none lost
-        in_flight.append(submit([tuple(item) for item in batch], seed))
+        in_flight.append(submit([(i, rows[i]) for i in checkpoint.batch_indices(batch)], seed))
 
     try:
         for step in bar:
             t0 = time.perf_counter()
+            next_step = step
             while len(in_flight) < depth:
                 in_flight.append(submit(stream.next_batch(a.prompts_per_step)))
-            outs = collect(in_flight.popleft())
+            head = in_flight.popleft()
+            outs = collect(head)
             groups = [g for gs, _ in outs for g in gs]
             metrics = merge_worker_metrics([m for _, m in outs])
             too_old = [g for g in groups if step - g.version > o.max_staleness]
@@ -431,6 +452,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             metrics["entropy"] = -sum(sampled) / max(len(sampled), 1)  # E[-log p] of sampled tokens
             # The max_staleness rollouts still queued run on the workers while the trainer
             # trains; the weight update below is queued behind them.
+            updating = True
             step_metrics = trainer.step(groups)
             # Nothing waits for the weight update here: each worker runs it before any rollout
             # submitted after it (actor call order), and its verification result is collected
@@ -442,6 +464,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             pending_sync = pushed
             trajectories.write(step, groups)  # while the trainer trains
             metrics.update(trainer.metrics(step_metrics))
+            next_step, head, updating = step + 1, None, False
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
             metrics["regenerated_groups"] = float(regenerated)
@@ -459,12 +482,10 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", roll_tok_s=f"{metrics['rollout_tok_s']:.0f}",
                             roll_s=f"{metrics['rollout_s']:.2f}", upd_s=f"{metrics['update_s']:.2f}")
             if o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
-                checkpoint.save(run_dir / "checkpoints" / f"step-{step + 1}", trainer, {
-                    "step": step + 1, "version": int(metrics["version"]), "submitted": submitted,
-                    "regenerated": regenerated, "stream": stream.state(),
-                    "in_flight": [[list(batch), seed] for _, batch, seed, _ in in_flight]})
+                checkpoint.save(run_dir / "checkpoints" / f"step-{step + 1}", trainer, loop_state(step + 1, in_flight))
         sync.results(pending_sync)  # the last update must verify too
-        trainer.save(str(run_dir / "checkpoint"))
+        # a run can be continued from its end: --resume <logging.dir>/checkpoint orchestration.steps=<more>
+        checkpoint.save(run_dir / "checkpoint", trainer, loop_state(o.steps, in_flight))
         for refs, *_ in in_flight:  # rollouts still queued (async) would delay kept actors' next run
             for ref in refs:
                 ray.cancel(ref)  # a queued actor call is dropped, a running one finishes
@@ -474,9 +495,16 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         for refs, *_ in in_flight:
             for ref in refs:
                 ray.cancel(ref)
-        saved = _try_save(trainer, run_dir / "checkpoint-interrupted")
-        log.error("run stopped at step %d of %d; %s", start + len(history), o.steps,
-                  f"policy saved to {saved}" if saved else "the policy could not be saved")
+        where = run_dir / "checkpoint-interrupted"
+        if updating:  # a failed update may have applied some of its mini-batches: weights only
+            saved = _try_save(trainer, where, None)
+            how = (f"policy saved to {saved}; it stopped during the update of step {next_step}, so the loop "
+                   f"cannot resume there: resume from the last periodic checkpoint (orchestration.checkpoint_every), "
+                   f"or start a new run from these weights (model.path={saved})") if saved else None
+        else:
+            saved = _try_save(trainer, where, loop_state(next_step, ([head] if head else []) + list(in_flight)))
+            how = f"checkpoint saved to {saved}; continue with --resume {saved}" if saved else None
+        log.error("run stopped at step %d of %d; %s", next_step, o.steps, how or "the policy could not be saved")
         actors.close()  # a failed run's processes are not reused
         raise
     finally:
@@ -488,9 +516,11 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     return history
 
 
-def _try_save(trainer, directory: Path) -> str | None:
+def _try_save(trainer, directory: Path, state: dict | None) -> str | None:
+    """The trainer's state in ``directory``, with the loop ``state`` a resume needs if given (an
+    earlier checkpoint there is replaced once this one is complete)."""
     try:
-        return trainer.save(str(directory), timeout=120)
+        return str(checkpoint.save(directory, trainer, state, timeout=120))
     except Exception:  # the trainer itself may be what failed
         return None
 

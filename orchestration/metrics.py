@@ -35,10 +35,22 @@ HISTOGRAMS = {"staleness": ("Policy versions each trained group lagged the train
 
 
 class RunLogger:
-    def __init__(self, directory: str | Path, tensorboard: bool = True, append: bool = False):
+    def __init__(self, directory: str | Path, tensorboard: bool = True, append: bool = False,
+                 before_step: int | None = None):
+        """``append``: continue the directory's metrics.jsonl (a resumed run), keeping only the
+        records of steps before ``before_step`` if given (a run resumed from an earlier
+        checkpoint than its last step logs those steps again)."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.dir / "metrics.jsonl", "a" if append else "w")
+        path = self.dir / "metrics.jsonl"
+        if append and before_step is not None and path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] < before_step]
+            if len(kept) < len(lines):
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(path)
+        self._jsonl = open(path, "a" if append else "w")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -1,5 +1,6 @@
 """The GRPO loop (sync and bounded-staleness async) through real Ray actors, on both rollout engines."""
 
+import copy
 import json
 import os
 import pyarrow.parquet as pq
@@ -8,6 +9,7 @@ import pytest
 import ray
 
 from orchestration.config import ConfigError, load_config
+from orchestration.data import DataError
 from orchestration.grpo import KEEP_FREED_MEMORY, Actors, actor_options, cli, heap_keeps_large_blocks, main
 from orchestration.metrics import read_metrics
 
@@ -163,6 +165,9 @@ def test_failed_run_keeps_the_policy_and_names_the_sample(tmp_path, cache, kept_
     with pytest.raises(RewardError, match="reward_that_breaks raised RuntimeError"):
         main(config, progress=False, actors=kept_actors)
     assert (tmp_path / "run" / "checkpoint-interrupted" / "model.safetensors").is_file()
+    # it stopped before the update: resumable at step 0, the failed batch queued again
+    state = json.loads((tmp_path / "run" / "checkpoint-interrupted" / "loop_state.json").read_text())
+    assert state["step"] == 0 and len(state["in_flight"]) == 1 and len(state["in_flight"][0][0]) == 4
     assert len(read_metrics(tmp_path / "run")) == 0
 
 
@@ -281,6 +286,65 @@ def reward_that_kills_the_rollout_worker(prompts, completions, answer, **kw):
     return arithmetic_reward(prompts, completions, answer)
 
 
+def reward_that_breaks_from_its_second_call(prompts, completions, answer, **kw):
+    _calls["n"] += 1
+    if _calls["n"] >= 2:
+        raise RuntimeError("judge unavailable")
+    from rollout.rewards import arithmetic_reward
+    return arithmetic_reward(prompts, completions, answer)
+
+
+@pytest.mark.slow  # four Ray runs (~25-30 s)
+def test_a_failed_run_resumes_where_it_stopped_and_a_finished_one_trains_on(tmp_path, cache, kept_actors):
+    """A reward function that raises at step 1 (async: batches queued) stops the run with a
+    checkpoint to resume from: step 1's batch and the queued ones sampled again, every prompt
+    trained once per epoch, the metrics of each step logged once in the same directory. The
+    finished run's own checkpoint then takes it on by more steps, and so does a periodic one,
+    whose later steps are then logged anew. A resume with other prompts or another data order
+    is refused."""
+    from rollout.rewards import RewardError
+    _calls["n"] = 0
+    config = _config(tmp_path, "hf")
+    config.orchestration.steps, config.orchestration.max_staleness = 4, 1
+    config.orchestration.adaptive_in_flight = False  # 2 batches in flight
+    config.orchestration.checkpoint_every = 2
+    config.data.num_prompts = 16  # 4 steps x 4 prompts: one epoch
+    config.algorithm.reward_fns = ["tests.orchestration.test_grpo_loop:reward_that_breaks_from_its_second_call"]
+    with pytest.raises(RewardError, match="judge unavailable"):
+        main(config, progress=False, actors=kept_actors)
+    stopped = tmp_path / "run" / "checkpoint-interrupted"
+    state = json.loads((stopped / "loop_state.json").read_text())
+    assert state["step"] == 1 and len(state["in_flight"]) == 2  # step 1's batch and the one queued behind it
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0]
+
+    for section, key, value, error in (("data", "num_prompts", 15, DataError), ("orchestration", "seed", 1, ConfigError)):
+        other = copy.deepcopy(config)
+        setattr(getattr(other, section), key, value)
+        other.orchestration.resume = str(stopped)
+        with pytest.raises(error, match="checkpoint"):
+            main(other, progress=False, actors=kept_actors)
+    config.algorithm.reward_fns = ["rollout.rewards:arithmetic_reward"]
+    config.orchestration.resume = str(stopped)
+    resumed = main(config, progress=False, actors=kept_actors)
+    assert [h["step"] for h in resumed] == [1, 2, 3]
+    counts: dict[int, int] = {}
+    for _, index, _, _ in _trained_record(tmp_path / "run"):
+        counts[index] = counts.get(index, 0) + 1
+    assert counts == {i: 8 for i in range(16)}  # every prompt trained once, n responses each
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]
+
+    config.orchestration.resume, config.orchestration.steps = str(tmp_path / "run" / "checkpoint"), 5
+    more = main(config, progress=False, actors=kept_actors)
+    assert [h["step"] for h in more] == [4] and more[0]["version"] == 5.0
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
+
+    # resumed from an earlier checkpoint into the same directory: the steps after it are logged anew, once
+    config.orchestration.resume = str(tmp_path / "run" / "checkpoints" / "step-2")
+    again = main(config, progress=False, actors=kept_actors)
+    assert [h["step"] for h in again] == [2, 3, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.slow  # two or three Ray runs each (~15-20 s)
 @pytest.mark.parametrize("max_staleness", [0, 1])
 def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, kept_actors, max_staleness):
@@ -299,6 +363,22 @@ def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, kept_ac
         counts[index] = counts.get(index, 0) + 1
     assert counts == {i: 8 for i in range(16)}  # every prompt trained once, n responses each
     assert max(h["staleness_max"] for h in history) <= max_staleness
+
+
+@pytest.mark.slow  # its own Ray processes (~15-20 s)
+def test_a_worker_without_restarts_left_ends_the_run_resumably(tmp_path, cache, kept_actors):
+    """rollout.max_restarts=0: the worker's death ends the run naming the setting, with a
+    checkpoint to resume from (the step's batch queued again)."""
+    from orchestration.weight_sync import WorkerLost
+    kept_actors.close()
+    _calls["n"] = 0
+    config = _config(tmp_path, "hf")
+    config.orchestration.steps, config.rollout.max_restarts = 4, 0
+    config.algorithm.reward_fns = ["tests.orchestration.test_grpo_loop:reward_that_kills_the_rollout_worker"]
+    with pytest.raises(WorkerLost, match=r"Ray will not restart it \(rollout.max_restarts=0"):
+        main(config, progress=False)
+    state = json.loads((tmp_path / "run" / "checkpoint-interrupted" / "loop_state.json").read_text())
+    assert state["step"] == 2 and len(state["in_flight"]) == 1  # step 1 trained; step 2's batch queued again
 
 
 @pytest.mark.slow  # its own Ray processes (~15-25 s each)
