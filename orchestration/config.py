@@ -11,12 +11,14 @@ Every field is documented once, here.
 
 from __future__ import annotations
 
+import json
 import math
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -326,24 +328,28 @@ def resolve_preset(path_or_name: str) -> Path:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML preset <- ``a.b=c`` overrides, typed and validated."""
-    schema = OmegaConf.structured(Config)
-    layers = [schema]
+    merged = OmegaConf.structured(Config)
     where = "defaults"
-    try:
+    try:  # one layer at a time, so that an error names the layer it is in
         if path is not None:
             where = str(path)
-            layers.append(OmegaConf.load(resolve_preset(str(path))))
+            preset = OmegaConf.load(resolve_preset(str(path)))
+            if not isinstance(preset, DictConfig):
+                raise ConfigError(f"{path}: a preset is a mapping of sections (model:, rollout:, ...), not a list")
+            merged = OmegaConf.merge(merged, preset)
         for item in overrides:
             where = f"override {item!r}"
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form section.key=value")
-            layers.append(OmegaConf.from_dotlist([item]))
-        merged = OmegaConf.merge(*layers)
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"{where}: bad config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}. "
+        hint = (" A list is written in brackets: key=[a,b]." if "ListConfig" in str(exc) else "")
+        raise ConfigError(f"{where}: bad config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}.{hint} "
                           f"Valid keys are the fields of orchestration/config.py.") from None
+    except yaml.YAMLError as exc:  # a preset's YAML, or an override's value (parsed as YAML)
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
     validate(config)
     if config.rollout.adaptive_max_batch == 0:
         config.rollout.adaptive_max_batch = config.algorithm.prompts_per_step * config.rollout.n
@@ -376,6 +382,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.path={m.path!r} is not a directory; give a local Hugging Face "
                           f"model directory (config.json + weights + tokenizer)")
     _check("model.warm_start_steps", m.warm_start_steps >= 0, ">= 0", m.warm_start_steps)
+    _check("model.warm_start_lr", math.isfinite(m.warm_start_lr) and m.warm_start_lr > 0, "finite, > 0", m.warm_start_lr)
+    _check("model.warm_start_batch", m.warm_start_batch >= 1, ">= 1", m.warm_start_batch)
     _check("model.warm_start_label_smoothing", 0 <= m.warm_start_label_smoothing < 1, "in [0, 1)",
            m.warm_start_label_smoothing)
     _choice("model.dtype", m.dtype, {"float32", "bfloat16", "float16", "float64"})
@@ -394,7 +402,11 @@ def validate(config: Config) -> None:
     _check("rollout.max_restarts", r.max_restarts >= 0, ">= 0", r.max_restarts)
     _check("rollout.gpus", r.gpus >= 0, ">= 0", r.gpus)
     _check("rollout.n", r.n >= 2, ">= 2 (group-relative advantages need two responses)", r.n)
-    _check("rollout.temperature", r.temperature > 0, "> 0 (GRPO needs sampling)", r.temperature)
+    _check("rollout.temperature", math.isfinite(r.temperature) and r.temperature > 0,
+           "finite, > 0 (GRPO needs sampling)", r.temperature)
+    _check("rollout.kv_cache_gib", r.kv_cache_gib >= 1, ">= 1", r.kv_cache_gib)
+    _check("rollout.gpu_memory_utilization", 0 < r.gpu_memory_utilization <= 1, "in (0, 1]", r.gpu_memory_utilization)
+    _check("rollout.block_size", r.block_size is None or r.block_size >= 1, ">= 1 (or unset)", r.block_size)
     _check("rollout.top_p", 0 < r.top_p <= 1, "in (0, 1]", r.top_p)
     _check("rollout.max_tokens", r.max_tokens >= 1, ">= 1", r.max_tokens)
     _check("rollout.threads", r.threads >= 1, ">= 1", r.threads)
@@ -418,13 +430,18 @@ def validate(config: Config) -> None:
     _check("rollout.max_model_len", r.max_model_len >= d.max_prompt_tokens + r.max_tokens,
            f">= data.max_prompt_tokens + rollout.max_tokens = {d.max_prompt_tokens + r.max_tokens}",
            r.max_model_len)
-    _check("trainer.lr", t.lr > 0, "> 0", t.lr)
+    _check("trainer.lr", math.isfinite(t.lr) and t.lr > 0, "finite, > 0", t.lr)
+    _check("trainer.weight_decay", math.isfinite(t.weight_decay) and t.weight_decay >= 0, "finite, >= 0",
+           t.weight_decay)
+    for key, beta in (("trainer.beta1", t.beta1), ("trainer.beta2", t.beta2)):
+        _check(key, 0 <= beta < 1, "in [0, 1) (AdamW's moment decay)", beta)
     _check("trainer.mini_batches", t.mini_batches >= 1, ">= 1", t.mini_batches)
     _check("trainer.mini_batches", t.mini_batches <= a.prompts_per_step,
            f"<= algorithm.prompts_per_step={a.prompts_per_step} (a mini-batch holds whole groups)", t.mini_batches)
     _check("trainer.micro_batch_size", t.micro_batch_size >= 1, ">= 1", t.micro_batch_size)
     _check("trainer.threads", t.threads >= 1, ">= 1", t.threads)
-    _check("trainer.max_grad_norm", t.max_grad_norm > 0, "> 0", t.max_grad_norm)
+    _check("trainer.max_grad_norm", math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0, "finite, > 0",
+           t.max_grad_norm)
     _choice("trainer.attention_backend", t.attention_backend, BACKENDS)
     _check("trainer.world_size", t.world_size >= 1, ">= 1", t.world_size)
     if t.zero_stage == 3:
@@ -493,9 +510,15 @@ def validate(config: Config) -> None:
                config.mtp.maintain_steps)
         _check("mtp.maintain_lr", math.isfinite(config.mtp.maintain_lr) and config.mtp.maintain_lr > 0,
                "finite, > 0", config.mtp.maintain_lr)
-    if o.resume is not None and not (Path(o.resume) / "loop_state.json").is_file():
-        raise ConfigError(f"orchestration.resume={o.resume!r} is not an rlaccel checkpoint directory "
-                          f"(no loop_state.json); give <logging.dir>/checkpoints/step-N")
+    if o.resume is not None:
+        state = Path(o.resume) / "loop_state.json"
+        if not state.is_file():
+            raise ConfigError(f"orchestration.resume={o.resume!r} is not an rlaccel checkpoint directory "
+                              f"(no loop_state.json); give <logging.dir>/checkpoints/step-N, <logging.dir>/checkpoint "
+                              f"or <logging.dir>/checkpoint-interrupted")
+        at = json.loads(state.read_text())["step"]
+        _check("orchestration.steps", o.steps > at, f"> {at}, the step the checkpoint {o.resume} resumes at "
+               f"(the total number of steps, not the steps still to run)", o.steps)
 
 
 def to_yaml(config: Config) -> str:

@@ -37,19 +37,28 @@ def _load_rows(source: str) -> list[dict]:
     if not path.exists():
         raise DataError(f"data.source={source!r}: no such file or directory; give 'arithmetic', "
                         f"a .jsonl/.parquet file or a directory saved with Dataset.save_to_disk")
-    if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"data.source={source!r}: a DatasetDict without a 'train' split "
-                                f"(splits: {list(ds)})")
-            ds = ds["train"]
-    elif path.suffix in (".jsonl", ".json"):
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    elif path.suffix == ".parquet":
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    else:
+    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
         raise DataError(f"data.source={source!r}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"data.source={source!r} is an empty file: it has no rows")
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path),
+                                       split="train")
+    except Exception as exc:  # noqa: BLE001 (datasets raises many kinds; each is the file's fault here)
+        cause = exc.__cause__ or exc.__context__ or exc
+        what = ("a directory saved with Dataset.save_to_disk" if path.is_dir() else
+                "a .jsonl file of one JSON object per line" if path.suffix != ".parquet" else "a Parquet file")
+        raise DataError(f"data.source={source!r} could not be read as {what}: {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:300]}"
+                        f"{f' (caused by {type(cause).__name__}: {cause})' if cause is not exc else ''}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"data.source={source!r}: a DatasetDict without a 'train' split "
+                            f"(splits: {list(ds)})")
+        ds = ds["train"]
     return ds.to_list()
 
 

@@ -36,6 +36,14 @@ def test_wrong_type_names_its_path():
     ("rollout.spec_method=medusa", "rollout.spec_method"),
     ("mtp.head=medusa", "mtp.head"),
     ("mtp.draft_vocab=-1", "mtp.draft_vocab"),
+    ("trainer.beta2=1.5", "trainer.beta2"),
+    ("trainer.lr=inf", "trainer.lr"),
+    ("trainer.weight_decay=-0.1", "trainer.weight_decay"),
+    ("rollout.temperature=inf", "rollout.temperature"),
+    ("rollout.kv_cache_gib=0", "rollout.kv_cache_gib"),
+    ("rollout.gpu_memory_utilization=3", "rollout.gpu_memory_utilization"),
+    ("model.warm_start_batch=0", "model.warm_start_batch"),
+    ("model.warm_start_lr=-1", "model.warm_start_lr"),
 ])
 def test_impossible_values_name_key_and_allowed(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -93,3 +101,28 @@ def test_native_mtp_settings_that_cannot_work_are_refused(tmp_path):
     assert load_config(None, head).mtp.maintain_steps == 1
     cfg = load_config(None, ["rollout.spec_method=mtp", "rollout.adaptive_spec=true", "model.name=tiny_mimo"])
     assert cfg.rollout.spec_method == "mtp" and cfg.model.name == "tiny_mimo"
+
+
+def test_resume_needs_more_steps_than_the_checkpoint_has(tmp_path):
+    (tmp_path / "loop_state.json").write_text('{"step": 5}')
+    with pytest.raises(ConfigError, match=r"orchestration\.steps=5: must be > 5"):
+        load_config(None, [f"orchestration.resume={tmp_path}", "orchestration.steps=5"])
+    assert load_config(None, [f"orchestration.resume={tmp_path}", "orchestration.steps=6"]).orchestration.steps == 6
+    with pytest.raises(ConfigError, match="not an rlaccel checkpoint"):
+        load_config(None, [f"orchestration.resume={tmp_path / 'nope'}"])
+
+
+def test_bad_yaml_and_bad_layers_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'rollout.stop=\[a': not valid YAML"):
+        load_config(None, ["rollout.stop=[a"])
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(str(tmp_path / "broken.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: a preset is a mapping"):
+        load_config(str(tmp_path / "list.yaml"))
+    # the error names the override it is in, not the last one given
+    with pytest.raises(ConfigError, match=r"override 'orchestration.stepz=1'.*Did you mean"):
+        load_config(None, ["orchestration.stepz=1", "orchestration.steps=5"])
+    with pytest.raises(ConfigError, match=r"in brackets: key=\[a,b\]"):
+        load_config(None, ["algorithm.reward_fns=a:f"])

@@ -84,3 +84,18 @@ def test_few_shot_prefix_is_shared_and_keeps_the_answers(tokenizer):
     assert len(tokenizer(long[0]["prompt"]).input_ids) >= 256
     with pytest.raises(DataError, match="max_prompt_tokens"):
         load_prompts(DataConfig(num_prompts=20, few_shot=32), tokenizer)
+
+
+def test_unreadable_sources_name_the_setting_and_the_cause(tmp_path, tokenizer):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + '\n{"prompt": "2+')
+    with pytest.raises(DataError, match=r"data.source=.*broken.jsonl' could not be read as a .jsonl file.*JSON parse"):
+        load_prompts(_cfg(tmp_path, broken), tokenizer)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty file"):
+        load_prompts(_cfg(tmp_path, empty), tokenizer)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(DataError, match="could not be read as a directory saved with Dataset.save_to_disk"):
+        load_prompts(_cfg(tmp_path, folder), tokenizer)
