@@ -21,12 +21,19 @@ IMPLEMENTATION = "shared_prompt"
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-               shared_prompt_batch=None, shared_prompt_backend: str = "regions", **_):
+               shared_prompt_batch=None, shared_prompt_backend: str = "regions", sliding_window: int | None = None,
+               **_):
     if shared_prompt_batch is None:
         raise ValueError("the shared_prompt attention needs the packed layout: call the model with "
                          "shared_prompt_batch=attention.layout.pack(...)")
     if dropout:
         raise ValueError("shared_prompt attention does not implement attention dropout")
+    if sliding_window is not None:
+        longest = max(row.prompt_len + max(row.response_lens, default=0) for row in shared_prompt_batch.rows)
+        if longest > sliding_window:  # shorter sequences never reach past the window
+            raise ValueError(f"shared_prompt attention does not implement sliding-window attention, and a sequence "
+                             f"of {longest} tokens (prompt + response) is longer than this layer's window of "
+                             f"{sliding_window}: set trainer.shared_prompt=false for this model")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = shared_prompt_attention(query, key, value, shared_prompt_batch, scaling, shared_prompt_backend)
     return out.transpose(1, 2).contiguous(), None  # [B, L, H, D], as transformers expects

@@ -173,3 +173,27 @@ def test_a_model_whose_forward_changes_the_logits_is_refused_for_the_packed_path
         PolicyTrainer(model_dir, cfg.trainer, cfg.algorithm, 1.0, 8)
     cfg = load_config(None, ["trainer.shared_prompt=false"])
     PolicyTrainer(model_dir, cfg.trainer, cfg.algorithm, 1.0, 8)
+
+
+def test_sliding_window_models_equal_unpacked_within_the_window_and_refuse_beyond_it():
+    """Mistral's sliding window (and Qwen's, when used) is a mask the packed path does not apply:
+    while every sequence fits in the window it changes nothing and the paths agree; past it the
+    packed path refuses instead of attending too far back (0.07 off at a window of 4)."""
+    from transformers import MistralConfig, MistralForCausalLM
+    rng = random.Random(0)
+    prompt = [rng.randrange(2, 50) for _ in range(6)]
+    prompts, responses = [prompt, prompt], [[rng.randrange(2, 50) for _ in range(5)] for _ in range(2)]
+    for window in (11, 4):  # 6 + 5 tokens: fits in 11, not in 4
+        torch.manual_seed(0)
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, sliding_window=window)).double().eval()
+        model.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            ref = token_logprobs(model, pad_sequences(prompts, responses, 0))
+            if window == 4:
+                with pytest.raises(ValueError, match="sliding-window.*trainer.shared_prompt=false"):
+                    packed_token_logprobs(model, prompts, responses, 0, 1.0, "regions")
+                continue
+            out, _ = packed_token_logprobs(model, prompts, responses, 0, 1.0, "regions")
+        assert torch.allclose(out, ref, atol=1e-12, rtol=0)
