@@ -139,6 +139,8 @@ def grpo_loss(
     loss = LOSS_AGGREGATIONS[aggregation](per_token, mask, totals)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        metrics["clip_frac"] = float(((clipped != unclipped).to(mask.dtype) * mask).sum() / n)
+        # tokens whose clipped term is the one taken (no gradient through the ratio); a ratio
+        # outside the range on the side that does not bind still learns (verl's pg_clipfrac)
+        metrics["clip_frac"] = float(((clipped < unclipped).to(mask.dtype) * mask).sum() / n)
         metrics["ratio_mean"] = float((ratio * mask).sum() / n)
     return loss, metrics

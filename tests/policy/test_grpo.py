@@ -62,6 +62,10 @@ def test_clipped_surrogate_by_hand():
     per_token = torch.tensor([[-math.exp(0.1), -1.2], [0.8, 1.0]])
     assert loss.item() == pytest.approx(per_token.mean().item(), abs=1e-6)
     assert m["clip_frac"] == pytest.approx(0.5)
+    # outside the range on the side that does not bind (A=+1, ratio 0.61; A=-1, ratio 1.65): the
+    # unclipped term is taken and the gradient flows, so neither counts as clipped
+    _, m = _loss(torch.tensor([[-0.5], [0.5]]), torch.zeros(2, 1), adv, torch.ones(2, 1))
+    assert m["clip_frac"] == 0.0
 
 
 def test_aggregations_by_hand():
