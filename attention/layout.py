@@ -134,15 +134,21 @@ def token_reduction(prompt_len: int, response_lens: list[int]) -> float:
 
 
 def balance_groups(packed_lens: list[int], max_tokens: int) -> list[list[int]]:
-    """Assign whole groups to as few micro-batches as hold about ``max_tokens`` packed tokens
-    each, balancing their token counts (longest-first greedy). Returns group indices per
+    """Assign whole groups to micro-batches of at most ``max_tokens`` packed tokens each (a group
+    longer than that alone), as few as the greedy fill needs and balanced in tokens: longest
+    first, each into the least-loaded micro-batch it fits in, a new one when it fits in none.
+    Starts from the lower bound ⌈Σ / max_tokens⌉ micro-batches. Returns group indices per
     micro-batch."""
-    bins = max(1, -(-sum(packed_lens) // max_tokens))
-    bins = min(bins, len(packed_lens))
+    bins = min(max(1, -(-sum(packed_lens) // max_tokens)), len(packed_lens))
     load = [0] * bins
     out: list[list[int]] = [[] for _ in range(bins)]
     for g in sorted(range(len(packed_lens)), key=lambda g: -packed_lens[g]):
-        k = min(range(bins), key=lambda k: load[k])
+        fits = [k for k in range(len(load)) if load[k] + packed_lens[g] <= max_tokens or not out[k]]
+        if not fits:
+            load.append(0)
+            out.append([])
+            fits = [len(load) - 1]
+        k = min(fits, key=lambda k: load[k])
         out[k].append(g)
         load[k] += packed_lens[g]
     return [sorted(b) for b in out if b]

@@ -34,3 +34,7 @@ def test_balance_groups_keeps_groups_whole_and_balances_tokens():
     loads = sorted(sum([900, 100, 500, 500][g] for g in b) for b in bins)
     assert loads == [1000, 1000]
     assert len(balance_groups([900, 100, 500, 500], max_tokens=4096)) == 1  # everything fits in one
+    # the lower bound of 2 micro-batches cannot hold 7, 7, 7 and 3 under 12 tokens each: a third
+    bins = balance_groups([7, 7, 7, 3], max_tokens=12)
+    assert sorted(sum([7, 7, 7, 3][g] for g in b) for b in bins) == [7, 7, 10]
+    assert balance_groups([20, 3], max_tokens=12) == [[0], [1]]  # a group over the budget goes alone
