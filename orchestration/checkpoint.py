@@ -11,9 +11,9 @@ checkpoint.
 
 A run writes one every ``orchestration.checkpoint_every`` steps, one at its end
 (``<logging.dir>/checkpoint``: train on with more ``orchestration.steps``), and one when it
-stops on an error or Ctrl-C between updates (``checkpoint-interrupted``, the failed step's batch
-queued again). A run stopped during an update saves the weights only: the update may have
-applied some of its mini-batches.
+stops on an error or Ctrl-C (``checkpoint-interrupted``): before the step's update with the
+step's batch queued again, during it once the update has ended. An update that itself failed
+leaves the weights only: it may have applied some of its mini-batches.
 
 On resume the trainer reloads weights and optimizer, the workers start from the
 checkpoint's weights, the data cursor continues, and the in-flight batches are sampled

@@ -369,7 +369,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     restarts = 0
     # Where a checkpoint taken now would resume: the next step, and the batch popped for this
     # step until the update has it (it is queued again on resume). None while the trainer updates.
-    next_step, head, updating = start, None, False
+    next_step, head, updating, update_refs, logged = start, None, False, None, False
     depth, timing = o.max_staleness + 1, None  # batches kept in flight; EMA of (rollout_s, update_s)
 
     def submit(batch, seed: int | None = None) -> tuple:
@@ -452,8 +452,8 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             metrics["entropy"] = -sum(sampled) / max(len(sampled), 1)  # E[-log p] of sampled tokens
             # The max_staleness rollouts still queued run on the workers while the trainer
             # trains; the weight update below is queued behind them.
-            updating = True
-            step_metrics = trainer.step(groups)
+            updating, update_refs, logged = True, None, False
+            step_metrics = update_refs = trainer.step(groups)
             # Nothing waits for the weight update here: each worker runs it before any rollout
             # submitted after it (actor call order), and its verification result is collected
             # one step later (step 0 has no earlier update: zeros). From the object store that is
@@ -463,6 +463,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             metrics.update(merge_worker_metrics(synced) if synced else {"sync_s": 0.0, "sync_probe_diff": 0.0})
             pending_sync = pushed
             trajectories.write(step, groups)  # while the trainer trains
+            logged = True
             metrics.update(trainer.metrics(step_metrics))
             next_step, head, updating = step + 1, None, False
             metrics["step_s"] = time.perf_counter() - t0
@@ -496,6 +497,15 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             for ref in refs:
                 ray.cancel(ref)
         where = run_dir / "checkpoint-interrupted"
+        if updating and update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end
+            try:
+                metrics.update(ray.get(update_refs, timeout=300)[0])  # every rank's metrics are the same
+                if not logged:
+                    trajectories.write(next_step, groups)
+                logger.log(next_step, metrics)  # the step's record, without its timings
+                next_step, head, updating = next_step + 1, None, False
+            except BaseException:  # noqa: BLE001 (the update itself failed, or a second Ctrl-C)
+                pass
         if updating:  # a failed update may have applied some of its mini-batches: weights only
             saved = _try_save(trainer, where, None)
             how = (f"policy saved to {saved}; it stopped during the update of step {next_step}, so the loop "

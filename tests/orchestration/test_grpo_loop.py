@@ -171,6 +171,27 @@ def test_failed_run_keeps_the_policy_and_names_the_sample(tmp_path, cache, kept_
     assert len(read_metrics(tmp_path / "run")) == 0
 
 
+def test_a_stop_while_the_update_runs_waits_for_it_and_stays_resumable(tmp_path, cache, kept_actors, monkeypatch):
+    """An interruption while the driver waits for the trainer (here the trajectory log failing
+    once at step 1, as a Ctrl-C would land there) lets the update end: the step's samples and
+    metrics are recorded and the checkpoint resumes after it."""
+    from orchestration.trajectories import TrajectoryLog
+    write = TrajectoryLog.write
+
+    def write_failing_once_at_step_1(self, step, groups):
+        if step == 1 and not getattr(self, "_failed", False):
+            self._failed = True
+            raise KeyboardInterrupt
+        return write(self, step, groups)
+    monkeypatch.setattr(TrajectoryLog, "write", write_failing_once_at_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        main(_config(tmp_path, "hf"), progress=False, actors=kept_actors)
+    state = json.loads((tmp_path / "run" / "checkpoint-interrupted" / "loop_state.json").read_text())
+    assert state["step"] == 2 and state["version"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1]
+    assert sorted({r[0] for r in _trained_record(tmp_path / "run")}) == [0, 1]
+
+
 def reward_that_breaks(prompts, completions, **_):
     raise RuntimeError("judge unavailable")
 
