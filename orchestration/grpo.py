@@ -368,7 +368,8 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     pending_sync: list = []
     restarts = 0
     # Where a checkpoint taken now would resume: the next step, and the batch popped for this
-    # step until the update has it (it is queued again on resume). None while the trainer updates.
+    # step until the update has it (it is queued again on resume). While the trainer updates
+    # (update_refs), a stop waits for the update to end; logged: the step's samples are recorded.
     next_step, head, updating, update_refs, logged = start, None, False, None, False
     depth, timing = o.max_staleness + 1, None  # batches kept in flight; EMA of (rollout_s, update_s)
 
@@ -453,7 +454,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             # The max_staleness rollouts still queued run on the workers while the trainer
             # trains; the weight update below is queued behind them.
             updating, update_refs, logged = True, None, False
-            step_metrics = update_refs = trainer.step(groups)
+            update_refs = trainer.step(groups)
             # Nothing waits for the weight update here: each worker runs it before any rollout
             # submitted after it (actor call order), and its verification result is collected
             # one step later (step 0 has no earlier update: zeros). From the object store that is
@@ -464,7 +465,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             pending_sync = pushed
             trajectories.write(step, groups)  # while the trainer trains
             logged = True
-            metrics.update(trainer.metrics(step_metrics))
+            metrics.update(trainer.metrics(update_refs))
             next_step, head, updating = step + 1, None, False
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
