@@ -18,17 +18,20 @@ def draft_targets(policy, head: DraftHead, seqs: list[tuple[list[int], int]], k:
     start at the last prompt position (decode drafting) and a step is valid while its target
     lies inside the sequence.
     """
-    tokens = pad_sequence([torch.tensor(s) for s, _ in seqs], batch_first=True, padding_value=pad_id)
-    lengths = torch.tensor([len(s) for s, _ in seqs])
-    prompt_lens = torch.tensor([p for _, p in seqs])
+    device = policy.lm_head.weight.device
+    tokens = pad_sequence([torch.tensor(s) for s, _ in seqs], batch_first=True, padding_value=pad_id).to(device)
+    lengths = torch.tensor([len(s) for s, _ in seqs], device=device)
+    prompt_lens = torch.tensor([p for _, p in seqs], device=device)
     B, L = tokens.shape
-    attention = (torch.arange(L)[None] < lengths[:, None]).long()
+    attention = (torch.arange(L, device=device)[None] < lengths[:, None]).long()
     with torch.no_grad():
         hidden, logits = policy_states(policy, tokens, attention, pre_norm=head.pre_norm_hidden,
                                        aux_layers=head.aux_layers)
-    outs = head.unroll(policy.model.embed_tokens, tokens, hidden, k)
-    lm_head = policy.lm_head.weight.detach()  # the policy's (EAGLE, MTP forms); trained by neither loss
-    t = torch.arange(L - 1)[None]
+    # the policy's embedding and LM head (EAGLE, MTP forms), detached: trained by neither loss, and
+    # no gradient lands on the policy (on an untied model the embedding's would be a dense V x H)
+    outs = head.unroll(_frozen(policy.model.embed_tokens), tokens, hidden, k)
+    lm_head = policy.lm_head.weight.detach()
+    t = torch.arange(L - 1, device=device)[None]
     anchor = t >= (prompt_lens[:, None] - 1)
     logits = torch.cat([logits, logits.new_zeros(B, k, logits.shape[-1])], 1)
     padded = torch.cat([tokens, tokens.new_full((B, k + 1), pad_id)], 1)
@@ -39,11 +42,19 @@ def draft_targets(policy, head: DraftHead, seqs: list[tuple[list[int], int]], k:
     return steps
 
 
+def _frozen(module):
+    """``module``'s forward (an embedding's scale included) without a gradient to its weights."""
+    def call(*args):
+        with torch.no_grad():
+            return module(*args)
+    return call
+
+
 def loss_fn(steps, objective: str, warm: bool, temperature: float, kl_weight: float = 0.0) -> torch.Tensor:
     """"ce": cross-entropy on the sampled tokens; "tv": KL(p‖q) while ``warm``, then the multi-step
     acceptance objective plus ``kl_weight`` · KL(p‖q) (the anchor, see mtp/losses.py)."""
     if objective == "ce":
-        return sum(losses.ce(q, y, v) for _, q, y, v in steps)
+        return sum(losses.ce(q, y, v, temperature) for _, q, y, v in steps)
     kl = sum(losses.kl(p, q, v, temperature) for p, q, _, v in steps) if warm or kl_weight else 0.0
     if warm:
         return kl

@@ -203,7 +203,7 @@ class DraftHead(nn.Module):
     def block(self, emb: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, past_kv=None, mask=None):
         raise NotImplementedError
 
-    def unroll(self, embed: nn.Module, tokens: torch.Tensor, hidden: torch.Tensor, k: int,
+    def unroll(self, embed, tokens: torch.Tensor, hidden: torch.Tensor, k: int,
                draft_tokens: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The drafter's k steps for every anchor of a batch, teacher-forced.
 

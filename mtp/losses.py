@@ -32,10 +32,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def ce(q_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the head's logits [.., V] on the sampled next tokens; tokens outside the
-    head's support (logit -inf: a reduced draft vocabulary) are left out."""
-    logits = q_logits.flatten(0, -2).float()
+def ce(q_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of the head's logits [.., V] at ``temperature`` (vLLM drafts from
+    softmax(q / T)) on the sampled next tokens; tokens outside the head's support (logit -inf: a
+    reduced draft vocabulary) are left out."""
+    logits = q_logits.flatten(0, -2).float() / temperature
     proposable = torch.isfinite(logits.gather(-1, targets.flatten()[:, None]))[:, 0].view_as(targets)
     nll = F.cross_entropy(logits, targets.flatten(), reduction="none").view_as(targets)
     return masked_mean(nll.masked_fill(~proposable, 0.0), mask * proposable)

@@ -29,14 +29,18 @@ class HeadMaintainer:
     def step(self, policy, groups) -> dict[str, float]:
         t0 = time.perf_counter()
         seqs = [(g.prompt_ids + r, len(g.prompt_ids)) for g in groups for r in g.responses if r]
-        metrics = {}
+        metrics, skipped = {}, 0
         for _ in range(self.cfg.maintain_steps):
             steps = draft_targets(policy, self.head, seqs, self.cfg.k, self.pad_id)
             loss = loss_fn(steps, self.cfg.objective, False, self.temperature, self.cfg.kl_weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
-            self.optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
+            if torch.isfinite(loss) and torch.isfinite(norm):
+                self.optimizer.step()
+            else:  # one NaN step would leave every weight NaN, and the workers would draft with them
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
             with torch.no_grad():  # of the step's pre-update head, at the first draft position
                 p, q, _, valid = steps[0]
                 metrics = {"head_alpha1": float(losses.masked_mean(losses.acceptance(p, q, self.temperature), valid)),
@@ -44,7 +48,8 @@ class HeadMaintainer:
                            # a policy drifting out of it caps acceptance whatever the head learns
                            "head_draft_coverage": float(losses.masked_mean(losses.coverage(p, q, self.temperature),
                                                                            valid))}
-        return {**metrics, "head_maintain_s": time.perf_counter() - t0}
+        # head_maintain_skipped: steps not applied for a non-finite loss or gradient (the head kept)
+        return {**metrics, "head_maintain_skipped": float(skipped), "head_maintain_s": time.perf_counter() - t0}
 
     def state(self) -> dict[str, torch.Tensor]:
         """The head's weights under vLLM's checkpoint names, prefixed for the weight sync."""
@@ -62,6 +67,9 @@ class HeadMaintainer:
                              f"resume with the rollout.draft_model the checkpoint was trained with")
         self.head.load_state_dict(saved.state_dict())
         self.optimizer.load_state_dict(torch.load(directory / "drafter_optimizer.pt", weights_only=True))
+        # the learning rates are the run's config's (mtp.maintain_lr), not the checkpoint's
+        for group, configured in zip(self.optimizer.param_groups, self.head.param_groups(self.cfg.maintain_lr)):
+            group["lr"] = configured["lr"]
 
 
 def _shapes(head) -> dict[str, tuple]:

@@ -63,6 +63,10 @@ def test_ce_is_the_mean_negative_log_likelihood():
     targets = torch.tensor([[0, 1]])
     got = losses.ce(logits, targets, torch.ones(1, 2))
     assert math.isclose(float(got), -(math.log(0.5) + math.log(0.8)) / 2, rel_tol=1e-6)
+    # at temperature T the head drafts from softmax(q / T) (vLLM's probabilistic drafting): CE of that
+    hot = losses.ce(logits, targets, torch.ones(1, 2), temperature=2.0)
+    want = -torch.log_softmax(logits / 2.0, -1)[0, [0, 1], [0, 1]].mean()
+    assert math.isclose(float(hot), float(want), rel_tol=1e-6) and not math.isclose(float(hot), float(got))
 
 
 def test_a_reduced_draft_vocabulary_trains_toward_p_renormalised_on_it():
