@@ -59,12 +59,10 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
     """
     prompts = [g.prompt for g in groups for _ in range(g.n)]
     completions = [c for g in groups for c in g.completions]
-    columns: dict[str, list] = {}
-    for g in groups:
-        for k, v in g.row.items():
-            if k != "prompt":
-                columns.setdefault(k, []).extend([v] * g.n)
-    total = [0.0] * len(prompts)
+    # every column for every sample (None where a row lacks it: rows of a JSONL file may differ)
+    keys = dict.fromkeys(k for g in groups for k in g.row if k != "prompt")
+    columns = {k: [g.row.get(k) for g in groups for _ in range(g.n)] for k in keys}
+    total: list[float | None] = [None] * len(prompts)  # None until a function scores the sample
     errors = 0
     metrics: dict[str, float] = {}
     for name, fn in fns.items():
@@ -73,9 +71,8 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
         except Exception:
             values = []
             for i in range(len(prompts)):
-                one = {k: [v[i]] for k, v in columns.items()}
                 try:
-                    values.extend(_call(fn, [prompts[i]], [completions[i]], one))
+                    values.extend(_call(fn, [prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()}))
                 except Exception as exc:
                     msg = (f"reward function {name} raised {type(exc).__name__}: {exc} on sample "
                            f"prompt={prompts[i]!r} completion={completions[i]!r}")
@@ -86,11 +83,24 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                     values.append(0.0)
                     errors += 1
         for i, v in enumerate(values):
+            if v is None:  # TRL's convention: this function does not apply to the sample
+                continue
             if not math.isfinite(v):
                 raise RewardError(f"reward function {name} returned {v} for prompt={prompts[i]!r} "
-                                  f"completion={completions[i]!r}; rewards must be finite numbers")
-            total[i] += v
-        metrics[f"reward/{name.rsplit(':', 1)[-1]}"] = sum(values) / len(values)
+                                  f"completion={completions[i]!r}; rewards must be finite numbers (None: the "
+                                  f"function does not apply to the sample)")
+            total[i] = v + (total[i] or 0.0)
+        scored = [v for v in values if v is not None]
+        metrics[f"reward/{name.rsplit(':', 1)[-1]}"] = sum(scored) / len(scored) if scored else float("nan")
+    for i, v in enumerate(total):
+        if v is None:
+            msg = (f"every reward function returned None (does not apply) for prompt={prompts[i]!r} "
+                   f"completion={completions[i]!r}")
+            if on_error == "fail":
+                raise RewardError(msg + ": a sample needs a reward from at least one function; or set "
+                                        "algorithm.on_reward_error=zero to score such samples 0 and count them.")
+            log.warning("%s; scored 0 (algorithm.on_reward_error=zero)", msg)
+            total[i], errors = 0.0, errors + 1
     pos = 0
     for g in groups:
         g.rewards = total[pos:pos + g.n]
@@ -100,9 +110,9 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
     return metrics
 
 
-def _call(fn: RewardFn, prompts, completions, columns) -> list[float]:
+def _call(fn: RewardFn, prompts, completions, columns) -> list[float | None]:
     values = fn(prompts, completions, **columns)
-    values = [float(v) if v is not None else float("nan") for v in values]
+    values = [float(v) if v is not None else None for v in values]
     if len(values) != len(prompts):
         raise RewardError(f"reward function returned {len(values)} values for {len(prompts)} samples")
     return values

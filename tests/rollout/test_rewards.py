@@ -56,3 +56,38 @@ def test_load_reward_fn():
     assert load_reward_fn("rollout.rewards:arithmetic_reward") is arithmetic_reward
     with pytest.raises(RewardError, match="cannot import 'rollout.rewards:nope'"):
         load_reward_fn("rollout.rewards:nope")
+
+
+def test_none_means_the_function_does_not_apply_as_in_trl():
+    """TRL's convention: a function returns None for samples it does not score; the others' sum
+    is the reward. A sample no function scores is an error (or 0, counted, with on_error=zero)."""
+    def only_even(prompts, completions, **_):
+        return [1.0 if c == "2" else None for c in completions]
+
+    def bonus(prompts, completions, **_):
+        return [0.5 if c != "x" else None for c in completions]
+
+    groups = [_group("1+1=", ["2", "3", "x"], "2")]
+    with pytest.raises(RewardError, match="every reward function returned None.*completion='x'"):
+        score_groups(groups, {"m:only_even": only_even, "m:bonus": bonus})
+    m = score_groups(groups, {"m:only_even": only_even, "m:bonus": bonus}, on_error="zero")
+    assert groups[0].rewards == [1.5, 0.5, 0.0] and m["reward_errors"] == 1
+    assert m["reward/only_even"] == 1.0 and m["reward/bonus"] == 0.5  # means over the samples each scored
+
+
+def test_rows_with_different_columns_get_their_own_values():
+    """A JSONL file's rows may carry different extra fields: each sample gets its own row's value
+    (None where its row has none), also when scored one sample at a time after an error."""
+    seen = []
+
+    def by_difficulty(prompts, completions, difficulty, **_):
+        seen.append(list(difficulty))
+        if len(completions) > 1:
+            raise RuntimeError("batch call fails: scored one at a time")
+        return [float(difficulty[0] or 0)]
+
+    groups = [_group("1+1=", ["2"] * 2, "2"), _group("2+2=", ["4"] * 2, "4", index=1)]
+    groups[1].row = {**groups[1].row, "difficulty": 5}
+    score_groups(groups, {"m:by_difficulty": by_difficulty})
+    assert seen[0] == [None, None, 5, 5]
+    assert groups[0].rewards == [0.0, 0.0] and groups[1].rewards == [5.0, 5.0]
