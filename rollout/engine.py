@@ -69,9 +69,21 @@ class HFEngine:
                 tokens = new[j].tolist()
                 end = tokens.index(self.eos) + 1 if self.eos in tokens else len(tokens)
                 finish = "stop" if end < len(tokens) or (tokens and tokens[end - 1] == self.eos) else "length"
+                stopped = self._stop_string_end(tokens[:end])
+                if stopped is not None:  # generate pads a row that stopped on a string: the pads are not samples
+                    end, finish = stopped, "stop"
                 group.append(Completion(tokens[:end], logp[j, :end].tolist(), finish))
             results.append(group)
         return results
+
+    def _stop_string_end(self, tokens: list[int]) -> int | None:
+        """The length up to and including the token that completes the first stop string (as vLLM
+        keeps it), or None."""
+        for i in range(1, len(tokens) + 1) if self.stop else ():
+            text = self.tokenizer.decode(tokens[:i])
+            if any(stop in text for stop in self.stop):
+                return i
+        return None
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict)

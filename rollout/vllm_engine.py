@@ -250,7 +250,8 @@ class VLLMEngine:
     def _params(self, seed: int, **overrides):
         c = self.cfg
         kw = dict(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens,
-                  stop=list(c.stop) or None, logprobs=0, seed=seed, detokenize=False)
+                  # vLLM matches stop strings in the text it detokenizes; without them nothing needs the text
+                  stop=list(c.stop) or None, logprobs=0, seed=seed, detokenize=bool(c.stop))
         kw.update(overrides)
         return self._SamplingParams(**kw)
 

@@ -79,6 +79,18 @@ def test_seeded_sampling_is_deterministic_and_seed_dependent(engine):
     assert any(len({tuple(t) for t in group}) > 1 for group in a), "the n samples of a prompt must differ"
 
 
+def test_stop_strings_end_completions(engine, tiny_model_dir, monkeypatch):
+    """rollout.stop needs vLLM to detokenize (it matches strings in the text); the completion
+    keeps the token that completes the string, as transformers' does (tests/rollout/test_worker.py)."""
+    import dataclasses
+
+    from policy.models import load_tokenizer
+    from tests.rollout.stops import STOPS, assert_stops_end_completions
+    monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, stop=list(STOPS), max_tokens=12))
+    groups = engine.generate(PROMPTS, seed=0)
+    assert_stops_end_completions(groups, load_tokenizer(tiny_model_dir), max_tokens=12)
+
+
 def test_adapter_internals_still_exist(engine):
     """The vLLM internals the adapter calls. If this fails after a vLLM upgrade, update
     rollout/vllm_adapter.py (and this test) to the new names."""

@@ -82,3 +82,15 @@ def test_update_is_verified_against_the_trainers_reference_when_sent(worker, tin
     with pytest.raises(WeightSyncError, match="not sampling with the new weights"):
         worker.update_weights(pack_state(state_a), 2, state_checksum(state_a), (probe_ids, expected_b))
     assert worker.version == 1
+
+
+def test_stop_strings_end_completions_as_in_vllm(tiny_model_dir):
+    """transformers' generate pads a row that stopped on a string; the pads are not part of the
+    completion (tests/rollout/test_vllm_engine.py checks vLLM the same way)."""
+    from policy.models import load_tokenizer
+    from rollout.engine import HFEngine
+    from tests.rollout.stops import STOPS, assert_stops_end_completions
+    cfg = load_config(None, ["rollout.backend=hf", "rollout.n=4", "rollout.max_tokens=12",
+                             f"rollout.stop=[{','.join(repr(s) for s in STOPS)}]"]).rollout
+    groups = HFEngine(str(tiny_model_dir), cfg).generate([[3, 4, 74, 5, 82], [9, 76, 5, 82]], seed=0)
+    assert_stops_end_completions(groups, load_tokenizer(tiny_model_dir), max_tokens=12)
