@@ -155,24 +155,28 @@ class VLLMEngine:
                 and checkpoint_configs(model_dir)[0].get("model_type") in COPY_RELOAD_TYPES)
         with keeping_linear_weights() if keep else contextlib.nullcontext():
             self.llm = build_llm(**kwargs)
-        self.copy_reload = keep and mark_copy_reload(self.llm)
-        self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
-        quiet_benign_warnings()
-        use_eager_logprob_ranks(self.llm)
-        use_moe_repack(self.llm)
-        if self.speculative:
-            ensure_lossless_speculation(self.llm)
-            use_cpu_samplers(self.llm)
-            count_spec_decoding(self.llm)
-            if schedule:
-                enable_drafter_skip(self.llm)  # k = 0 in the schedule costs what a plain engine costs
-        self.adaptive = self.check = self._last_arm = None
-        # The last generate call's speculative counters ("spec_delta") and metrics for the worker.
-        self.last_call: dict = {}
-        if self.speculative and rollout_cfg.adaptive_spec:
-            self.adaptive = self._calibrate()
-            if rollout_cfg.adaptive_check:
-                self.check = ScheduleCheck()
+        try:  # a half-built engine would hold its weights and KV cache until the process ends
+            self.copy_reload = keep and mark_copy_reload(self.llm)
+            self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
+            quiet_benign_warnings()
+            use_eager_logprob_ranks(self.llm)
+            use_moe_repack(self.llm)
+            if self.speculative:
+                ensure_lossless_speculation(self.llm)
+                use_cpu_samplers(self.llm)
+                count_spec_decoding(self.llm)
+                if schedule:
+                    enable_drafter_skip(self.llm)  # k = 0 in the schedule costs what a plain engine costs
+            self.adaptive = self.check = self._last_arm = None
+            # The last generate call's speculative counters ("spec_delta") and metrics for the worker.
+            self.last_call: dict = {}
+            if self.speculative and rollout_cfg.adaptive_spec:
+                self.adaptive = self._calibrate()
+                if rollout_cfg.adaptive_check:
+                    self.check = ScheduleCheck()
+        except BaseException:
+            self.close()
+            raise
 
     def _calibrate(self):
         """Step costs at live batch 1, 4, 16, 64, 256 below rollout.adaptive_max_batch and at that

@@ -254,6 +254,24 @@ def test_a_failed_engine_build_leaves_the_heap_unfrozen_and_no_engine_counted(tm
     assert live_engines() == live
 
 
+def test_an_engine_whose_setup_fails_after_the_build_is_shut_down(engine, tiny_model_dir, rollout_cfg, monkeypatch):
+    """A check after vLLM's build failing (here the logprob-rank patch) shuts the new engine down,
+    instead of leaving its weights and KV cache in the process; the others keep running."""
+    import rollout.vllm_engine as vllm_engine
+    from rollout.vllm_adapter import live_engines
+    live, before = live_engines(), _greedy(engine)
+
+    def broken(llm):
+        raise RuntimeError("an adapter check failed")
+    monkeypatch.setattr(vllm_engine, "use_eager_logprob_ranks", broken)
+    with pytest.raises(RuntimeError, match="an adapter check failed") as failed:
+        vllm_engine.VLLMEngine(str(tiny_model_dir), rollout_cfg, seed=0)
+    # shut down at once, not when the failed object is collected (the traceback, kept here as a
+    # caller logging it would, still holds it)
+    assert failed.tb is not None and live_engines() == live
+    assert _greedy(engine) == before
+
+
 def test_each_engine_gets_its_configured_kv_cache_unless_set_from_outside(engine, tiny_model_dir, rollout_cfg,
                                                                           monkeypatch):
     """rollout.kv_cache_gib holds engine by engine in one process (a kept rollout worker's next run
