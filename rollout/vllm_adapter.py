@@ -303,7 +303,15 @@ def _reload_policy(worker, pairs: list) -> None:
 def reload_weights(llm, state_dict: dict[str, torch.Tensor]) -> None:
     """Replace the engine's weights in place (Hugging Face names) and drop cached KV."""
     llm.collective_rpc(_reload_policy, args=(list(state_dict.items()),))
-    llm.reset_prefix_cache()
+    reset_prefix_cache(llm)
+
+
+def reset_prefix_cache(llm) -> None:
+    """Drop the prefix cache, whose KV the old weights computed; vLLM refuses (returns False)
+    while requests run, and a later prompt would then reuse stale KV."""
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM kept its prefix cache after a weight update (requests were still running): a "
+                           "weight update must come between generate calls (rollout/vllm_adapter.py)")
 
 
 def _reload_drafter(worker, pairs: list) -> list[float]:
@@ -339,7 +347,7 @@ def reload_drafter(llm, state_dict: dict[str, torch.Tensor]) -> None:
         if max(abs(a - b) for a, b in zip(got, want)) > 1e-6:
             raise RuntimeError("the drafter's weights did not change after vLLM's in-place reload "
                                "(rollout/vllm_adapter.py::reload_drafter)")
-    llm.reset_prefix_cache()
+    reset_prefix_cache(llm)
 
 
 def count_greater_equal(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
