@@ -37,9 +37,9 @@ HISTOGRAMS = {"staleness": ("Policy versions each trained group lagged the train
 class RunLogger:
     def __init__(self, directory: str | Path, tensorboard: bool = True, append: bool = False,
                  before_step: int | None = None):
-        """``append``: continue the directory's metrics.jsonl (a resumed run), keeping only the
-        records of steps before ``before_step`` if given (a run resumed from an earlier
-        checkpoint than its last step logs those steps again)."""
+        """``append``: continue the directory's metrics.jsonl and TensorBoard log (a resumed run),
+        keeping only the records of steps before ``before_step`` if given (a run resumed from an
+        earlier checkpoint than its last step logs those steps again)."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "metrics.jsonl"
@@ -54,7 +54,8 @@ class RunLogger:
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            # purge_step: TensorBoard hides the earlier run's events from that step on
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=before_step if append else None)
         self._gauges, self._histograms = {}, {}
         try:
             import ray

@@ -364,6 +364,9 @@ def test_a_failed_run_resumes_where_it_stopped_and_a_finished_one_trains_on(tmp_
     again = main(config, progress=False, actors=kept_actors)
     assert [h["step"] for h in again] == [2, 3, 4]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("reward")] == [0, 1, 2, 3, 4]  # the re-logged steps once
 
 
 @pytest.mark.slow  # two or three Ray runs each (~15-20 s)
