@@ -301,9 +301,24 @@ def _reload_policy(worker, pairs: list) -> None:
 
 
 def reload_weights(llm, state_dict: dict[str, torch.Tensor]) -> None:
-    """Replace the engine's weights in place (Hugging Face names) and drop cached KV."""
+    """Replace the engine's weights in place (Hugging Face names) and drop cached KV. Checked
+    exactly on the norm weights, which vLLM keeps as loaded: a reload that did not happen fails
+    here however little the update moved the weight-sync probe's logprobs."""
     llm.collective_rpc(_reload_policy, args=(list(state_dict.items()),))
+    norms = {k: v for k, v in state_dict.items() if k.endswith("norm.weight") and v.dim() == 1}
+    for stale in llm.collective_rpc(_norms_differ, args=(norms,)):
+        if stale:
+            raise RuntimeError(f"the engine's {stale[:3]} (of {len(stale)} norm weights) are not the ones just "
+                               f"loaded: vLLM's in-place reload did not take effect (rollout/vllm_adapter.py)")
     reset_prefix_cache(llm)
+
+
+def _norms_differ(worker, norms: dict[str, torch.Tensor]) -> list[str]:
+    """Runs inside the engine's worker: the names of ``norms`` whose parameter differs from them
+    (in the parameter's dtype); names the model does not have are left out."""
+    params = dict(worker.model_runner.get_model().named_parameters())
+    return [name for name, want in norms.items() if name in params and params[name].numel() == want.numel()
+            and not torch.equal(params[name].detach().to("cpu"), want.to("cpu", params[name].dtype).view_as(params[name]))]
 
 
 def reset_prefix_cache(llm) -> None:

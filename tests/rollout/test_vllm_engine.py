@@ -155,6 +155,23 @@ def test_in_place_update_equals_a_fresh_engine(engine, dropped_engine, tiny_mode
     assert engine.llm.collective_rpc(_kept_linear_weights)[0] == kept
 
 
+def test_a_reload_that_did_not_happen_is_caught_however_small_the_update(engine, tiny_model_dir, monkeypatch):
+    """An update that moves every weight by ~1e-6 moves the probe's logprobs far less than its
+    tolerance; the exact read-back of the norm weights still catches a reload that did nothing."""
+    import rollout.vllm_adapter as adapter
+    state = load_model(tiny_model_dir).state_dict()
+    torch.manual_seed(0)
+    nudged = {k: v + 1e-6 * torch.randn_like(v) for k, v in state.items()}
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(adapter, "_reload_policy", lambda worker, pairs: None)
+            with pytest.raises(RuntimeError, match="reload did not take effect"):
+                engine.load_weights(nudged)
+        engine.load_weights(nudged)  # the real reload passes the same check
+    finally:
+        engine.load_weights(state)  # the module's later tests expect weights A
+
+
 def _update_equals_a_fresh_engine(engine, tiny_model_dir, tiny_model_dir_b, rollout_cfg) -> None:
     from rollout.vllm_engine import VLLMEngine
     greedy_a = _greedy(engine)
