@@ -9,6 +9,10 @@ from pathlib import Path
 WINDOW = 10  # steps in the moving mean of the reward that the target and the levels are read from
 
 
+def mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def moving(rewards: list[float]) -> list[float]:
     return [sum(rewards[max(0, i - WINDOW + 1):i + 1]) / min(i + 1, WINDOW) for i in range(len(rewards))]
 
@@ -98,7 +102,6 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | prompt | system | seeds | s to target | final reward | samples/s | vs TRL | vs plain "
              "| median step s | vs TRL (median steps) | rollout tok/s | update tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     by_cell: dict = {}
     for r in rows:
         by_cell.setdefault((r["model"], r["prompt"]), {}).setdefault(r["system"], []).append(r)
@@ -135,7 +138,6 @@ def ceiling_table(rows: list[dict]) -> str:
     (with the drafter or without it); means of their timed steps. Running a phase on 2 threads
     costs more core-seconds, not fewer, so this bounds every split of these two phases. What a
     system gains beyond it must come from a cheaper update or rollout, not from scheduling."""
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     lines = ["| model | prompt | update s (1 thread) | rollout s (1 thread) | sync s | rlaccel_all step s "
              "| bound step s | TRL step s | rlaccel_all vs TRL | bound vs TRL |",
              "|---|---|---|---|---|---|---|---|---|---|"]

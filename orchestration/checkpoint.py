@@ -50,10 +50,12 @@ def save(directory: Path, trainer, state: dict | None, timeout: float | None = N
 
 
 def load(directory: str | Path) -> dict:
+    """The loop state of the checkpoint in ``directory`` (``orchestration.resume``)."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not an rlaccel checkpoint (no {STATE_FILE}); checkpoints are "
-                                f"written to <logging.dir>/checkpoints/step-N with orchestration.checkpoint_every")
+        raise ConfigError(f"orchestration.resume={str(directory)!r} is not an rlaccel checkpoint directory (no "
+                          f"{STATE_FILE}); give <logging.dir>/checkpoints/step-N, <logging.dir>/checkpoint or "
+                          f"<logging.dir>/checkpoint-interrupted")
     return json.loads(path.read_text())
 
 

@@ -11,7 +11,6 @@ Every field is documented once, here.
 
 from __future__ import annotations
 
-import json
 import math
 
 from dataclasses import dataclass, field
@@ -511,12 +510,8 @@ def validate(config: Config) -> None:
         _check("mtp.maintain_lr", math.isfinite(config.mtp.maintain_lr) and config.mtp.maintain_lr > 0,
                "finite, > 0", config.mtp.maintain_lr)
     if o.resume is not None:
-        state = Path(o.resume) / "loop_state.json"
-        if not state.is_file():
-            raise ConfigError(f"orchestration.resume={o.resume!r} is not an rlaccel checkpoint directory "
-                              f"(no loop_state.json); give <logging.dir>/checkpoints/step-N, <logging.dir>/checkpoint "
-                              f"or <logging.dir>/checkpoint-interrupted")
-        at = json.loads(state.read_text())["step"]
+        from orchestration import checkpoint  # it imports this module's ConfigError
+        at = checkpoint.load(o.resume)["step"]
         _check("orchestration.steps", o.steps > at, f"> {at}, the step the checkpoint {o.resume} resumes at "
                f"(the total number of steps, not the steps still to run)", o.steps)
 

@@ -370,7 +370,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     # Where a checkpoint taken now would resume: the next step, and the batch popped for this
     # step until the update has it (it is queued again on resume). While the trainer updates
     # (update_refs), a stop waits for the update to end; logged: the step's samples are recorded.
-    next_step, head, updating, update_refs, logged = start, None, False, None, False
+    next_step, head, update_refs, logged = start, None, None, False
     depth, timing = o.max_staleness + 1, None  # batches kept in flight; EMA of (rollout_s, update_s)
 
     def submit(batch, seed: int | None = None) -> tuple:
@@ -453,7 +453,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             metrics["entropy"] = -sum(sampled) / max(len(sampled), 1)  # E[-log p] of sampled tokens
             # The max_staleness rollouts still queued run on the workers while the trainer
             # trains; the weight update below is queued behind them.
-            updating, update_refs, logged = True, None, False
+            logged = False
             update_refs = trainer.step(groups)
             # Nothing waits for the weight update here: each worker runs it before any rollout
             # submitted after it (actor call order), and its verification result is collected
@@ -466,7 +466,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             trajectories.write(step, groups)  # while the trainer trains
             logged = True
             metrics.update(trainer.metrics(update_refs))
-            next_step, head, updating = step + 1, None, False
+            next_step, head, update_refs = step + 1, None, None
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
             metrics["regenerated_groups"] = float(regenerated)
@@ -498,16 +498,16 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             for ref in refs:
                 ray.cancel(ref)
         where = run_dir / "checkpoint-interrupted"
-        if updating and update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end
+        if update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end
             try:
                 metrics.update(ray.get(update_refs, timeout=300)[0])  # every rank's metrics are the same
                 if not logged:
                     trajectories.write(next_step, groups)
                 logger.log(next_step, metrics)  # the step's record, without its timings
-                next_step, head, updating = next_step + 1, None, False
+                next_step, head, update_refs = next_step + 1, None, None
             except BaseException:  # noqa: BLE001 (the update itself failed, or a second Ctrl-C)
                 pass
-        if updating:  # a failed update may have applied some of its mini-batches: weights only
+        if update_refs is not None:  # a failed update may have applied some of its mini-batches: weights only
             saved = _try_save(trainer, where, None)
             how = (f"policy saved to {saved}; it stopped during the update of step {next_step}, so the loop "
                    f"cannot resume there: resume from the last periodic checkpoint (orchestration.checkpoint_every), "
