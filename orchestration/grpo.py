@@ -366,7 +366,10 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     submitted = state["submitted"] if state else 0
     regenerated = state["regenerated"] if state else 0
     pending_sync: list = []
-    restarts = 0
+    # Worker deaths handled, and per worker the submissions made before its last restart was
+    # handled: those went to the process that died, so a second batch of theirs failing is the
+    # same death (not counted again; the worker already has the current weights).
+    restarts, sends, handled = 0, 0, {}
     # Where a checkpoint taken now would resume: the next step, and the batch popped for this
     # step until the update has it (it is queued again on resume). While the trainer updates
     # (update_refs), a stop waits for the update to end; logged: the step's samples are recorded.
@@ -374,13 +377,14 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     depth, timing = o.max_staleness + 1, None  # batches kept in flight; EMA of (rollout_s, update_s)
 
     def submit(batch, seed: int | None = None) -> tuple:
-        nonlocal submitted
+        nonlocal submitted, sends
         if seed is None:
             seed, submitted = step_seed(o.seed, submitted), submitted + 1
         size = -(-len(batch) // len(workers))  # contiguous shards keep the batch order
         shards = [(k, batch[k * size:(k + 1) * size]) for k in range(len(workers)) if batch[k * size:(k + 1) * size]]
         refs = [workers[k].generate.remote(shard, seed + k) for k, shard in shards]
-        return refs, batch, seed, shards
+        sends += 1
+        return refs, batch, seed, shards, sends
 
     def on_restarted(method, *args, timeout_s: float = 300.0):
         """Call an actor method, waiting while Ray restarts the actor."""
@@ -409,15 +413,17 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         """Results of a submitted batch. A shard whose worker died is sampled again on the
         worker Ray restarted, after it received the current weights: nothing is lost."""
         nonlocal restarts
-        refs, _, seed, shards = entry
+        refs, _, seed, shards, sent = entry
         outs = []
         for ref, (k, shard) in zip(refs, shards):
             try:
                 outs.append(ray.get(ref))
             except WORKER_GONE as exc:
-                restarts += 1
-                log.warning("rollout worker %d died (%s)", k, type(exc).__name__)
-                restarted(k)
+                if sent > handled.get(k, 0):  # not a batch of a death handled already
+                    restarts += 1
+                    log.warning("rollout worker %d died (%s)", k, type(exc).__name__)
+                    restarted(k)
+                    handled[k] = sends
                 log.warning("re-sampling worker %d's %d prompts on its restarted process", k, len(shard))
                 outs.append(on_restarted(workers[k].generate, shard, seed + k))
         return outs
@@ -427,7 +433,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         batches ``queued`` (sampled again first, with their seeds)."""
         return {"step": step, "version": step, "submitted": submitted, "regenerated": regenerated,
                 "stream": stream.state(), "data": data,
-                "in_flight": [[[i for i, _ in batch], seed] for _, batch, seed, _ in queued]}
+                "in_flight": [[[i for i, _ in batch], seed] for _, batch, seed, *_ in queued]}
 
     for batch, seed in (state["in_flight"] if state else []):  # sampled again, none lost
         in_flight.append(submit([(i, rows[i]) for i in checkpoint.batch_indices(batch)], seed))

@@ -381,6 +381,7 @@ def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, kept_ac
     history = main(config, progress=False)
     assert [h["step"] for h in history] == [0, 1, 2, 3]
     assert history[-1]["worker_restarts"] + history[-1]["regenerated_groups"] >= 1
+    assert history[-1]["worker_restarts"] <= 1  # one death, however many batches it had in flight
     record = _trained_record(tmp_path / "run")
     counts: dict[int, int] = {}
     for _, index, _, _ in record:
