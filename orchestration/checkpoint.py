@@ -49,6 +49,11 @@ def save(directory: Path, trainer, state: dict | None, timeout: float | None = N
     return directory
 
 
+# What a run writes in its logging.dir besides config.yaml and placement.json.
+RUN_FILES = ("metrics.jsonl", "trajectories*.parquet", "tensorboard", "checkpoint", "checkpoints",
+             "checkpoint-interrupted")
+
+
 def load(directory: str | Path) -> dict:
     """The loop state of the checkpoint in ``directory`` (``orchestration.resume``)."""
     path = Path(directory) / STATE_FILE
@@ -56,7 +61,45 @@ def load(directory: str | Path) -> dict:
         raise ConfigError(f"orchestration.resume={str(directory)!r} is not an rlaccel checkpoint directory (no "
                           f"{STATE_FILE}); give <logging.dir>/checkpoints/step-N, <logging.dir>/checkpoint or "
                           f"<logging.dir>/checkpoint-interrupted")
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+        missing = [k for k in ("step", "version", "submitted", "regenerated", "stream", "in_flight") if k not in state]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        missing, state = [f"readable JSON ({exc})"], None
+    if missing:
+        raise ConfigError(f"orchestration.resume={str(directory)!r}: its {STATE_FILE} is damaged (no "
+                          f"{', '.join(missing)}); resume from another checkpoint of the run (checkpoints/step-N), "
+                          f"or start a new run from its weights (model.path={str(directory)!r})")
+    return state
+
+
+def claim_run_dir(directory: str | Path, resume: str | None, overwrite: bool) -> Path:
+    """The directory this run logs to, for ``logging.dir``: itself, unless it holds an earlier run
+    (its metrics, trajectories, checkpoints) that this run does not resume (a checkpoint inside
+    it goes on with it there). Nothing of an earlier run is lost: a new run beside it logs to the
+    first free ``<dir>-2``, ``<dir>-3``, ..., or with ``overwrite`` deletes its files first."""
+    directory = Path(directory)
+
+    def earlier(path: Path) -> list[str]:
+        return sorted({p.name for pattern in RUN_FILES for p in path.glob(pattern)})
+
+    if not earlier(directory):
+        return directory
+    inside = resume is not None and directory.resolve() in Path(resume).resolve().parents
+    if inside and overwrite:
+        raise ConfigError(f"logging.overwrite=true would delete the checkpoint orchestration.resume={resume!r} "
+                          f"resumes from (it is inside logging.dir={str(directory)!r}): resume without it")
+    if inside:
+        return directory
+    if overwrite:
+        for pattern in RUN_FILES:
+            for path in directory.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return directory
+    n = 2
+    while earlier(free := directory.with_name(f"{directory.name}-{n}")) or (free / "config.yaml").exists():
+        n += 1
+    return free
 
 
 def data_identity(rows: list[dict], seed: int) -> dict:

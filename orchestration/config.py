@@ -252,6 +252,10 @@ class OrchestrationConfig:
 class LoggingConfig:
     # Run directory: metrics.jsonl, TensorBoard events, the resolved config.
     dir: str = "runs/tiny"
+    # A directory holding an earlier run (its metrics, trajectories, checkpoints) that this run
+    # does not resume is kept: the run logs to <dir>-2 (-3, ...) instead, and says so. true:
+    # that earlier run's files are deleted first.
+    overwrite: bool = False
     tensorboard: bool = True
     progress_bar: bool = True
 

@@ -303,12 +303,17 @@ def step_seed(seed: int, step: int) -> int:
 def main(config: Config, progress: bool | None = None, actors: Actors | None = None) -> list[dict]:
     """Run GRPO as configured; returns the per-step metrics (also in metrics.jsonl).
     ``actors``: the processes to run in, kept for the caller's next run (see :class:`Actors`);
-    by default the run starts its own and stops them at its end."""
+    by default the run starts its own and stops them at its end. Where ``logging.dir`` holds an
+    earlier run that this one does not resume, ``config.logging.dir`` is set to the directory the
+    run logs to instead (:func:`orchestration.checkpoint.claim_run_dir`)."""
     o, a = config.orchestration, config.algorithm
     progress = config.logging.progress_bar if progress is None else progress
-    run_dir = Path(config.logging.dir)
+    run_dir = checkpoint.claim_run_dir(config.logging.dir, o.resume, config.logging.overwrite)
+    if run_dir != Path(config.logging.dir):
+        log.warning("logging.dir=%s holds an earlier run, kept: this run logs to %s (logging.overwrite=true would "
+                    "replace it; --resume %s/checkpoint continues it)", config.logging.dir, run_dir, config.logging.dir)
+        config.logging.dir = str(run_dir)  # what the caller reads the run's logs from
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(config))
 
     model_dir = prepare_model(config, progress=progress)
     tokenizer = load_tokenizer(model_dir)
@@ -324,6 +329,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         checkpoint.check_data(state, data, o.resume)
         stream.restore(state["stream"])
         log.info("resuming at step %d from %s", start, o.resume)
+    (run_dir / "config.yaml").write_text(to_yaml(config))  # once a resume's checks passed
 
     init_ray(config)
     own = actors is None

@@ -103,8 +103,11 @@ def test_native_mtp_settings_that_cannot_work_are_refused(tmp_path):
     assert cfg.rollout.spec_method == "mtp" and cfg.model.name == "tiny_mimo"
 
 
+STATE = '{"step": 5, "version": 5, "submitted": 5, "regenerated": 0, "stream": {}, "in_flight": []}'
+
+
 def test_resume_needs_more_steps_than_the_checkpoint_has(tmp_path):
-    (tmp_path / "loop_state.json").write_text('{"step": 5}')
+    (tmp_path / "loop_state.json").write_text(STATE)
     with pytest.raises(ConfigError, match=r"orchestration\.steps=5: must be > 5"):
         load_config(None, [f"orchestration.resume={tmp_path}", "orchestration.steps=5"])
     assert load_config(None, [f"orchestration.resume={tmp_path}", "orchestration.steps=6"]).orchestration.steps == 6
@@ -126,3 +129,37 @@ def test_bad_yaml_and_bad_layers_are_named(tmp_path):
         load_config(None, ["orchestration.stepz=1", "orchestration.steps=5"])
     with pytest.raises(ConfigError, match=r"in brackets: key=\[a,b\]"):
         load_config(None, ["algorithm.reward_fns=a:f"])
+
+
+@pytest.mark.parametrize("text, named", [("", "readable JSON"), ('{"step": 5', "readable JSON"), ("[]", "step"),
+                                         ('{"step": 5}', "version")])
+def test_a_damaged_loop_state_is_named_with_the_way_out(tmp_path, text, named):
+    (tmp_path / "loop_state.json").write_text(text)
+    with pytest.raises(ConfigError, match=f"loop_state.json is damaged.*{named}.*model.path="):
+        load_config(None, [f"orchestration.resume={tmp_path}", "orchestration.steps=6"])
+
+
+def test_an_earlier_run_in_the_directory_is_kept_unless_resumed_or_overwritten(tmp_path):
+    """Nothing of an earlier run in logging.dir is lost: a new run logs beside it (<dir>-2, -3, ...),
+    a resume of its checkpoint goes on with it there, logging.overwrite=true deletes its files."""
+    from orchestration.checkpoint import claim_run_dir
+    run = tmp_path / "run"
+    assert claim_run_dir(run, None, False) == run  # a new directory
+    run.mkdir()
+    (run / "config.yaml").write_text("x")  # written before anything else: not a run yet
+    assert claim_run_dir(run, None, False) == run
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    (run / "trajectories.from-step3.parquet").write_text("x")
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "loop_state.json").write_text(STATE)
+    assert claim_run_dir(run, None, False) == tmp_path / "run-2"
+    (tmp_path / "run-2").mkdir()
+    (tmp_path / "run-2" / "config.yaml").write_text("x")  # claimed by a run that has not logged yet
+    assert claim_run_dir(run, None, False) == tmp_path / "run-3"
+    assert claim_run_dir(run, str(run / "checkpoint"), False) == run  # resumed in place
+    assert claim_run_dir(run, str(tmp_path / "other" / "checkpoint"), False) == tmp_path / "run-3"
+    with pytest.raises(ConfigError, match="would delete the checkpoint"):
+        claim_run_dir(run, str(run / "checkpoint"), True)
+    assert (run / "metrics.jsonl").is_file()  # nothing deleted but by overwrite
+    assert claim_run_dir(run, None, True) == run
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]

@@ -110,7 +110,7 @@ def test_each_actor_gets_its_gpus_from_ray_and_too_few_is_an_error(tmp_path, cac
     main(config, progress=False)
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())
     assert len(placement["rollout_worker_gpus"][0]) == 1 and placement["trainer_rank_gpus"] == [[]]
-    config.rollout.gpus = 3
+    config.rollout.gpus, config.logging.dir = 3, str(tmp_path / "run3")
     with pytest.raises(ConfigError, match="has 2 GPUs but rollout.gpus=3"):
         main(config, progress=False)
     ray.shutdown()
@@ -136,7 +136,11 @@ def test_cpu_actors_keep_freed_memory_unless_configured_not_to(tmp_path, cache, 
     for actor in (*kept_actors.workers, *kept_actors.trainers):
         assert _memory(actor) == (None, False, "false")
     config.orchestration.keep_freed_memory = True  # the other tests' setting: their kept actors last
+    first = (tmp_path / "run" / "metrics.jsonl").read_text()
     main(config, progress=False, actors=kept_actors)
+    # the same logging.dir: the run above is kept, this one logs beside it
+    assert config.logging.dir == str(tmp_path / "run-2") and (tmp_path / "run-2" / "metrics.jsonl").is_file()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == first
     assert not kept_actors.reused
     for actor in (*kept_actors.workers, *kept_actors.trainers):
         assert _memory(actor) == (KEEP_FREED_MEMORY["MALLOC_MMAP_THRESHOLD_"], True, "false")
