@@ -40,14 +40,37 @@ def math_verify_reward(prompts: list[str], completions: list[str], answer: list[
 def load_reward_fn(path: str) -> RewardFn:
     """Import ``"package.module:function"``."""
     module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise RewardError(f"algorithm.reward_fns: {path!r} is not 'module:function' (e.g. "
+                          f"'rollout.rewards:arithmetic_reward')")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise RewardError(f"algorithm.reward_fns: cannot import {path!r} ({exc}); "
                           f"give 'module:function' importable on the job's Python path") from None
+    except Exception as exc:  # noqa: BLE001 (the module itself raised while it was imported)
+        raise RewardError(f"algorithm.reward_fns: importing {module_name!r} for {path!r} raised "
+                          f"{type(exc).__name__}: {exc}; fix the module") from exc
     if not callable(fn):
         raise RewardError(f"algorithm.reward_fns: {path!r} is not callable")
     return fn
+
+
+def check_signatures(fns: dict[str, RewardFn], columns: list[str]) -> None:
+    """Refuse, before any sampling, a function that cannot be called as :func:`score_groups` calls
+    it with the dataset's ``columns`` (e.g. a parameter naming a column the data lacks)."""
+    import inspect
+    for name, fn in fns.items():
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin or C function: nothing to check
+            continue
+        try:
+            signature.bind([""], [""], **{k: [None] for k in columns})
+        except TypeError as exc:
+            raise RewardError(f"reward function {name} cannot take the data's columns ({exc}): it is called as "
+                              f"fn(prompts, completions, **columns) with the columns {sorted(columns)}; give it "
+                              f"**kwargs, or add the column to the data") from None
 
 
 def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = "fail") -> dict[str, float]:
@@ -68,8 +91,11 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
     for name, fn in fns.items():
         try:
             values = _call(fn, prompts, completions, columns)
+        except _WrongShape as exc:  # the function's contract, not a sample: no sample-by-sample retry
+            raise RewardError(f"reward function {name} {exc}: it must return a list with one reward (a "
+                              f"number, or None: does not apply) per completion, in their order") from None
         except Exception:
-            values = []
+            values, failed = [], 0
             for i in range(len(prompts)):
                 try:
                     values.extend(_call(fn, [prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()}))
@@ -81,7 +107,13 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                                                 "to score such samples 0 and count them.") from exc
                     log.warning("%s; scored 0 (algorithm.on_reward_error=zero)", msg)
                     values.append(0.0)
-                    errors += 1
+                    failed += 1
+            if failed == len(prompts):  # not the samples: the function (or its setup) is broken
+                raise RewardError(f"reward function {name} raised on every one of the step's {failed} samples "
+                                  f"(the last error is logged above): fix the function; "
+                                  f"algorithm.on_reward_error=zero scores single failing samples 0, not a "
+                                  f"function that never works")
+            errors += failed
         for i, v in enumerate(values):
             if v is None:  # TRL's convention: this function does not apply to the sample
                 continue
@@ -101,6 +133,10 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                                         "algorithm.on_reward_error=zero to score such samples 0 and count them.")
             log.warning("%s; scored 0 (algorithm.on_reward_error=zero)", msg)
             total[i], errors = 0.0, errors + 1
+    for i, v in enumerate(total):
+        if not math.isfinite(v):
+            raise RewardError(f"the reward functions' sum is {v} for prompt={prompts[i]!r} completion={completions[i]!r} "
+                              f"(each was finite): keep rewards within float range")
     pos = 0
     for g in groups:
         g.rewards = total[pos:pos + g.n]
@@ -110,9 +146,14 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
     return metrics
 
 
+class _WrongShape(RewardError):
+    pass
+
+
 def _call(fn: RewardFn, prompts, completions, columns) -> list[float | None]:
     values = fn(prompts, completions, **columns)
-    values = [float(v) if v is not None else None for v in values]
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise _WrongShape(f"returned a {type(values).__name__}, not a list")
     if len(values) != len(prompts):
-        raise RewardError(f"reward function returned {len(values)} values for {len(prompts)} samples")
-    return values
+        raise _WrongShape(f"returned {len(values)} values for {len(prompts)} completions")
+    return [float(v) if v is not None else None for v in values]

@@ -91,3 +91,50 @@ def test_rows_with_different_columns_get_their_own_values():
     score_groups(groups, {"m:by_difficulty": by_difficulty})
     assert seen[0] == [None, None, 5, 5]
     assert groups[0].rewards == [0.0, 0.0] and groups[1].rewards == [5.0, 5.0]
+
+
+def test_a_function_breaking_its_contract_fails_at_once_not_sample_by_sample():
+    """A wrong number of rewards, or not a list, is the function's fault: no sample-by-sample retry
+    (a batched judge would be called once per sample, unseen), an error naming what it returned."""
+    calls = []
+
+    def short(prompts, completions, **_):
+        calls.append(len(completions))
+        return [1.0]
+
+    groups = [_group("1+1=", ["2", "3"], "2")]
+    with pytest.raises(RewardError, match=r"m:short returned 1 values for 2 completions.*one reward"):
+        score_groups(groups, {"m:short": short}, on_error="zero")
+    assert calls == [2]
+    with pytest.raises(RewardError, match="m:scalar returned a float, not a list"):
+        score_groups(groups, {"m:scalar": lambda p, c, **_: 1.0}, on_error="zero")
+
+
+def test_a_function_failing_on_every_sample_is_an_error_even_when_failures_score_zero():
+    groups = [_group("1+1=", ["2", "3"], "2")]
+    with pytest.raises(RewardError, match=r"m:broken raised on every one of the step's 2 samples"):
+        score_groups(groups, {"m:broken": lambda p, c, judge, **_: [1.0] * len(c)}, on_error="zero")
+
+
+def test_a_sum_out_of_float_range_is_an_error():
+    groups = [_group("1+1=", ["2"], "2")]
+    with pytest.raises(RewardError, match="sum is inf"):
+        score_groups(groups, {"m:a": lambda p, c, **_: [1e308], "m:b": lambda p, c, **_: [1e308]})
+
+
+def test_reward_paths_that_cannot_load_are_named(tmp_path, monkeypatch):
+    with pytest.raises(RewardError, match="is not 'module:function'"):
+        load_reward_fn(":arithmetic_reward")
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('no API key')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match="importing 'raises_on_import'.*RuntimeError: no API key"):
+        load_reward_fn("raises_on_import:score")
+
+
+def test_a_function_that_cannot_take_the_data_columns_is_refused_before_sampling():
+    from rollout.rewards import check_signatures
+    check_signatures({"a": arithmetic_reward, "b": lambda prompts, completions, **kw: []}, ["answer", "level"])
+    with pytest.raises(RewardError, match=r"m:judge cannot take the data's columns.*'rubric'.*\['answer'\]"):
+        check_signatures({"m:judge": lambda prompts, completions, answer, rubric: []}, ["answer"])
+    with pytest.raises(RewardError, match="m:strict cannot take"):  # a column it has no parameter for
+        check_signatures({"m:strict": lambda prompts, completions, answer: []}, ["answer", "level"])
