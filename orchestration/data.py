@@ -62,6 +62,10 @@ def _load_rows(source: str) -> list[dict]:
     return ds.to_list()
 
 
+# Arguments of a reward function call that a dataset column must not take (rollout.rewards).
+RESERVED_COLUMNS = ("prompts", "completions")
+
+
 def load_prompts(data_cfg, tokenizer) -> list[dict]:
     """Rows with "prompt" and "answer" (plus their other columns), validated."""
     if data_cfg.source == "arithmetic":
@@ -78,23 +82,42 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
         prompt_field, answer_field = data_cfg.prompt_field, data_cfg.answer_field
     if not rows:
         raise DataError(f"data.source={data_cfg.source!r} has no rows")
+    reserved = [k for k in rows[0] if k in RESERVED_COLUMNS and k not in (prompt_field, answer_field)]
+    if reserved:
+        raise DataError(f"{data_cfg.source}: column(s) {reserved} would collide with the reward functions' own "
+                        f"arguments (fn(prompts, completions, **columns)); rename them in the data")
+    # ids that stand for text the tokenizer cannot encode (the built-in one maps it to its pad token)
+    lost = {t for t in (tokenizer.unk_token_id, tokenizer.pad_token_id) if t is not None}
     out = []
     for i, row in enumerate(rows):
         for name, key in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
             if row.get(key) is None:
-                raise DataError(f"{data_cfg.source}: row {i} has no field {key!r} ({name}); "
-                                f"its fields are {sorted(row)}. Fix the row or set {name}.")
-        prompt = row[prompt_field]
+                present = sorted(k for k, v in row.items() if v is not None)
+                raise DataError(f"{data_cfg.source}: row {i} has no value for {key!r} ({name}): the field is "
+                                f"missing or null; its fields with values are {present}. Fix the row or set {name}.")
+        prompt, answer = row[prompt_field], row[answer_field]
         if not isinstance(prompt, str) or not prompt:
             raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} must be a non-empty string, "
                             f"got {prompt!r}")
-        n_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+            raise DataError(f"{data_cfg.source}: row {i}: field {answer_field!r} (data.answer_field) is "
+                            f"{type(answer).__name__} {answer!r}; answers are text (an integer is taken as its "
+                            f"digits): convert the column to strings, e.g. 2.0 -> '2'")
+        encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+        n_tokens = len(encoded.input_ids)
         if n_tokens > data_cfg.max_prompt_tokens:
             raise DataError(f"{data_cfg.source}: row {i}: prompt is {n_tokens} tokens, longer than "
                             f"data.max_prompt_tokens={data_cfg.max_prompt_tokens}; raise the limit "
                             f"(and rollout.max_model_len) or shorten the prompt")
+        bad = [k for k, t in enumerate(encoded.input_ids) if t in lost]
+        if bad:
+            spans = encoded.get("offset_mapping")
+            text = sorted({prompt[slice(*spans[k])] for k in bad}) if spans else "?"
+            raise DataError(f"{data_cfg.source}: row {i}: the prompt has text the model's tokenizer cannot encode "
+                            f"({text}, read as its unknown or pad token): the model would see other text than the "
+                            f"reward function; remove it from the prompt, or use a model whose tokenizer has it")
         extra = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
-        out.append({**extra, "prompt": prompt, "answer": str(row[answer_field])})
+        out.append({**extra, "prompt": prompt, "answer": str(answer)})
     return out
 
 

@@ -42,7 +42,7 @@ def test_jsonl_parquet_and_saved_dataset(tmp_path, tokenizer):
 def test_missing_field_names_row_and_field(tmp_path, tokenizer):
     jl = tmp_path / "d.jsonl"
     jl.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2="}))
-    with pytest.raises(DataError, match=r"row 1 has no field 'answer'.*data.answer_field"):
+    with pytest.raises(DataError, match=r"row 1 has no value for 'answer'.*data.answer_field"):
         load_prompts(_cfg(tmp_path, jl), tokenizer)
 
 
@@ -99,3 +99,38 @@ def test_unreadable_sources_name_the_setting_and_the_cause(tmp_path, tokenizer):
     folder.mkdir()
     with pytest.raises(DataError, match="could not be read as a directory saved with Dataset.save_to_disk"):
         load_prompts(_cfg(tmp_path, folder), tokenizer)
+
+
+def _rows(tmp_path, rows):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_text_the_tokenizer_cannot_encode_is_refused_naming_it(tmp_path, tokenizer):
+    """The built-in tokenizer reads a character outside its vocabulary as its pad token: the model
+    would train on other text than the reward function sees."""
+    source = _rows(tmp_path, [{"prompt": "1+1=", "answer": "2"}, {"prompt": "3×4=", "answer": "12"}])
+    with pytest.raises(DataError, match=r"row 1: the prompt has text the model's tokenizer cannot encode \(\['×'\]"):
+        load_prompts(_cfg(tmp_path, source), tokenizer)
+
+
+def test_answers_are_text_or_integers(tmp_path, tokenizer):
+    source = _rows(tmp_path, [{"prompt": "1+1=", "answer": 2}])
+    assert load_prompts(_cfg(tmp_path, source), tokenizer)[0]["answer"] == "2"
+    for bad in (2.0, [2], True):
+        source = _rows(tmp_path, [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": bad}])
+        with pytest.raises(DataError, match=r"row 1: field 'answer' \(data.answer_field\) is .*convert the column"):
+            load_prompts(_cfg(tmp_path, source), tokenizer)
+
+
+def test_columns_named_like_the_reward_arguments_are_refused(tmp_path, tokenizer):
+    source = _rows(tmp_path, [{"prompt": "1+1=", "answer": "2", "completions": "x"}])
+    with pytest.raises(DataError, match=r"\['completions'\] would collide with the reward functions"):
+        load_prompts(_cfg(tmp_path, source), tokenizer)
+
+
+def test_a_null_field_is_named_as_missing_or_null(tmp_path, tokenizer):
+    source = _rows(tmp_path, [{"prompt": "1+1=", "answer": None, "level": 1}])
+    with pytest.raises(DataError, match=r"row 0 has no value for 'answer'.*missing or null.*values are \['level', 'prompt'\]"):
+        load_prompts(_cfg(tmp_path, source), tokenizer)
