@@ -11,6 +11,7 @@ Every field is documented once, here.
 
 from __future__ import annotations
 
+import json
 import math
 
 from dataclasses import dataclass, field
@@ -371,6 +372,16 @@ def _check(key: str, ok: bool, what: str, value) -> None:
         raise ConfigError(f"{key}={value!r}: must be {what}")
 
 
+def _max_positions(m: ModelConfig, builtin: dict) -> int | None:
+    """The model's max_position_embeddings, if its config says (a built-in one, or model.path's config.json)."""
+    if m.path is None:
+        return builtin[m.name].get("max_position_embeddings")
+    try:
+        return int(json.loads((Path(m.path) / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):  # vLLM derives it then, and names it if too small
+        return None
+
+
 def validate(config: Config) -> None:
     """Value checks a type cannot express. Registries are consulted, not copied."""
     from attention.shared_prompt import BACKENDS
@@ -433,6 +444,11 @@ def validate(config: Config) -> None:
     _check("rollout.max_model_len", r.max_model_len >= d.max_prompt_tokens + r.max_tokens,
            f">= data.max_prompt_tokens + rollout.max_tokens = {d.max_prompt_tokens + r.max_tokens}",
            r.max_model_len)
+    positions = _max_positions(m, BUILTIN_MODELS)
+    if positions is not None:
+        _check("rollout.max_model_len", r.max_model_len <= positions,
+               f"<= the model's max_position_embeddings={positions} (lower data.max_prompt_tokens or "
+               f"rollout.max_tokens with it)", r.max_model_len)
     _check("trainer.lr", math.isfinite(t.lr) and t.lr > 0, "finite, > 0", t.lr)
     _check("trainer.weight_decay", math.isfinite(t.weight_decay) and t.weight_decay >= 0, "finite, >= 0",
            t.weight_decay)
@@ -462,15 +478,15 @@ def validate(config: Config) -> None:
     _choice("algorithm.advantage", a.advantage, ADVANTAGES)
     _choice("algorithm.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
     _check("algorithm.clip_low", 0 <= a.clip_low < 1, "in [0, 1)", a.clip_low)
-    _check("algorithm.clip_high", a.clip_high >= 0, ">= 0", a.clip_high)
-    _check("algorithm.kl_coef", a.kl_coef >= 0, ">= 0", a.kl_coef)
+    _check("algorithm.clip_high", math.isfinite(a.clip_high) and a.clip_high >= 0, "finite, >= 0", a.clip_high)
+    _check("algorithm.kl_coef", math.isfinite(a.kl_coef) and a.kl_coef >= 0, "finite, >= 0", a.kl_coef)
     _check("algorithm.prompts_per_step", a.prompts_per_step >= 1, ">= 1", a.prompts_per_step)
     _check("algorithm.reward_fns", len(a.reward_fns) >= 1 and all(":" in s for s in a.reward_fns),
            "a non-empty list of 'module:function' paths", a.reward_fns)
     _choice("algorithm.on_reward_error", a.on_reward_error, {"fail", "zero"})
     _check("orchestration.steps", o.steps >= 1, ">= 1", o.steps)
     _check("orchestration.max_staleness", o.max_staleness >= 0, ">= 0", o.max_staleness)
-    _check("algorithm.is_cap", a.is_cap >= 1, ">= 1", a.is_cap)
+    _check("algorithm.is_cap", math.isfinite(a.is_cap) and a.is_cap >= 1, "finite, >= 1", a.is_cap)
     _check("orchestration.num_cpus", o.num_cpus >= 1, ">= 1", o.num_cpus)
     _check("orchestration.checkpoint_every", o.checkpoint_every >= 0, ">= 0", o.checkpoint_every)
     _choice("orchestration.weight_sync", o.weight_sync, {"object_store", "broadcast"})

@@ -163,3 +163,14 @@ def test_an_earlier_run_in_the_directory_is_kept_unless_resumed_or_overwritten(t
     assert (run / "metrics.jsonl").is_file()  # nothing deleted but by overwrite
     assert claim_run_dir(run, None, True) == run
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_lengths_beyond_the_model_and_non_finite_coefficients_are_refused_at_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"rollout.max_model_len=4096: must be <= the model's max_position_embeddings=512"):
+        load_config("tiny", ["rollout.max_model_len=4096", "data.max_prompt_tokens=4000"])
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 256}')
+    with pytest.raises(ConfigError, match="max_position_embeddings=256"):
+        load_config("tiny", [f"model.path={tmp_path}", "rollout.max_model_len=300"])
+    for override in ("algorithm.kl_coef=inf", "algorithm.clip_high=nan", "algorithm.is_cap=inf"):
+        with pytest.raises(ConfigError, match=f"{override.split('=')[0]}=.*finite"):
+            load_config("tiny", [override])
