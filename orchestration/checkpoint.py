@@ -12,8 +12,10 @@ checkpoint.
 A run writes one every ``orchestration.checkpoint_every`` steps, one at its end
 (``<logging.dir>/checkpoint``: train on with more ``orchestration.steps``), and one when it
 stops on an error or Ctrl-C (``checkpoint-interrupted``): before the step's update with the
-step's batch queued again, during it once the update has ended. An update that itself failed
-leaves the weights only: it may have applied some of its mini-batches.
+step's batch queued again, during it once the update has ended. An update the trainer refused
+before it changed anything (a non-finite loss or gradient norm in the step's first mini-batch:
+``UpdateNotApplied``) is as a stop before the update. Any other failed update leaves the weights
+only: it may have applied some of its mini-batches.
 
 On resume the trainer reloads weights and optimizer, the workers start from the
 checkpoint's weights, the data cursor continues, and the in-flight batches are sampled

@@ -41,8 +41,9 @@ from orchestration.model_prep import prepare_model
 from orchestration.trajectories import TrajectoryLog
 from orchestration.trainer_actor import TrainerActor, TrainerGroup
 from orchestration.weight_sync import WORKER_GONE, WorkerLost, make_sync
+from policy.distributed import UpdateNotApplied
 from policy.models import load_tokenizer
-from rollout.rewards import RewardError, load_reward_fn, score_groups
+from rollout.rewards import RewardError, check_signatures, load_reward_fn, score_groups
 from rollout.vllm_adapter import spec_decode_rates
 from rollout.worker import RolloutWorker
 
@@ -315,10 +316,11 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         config.logging.dir = str(run_dir)  # what the caller reads the run's logs from
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    reward_fns = {path: load_reward_fn(path) for path in a.reward_fns}  # before minutes of warm start
     model_dir = prepare_model(config, progress=progress)
     tokenizer = load_tokenizer(model_dir)
     rows = load_prompts(config.data, tokenizer)
-    reward_fns = {path: load_reward_fn(path) for path in a.reward_fns}
+    check_signatures(reward_fns, list(dict.fromkeys(k for row in rows for k in row if k != "prompt")))
     stream = PromptStream(rows, o.seed)
     probe_ids = tokenizer(rows[0]["prompt"] + rows[0]["answer"], add_special_tokens=False).input_ids[-PROBE_TOKENS:]
 
@@ -503,13 +505,15 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         for refs, *_ in in_flight:  # rollouts still queued (async) would delay kept actors' next run
             for ref in refs:
                 ray.cancel(ref)  # a queued actor call is dropped, a running one finishes
-    except BaseException:
+    except BaseException as exc:
         # Keep what was learned so far (the trainer is a separate process and usually alive). The
         # rollouts still queued go first: a broadcast sync the save is queued behind waits for them.
         for refs, *_ in in_flight:
             for ref in refs:
                 ray.cancel(ref)
         where = run_dir / "checkpoint-interrupted"
+        if update_refs is not None and _not_applied(exc):  # refused before it changed anything
+            update_refs = None  # the step's batch (head) is queued again
         if update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end
             try:
                 metrics.update(ray.get(update_refs, timeout=300)[0])  # every rank's metrics are the same
@@ -537,6 +541,12 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         if own:
             actors.close()
     return history
+
+
+def _not_applied(exc: BaseException) -> bool:
+    """Whether ``exc`` (as raised by ``ray.get``) is the trainer refusing an update before it changed
+    the weights or the optimizer."""
+    return isinstance(exc, UpdateNotApplied) or isinstance(getattr(exc, "cause", None), UpdateNotApplied)
 
 
 def _try_save(trainer, directory: Path, state: dict | None) -> str | None:
@@ -567,6 +577,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RewardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (FloatingPointError, WorkerLost) as exc:  # the log above says what was saved
+        print(f"error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
+        return 1
     first = history[: max(1, len(history) // 10)]
     last = history[-max(1, len(history) // 10):]
     mean = lambda hs: sum(h["reward"] for h in hs) / len(hs)  # noqa: E731

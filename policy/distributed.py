@@ -48,6 +48,11 @@ def keep_configured_hyperparameters(param_groups: list[dict], cfg) -> None:
         group.update(configured)
 
 
+
+class UpdateNotApplied(FloatingPointError):
+    """A step refused before it changed the weights or the optimizer (a non-finite loss or
+    gradient norm): the policy is as it was, and the step's batch can be trained on again."""
+
 class LocalUpdate:
     """One process: torch AdamW with gradient-norm clipping."""
 
@@ -71,7 +76,7 @@ class LocalUpdate:
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
         if not torch.isfinite(torch.tensor(norm)):
             self.zero_grad()
-            raise FloatingPointError("non-finite gradient norm; this mini-batch was not applied")
+            raise UpdateNotApplied("non-finite gradient norm; this mini-batch was not applied")
         self.optimizer.step()
         return norm
 

@@ -16,7 +16,7 @@ import torch
 
 from attention.layout import balance_groups
 from policy.batch import Group, pad_sequences
-from policy.distributed import DeepSpeedUpdate, LocalUpdate
+from policy.distributed import DeepSpeedUpdate, LocalUpdate, UpdateNotApplied
 from policy.grpo import ADVANTAGES, StepTotals, grpo_loss
 from policy.models import load_model, load_tokenizer, set_cpu_math
 from policy.packed import PLAIN_LM_HEAD, packed_token_logprobs, upcast
@@ -164,11 +164,14 @@ class PolicyTrainer:
             self.update.pad_backwards(backwards_due - backwards)
             if self.update.all_max([0.0 if finite else 1.0])[0] > 0:  # every rank of a group raises
                 self.update.zero_grad()
-                raise FloatingPointError(
-                    f"non-finite loss at policy version {self.version} (mini-batch {m}); it was not applied. "
-                    f"Lower trainer.lr or check the model dtype.")
+                raise _refusal(grad_norms)(
+                    f"non-finite loss at policy version {self.version} (mini-batch {m + 1} of {M}{_applied(grad_norms)}); "
+                    f"it was not applied. Lower trainer.lr or check the model dtype.")
             try:
                 grad_norms.append(self.update.step())
+            except UpdateNotApplied as exc:
+                raise _refusal(grad_norms)(f"{exc} (policy version {self.version}, mini-batch {m + 1} of {M}"
+                                 f"{_applied(grad_norms)})") from None
             except FloatingPointError as exc:
                 raise FloatingPointError(f"{exc} (policy version {self.version})") from None
         keys = sorted(sums)
@@ -267,6 +270,16 @@ class PolicyTrainer:
         self.model.load_state_dict(load_model(directory).state_dict())
         self.update.load(directory)
         self.version = int(torch.load(directory / "trainer_state.pt", weights_only=True)["version"])
+
+
+def _refusal(grad_norms: list) -> type[FloatingPointError]:
+    """A refused mini-batch after applied ones leaves the step half done (weights changed, the
+    version not); only a refusal before any is :class:`UpdateNotApplied` (the batch can be trained again)."""
+    return FloatingPointError if grad_norms else UpdateNotApplied
+
+
+def _applied(grad_norms: list) -> str:
+    return f"; the {len(grad_norms)} before it were applied" if grad_norms else ""
 
 
 def _to(batch, device):

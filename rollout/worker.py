@@ -10,6 +10,7 @@ with the received weights), proving the engine samples with the new weights.
 
 from __future__ import annotations
 
+import math
 import time
 
 from policy import weight_broadcast
@@ -20,6 +21,10 @@ from policy.models import (PackedState, empty_model, load_tokenizer, probe_logpr
 
 class WeightSyncError(RuntimeError):
     pass
+
+
+class PolicyDiverged(FloatingPointError):
+    """The policy the worker samples from gives non-finite probabilities."""
 
 
 def spec_metrics(delta: dict) -> dict[str, float]:
@@ -75,7 +80,17 @@ class RolloutWorker:
             raise WeightSyncError(f"refusing to sample: {self.sync_error}")
         t0 = time.perf_counter()
         prompt_ids = [self.tokenizer(row["prompt"], add_special_tokens=False).input_ids for _, row in batch]
-        outputs = self.engine.generate(prompt_ids, seed)
+        diverged = (f"worker {self.worker_id}: the policy of version {self.version} gives non-finite probabilities "
+                    f"while sampling: training diverged by this version. Lower trainer.lr (or trainer.max_grad_norm) "
+                    f"and resume from a checkpoint taken before it (orchestration.checkpoint_every)")
+        try:
+            outputs = self.engine.generate(prompt_ids, seed)
+        except RuntimeError as exc:  # torch's sampler refuses NaN probabilities (transformers' generate)
+            if "nan" in str(exc).lower():
+                raise PolicyDiverged(diverged) from exc
+            raise
+        if not all(math.isfinite(x) for comps in outputs for c in comps for x in c.logprobs):
+            raise PolicyDiverged(diverged)  # vLLM samples some token from NaN logits
         call = getattr(self.engine, "last_call", {})  # the vLLM engine's counters and metrics of this call
         groups = []
         for (index, row), ids, comps in zip(batch, prompt_ids, outputs):
@@ -143,9 +158,16 @@ class RolloutWorker:
             if expected is None:
                 from mtp.maintain import split_drafter
                 expected = probe_logprobs(self._reference, ids, split_drafter(state_dict)[0])
+            if not all(math.isfinite(x) for x in expected):
+                self.sync_error = (
+                    f"worker {self.worker_id}: the policy of version {version} gives non-finite logprobs on the "
+                    f"weight-sync probe (its reference forward, from the weights as sent): the update to version "
+                    f"{version} diverged. Lower trainer.lr (or trainer.max_grad_norm) and resume from a checkpoint "
+                    f"taken before it (orchestration.checkpoint_every)")
+                raise WeightSyncError(self.sync_error)
             got = self.engine.prompt_logprobs(ids)
             diff = max(abs(a - b) for a, b in zip(got, expected))
-            if diff > sync_tolerance(self.dtype):
+            if not math.isfinite(diff) or diff > sync_tolerance(self.dtype):  # NaN compares False
                 self.sync_error = (
                     f"worker {self.worker_id}: after loading version {version} the engine's probe logprobs differ "
                     f"from the reference ones for the same weights by {diff:.2e} (> "

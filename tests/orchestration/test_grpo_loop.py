@@ -175,6 +175,44 @@ def test_failed_run_keeps_the_policy_and_names_the_sample(tmp_path, cache, kept_
     assert len(read_metrics(tmp_path / "run")) == 0
 
 
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_a_diverged_update_is_named_and_a_half_applied_one_keeps_the_weights(tmp_path, cache, kept_actors,
+                                                                            mini_batches):
+    """An absurd learning rate sends the weights to ~1e10 in step 0's first mini-batch, and the next
+    forward overflows. With one mini-batch a step, sampling with version 1 finds non-finite
+    probabilities and names the divergence (not torch's sampler error). With two, the
+    trainer refuses step 0's second one after the first was applied: the step is half done, so the
+    weights are saved and not the loop. (A refusal in a step's first mini-batch, which leaves a
+    resumable checkpoint: tests/policy/test_trainer.py and test_a_refused_update_is_resumable.)"""
+    from rollout.worker import PolicyDiverged
+    config = _config(tmp_path, "hf")
+    config.trainer.lr, config.trainer.mini_batches = 1e10, mini_batches
+    config.algorithm.reward_fns = ["tests.orchestration.test_grpo_loop:reward_by_length"]  # a gradient at once
+    stopped = tmp_path / "run" / "checkpoint-interrupted"
+    if mini_batches == 1:
+        with pytest.raises(PolicyDiverged, match="version 1 gives non-finite probabilities.*diverged.*trainer.lr"):
+            main(config, progress=False, actors=kept_actors)
+    else:
+        with pytest.raises(FloatingPointError, match="mini-batch 2 of 2; the 1 before it were applied"):
+            main(config, progress=False, actors=kept_actors)
+        assert (stopped / "model.safetensors").is_file() and not (stopped / "loop_state.json").exists()
+
+
+def test_a_refused_update_is_resumable():
+    """The driver tells a refusal that changed nothing from one that did, as ray.get raises them."""
+    import ray.exceptions
+
+    from orchestration.grpo import _not_applied
+    from policy.distributed import UpdateNotApplied
+    for cause, applied in ((UpdateNotApplied("non-finite loss"), False), (FloatingPointError("half"), True),
+                           (KeyboardInterrupt(), True)):
+        try:
+            raise cause
+        except BaseException as exc:  # noqa: BLE001
+            wrapped = ray.exceptions.RayTaskError("TrainerActor.step", "traceback", exc).as_instanceof_cause()
+        assert _not_applied(cause) is not applied and _not_applied(wrapped) is not applied
+
+
 def test_a_stop_while_the_update_runs_waits_for_it_and_stays_resumable(tmp_path, cache, kept_actors, monkeypatch):
     """An interruption while the driver waits for the trainer (here the trajectory log failing
     once at step 1, as a Ctrl-C would land there) lets the update end: the step's samples and
@@ -309,6 +347,10 @@ def reward_that_kills_the_rollout_worker(prompts, completions, answer, **kw):
                 os.kill(proc.pid, signal.SIGKILL)
     from rollout.rewards import arithmetic_reward
     return arithmetic_reward(prompts, completions, answer)
+
+
+def reward_by_length(prompts, completions, **kw):
+    return [float(len(c)) for c in completions]
 
 
 def reward_that_breaks_from_its_second_call(prompts, completions, answer, **kw):

@@ -81,6 +81,23 @@ def test_non_finite_rewards_are_refused(trainer):
     assert trainer.version == 0
 
 
+def test_a_non_finite_loss_in_the_first_mini_batch_is_refused_with_nothing_applied(trainer):
+    """A stale sample whose behaviour logprob is NaN makes its importance weight, and so the loss,
+    NaN: the step is refused as UpdateNotApplied (the driver then keeps a resumable checkpoint),
+    the weights, the optimizer and the version untouched; the trainer steps on afterwards."""
+    from policy.distributed import UpdateNotApplied
+    trainer.step(_groups([[1.0, 0.0, 0.0, 1.0]]))  # version 1: version-0 samples are stale
+    checksum, state = state_checksum(trainer.state_dict()), trainer.update.optimizer.state_dict()["state"][0]
+    moments = state["exp_avg"].clone()
+    groups = _groups([[1.0, 0.0, 0.0, 0.0]])
+    groups[0].behaviour_logprobs[0][0] = float("nan")
+    with pytest.raises(UpdateNotApplied, match=r"non-finite loss at policy version 1 \(mini-batch 1 of 1\)"):
+        trainer.step(groups)
+    assert trainer.version == 1 and state_checksum(trainer.state_dict()) == checksum
+    assert torch.equal(trainer.update.optimizer.state_dict()["state"][0]["exp_avg"], moments)
+    assert trainer.step(_groups([[1.0, 0.0, 0.0, 0.0]]))["grad_norm"] > 0 and trainer.version == 2
+
+
 def test_checkpoint_round_trip(trainer, tiny_model_dir, tmp_path):
     trainer.step(_groups([[1.0, 0.0, 0.0, 1.0]]))
     trainer.save_checkpoint(tmp_path / "ckpt")
