@@ -27,8 +27,9 @@ from policy.models import build_char_tokenizer, build_model, num_parameters, sav
 from policy.warm_start import warm_start
 
 log = logging.getLogger(__name__)
-# Bump when the recipe changes, to invalidate caches (2: the warm start's learning rate decays to 0).
-WARM_START_VERSION = 2
+# Bump when the recipe changes, to invalidate caches (2: the warm start's learning rate decays to 0;
+# 3: no label-smoothing mass on the padded vocabulary ids the tokenizer cannot produce).
+WARM_START_VERSION = 3
 
 
 def cache_dir() -> Path:

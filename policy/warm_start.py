@@ -4,7 +4,8 @@ RL from a random 1M-parameter model would never see a reward; a few hundred SFT 
 a policy that is right some of the time when sampling at temperature 1 — above zero, far
 from solved — which is where GRPO has signal. Loss on answer tokens and EOS only.
 
-``label_smoothing`` ε trains towards (1 − ε)·one-hot + ε·uniform (Szegedy et al. 2016), so
+``label_smoothing`` ε trains towards (1 − ε)·one-hot + ε·uniform over the tokenizer's ids
+(Szegedy et al. 2016; none on ids a padded vocabulary adds past them, which decode to nothing), so
 the warm-started policy is diffuse: its mode is often right while samples at temperature 1
 often are not, like a pretrained model before RL. GRPO's first gains on such a policy come
 from concentrating probability on what it already knows, and then from learning more.
@@ -32,6 +33,20 @@ from tqdm import tqdm
 from policy.batch import pad_sequences
 
 
+def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float,
+                           real: int) -> torch.Tensor:
+    """Cross-entropy of ``logits`` [..., V] towards (1 − ε)·one-hot + ε·uniform over the ``real``
+    ids the tokenizer can produce: a vocabulary padded past them (V > real, as the built-in models'
+    and real checkpoints' are) gets no smoothing mass, so the policy learns not to sample ids that
+    decode to nothing. torch's ``label_smoothing`` where real = V."""
+    if real >= logits.shape[-1]:
+        return torch.nn.functional.cross_entropy(logits.transpose(1, -1) if logits.dim() > 2 else logits,
+                                                 targets, reduction="none", label_smoothing=label_smoothing)
+    logp = torch.log_softmax(logits, -1)
+    nll = -logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (1 - label_smoothing) * nll - label_smoothing * logp[..., :real].mean(-1)
+
+
 def warm_start(model, tokenizer, examples: list[tuple[str, str]], steps: int, lr: float, batch_size: int,
                seed: int = 0, progress: bool = True, label_smoothing: float = 0.0) -> list[float]:
     """Trains ``model`` in place; returns the loss per step."""
@@ -49,8 +64,7 @@ def warm_start(model, tokenizer, examples: list[tuple[str, str]], steps: int, lr
         batch = pad_sequences([p for p, _ in chunk], [a for _, a in chunk], tokenizer.pad_token_id)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits = logits.gather(1, batch.predict_pos[..., None].expand(-1, -1, logits.shape[-1]))  # [B, R, V]
-        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none",
-                                                      label_smoothing=label_smoothing)  # [B, R]
+        per_token = smoothed_cross_entropy(logits, batch.targets, label_smoothing, len(tokenizer))  # [B, R]
         loss = (per_token * batch.response_mask).sum() / batch.response_mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -44,3 +44,21 @@ def test_a_new_key_is_built_once(tmp_path, monkeypatch):
     config.model.warm_start_steps = 1
     third = model_prep.prepare_model(config, progress=False)
     assert third not in (first, second) and builds == [first, second, third]
+
+
+def test_label_smoothing_spares_the_padded_vocabulary():
+    """The warm start's smoothing target is (1 - eps) one-hot + eps uniform over the ids the tokenizer
+    produces (float64 against the explicit target distribution); torch's label_smoothing where no
+    vocabulary is padded."""
+    import torch
+
+    from policy.warm_start import smoothed_cross_entropy
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 5, 10, dtype=torch.float64), torch.randint(0, 7, (3, 5))
+    target = torch.zeros(3, 5, 10, dtype=torch.float64)
+    target[..., :7] = 0.2 / 7
+    target.scatter_add_(-1, targets[..., None], torch.full((3, 5, 1), 0.8, dtype=torch.float64))
+    explicit = -(target * torch.log_softmax(logits, -1)).sum(-1)
+    assert torch.allclose(smoothed_cross_entropy(logits, targets, 0.2, 7), explicit, atol=1e-12, rtol=0)
+    torchs = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none", label_smoothing=0.2)
+    assert torch.equal(smoothed_cross_entropy(logits, targets, 0.2, 10), torchs)
