@@ -81,6 +81,7 @@ def claim_run_dir(directory: str | Path, resume: str | None, overwrite: bool) ->
     it goes on with it there). Nothing of an earlier run is lost: a new run beside it logs to the
     first free ``<dir>-2``, ``<dir>-3``, ..., or with ``overwrite`` deletes its files first."""
     directory = Path(directory)
+    directory = directory if directory.name else directory.resolve()  # "." has no name to number
 
     def earlier(path: Path) -> list[str]:
         return sorted({p.name for pattern in RUN_FILES for p in path.glob(pattern)})

@@ -505,15 +505,13 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         for refs, *_ in in_flight:  # rollouts still queued (async) would delay kept actors' next run
             for ref in refs:
                 ray.cancel(ref)  # a queued actor call is dropped, a running one finishes
-    except BaseException as exc:
+    except BaseException:
         # Keep what was learned so far (the trainer is a separate process and usually alive). The
         # rollouts still queued go first: a broadcast sync the save is queued behind waits for them.
         for refs, *_ in in_flight:
             for ref in refs:
                 ray.cancel(ref)
         where = run_dir / "checkpoint-interrupted"
-        if update_refs is not None and _not_applied(exc):  # refused before it changed anything
-            update_refs = None  # the step's batch (head) is queued again
         if update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end
             try:
                 metrics.update(ray.get(update_refs, timeout=300)[0])  # every rank's metrics are the same
@@ -521,8 +519,9 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                     trajectories.write(next_step, groups)
                 logger.log(next_step, metrics)  # the step's record, without its timings
                 next_step, head, update_refs = next_step + 1, None, None
-            except BaseException:  # noqa: BLE001 (the update itself failed, or a second Ctrl-C)
-                pass
+            except BaseException as failed:  # noqa: BLE001 (the update itself failed, or a second Ctrl-C)
+                if _not_applied(failed):  # refused before it changed anything: the step's batch is queued again
+                    update_refs = None
         if update_refs is not None:  # a failed update may have applied some of its mini-batches: weights only
             saved = _try_save(trainer, where, None)
             how = (f"policy saved to {saved}; it stopped during the update of step {next_step}, so the loop "
