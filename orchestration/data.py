@@ -86,8 +86,10 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
     if reserved:
         raise DataError(f"{data_cfg.source}: column(s) {reserved} would collide with the reward functions' own "
                         f"arguments (fn(prompts, completions, **columns)); rename them in the data")
-    # ids that stand for text the tokenizer cannot encode (the built-in one maps it to its pad token)
-    lost = {t for t in (tokenizer.unk_token_id, tokenizer.pad_token_id) if t is not None}
+    # Ids that stand for text the tokenizer cannot encode: its unknown token, and its pad token where
+    # the text it came from is not the pad token itself (the built-in tokenizer reads an unknown
+    # character as pad; a real one reads its pad token's own text, e.g. "<|endoftext|>", as it).
+    unk, pad = tokenizer.unk_token_id, tokenizer.pad_token_id
     out = []
     for i, row in enumerate(rows):
         for name, key in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
@@ -109,9 +111,10 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
             raise DataError(f"{data_cfg.source}: row {i}: prompt is {n_tokens} tokens, longer than "
                             f"data.max_prompt_tokens={data_cfg.max_prompt_tokens}; raise the limit "
                             f"(and rollout.max_model_len) or shorten the prompt")
-        bad = [k for k, t in enumerate(encoded.input_ids) if t in lost]
+        spans = encoded.get("offset_mapping")
+        bad = [k for k, t in enumerate(encoded.input_ids) if t is not None and (
+            t == unk or (t == pad and spans is not None and prompt[slice(*spans[k])] != tokenizer.pad_token))]
         if bad:
-            spans = encoded.get("offset_mapping")
             text = sorted({prompt[slice(*spans[k])] for k in bad}) if spans else "?"
             raise DataError(f"{data_cfg.source}: row {i}: the prompt has text the model's tokenizer cannot encode "
                             f"({text}, read as its unknown or pad token): the model would see other text than the "

@@ -113,6 +113,9 @@ def test_text_the_tokenizer_cannot_encode_is_refused_naming_it(tmp_path, tokeniz
     source = _rows(tmp_path, [{"prompt": "1+1=", "answer": "2"}, {"prompt": "3×4=", "answer": "12"}])
     with pytest.raises(DataError, match=r"row 1: the prompt has text the model's tokenizer cannot encode \(\['×'\]"):
         load_prompts(_cfg(tmp_path, source), tokenizer)
+    # the pad token's own text is read as the pad token, as a real tokenizer reads "<|endoftext|>": not unknown
+    source = _rows(tmp_path, [{"prompt": f"1+1{tokenizer.pad_token}=", "answer": "2"}])
+    assert load_prompts(_cfg(tmp_path, source), tokenizer)[0]["prompt"] == f"1+1{tokenizer.pad_token}="
 
 
 def test_answers_are_text_or_integers(tmp_path, tokenizer):
