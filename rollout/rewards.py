@@ -2,8 +2,10 @@
 
 A reward function is ``fn(prompts: list[str], completions: list[str], **columns) -> list[float]``
 where ``columns`` holds the dataset columns of each sample's prompt row (e.g. ``answer``),
-one list entry per sample, exactly as TRL's ``GRPOTrainer`` calls them. Several functions
-are summed.
+one list entry per sample. It is called by keyword, as TRL's ``GRPOTrainer`` calls it
+(``fn(prompts=..., completions=..., **columns)``), so a TRL function that takes ``completions``
+first, or no ``prompts``, gets what its parameter names; TRL also passes ``completion_ids`` and
+``trainer_state``, which rlaccel does not. Several functions are summed.
 """
 
 from __future__ import annotations
@@ -66,20 +68,25 @@ def check_signatures(fns: dict[str, RewardFn], columns: list[str]) -> None:
         except (TypeError, ValueError):  # a builtin or C function: nothing to check
             continue
         try:
-            signature.bind([""], [""], **{k: [None] for k in columns})
+            signature.bind(prompts=[""], completions=[""], **{k: [None] for k in columns})
         except TypeError as exc:
             raise RewardError(f"reward function {name} cannot take the data's columns ({exc}): it is called as "
-                              f"fn(prompts, completions, **columns) with the columns {sorted(columns)}; give it "
-                              f"**kwargs, or add the column to the data") from None
+                              f"fn(prompts=..., completions=..., **columns) with the columns {sorted(columns)}; "
+                              f"give it **kwargs, or add the column to the data") from None
 
 
-def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = "fail") -> dict[str, float]:
+def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = "fail",
+                 worked: set[str] | None = None) -> dict[str, float]:
     """Fill ``group.rewards`` (sum over functions); returns metrics.
 
     On an exception, the batch is re-scored one sample at a time to find the failing
     sample(s); with ``on_error="fail"`` a :class:`RewardError` names the function and the
-    sample, with ``"zero"`` those samples get 0 and are counted in ``reward_errors``.
+    sample, with ``"zero"`` those samples get 0 and are counted in ``reward_errors``, unless the
+    function has not scored a single sample yet: ``worked`` (kept by the caller across steps)
+    holds the names of those that have, and one that fails on every sample of a step before it
+    ever worked is broken, not its samples (a RewardError).
     """
+    worked = set() if worked is None else worked
     prompts = [g.prompt for g in groups for _ in range(g.n)]
     completions = [c for g in groups for c in g.completions]
     # every column for every sample (None where a row lacks it: rows of a JSONL file may differ)
@@ -91,6 +98,7 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
     for name, fn in fns.items():
         try:
             values = _call(fn, prompts, completions, columns)
+            worked.add(name)
         except _WrongShape as exc:  # the function's contract, not a sample: no sample-by-sample retry
             raise RewardError(f"reward function {name} {exc}: it must return a list with one reward (a "
                               f"number, or None: does not apply) per completion, in their order") from None
@@ -99,6 +107,7 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
             for i in range(len(prompts)):
                 try:
                     values.extend(_call(fn, [prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()}))
+                    worked.add(name)
                 except Exception as exc:
                     msg = (f"reward function {name} raised {type(exc).__name__}: {exc} on sample "
                            f"prompt={prompts[i]!r} completion={completions[i]!r}")
@@ -108,12 +117,12 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                     log.warning("%s; scored 0 (algorithm.on_reward_error=zero)", msg)
                     values.append(0.0)
                     failed += 1
-            if failed == len(prompts):  # not the samples: the function (or its setup) is broken
-                raise RewardError(f"reward function {name} raised on every one of the step's {failed} samples "
-                                  f"(the last error is logged above): fix the function; "
-                                  f"algorithm.on_reward_error=zero scores single failing samples 0, not a "
-                                  f"function that never works")
+            if failed == len(prompts) and name not in worked:  # the function (or its setup) is broken
+                raise RewardError(f"reward function {name} raised on every one of the step's {failed} samples and "
+                                  f"has scored none in the run (the last error is logged above): fix the function; "
+                                  f"algorithm.on_reward_error=zero scores failing samples 0 once it works")
             errors += failed
+
         for i, v in enumerate(values):
             if v is None:  # TRL's convention: this function does not apply to the sample
                 continue
@@ -151,7 +160,7 @@ class _WrongShape(RewardError):
 
 
 def _call(fn: RewardFn, prompts, completions, columns) -> list[float | None]:
-    values = fn(prompts, completions, **columns)
+    values = fn(prompts=prompts, completions=completions, **columns)
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
         raise _WrongShape(f"returned a {type(values).__name__}, not a list")
     if len(values) != len(prompts):

@@ -49,7 +49,7 @@ def test_raising_reward_scored_zero_and_counted():
 def test_non_finite_reward_is_an_error():
     groups = [_group("1+1=", ["2"] * 2, "2")]
     with pytest.raises(RewardError, match="nan"):
-        score_groups(groups, {"m:nan": lambda p, c, **_: [math.nan] * len(c)})
+        score_groups(groups, {"m:nan": lambda prompts, completions, **_: [math.nan] * len(completions)})
 
 
 def test_load_reward_fn():
@@ -107,19 +107,28 @@ def test_a_function_breaking_its_contract_fails_at_once_not_sample_by_sample():
         score_groups(groups, {"m:short": short}, on_error="zero")
     assert calls == [2]
     with pytest.raises(RewardError, match="m:scalar returned a float, not a list"):
-        score_groups(groups, {"m:scalar": lambda p, c, **_: 1.0}, on_error="zero")
+        score_groups(groups, {"m:scalar": lambda prompts, completions, **_: 1.0}, on_error="zero")
 
 
 def test_a_function_failing_on_every_sample_is_an_error_even_when_failures_score_zero():
-    groups = [_group("1+1=", ["2", "3"], "2")]
-    with pytest.raises(RewardError, match=r"m:broken raised on every one of the step's 2 samples"):
-        score_groups(groups, {"m:broken": lambda p, c, judge, **_: [1.0] * len(c)}, on_error="zero")
+    """...before it ever scored a sample; once it has, such a step is scored 0 and counted (a parser
+    that raises on malformed output, every output of a step malformed)."""
+    def parse(prompts, completions, **_):
+        return [float(c) for c in completions]
+
+    worked: set[str] = set()
+    with pytest.raises(RewardError, match=r"m:parse raised on every one of the step's 2 samples and has scored none"):
+        score_groups([_group("1+1=", ["x", "y"], "2")], {"m:parse": parse}, on_error="zero", worked=worked)
+    score_groups([_group("1+1=", ["2", "y"], "2")], {"m:parse": parse}, on_error="zero", worked=worked)
+    groups = [_group("1+1=", ["x", "y"], "2")]
+    m = score_groups(groups, {"m:parse": parse}, on_error="zero", worked=worked)
+    assert groups[0].rewards == [0.0, 0.0] and m["reward_errors"] == 2
 
 
 def test_a_sum_out_of_float_range_is_an_error():
     groups = [_group("1+1=", ["2"], "2")]
     with pytest.raises(RewardError, match="sum is inf"):
-        score_groups(groups, {"m:a": lambda p, c, **_: [1e308], "m:b": lambda p, c, **_: [1e308]})
+        score_groups(groups, {"m:a": lambda prompts, completions, **_: [1e308], "m:b": lambda prompts, completions, **_: [1e308]})
 
 
 def test_reward_paths_that_cannot_load_are_named(tmp_path, monkeypatch):
@@ -138,3 +147,20 @@ def test_a_function_that_cannot_take_the_data_columns_is_refused_before_sampling
         check_signatures({"m:judge": lambda prompts, completions, answer, rubric: []}, ["answer"])
     with pytest.raises(RewardError, match="m:strict cannot take"):  # a column it has no parameter for
         check_signatures({"m:strict": lambda prompts, completions, answer: []}, ["answer", "level"])
+
+
+def test_functions_are_called_by_keyword_as_trl_calls_them():
+    """TRL calls fn(prompts=..., completions=..., **columns): a TRL function that takes its
+    completions first, or no prompts at all, gets what its parameter names say."""
+    from rollout.rewards import check_signatures
+
+    def completions_first(completions, answer, **kwargs):  # e.g. TRL's accuracy_reward(completions, solution, **kw)
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    def no_prompts(completions, **kwargs):  # e.g. trl.rewards.think_format_reward
+        return [float(len(c)) for c in completions]
+
+    check_signatures({"m:first": completions_first, "m:no_prompts": no_prompts}, ["answer"])
+    groups = [_group("1+1=", ["2", "3"], "2")]
+    score_groups(groups, {"m:first": completions_first, "m:no_prompts": no_prompts})
+    assert groups[0].rewards == [2.0, 1.0]
