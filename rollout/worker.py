@@ -86,7 +86,7 @@ class RolloutWorker:
         try:
             outputs = self.engine.generate(prompt_ids, seed)
         except RuntimeError as exc:  # torch's sampler refuses NaN probabilities (transformers' generate)
-            if "nan" in str(exc).lower():
+            if "probability tensor contains" in str(exc):
                 raise PolicyDiverged(diverged) from exc
             raise
         if not all(math.isfinite(x) for comps in outputs for c in comps for x in c.logprobs):
@@ -166,8 +166,9 @@ class RolloutWorker:
                     f"taken before it (orchestration.checkpoint_every)")
                 raise WeightSyncError(self.sync_error)
             got = self.engine.prompt_logprobs(ids)
-            diff = max(abs(a - b) for a, b in zip(got, expected))
-            if not math.isfinite(diff) or diff > sync_tolerance(self.dtype):  # NaN compares False
+            diffs = [abs(a - b) for a, b in zip(got, expected)]
+            diff = math.inf if not all(math.isfinite(d) for d in diffs) else max(diffs)  # max() skips a NaN
+            if diff > sync_tolerance(self.dtype):
                 self.sync_error = (
                     f"worker {self.worker_id}: after loading version {version} the engine's probe logprobs differ "
                     f"from the reference ones for the same weights by {diff:.2e} (> "

@@ -1,5 +1,7 @@
 """The rollout worker on the transformers engine (fast; the vLLM engine has its own tests)."""
 
+import math
+
 import pytest
 import torch
 
@@ -70,7 +72,8 @@ def test_update_is_verified_by_the_probe(worker, tiny_model_dir, tiny_model_dir_
     assert worker.version == 3 and worker.generate(ROWS, seed=0)[0][0].version == 3
 
 
-def test_update_is_verified_against_the_trainers_reference_when_sent(worker, tiny_model_dir, tiny_model_dir_b):
+def test_update_is_verified_against_the_trainers_reference_when_sent(worker, tiny_model_dir, tiny_model_dir_b,
+                                                                     monkeypatch):
     """A GPU trainer sends its own probe logprobs: the engine must give those."""
     probe_ids = [3, 4, 74, 5, 82, 6]
     model_b = load_model(tiny_model_dir_b).eval()
@@ -82,6 +85,13 @@ def test_update_is_verified_against_the_trainers_reference_when_sent(worker, tin
     with pytest.raises(WeightSyncError, match="not sampling with the new weights"):
         worker.update_weights(pack_state(state_a), 2, state_checksum(state_a), (probe_ids, expected_b))
     assert worker.version == 1
+    # an engine giving NaN at any position fails the probe (Python's max() skips a NaN after the first item)
+    monkeypatch.setattr(worker.engine, "prompt_logprobs", lambda ids: [*expected_b[:-1], float("nan")])
+    with pytest.raises(WeightSyncError, match="differ from the reference ones for the same weights by inf"):
+        worker.update_weights(pack_state(state_b), 3, state_checksum(state_b), (probe_ids, expected_b))
+    # a reference that is not finite is a diverged policy, named as such
+    with pytest.raises(WeightSyncError, match="version 4 gives non-finite logprobs.*diverged"):
+        worker.update_weights(pack_state(state_b), 4, state_checksum(state_b), (probe_ids, [math.nan] * len(expected_b)))
 
 
 def test_stop_strings_end_completions_as_in_vllm(tiny_model_dir):
