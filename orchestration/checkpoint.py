@@ -13,8 +13,8 @@ A run writes one every ``orchestration.checkpoint_every`` steps, one at its end
 (``<logging.dir>/checkpoint``: train on with more ``orchestration.steps``), and one when it
 stops on an error or Ctrl-C (``checkpoint-interrupted``): before the step's update with the
 step's batch queued again, during it once the update has ended. An update the trainer refused
-before it changed anything (a non-finite loss or gradient norm in the step's first mini-batch:
-``UpdateNotApplied``) is as a stop before the update. Any other failed update leaves the weights
+before any mini-batch was applied (``UpdateNotApplied``: a non-finite loss, or a non-finite
+gradient norm outside DeepSpeed) is as a stop before the update. Any other failed update leaves the weights
 only: it may have applied some of its mini-batches.
 
 On resume the trainer reloads weights and optimizer, the workers start from the
@@ -25,6 +25,7 @@ No other random state exists: sampling is seeded per request from the counters a
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 from pathlib import Path
@@ -78,31 +79,41 @@ def load(directory: str | Path) -> dict:
 def claim_run_dir(directory: str | Path, resume: str | None, overwrite: bool) -> Path:
     """The directory this run logs to, for ``logging.dir``: itself, unless it holds an earlier run
     (its metrics, trajectories, checkpoints) that this run does not resume (a checkpoint inside
-    it goes on with it there). Nothing of an earlier run is lost: a new run beside it logs to the
-    first free ``<dir>-2``, ``<dir>-3``, ..., or with ``overwrite`` deletes its files first."""
+    it, or inside a ``<dir>-N`` an earlier run was moved to, goes on with it there). Nothing of an
+    earlier run is lost: a new run beside it logs to the first free ``<dir>-2``, ``<dir>-3``, ...
+    (created here, so that two runs starting together take different ones), or with
+    ``overwrite`` deletes its files first."""
     directory = Path(directory)
-    directory = directory if directory.name else directory.resolve()  # "." has no name to number
+    if directory.name in ("", ".", ".."):  # no name of its own to number
+        directory = directory.resolve()
 
     def earlier(path: Path) -> list[str]:
         return sorted({p.name for pattern in RUN_FILES for p in path.glob(pattern)})
 
     if not earlier(directory):
         return directory
-    inside = resume is not None and directory.resolve() in Path(resume).resolve().parents
-    if inside and overwrite:
-        raise ConfigError(f"logging.overwrite=true would delete the checkpoint orchestration.resume={resume!r} "
-                          f"resumes from (it is inside logging.dir={str(directory)!r}): resume without it")
-    if inside:
-        return directory
+    if resume is not None:
+        parents = Path(resume).resolve().parents
+        for candidate in [directory, *directory.parent.glob(f"{glob.escape(directory.name)}-*")]:
+            numbered = candidate == directory or candidate.name.removeprefix(directory.name + "-").isdigit()
+            if numbered and candidate.resolve() in parents:
+                if overwrite:
+                    raise ConfigError(f"logging.overwrite=true would delete the checkpoint orchestration.resume="
+                                      f"{resume!r} resumes from (it is inside {str(candidate)!r}): resume without it")
+                return candidate
     if overwrite:
         for pattern in RUN_FILES:
             for path in directory.glob(pattern):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         return directory
     n = 2
-    while earlier(free := directory.with_name(f"{directory.name}-{n}")) or (free / "config.yaml").exists():
-        n += 1
-    return free
+    while True:
+        free = directory.with_name(f"{directory.name}-{n}")
+        try:
+            free.mkdir(parents=True)
+            return free
+        except FileExistsError:
+            n += 1
 
 
 def data_identity(rows: list[dict], seed: int) -> dict:

@@ -310,9 +310,14 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     o, a = config.orchestration, config.algorithm
     progress = config.logging.progress_bar if progress is None else progress
     run_dir = checkpoint.claim_run_dir(config.logging.dir, o.resume, config.logging.overwrite)
-    if run_dir != Path(config.logging.dir):
-        log.warning("logging.dir=%s holds an earlier run, kept: this run logs to %s (logging.overwrite=true would "
-                    "replace it; --resume %s/checkpoint continues it)", config.logging.dir, run_dir, config.logging.dir)
+    if run_dir.resolve() != Path(config.logging.dir).resolve():
+        if o.resume:
+            log.info("logging.dir=%s: the resumed run continues in %s, where its checkpoint is", config.logging.dir,
+                     run_dir)
+        else:
+            log.warning("logging.dir=%s holds an earlier run, kept: this run logs to %s (logging.overwrite=true "
+                        "would replace it; --resume %s/checkpoint continues it)", config.logging.dir, run_dir,
+                        config.logging.dir)
         config.logging.dir = str(run_dir)  # what the caller reads the run's logs from
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -378,6 +383,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     # handled: those went to the process that died, so a second batch of theirs failing is the
     # same death (not counted again; the worker already has the current weights).
     restarts, sends, handled = 0, 0, {}
+    rewards_worked: set[str] = set()  # reward functions that have scored a sample (rollout.rewards)
     # Where a checkpoint taken now would resume: the next step, and the batch popped for this
     # step until the update has it (it is queued again on resume). While the trainer updates
     # (update_refs), a stop waits for the update to end; logged: the step's samples are recorded.
@@ -462,7 +468,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 sync.everyone(on_restarted)
                 fresh = [g for gs, _ in collect(submit([(g.index, g.row) for g in too_old])) for g in gs]
                 groups = [g for g in groups if step - g.version <= o.max_staleness] + fresh
-            metrics.update(score_groups(groups, reward_fns, a.on_reward_error))
+            metrics.update(score_groups(groups, reward_fns, a.on_reward_error, rewards_worked))
             sampled = [lp for g in groups for lps in g.behaviour_logprobs for lp in lps]
             metrics["entropy"] = -sum(sampled) / max(len(sampled), 1)  # E[-log p] of sampled tokens
             # The max_staleness rollouts still queued run on the workers while the trainer
@@ -477,9 +483,10 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             synced = sync.results(pending_sync)
             metrics.update(merge_worker_metrics(synced) if synced else {"sync_s": 0.0, "sync_probe_diff": 0.0})
             pending_sync = pushed
-            trajectories.write(step, groups)  # while the trainer trains
-            logged = True
+            table = trajectories.table(step, groups)  # while the trainer trains
             metrics.update(trainer.metrics(update_refs))
+            trajectories.write(step, groups, table)  # once trained on: a refused update's samples are not
+            logged = True
             next_step, head, update_refs = step + 1, None, None
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)

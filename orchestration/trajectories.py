@@ -26,13 +26,18 @@ class TrajectoryLog:
         self.path = Path(path)
         self._writer = pq.ParquetWriter(str(self.path), SCHEMA)
 
-    def write(self, step: int, groups: list[Group]) -> None:
+    @staticmethod
+    def table(step: int, groups: list[Group]) -> pa.Table:
+        """The rows :meth:`write` appends (built while the trainer trains, written once it has)."""
         rows = [{"step": step, "prompt_index": g.index, "prompt": g.prompt, "completion": c, "response_ids": r,
                  "behaviour_logprobs": lp, "reward": rw, "sampled_version": g.version, "finish_reason": f}
                 for g in groups
                 for c, r, lp, rw, f in zip(g.completions, g.responses, g.behaviour_logprobs, g.rewards,
                                            g.finish_reasons)]
-        self._writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+    def write(self, step: int, groups: list[Group], table: pa.Table | None = None) -> None:
+        self._writer.write_table(table if table is not None else self.table(step, groups))
 
     def close(self) -> None:
         self._writer.close()

@@ -152,12 +152,12 @@ def test_an_earlier_run_in_the_directory_is_kept_unless_resumed_or_overwritten(t
     (run / "trajectories.from-step3.parquet").write_text("x")
     (run / "checkpoint").mkdir()
     (run / "checkpoint" / "loop_state.json").write_text(STATE)
-    assert claim_run_dir(run, None, False) == tmp_path / "run-2"
-    (tmp_path / "run-2").mkdir()
-    (tmp_path / "run-2" / "config.yaml").write_text("x")  # claimed by a run that has not logged yet
-    assert claim_run_dir(run, None, False) == tmp_path / "run-3"
+    assert claim_run_dir(run, None, False) == tmp_path / "run-2"  # created: claimed by this run
+    assert claim_run_dir(run, None, False) == tmp_path / "run-3"  # a run starting beside it takes the next
     assert claim_run_dir(run, str(run / "checkpoint"), False) == run  # resumed in place
-    assert claim_run_dir(run, str(tmp_path / "other" / "checkpoint"), False) == tmp_path / "run-3"
+    (tmp_path / "run-2" / "checkpoint").mkdir()
+    assert claim_run_dir(run, str(tmp_path / "run-2" / "checkpoint"), False) == tmp_path / "run-2"  # where it went
+    assert claim_run_dir(run, str(tmp_path / "other" / "checkpoint"), False) == tmp_path / "run-4"
     with pytest.raises(ConfigError, match="would delete the checkpoint"):
         claim_run_dir(run, str(run / "checkpoint"), True)
     assert (run / "metrics.jsonl").is_file()  # nothing deleted but by overwrite

@@ -214,18 +214,18 @@ def test_a_refused_update_is_resumable():
 
 
 def test_a_stop_while_the_update_runs_waits_for_it_and_stays_resumable(tmp_path, cache, kept_actors, monkeypatch):
-    """An interruption while the driver waits for the trainer (here the trajectory log failing
-    once at step 1, as a Ctrl-C would land there) lets the update end: the step's samples and
-    metrics are recorded and the checkpoint resumes after it."""
+    """An interruption while the driver waits for the trainer (here the trajectory log's rows
+    failing once at step 1, built while the trainer trains, as a Ctrl-C would land there) lets the
+    update end: the step's samples and metrics are recorded and the checkpoint resumes after it."""
     from orchestration.trajectories import TrajectoryLog
-    write = TrajectoryLog.write
+    table, failed = TrajectoryLog.table, []
 
-    def write_failing_once_at_step_1(self, step, groups):
-        if step == 1 and not getattr(self, "_failed", False):
-            self._failed = True
+    def table_failing_once_at_step_1(step, groups):
+        if step == 1 and not failed:
+            failed.append(step)
             raise KeyboardInterrupt
-        return write(self, step, groups)
-    monkeypatch.setattr(TrajectoryLog, "write", write_failing_once_at_step_1)
+        return table(step, groups)
+    monkeypatch.setattr(TrajectoryLog, "table", staticmethod(table_failing_once_at_step_1))
     with pytest.raises(KeyboardInterrupt):
         main(_config(tmp_path, "hf"), progress=False, actors=kept_actors)
     state = json.loads((tmp_path / "run" / "checkpoint-interrupted" / "loop_state.json").read_text())
