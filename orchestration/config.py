@@ -377,8 +377,11 @@ def _max_positions(m: ModelConfig, builtin: dict) -> int | None:
     if m.path is None:
         return builtin[m.name].get("max_position_embeddings")
     try:
-        return int(json.loads((Path(m.path) / "config.json").read_text())["max_position_embeddings"])
-    except (OSError, ValueError, KeyError, TypeError):  # vLLM derives it then, and names it if too small
+        hf = json.loads((Path(m.path) / "config.json").read_text())
+        if hf.get("rope_scaling") or hf.get("rope_parameters", {}).get("rope_type", "default") != "default":
+            return None  # scaled positions (YaRN, ...): vLLM derives the limit, and names it if too small
+        return int(hf["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # likewise: vLLM's to tell
         return None
 
 

@@ -86,10 +86,12 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
     if reserved:
         raise DataError(f"{data_cfg.source}: column(s) {reserved} would collide with the reward functions' own "
                         f"arguments (fn(prompts, completions, **columns)); rename them in the data")
-    # Ids that stand for text the tokenizer cannot encode: its unknown token, and its pad token where
-    # the text it came from is not the pad token itself (the built-in tokenizer reads an unknown
-    # character as pad; a real one reads its pad token's own text, e.g. "<|endoftext|>", as it).
-    unk, pad = tokenizer.unk_token_id, tokenizer.pad_token_id
+    # Ids that stand for text the tokenizer cannot encode: its unknown and its pad token where the
+    # text they came from is not their own (the built-in tokenizer reads an unknown character as
+    # pad; a real one reads "<unk>" or its pad token's text, e.g. "<|endoftext|>", as that token).
+    # Without offsets (a slow tokenizer) only the unknown token counts.
+    own = {t: text for t, text in ((tokenizer.unk_token_id, tokenizer.unk_token),
+                                   (tokenizer.pad_token_id, tokenizer.pad_token)) if t is not None}
     out = []
     for i, row in enumerate(rows):
         for name, key in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
@@ -112,8 +114,8 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
                             f"data.max_prompt_tokens={data_cfg.max_prompt_tokens}; raise the limit "
                             f"(and rollout.max_model_len) or shorten the prompt")
         spans = encoded.get("offset_mapping")
-        bad = [k for k, t in enumerate(encoded.input_ids) if t is not None and (
-            t == unk or (t == pad and spans is not None and prompt[slice(*spans[k])] != tokenizer.pad_token))]
+        bad = [k for k, t in enumerate(encoded.input_ids) if t in own and (
+            prompt[slice(*spans[k])] != own[t] if spans is not None else t == tokenizer.unk_token_id)]
         if bad:
             text = sorted({prompt[slice(*spans[k])] for k in bad}) if spans else "?"
             raise DataError(f"{data_cfg.source}: row {i}: the prompt has text the model's tokenizer cannot encode "

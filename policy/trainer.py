@@ -166,7 +166,8 @@ class PolicyTrainer:
                 self.update.zero_grad()
                 raise _refusal(grad_norms)(
                     f"non-finite loss at policy version {self.version} (mini-batch {m + 1} of {M}{_applied(grad_norms)}); "
-                    f"it was not applied. Lower trainer.lr or check the model dtype.")
+                    f"it was not applied. Lower trainer.lr or check the model dtype; if a resume fails the same "
+                    f"way at once, the policy itself has diverged: resume from an earlier checkpoint.")
             try:
                 grad_norms.append(self.update.step())
             except UpdateNotApplied as exc:

@@ -38,12 +38,13 @@ def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_sm
     """Cross-entropy of ``logits`` [..., V] towards (1 − ε)·one-hot + ε·uniform over the ``real``
     ids the tokenizer can produce: a vocabulary padded past them (V > real, as the built-in models'
     and real checkpoints' are) gets no smoothing mass, so the policy learns not to sample ids that
-    decode to nothing. torch's ``label_smoothing`` where real = V."""
+    decode to nothing. torch's ``label_smoothing`` where real = V. ``targets`` are token ids
+    (padding positions hold any id and are masked by the caller; no ignore index)."""
     if real >= logits.shape[-1]:
-        return torch.nn.functional.cross_entropy(logits.transpose(1, -1) if logits.dim() > 2 else logits,
-                                                 targets, reduction="none", label_smoothing=label_smoothing)
+        return torch.nn.functional.cross_entropy(logits.movedim(-1, 1), targets, reduction="none",
+                                                 label_smoothing=label_smoothing)
     logp = torch.log_softmax(logits, -1)
-    nll = -logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    nll = -logp.gather(-1, targets[..., None])[..., 0]
     return (1 - label_smoothing) * nll - label_smoothing * logp[..., :real].mean(-1)
 
 
