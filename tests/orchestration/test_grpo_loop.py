@@ -198,6 +198,25 @@ def test_a_diverged_update_is_named_and_a_half_applied_one_keeps_the_weights(tmp
         assert (stopped / "model.safetensors").is_file() and not (stopped / "loop_state.json").exists()
 
 
+def test_an_update_refused_before_anything_was_applied_stays_resumable(tmp_path, cache, kept_actors):
+    """Async (max_staleness=1): step 1 trains on samples of version 0 with the overflowing weights
+    of version 1, and the trainer refuses its first (only) mini-batch (UpdateNotApplied: here its
+    gradient norm overflows). Nothing
+    was applied, so the run stops with a checkpoint at step 1: its batch and the one queued behind
+    it sampled again on resume, no trajectories logged for it, step 0's metrics kept."""
+    from policy.distributed import UpdateNotApplied
+    config = _config(tmp_path, "hf")
+    config.trainer.lr, config.orchestration.max_staleness = 1e10, 1
+    config.orchestration.adaptive_in_flight = False  # 2 batches in flight
+    config.algorithm.reward_fns = ["tests.orchestration.test_grpo_loop:reward_by_length"]
+    with pytest.raises(UpdateNotApplied, match=r"non-finite (loss|gradient norm).*policy version 1.*mini-batch 1 of 1"):
+        main(config, progress=False, actors=kept_actors)
+    state = json.loads((tmp_path / "run" / "checkpoint-interrupted" / "loop_state.json").read_text())
+    assert state["step"] == 1 and state["version"] == 1 and len(state["in_flight"]) == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0]
+    assert sorted({r[0] for r in _trained_record(tmp_path / "run")}) == [0]
+
+
 def test_a_refused_update_is_resumable():
     """The driver tells a refusal that changed nothing from one that did, as ray.get raises them."""
     import ray.exceptions
