@@ -82,7 +82,8 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
         prompt_field, answer_field = data_cfg.prompt_field, data_cfg.answer_field
     if not rows:
         raise DataError(f"data.source={data_cfg.source!r} has no rows")
-    reserved = [k for k in rows[0] if k in RESERVED_COLUMNS and k not in (prompt_field, answer_field)]
+    reserved = [k for k in dict.fromkeys(k for row in rows for k in row)  # rows of a JSONL file may differ
+                if k in RESERVED_COLUMNS and k not in (prompt_field, answer_field)]
     if reserved:
         raise DataError(f"{data_cfg.source}: column(s) {reserved} would collide with the reward functions' own "
                         f"arguments (fn(prompts, completions, **columns)); rename them in the data")

@@ -386,8 +386,8 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     rewards_worked: set[str] = set()  # reward functions that have scored a sample (rollout.rewards)
     # Where a checkpoint taken now would resume: the next step, and the batch popped for this
     # step until the update has it (it is queued again on resume). While the trainer updates
-    # (update_refs), a stop waits for the update to end; logged: the step's samples are recorded.
-    next_step, head, update_refs, logged = start, None, None, False
+    # (update_refs), a stop waits for the update to end, then records the step's samples.
+    next_step, head, update_refs = start, None, None
     depth, timing = o.max_staleness + 1, None  # batches kept in flight; EMA of (rollout_s, update_s)
 
     def submit(batch, seed: int | None = None) -> tuple:
@@ -473,7 +473,6 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             metrics["entropy"] = -sum(sampled) / max(len(sampled), 1)  # E[-log p] of sampled tokens
             # The max_staleness rollouts still queued run on the workers while the trainer
             # trains; the weight update below is queued behind them.
-            logged = False
             update_refs = trainer.step(groups)
             # Nothing waits for the weight update here: each worker runs it before any rollout
             # submitted after it (actor call order), and its verification result is collected
@@ -485,8 +484,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             pending_sync = pushed
             table = trajectories.table(step, groups)  # while the trainer trains
             metrics.update(trainer.metrics(update_refs))
-            trajectories.write(step, groups, table)  # once trained on: a refused update's samples are not
-            logged = True
+            trajectories.write(table)  # once trained on: a refused update's samples are not
             next_step, head, update_refs = step + 1, None, None
             metrics["step_s"] = time.perf_counter() - t0
             metrics["epoch"] = float(stream.epoch)
@@ -522,8 +520,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         if update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end
             try:
                 metrics.update(ray.get(update_refs, timeout=300)[0])  # every rank's metrics are the same
-                if not logged:
-                    trajectories.write(next_step, groups)
+                trajectories.write(TrajectoryLog.table(next_step, groups))
                 logger.log(next_step, metrics)  # the step's record, without its timings
                 next_step, head, update_refs = next_step + 1, None, None
             except BaseException as failed:  # noqa: BLE001 (the update itself failed, or a second Ctrl-C)

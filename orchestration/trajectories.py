@@ -36,8 +36,8 @@ class TrajectoryLog:
                                            g.finish_reasons)]
         return pa.Table.from_pylist(rows, schema=SCHEMA)
 
-    def write(self, step: int, groups: list[Group], table: pa.Table | None = None) -> None:
-        self._writer.write_table(table if table is not None else self.table(step, groups))
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
 
     def close(self) -> None:
         self._writer.close()

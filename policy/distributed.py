@@ -48,12 +48,12 @@ def keep_configured_hyperparameters(param_groups: list[dict], cfg) -> None:
         group.update(configured)
 
 
-
 class UpdateNotApplied(FloatingPointError):
     """A step refused before any of its mini-batches changed the weights or the optimizer (a
     non-finite loss, or on one process a non-finite gradient norm: DeepSpeed applies before the
     norm is known, and its error is a plain FloatingPointError): the policy is as it was, and the
     step's batch can be trained on again."""
+
 
 class LocalUpdate:
     """One process: torch AdamW with gradient-norm clipping."""

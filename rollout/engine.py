@@ -79,7 +79,9 @@ class HFEngine:
     def _stop_string_end(self, tokens: list[int]) -> int | None:
         """The length up to and including the token that completes the first stop string (as vLLM
         keeps it), or None."""
-        for i in range(1, len(tokens) + 1) if self.stop else ():
+        if not self.stop or not any(stop in self.tokenizer.decode(tokens) for stop in self.stop):
+            return None  # one decode for a completion without a stop string
+        for i in range(1, len(tokens) + 1):
             text = self.tokenizer.decode(tokens[:i])
             if any(stop in text for stop in self.stop):
                 return i

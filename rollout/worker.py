@@ -80,17 +80,16 @@ class RolloutWorker:
             raise WeightSyncError(f"refusing to sample: {self.sync_error}")
         t0 = time.perf_counter()
         prompt_ids = [self.tokenizer(row["prompt"], add_special_tokens=False).input_ids for _, row in batch]
-        diverged = (f"worker {self.worker_id}: the policy of version {self.version} gives non-finite probabilities "
-                    f"while sampling: training diverged by this version. Lower trainer.lr (or trainer.max_grad_norm) "
-                    f"and resume from a checkpoint taken before it (orchestration.checkpoint_every)")
+        diverged = self._diverged(self.version, "probabilities while sampling")
         try:
             outputs = self.engine.generate(prompt_ids, seed)
         except RuntimeError as exc:  # torch's sampler refuses NaN probabilities (transformers' generate)
             if "probability tensor contains" in str(exc):
                 raise PolicyDiverged(diverged) from exc
             raise
-        if not all(math.isfinite(x) for comps in outputs for c in comps for x in c.logprobs):
-            raise PolicyDiverged(diverged)  # vLLM samples some token from NaN logits
+        # logprobs are <= 0, so their sum is finite exactly when each is (vLLM samples some token from NaN logits)
+        if not math.isfinite(sum(sum(c.logprobs) for comps in outputs for c in comps)):
+            raise PolicyDiverged(diverged)
         call = getattr(self.engine, "last_call", {})  # the vLLM engine's counters and metrics of this call
         groups = []
         for (index, row), ids, comps in zip(batch, prompt_ids, outputs):
@@ -104,6 +103,11 @@ class RolloutWorker:
                         "rollout_sequences": float(sum(g.n for g in groups)),
                         "rollout_truncated": float(sum(f == "length" for g in groups for f in g.finish_reasons)),
                         **spec_metrics(call.get("spec_delta", {})), **call.get("metrics", {})}
+
+    def _diverged(self, version: int, where: str) -> str:
+        return (f"worker {self.worker_id}: the policy of version {version} gives non-finite {where}: training "
+                f"diverged by this version. Lower trainer.lr (or trainer.max_grad_norm) and resume from a checkpoint "
+                f"taken before it (orchestration.checkpoint_every)")
 
     def node_id(self) -> str:
         """The Ray node this worker runs on (placement report)."""
@@ -159,11 +163,8 @@ class RolloutWorker:
                 from mtp.maintain import split_drafter
                 expected = probe_logprobs(self._reference, ids, split_drafter(state_dict)[0])
             if not all(math.isfinite(x) for x in expected):
-                self.sync_error = (
-                    f"worker {self.worker_id}: the policy of version {version} gives non-finite logprobs on the "
-                    f"weight-sync probe (its reference forward, from the weights as sent): the update to version "
-                    f"{version} diverged. Lower trainer.lr (or trainer.max_grad_norm) and resume from a checkpoint "
-                    f"taken before it (orchestration.checkpoint_every)")
+                self.sync_error = self._diverged(version, "logprobs on the weight-sync probe (its reference forward, "
+                                                          "from the weights as sent)")
                 raise WeightSyncError(self.sync_error)
             got = self.engine.prompt_logprobs(ids)
             diffs = [abs(a - b) for a, b in zip(got, expected)]
