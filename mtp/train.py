@@ -64,16 +64,17 @@ def sample_sequences(model_dir: Path, config: Config, prompts: list[list[int]],
 
 
 def measured_acceptance(model_dir: Path, draft_dir: Path, config: Config, prompts: list[list[int]], seed: int) -> dict:
-    """Acceptance vLLM measures drafting with the exported head (k = mtp.k) on ``prompts``;
+    """Acceptance vLLM measures drafting with the exported head (k = mtp.k every round, whatever
+    rollout.spec_schedule says) on ``prompts``;
     ``mtp.head=native``: ``draft_dir`` is the checkpoint with the trained MTP layer."""
     from rollout.vllm_adapter import spec_decode_delta, spec_decode_rates
     from rollout.vllm_engine import VLLMEngine
     if config.mtp.head == "native":
         model_dir, rollout = draft_dir, dataclasses.replace(config.rollout, draft_model=None, spec_method="mtp",
-                                                            num_speculative_tokens=config.mtp.k, adaptive_spec=False)
+                                                            num_speculative_tokens=config.mtp.k, adaptive_spec=False, spec_schedule=None)
     else:
         rollout = dataclasses.replace(config.rollout, draft_model=str(draft_dir), spec_method="eagle",
-                                      num_speculative_tokens=config.mtp.k, adaptive_spec=False)
+                                      num_speculative_tokens=config.mtp.k, adaptive_spec=False, spec_schedule=None)
     engine = VLLMEngine(str(model_dir), rollout, config.model.dtype, seed)
     try:
         before = engine.spec_counters()
@@ -186,7 +187,7 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     pred, got = report["predicted"]["acceptance_per_pos"], report["vllm"].get("acceptance_per_pos", [])
     print("acceptance per position, predicted offline:", " ".join(f"{a:.3f}" for a in pred))
-    print("acceptance per position, measured in vLLM: ", " ".join(f"{a:.3f}" for a in got))
+    print("acceptance per position, measured in vLLM: ", " ".join("n/a" if a is None else f"{a:.3f}" for a in got))
     print(f"mean accepted length: predicted {report['predicted']['mean_accepted_len']:.2f}, "
           f"vLLM {report['vllm'].get('mean_accepted_len', float('nan')):.2f}")
     return 0

@@ -270,9 +270,11 @@ def merge_worker_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]
     k = sum(key.startswith("spec_accepted_pos") for key in merged)
     rates = spec_decode_rates({"drafts": merged.get("spec_drafts", 0), "draft_tokens": merged.get("spec_draft_tokens"),
                                "accepted": merged.get("spec_accepted"),
-                               "accepted_per_pos": [merged[f"spec_accepted_pos{i}"] for i in range(1, k + 1)]})
-    if rates:  # speculative rollout: acceptance per position given the earlier drafts accepted
-        merged.update({f"spec_acceptance_pos{i + 1}": a for i, a in enumerate(rates["acceptance_per_pos"])})
+                               "accepted_per_pos": [merged[f"spec_accepted_pos{i}"] for i in range(1, k + 1)],
+                               "verified_per_pos": [merged.get(f"spec_verified_pos{i}", 0) for i in range(1, k + 1)]})
+    if rates:  # speculative rollout: acceptance per position given the earlier drafts accepted (where drafted)
+        merged.update({f"spec_acceptance_pos{i + 1}": a for i, a in enumerate(rates["acceptance_per_pos"])
+                       if a is not None})
         merged.update(spec_mean_accepted_len=rates["mean_accepted_len"], spec_acceptance=rates["draft_acceptance"])
     if "rollout_tokens" in merged:
         merged["rollout_tok_s"] = merged["rollout_tokens"] / merged["rollout_s"]

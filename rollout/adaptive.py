@@ -46,6 +46,17 @@ def expected_tokens(acceptance_per_pos: list[float], k: int) -> float:
 # (k = 0 is what plain decoding costs; a wrong k > 0 is not).
 MARGIN = 0.1
 
+# The acceptance assumed for a position no measurement covers (no mtp.train report beside the
+# drafter, or one measured with fewer positions): a guess the live acceptance soon replaces.
+GUESSED_ACCEPTANCE = 0.5
+
+
+def starting_acceptance(reported: list[float | None] | None, k: int) -> list[float]:
+    """The schedule's starting per-position acceptance for k positions: the drafter's report
+    (``mtp.train``'s vLLM measurement) where it has one, else :data:`GUESSED_ACCEPTANCE`."""
+    reported = list(reported or [])[:k]
+    return [GUESSED_ACCEPTANCE if a is None else a for a in reported] + [GUESSED_ACCEPTANCE] * (k - len(reported))
+
 
 def best_k(step_s: dict[int, float], acceptance_per_pos: list[float], margin: float = MARGIN) -> int:
     """The k of ``step_s`` ({k: seconds per step} at one batch size) with the most tokens/s; k = 0
@@ -197,18 +208,25 @@ class AdaptiveSchedule:
         self.changes = 0
         self._apply()
 
-    def observe(self, acceptance_per_pos: list[float]) -> bool:
-        """Fold in one call's per-position acceptance; True if the schedule changed."""
+    def observe(self, acceptance_per_pos: list[float | None]) -> bool:
+        """Fold in one call's per-position acceptance; True if the schedule changed. A position
+        the call never verified (None, or past the list's end: the schedule drafted fewer) keeps
+        its estimate: a position not drafted is no evidence against drafting it."""
         if not acceptance_per_pos:
             return False
         s = self.smoothing
-        self.acceptance = [(1 - s) * old + s * new for old, new in zip(self.acceptance, acceptance_per_pos)]
+        self.acceptance = [old if new is None else (1 - s) * old + s * new
+                           for old, new in zip(self.acceptance, acceptance_per_pos)] + \
+            self.acceptance[len(acceptance_per_pos):]
         return self._apply()
 
-    def reset(self, acceptance_per_pos: list[float]) -> bool:
-        """Take this acceptance as the current one (no smoothing) and apply the derived schedule
-        even if the engine's was changed behind this object's back; True if it differs."""
-        self.acceptance, old, self.schedule = list(acceptance_per_pos), self.schedule, []
+    def reset(self, acceptance_per_pos: list[float | None]) -> bool:
+        """Take this acceptance as the current one (no smoothing; None keeps a position's estimate)
+        and apply the derived schedule even if the engine's was changed behind this object's back;
+        True if it differs."""
+        self.acceptance = [old if new is None else new for old, new in zip(self.acceptance, acceptance_per_pos)] + \
+            self.acceptance[len(acceptance_per_pos):]
+        old, self.schedule = self.schedule, []
         self._apply()
         return self.schedule != old
 

@@ -398,17 +398,23 @@ def count_spec_decoding(llm) -> None:
     scheduler = _scheduler(llm)
     if getattr(scheduler, "_rlaccel_spec_counts", None) is not None:
         return
+    k = scheduler.num_spec_tokens
     counts = scheduler._rlaccel_spec_counts = {"drafts": 0, "draft_tokens": 0, "accepted": 0,
-                                               "accepted_per_pos": [0] * scheduler.num_spec_tokens}
+                                               "accepted_per_pos": [0] * k, "verified_per_pos": [0] * k}
     make_stats = scheduler.make_spec_decoding_stats
 
     def counting(spec_decoding_stats, num_draft_tokens, num_accepted_tokens, num_invalid_spec_tokens, request_id):
         if num_draft_tokens:  # vLLM's own rule: invalid (grammar-rejected) drafts are not counted
+            drafted = num_draft_tokens - (num_invalid_spec_tokens or {}).get(request_id, 0)
             counts["drafts"] += 1
-            counts["draft_tokens"] += num_draft_tokens - (num_invalid_spec_tokens or {}).get(request_id, 0)
+            counts["draft_tokens"] += drafted
             counts["accepted"] += num_accepted_tokens
             for i in range(num_accepted_tokens):
                 counts["accepted_per_pos"][i] += 1
+            # position i was verified if it was drafted (a schedule drafts k <= K a round) and the
+            # ones before it were accepted
+            for i in range(min(num_accepted_tokens + 1, drafted)):
+                counts["verified_per_pos"][i] += 1
         return make_stats(spec_decoding_stats, num_draft_tokens=num_draft_tokens,
                           num_accepted_tokens=num_accepted_tokens, num_invalid_spec_tokens=num_invalid_spec_tokens,
                           request_id=request_id)
@@ -418,10 +424,12 @@ def count_spec_decoding(llm) -> None:
 
 def spec_decode_counters(llm) -> dict:
     """Cumulative speculative-decoding counters of this engine (:func:`count_spec_decoding` must
-    have been installed): ``drafts``, ``draft_tokens``, ``accepted`` and ``accepted_per_pos``
-    (drafts whose first i+1 tokens were all accepted)."""
+    have been installed): ``drafts``, ``draft_tokens``, ``accepted``, ``accepted_per_pos``
+    (drafts whose first i+1 tokens were all accepted) and ``verified_per_pos`` (drafts whose
+    position i+1 was drafted and verified: the first i accepted)."""
     counts = _scheduler(llm)._rlaccel_spec_counts
-    return {**counts, "accepted_per_pos": list(counts["accepted_per_pos"])}
+    return {**counts, "accepted_per_pos": list(counts["accepted_per_pos"]),
+            "verified_per_pos": list(counts["verified_per_pos"])}
 
 
 def vllm_spec_metrics(llm) -> dict:
@@ -449,21 +457,28 @@ def spec_decode_delta(before: dict, after: dict) -> dict:
     if not after:
         return {}
     delta = {k: after[k] - before.get(k, 0) for k in ("drafts", "draft_tokens", "accepted")}
-    old = before.get("accepted_per_pos", [0] * len(after["accepted_per_pos"]))
-    delta["accepted_per_pos"] = [a - b for a, b in zip(after["accepted_per_pos"], old)]
+    for key in ("accepted_per_pos", "verified_per_pos"):
+        if key in after:
+            old = before.get(key, [0] * len(after[key]))
+            delta[key] = [a - b for a, b in zip(after[key], old)]
     return delta
 
 
-def spec_decode_rates(counts: dict) -> dict[str, float | list[float]]:
-    """From interval counters: per-position acceptance given the earlier positions accepted,
+def spec_decode_rates(counts: dict) -> dict[str, float | list[float | None]]:
+    """From interval counters: per-position acceptance given the earlier positions accepted
+    (None for a position never verified in the interval: no sample, not a rejection),
     P(first i+1 drafts accepted), mean tokens per target forward, accepted / drafted tokens, and
-    the number of draft rounds they are over (``drafts``: position 1's sample size)."""
+    the number of draft rounds they are over (``drafts``: position 1's sample size).
+
+    Without ``verified_per_pos`` (vLLM's own metrics have no such counter) every round is taken
+    to have drafted every position, which holds for a fixed k only: under a schedule drafting
+    k < K, positions past k would count as rejected."""
     drafts = counts.get("drafts", 0)
     if drafts <= 0:
         return {}
     per_pos = counts["accepted_per_pos"]
-    reached = [drafts] + per_pos[:-1]  # drafts whose position i was verified at all
-    return {"acceptance_per_pos": [a / r if r else 0.0 for a, r in zip(per_pos, reached)],
+    verified = counts.get("verified_per_pos") or [drafts] + per_pos[:-1]
+    return {"acceptance_per_pos": [a / v if v else None for a, v in zip(per_pos, verified)],
             "accepted_per_draft": [a / drafts for a in per_pos],
             "mean_accepted_len": 1 + counts["accepted"] / drafts,
             "draft_acceptance": counts["accepted"] / max(counts["draft_tokens"], 1), "drafts": drafts}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rollout.adaptive import MAX_BATCH, ScheduleCheck
+from rollout.adaptive import MAX_BATCH, ScheduleCheck, starting_acceptance
 from rollout.engine import Completion
 from policy.models import checkpoint_configs
 from rollout.vllm_adapter import (COPY_RELOAD_TYPES, build_llm, count_spec_decoding, enable_drafter_skip,
@@ -205,8 +205,8 @@ class VLLMEngine:
         if not measured:  # every row from the cache: still run each k once, so first-use costs stay out of the run
             measure_step_costs(self, (), ks, prompts)
         report = Path(self.cfg.draft_model or self.model_dir) / "report.json"  # mtp.train writes it there
-        acceptance = json.loads(report.read_text())["vllm"].get("acceptance_per_pos") if report.is_file() else None
-        return AdaptiveSchedule(self, costs, acceptance or [0.5] * k)
+        reported = json.loads(report.read_text())["vllm"].get("acceptance_per_pos") if report.is_file() else None
+        return AdaptiveSchedule(self, costs, starting_acceptance(reported, k))
 
     def _cost_key(self, k: int, prompts: list[list[int]]) -> dict:
         """What this engine's step costs depend on (rollout.calibration_cache): the model's and the

@@ -31,11 +31,13 @@ def spec_metrics(delta: dict) -> dict[str, float]:
     """Speculative-decoding counts of one generate call (:func:`spec_decode_delta`) as flat
     metrics (summed over workers by the driver): ``spec_drafts``, ``spec_draft_tokens``,
     ``spec_accepted`` and, per position i, ``spec_accepted_pos{i}`` (rounds whose first i drafts
-    were all accepted)."""
+    were all accepted) and ``spec_verified_pos{i}`` (rounds that drafted position i and accepted
+    the ones before it)."""
     if not delta:
         return {}
     out = {f"spec_{k}": float(delta[k]) for k in ("drafts", "draft_tokens", "accepted")}
     out.update({f"spec_accepted_pos{i + 1}": float(a) for i, a in enumerate(delta["accepted_per_pos"])})
+    out.update({f"spec_verified_pos{i + 1}": float(v) for i, v in enumerate(delta.get("verified_per_pos", []))})
     return out
 
 

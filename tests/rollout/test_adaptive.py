@@ -147,3 +147,57 @@ def test_the_check_keeps_the_arm_in_use_against_a_challenger_within_the_margin()
     assert check.winner(shape) == "off" and arms.count("off") >= 26  # probed every 2 calls, being close
     _run_check(check, shape, {"schedule": 0.8, "off": 0.9}, 10)  # 12% faster: taken at the next probe
     assert check.winner(shape) == "schedule"
+
+
+def _fake_llm(num_spec_tokens: int):
+    """An object shaped like vllm.LLM as far as rlaccel's scheduler-side counters and live
+    schedule reach into it."""
+    from types import SimpleNamespace
+    scheduler = SimpleNamespace(num_spec_tokens=num_spec_tokens, dynamic_sd_lookup={},
+                                make_spec_decoding_stats=lambda stats, **kw: stats)
+    return SimpleNamespace(llm_engine=SimpleNamespace(engine_core=SimpleNamespace(
+        engine_core=SimpleNamespace(scheduler=scheduler)))), scheduler
+
+
+def test_counters_count_a_position_only_where_it_was_drafted():
+    """A round under a schedule drafts k <= K positions: positions past k are not rejections."""
+    from rollout.vllm_adapter import count_spec_decoding, spec_decode_counters, spec_decode_rates
+    llm, scheduler = _fake_llm(3)
+    count_spec_decoding(llm)
+    for accepted in [1] * 9 + [0]:  # ten rounds of k = 1, nine accepted
+        scheduler.make_spec_decoding_stats(None, num_draft_tokens=1, num_accepted_tokens=accepted,
+                                           num_invalid_spec_tokens=None, request_id="r")
+    scheduler.make_spec_decoding_stats(None, num_draft_tokens=3, num_accepted_tokens=1,  # one round of k = 3
+                                       num_invalid_spec_tokens=None, request_id="r")
+    counts = spec_decode_counters(llm)
+    assert counts["accepted_per_pos"] == [10, 0, 0] and counts["verified_per_pos"] == [11, 1, 0]
+    rates = spec_decode_rates(counts)
+    assert rates["acceptance_per_pos"] == [pytest.approx(10 / 11), 0.0, None]
+
+
+def test_a_schedule_drafting_fewer_positions_does_not_lock_k_down(monkeypatch):
+    """True acceptance 0.9 at every position on an engine where k = 3 pays most: the live
+    counters of rounds drafting k < 3 must not pull the undrafted positions' estimates to 0
+    (which held k at 2 for good from a 0.5 start)."""
+    import rollout.vllm_adapter as adapter
+    from rollout.adaptive import AdaptiveSchedule, starting_acceptance
+    monkeypatch.setattr(adapter, "set_spec_schedule", lambda llm, schedule: None)
+    costs = {1: {0: 1.0, 1: 1.3, 2: 1.5, 3: 1.7}}
+    schedule = AdaptiveSchedule(type("Engine", (), {"llm": None})(), costs, starting_acceptance(None, 3))
+    assert schedule.k_at(1) < 3  # the 0.5 guess: fewer drafts pay
+    for _ in range(20):
+        k, rounds = schedule.k_at(1), 1000
+        verified = [round(rounds * 0.9 ** i) if i < k else 0 for i in range(3)]
+        accepted = [round(rounds * 0.9 ** (i + 1)) if i < k else 0 for i in range(3)]
+        counts = {"drafts": rounds, "draft_tokens": sum(verified), "accepted": sum(accepted),
+                  "accepted_per_pos": accepted, "verified_per_pos": verified}
+        schedule.observe(adapter.spec_decode_rates(counts)["acceptance_per_pos"])
+    assert schedule.k_at(1) == 3
+    assert schedule.acceptance == pytest.approx([0.9, 0.9, 0.9], abs=0.01)
+
+
+def test_the_starting_acceptance_is_padded_or_cut_to_the_engine_s_k():
+    from rollout.adaptive import GUESSED_ACCEPTANCE, starting_acceptance
+    assert starting_acceptance([0.8, None], 3) == [0.8, GUESSED_ACCEPTANCE, GUESSED_ACCEPTANCE]
+    assert starting_acceptance([0.8, 0.7, 0.6], 2) == [0.8, 0.7]
+    assert starting_acceptance(None, 2) == [GUESSED_ACCEPTANCE] * 2

@@ -114,7 +114,11 @@ def test_rlaccel_counts_speculation_as_vllm_s_own_metrics_do(micro, engines):
         engine.generate([[2, 3, 4, 5], [7, 7, 2], [5]], seed=3)
         ours, theirs = engine.spec_counters(), vllm_spec_metrics(engine.llm)
         assert ours["drafts"] > 0 and ours["accepted"] > 0
-        assert ours == theirs
+        assert {k: ours[k] for k in theirs} == theirs and set(ours) - set(theirs) == {"verified_per_pos"}
+        # vLLM has no count of a position's verifications: every round verifies its first draft,
+        # and a later position at most as often as the one before it was accepted
+        verified, accepted = ours["verified_per_pos"], ours["accepted_per_pos"]
+        assert verified[0] == ours["drafts"] and 0 < verified[1] <= accepted[0]
     finally:
         engine.close()
 
