@@ -268,7 +268,7 @@ class PolicyTrainer:
 
     def load_checkpoint(self, directory: str | Path) -> None:
         directory = Path(directory)
-        self.model.load_state_dict(load_model(directory).state_dict())
+        self.model.load_state_dict(load_model(directory, self.model.dtype).state_dict())  # in its own dtype: exact
         self.update.load(directory)
         self.version = int(torch.load(directory / "trainer_state.pt", weights_only=True)["version"])
 

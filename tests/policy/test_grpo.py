@@ -68,6 +68,20 @@ def test_clipped_surrogate_by_hand():
     assert m["clip_frac"] == 0.0
 
 
+def test_asymmetric_clipping_by_hand():
+    """clip_low bounds the ratio from below, clip_high from above (DAPO's clip-higher): swapping
+    them changes both rows. Row 0, A=+1, ratio e^0.25=1.284: inside [0.9, 1.3] (clipped to 1.1
+    were the bounds swapped). Row 1, A=-1, ratio e^-0.2=0.819: below 1 - 0.1, so -max(0.819, 0.9)
+    = -0.9 binds (with the bounds swapped, 0.819 is inside [0.7, 1.1])."""
+    logp, old = torch.tensor([[0.25], [-0.2]]), torch.zeros(2, 1)
+    adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 1)
+    loss, m = _loss(logp, old, adv, mask, clip_low=0.1, clip_high=0.3)
+    assert loss.item() == pytest.approx((-math.exp(0.25) + 0.9) / 2, abs=1e-6)
+    assert m["clip_frac"] == pytest.approx(0.5)
+    swapped, _ = _loss(logp, old, adv, mask, clip_low=0.3, clip_high=0.1)
+    assert swapped.item() == pytest.approx((-1.1 + math.exp(-0.2)) / 2, abs=1e-6)
+
+
 def test_aggregations_by_hand():
     logp = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])

@@ -141,6 +141,63 @@ def test_stale_samples_get_the_truncated_behaviour_weight(trainer):
     # row 0 is one version old: min(exp(old - behaviour), C=2); row 1 is on-policy: exactly 1
     expected = torch.tensor([[min(math.exp(0.5), 2.0), math.exp(-1.5)], [1.0, 1.0]])
     assert torch.allclose(w, expected)
+    # the cap binds: old - behaviour = 2 gives e^2 = 7.4, truncated to is_cap exactly
+    assert trainer.algo.is_cap == 2.0
+    capped = trainer._behaviour_weight(torch.tensor([[0.0, -1.0]]), [[-2.0, -1.5]], [0])
+    assert torch.equal(capped, torch.tensor([[2.0, math.exp(0.5)]], dtype=capped.dtype))
+
+
+def test_a_checkpoint_round_trip_is_exact_in_float64(tiny_model_dir, tmp_path):
+    """The resumed policy is the saved one bit for bit in its own dtype (not through float32)."""
+    cfg = load_config(None, ["trainer.lr=1e-2", "trainer.micro_batch_size=3"])
+    trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
+    trainer.step(_groups([[1.0, 0.0, 0.0, 1.0]]))
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    other = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
+    other.load_checkpoint(tmp_path / "ckpt")
+    assert state_checksum(other.state_dict()) == state_checksum(trainer.state_dict())
+
+
+def _constant_gradient_steps(update, model, steps: int) -> None:
+    for _ in range(steps):
+        update.zero_grad()
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        update.step()
+
+
+def test_bfloat16_weights_are_trained_through_a_float32_master_copy(tmp_path):
+    """lr 1e-6 with a constant gradient moves each weight by ~lr a step (Adam's normalised step):
+    100 steps move a float32 weight by ~1e-4, more than half the rounding step of a bfloat16
+    weight of ~0.02 (1.2e-4), which then shows the move only through a master copy; applied to
+    the bfloat16 weights directly, every step rounds away. The model holds the master rounded,
+    and a checkpoint restores the master."""
+    from policy.distributed import LocalUpdate
+    cfg = load_config(None, ["trainer.lr=1e-6", "trainer.weight_decay=0.0"]).trainer
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        reference.weight.copy_(0.02 + 0.001 * torch.rand(64, 64))
+    model = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.copy_(reference.weight)
+    start = model.weight.detach().clone()
+    reference.weight.data = model.weight.detach().float()  # both start from the same (bf16) values
+    update, ref_update = LocalUpdate(model, cfg), LocalUpdate(reference, cfg)
+    _constant_gradient_steps(update, model, 100)
+    _constant_gradient_steps(ref_update, reference, 100)
+    moved = (start.float() - reference.weight.detach()).abs()
+    assert moved.min() > 6.2e-5  # the float32 reference moved every weight by ~100 lr: over half a step
+    assert torch.equal(update.master[0].detach(), reference.weight.detach())  # the same float32 arithmetic
+    assert torch.equal(model.weight.detach(), reference.weight.detach().to(torch.bfloat16))
+    assert (model.weight != start).all()  # so every bfloat16 weight changed
+    update.save(tmp_path)
+    fresh = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        fresh.weight.copy_(model.weight)
+    resumed = LocalUpdate(fresh, cfg)
+    resumed.load(tmp_path)
+    assert torch.equal(resumed.master[0].detach(), update.master[0].detach())
 
 
 @pytest.fixture()
