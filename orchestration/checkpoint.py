@@ -6,8 +6,10 @@ tokenizer, optimizer, policy version: ``PolicyTrainer.save_checkpoint``) and
 that seeds sampling, the regenerated-group count, the batches still in flight (queued on the
 workers, not yet trained on: their rows' indices) with their seeds, and what the cursor
 counts in (the number of rows, a hash of their prompts and answers, the seed of their order).
-It is written under a temporary name and renamed, so a crash never leaves a half-written
-checkpoint.
+It is written under a temporary name (``<name>.tmp``, its loop state last) and swapped in by
+renames, the one it replaces kept as ``<name>.old`` until the new one is in place: a crash
+never leaves a half-written checkpoint, nor none at all (a resume from a name whose swap was
+interrupted names the complete copy to resume from).
 
 A run writes one every ``orchestration.checkpoint_every`` steps, one at its end
 (``<logging.dir>/checkpoint``: train on with more ``orchestration.steps``), and one when it
@@ -41,26 +43,38 @@ STATE_FILE = "loop_state.json"
 def save(directory: Path, trainer, state: dict | None, timeout: float | None = None) -> Path:
     """The trainer's state and the loop's ``state`` (None: the trainer's only, not resumable) in
     ``directory``, which is replaced only once the new one is complete."""
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp, old = _aside(directory, ".tmp"), _aside(directory, ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save(str(tmp), timeout=timeout)  # every rank: weights from rank 0, optimizer partitions from each
     if state is not None:
         (tmp / STATE_FILE).write_text(json.dumps(state))
-    if directory.exists():
-        shutil.rmtree(directory)
+    if directory.exists():  # else an interrupted swap's .old is the last complete one: kept until tmp is in place
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
     tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def _aside(directory: Path, suffix: str) -> Path:
+    return directory.with_name(directory.name + suffix)
 
 
 # What a run writes in its logging.dir besides config.yaml and placement.json.
 RUN_FILES = ("metrics.jsonl", "trajectories*.parquet", "tensorboard", "checkpoint", "checkpoints",
-             "checkpoint-interrupted")
+             "checkpoint-interrupted", "checkpoint.tmp", "checkpoint.old", "checkpoint-interrupted.tmp",
+             "checkpoint-interrupted.old")
 
 
 def load(directory: str | Path) -> dict:
     """The loop state of the checkpoint in ``directory`` (``orchestration.resume``)."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
+        for suffix in (".tmp", ".old"):  # an interrupted save: the new copy if complete (state written last), else the old
+            complete = _aside(Path(directory), suffix)
+            if (complete / STATE_FILE).is_file():
+                raise ConfigError(f"orchestration.resume={str(directory)!r}: the save that was replacing this checkpoint "
+                                  f"was interrupted; its complete copy is {str(complete)!r}: resume from that")
         raise ConfigError(f"orchestration.resume={str(directory)!r} is not an rlaccel checkpoint directory (no "
                           f"{STATE_FILE}); give <logging.dir>/checkpoints/step-N, <logging.dir>/checkpoint or "
                           f"<logging.dir>/checkpoint-interrupted")

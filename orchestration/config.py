@@ -12,6 +12,7 @@ Every field is documented once, here.
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger("rlaccel")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = REPO_ROOT / "configs"
@@ -519,6 +522,8 @@ def validate(config: Config) -> None:
            config.mtp.warm_steps)
     _check("mtp.kl_weight", math.isfinite(config.mtp.kl_weight) and config.mtp.kl_weight >= 0, "finite, >= 0",
            config.mtp.kl_weight)
+    if r.draft_model is not None or r.spec_method == "mtp":
+        _warn_head_target(config)
     if config.mtp.maintain:
         if r.spec_method == "mtp":
             raise ConfigError("mtp.maintain=true is implemented for EAGLE heads (rollout.draft_model); native MTP "
@@ -537,6 +542,21 @@ def validate(config: Config) -> None:
         at = checkpoint.load(o.resume)["step"]
         _check("orchestration.steps", o.steps > at, f"> {at}, the step the checkpoint {o.resume} resumes at "
                f"(the total number of steps, not the steps still to run)", o.steps)
+
+
+def _warn_head_target(config: Config) -> None:
+    """Settings under which vLLM verifies drafts against another target than the drafter head is
+    trained for (mtp.train, mtp.maintain): sampling stays exact, acceptance is lower than the
+    head's training and report predict."""
+    r = config.rollout
+    if r.top_p < 1.0:
+        log.warning("rollout.top_p=%s with a drafter: vLLM verifies drafts against the top-p-truncated "
+                    "distribution, while the head is trained against the whole softmax(z/T); sampling stays exact, "
+                    "acceptance is lower than mtp.train's report predicts", r.top_p)
+    if r.draft_sample_method == "greedy" and config.mtp.objective == "tv":
+        log.warning("rollout.draft_sample_method=greedy with mtp.objective=tv: the TV objective raises the "
+                    "acceptance of probabilistic drafting (sum of min(p, q)); a greedy draft is accepted with "
+                    "p(argmax q). Sampling stays exact; use draft_sample_method=probabilistic (the default)")
 
 
 def to_yaml(config: Config) -> str:

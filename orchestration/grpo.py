@@ -38,7 +38,7 @@ from orchestration.config import Config, ConfigError, load_config, to_yaml
 from orchestration.data import DataError, PromptStream, load_prompts
 from orchestration.metrics import RunLogger
 from orchestration.model_prep import prepare_model
-from orchestration.trajectories import TrajectoryLog
+from orchestration.trajectories import TrajectoryLog, drop_steps_from
 from orchestration.trainer_actor import TrainerActor, TrainerGroup
 from orchestration.weight_sync import WORKER_GONE, WorkerLost, make_sync
 from policy.distributed import UpdateNotApplied
@@ -299,6 +299,26 @@ def in_flight_depth(max_staleness: int, rollout_s: float, update_s: float) -> in
 PROBE_TOKENS = 32
 
 
+def resumed_draft_model(config: Config) -> str | None:
+    """The head the workers draft with at the start: ``rollout.draft_model``, or, resuming with
+    ``mtp.maintain=true``, the checkpoint's maintained head (``<checkpoint>/drafter``, which the
+    trainer's maintainer also continues from). A checkpoint's head is not used otherwise: a
+    resume with the drafter off, another head or a frozen one gets what its config says."""
+    resume, configured = config.orchestration.resume, config.rollout.draft_model
+    saved = Path(resume) / "drafter" if resume else None
+    if saved is None or not saved.is_dir():
+        return configured
+    if config.mtp.maintain:
+        if configured is not None and Path(configured).resolve() != saved.resolve():
+            log.info("resume: drafting with the checkpoint's maintained head %s (mtp.maintain=true continues it), "
+                     "not rollout.draft_model=%s", saved, configured)
+        return str(saved)
+    log.warning("resume: the checkpoint's maintained drafter head %s is not used (mtp.maintain=false): drafting "
+                "with rollout.draft_model=%s. Resume with mtp.maintain=true to continue it, or draft with it frozen: "
+                "rollout.draft_model=%s", saved, configured, saved)
+    return configured
+
+
 def step_seed(seed: int, step: int) -> int:
     return (seed * 7_919 + step * 104_729) % (2 ** 31)
 
@@ -344,12 +364,14 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     own = actors is None
     actors = Actors() if own else actors
     # Workers start from the checkpoint's weights; the trainer from the original model (its
-    # KL reference) and then loads the checkpoint's weights and optimizer.
-    rollout_cfg = config.rollout
-    if o.resume and (Path(o.resume) / "drafter").is_dir():  # the maintained head of the checkpoint
-        rollout_cfg = dataclasses.replace(rollout_cfg, draft_model=str(Path(o.resume) / "drafter"))
-    workers, trainer_actors = actors.start(config, (str(o.resume or model_dir), rollout_cfg, config.model.dtype,
-                                                    o.seed, state["version"] if state else 0))
+    # KL reference) and then loads the checkpoint's weights and optimizer. A checkpoint holds the
+    # policy only: native MTP layers (rollout.spec_method=mtp, frozen during RL) are the original
+    # model's, so such workers start from it and get the checkpoint's policy by a verified sync.
+    from_model = bool(o.resume) and config.rollout.spec_method == "mtp"
+    rollout_cfg = dataclasses.replace(config.rollout, draft_model=resumed_draft_model(config))
+    workers, trainer_actors = actors.start(config, (str(model_dir if from_model else o.resume or model_dir),
+                                                    rollout_cfg, config.model.dtype, o.seed,
+                                                    state["version"] if state else 0))
     try:
         trainer = TrainerGroup(
             trainer_actors, str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
@@ -362,11 +384,16 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             "rollout_worker_gpus": ray.get([w.gpu_ids.remote() for w in workers]),
             "trainer_rank_gpus": trainer.gpu_ids()}))
         sync = make_sync(o.weight_sync, trainer, workers, config.trainer.device)  # the workers are ready
+        if from_model:
+            sync.results(sync.push())  # the checkpoint's policy, before any rollout
     except BaseException:
         actors.close()
         raise
 
     logger = RunLogger(run_dir, config.logging.tensorboard, append=bool(state), before_step=start if state else None)
+    if state and drop_steps_from(run_dir, start):
+        log.info("resume at step %d: the trajectories of steps >= %d logged before are dropped (trained again)",
+                 start, start)
     trajectories = TrajectoryLog(run_dir / (f"trajectories.from-step{start}.parquet" if state
                                             else "trajectories.parquet"))
     history: list[dict] = []

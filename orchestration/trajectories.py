@@ -2,14 +2,19 @@
 
 Columns: step (the trainer step that used it), prompt_index, prompt, completion,
 response_ids, behaviour_logprobs, reward, sampled_version, finish_reason. One Parquet row
-group per step, so a run that stops early keeps every step written so far.
+group per step, so a run that stops early keeps every step written so far. A run resumed into
+the same directory writes ``trajectories.from-step<N>.parquet`` and first drops the rows of
+steps >= N from the earlier files (:func:`drop_steps_from`), as ``metrics.jsonl`` drops their
+records: the resumed run trains those steps again, so each trained response is in the log once.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from policy.batch import Group
@@ -41,3 +46,27 @@ class TrajectoryLog:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def drop_steps_from(run_dir: str | Path, step: int) -> int:
+    """Remove the rows of steps >= ``step`` from ``run_dir``'s trajectory files (a file left
+    empty is deleted); each file is replaced only once its rewrite is complete. Returns the
+    number of rows dropped."""
+    dropped = 0
+    for path in sorted(Path(run_dir).glob("trajectories*.parquet")):
+        steps = pq.read_table(path, columns=["step"]).column("step")
+        later = int(pc.sum(pc.greater_equal(steps, step)).as_py() or 0)
+        if not later:
+            continue
+        dropped += later
+        if later == len(steps):
+            path.unlink()
+            continue
+        table = pq.read_table(path, schema=SCHEMA)
+        tmp = path.with_name(path.name + ".tmp")
+        with pq.ParquetWriter(str(tmp), SCHEMA) as writer:  # one row group per step, as written
+            for s in sorted(set(table.column("step").to_pylist())):
+                if s < step:
+                    writer.write_table(table.filter(pc.equal(table.column("step"), s)))
+        os.replace(tmp, path)
+    return dropped

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from orchestration.config import Config, ConfigError, load_config
@@ -174,3 +176,78 @@ def test_lengths_beyond_the_model_and_non_finite_coefficients_are_refused_at_loa
     for override in ("algorithm.kl_coef=inf", "algorithm.clip_high=nan", "algorithm.is_cap=inf"):
         with pytest.raises(ConfigError, match=f"{override.split('=')[0]}=.*finite"):
             load_config("tiny", [override])
+
+
+class _SavingTrainer:
+    """A trainer group's save as far as checkpoint.save calls it: the weights' file, marked."""
+
+    def __init__(self, mark: str):
+        self.mark = mark
+
+    def save(self, directory: str, timeout=None) -> None:
+        from pathlib import Path
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "weights").write_text(self.mark)
+
+
+def test_a_crash_while_a_checkpoint_is_replaced_leaves_a_complete_one_to_resume_from(tmp_path, monkeypatch):
+    """The old copy is moved aside, not deleted, until the new one is in place: a crash between
+    the two renames leaves the new complete copy (.tmp) and the old (.old); a resume from the name
+    names the copy to resume from, and the next save replaces both."""
+    from pathlib import Path
+
+    from orchestration import checkpoint
+    ckpt = tmp_path / "checkpoint"
+    checkpoint.save(ckpt, _SavingTrainer("v1"), json.loads(STATE))
+    assert (ckpt / "weights").read_text() == "v1" and not list(tmp_path.glob("checkpoint.*"))
+    rename = Path.rename
+
+    def crash_at_the_swap(self, target):
+        if self.name == "checkpoint.tmp":
+            raise KeyboardInterrupt("killed")
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", crash_at_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(ckpt, _SavingTrainer("v2"), json.loads(STATE))
+    monkeypatch.setattr(Path, "rename", rename)
+    assert not ckpt.exists() and (tmp_path / "checkpoint.old" / "weights").read_text() == "v1"
+    with pytest.raises(ConfigError, match=r"interrupted; its complete copy is .*checkpoint\.tmp"):
+        load_config(None, [f"orchestration.resume={ckpt}", "orchestration.steps=6"])
+    checkpoint.save(ckpt, _SavingTrainer("v3"), json.loads(STATE))
+    assert (ckpt / "weights").read_text() == "v3" and not list(tmp_path.glob("checkpoint.*"))
+
+
+def test_a_resume_drafts_with_the_checkpoint_s_head_only_if_it_maintains_it(tmp_path, caplog):
+    """A checkpoint's maintained head (``drafter/``) replaces rollout.draft_model only when the
+    resumed run maintains it too; a resume with the drafter off or frozen gets what it asks for."""
+    from orchestration.grpo import resumed_draft_model
+    ckpt = tmp_path / "checkpoint"
+    (ckpt / "drafter").mkdir(parents=True)
+    (ckpt / "loop_state.json").write_text(STATE)
+    resume = [f"orchestration.resume={ckpt}", "orchestration.steps=6"]
+    cfg = Config()
+    cfg.orchestration.resume, cfg.orchestration.steps = str(ckpt), 6
+    cfg.rollout.draft_model, cfg.mtp.maintain = str(tmp_path / "head"), True
+    assert resumed_draft_model(cfg) == str(ckpt / "drafter")
+    cfg.mtp.maintain = False
+    assert resumed_draft_model(cfg) == str(tmp_path / "head")
+    assert "is not used (mtp.maintain=false)" in caplog.text
+    cfg.rollout.draft_model = None  # speculation off
+    assert resumed_draft_model(cfg) is None
+    assert resumed_draft_model(load_config(None, resume)) is None  # the default config: no drafter
+    cfg.orchestration.resume = None
+    cfg.rollout.draft_model = str(tmp_path / "head")
+    assert resumed_draft_model(cfg) == str(tmp_path / "head")
+
+
+def test_a_drafter_verified_against_another_target_than_its_training_is_warned_about(tmp_path, caplog):
+    (tmp_path / "config.json").write_text("{}")
+    head = f"rollout.draft_model={tmp_path}"
+    load_config(None, [head, "rollout.top_p=0.9"])
+    assert "rollout.top_p=0.9 with a drafter" in caplog.text
+    load_config(None, [head, "rollout.draft_sample_method=greedy"])
+    assert "draft_sample_method=greedy with mtp.objective=tv" in caplog.text
+    caplog.clear()
+    load_config(None, ["rollout.top_p=0.9"])  # no drafter: nothing to warn about
+    load_config(None, [head])
+    assert "with a drafter" not in caplog.text and "greedy" not in caplog.text

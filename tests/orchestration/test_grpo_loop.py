@@ -429,6 +429,10 @@ def test_a_failed_run_resumes_where_it_stopped_and_a_finished_one_trains_on(tmp_
     again = main(config, progress=False, actors=kept_actors)
     assert [h["step"] for h in again] == [2, 3, 4]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
+    per_step: dict[tuple[int, int], int] = {}  # the re-trained steps' trajectories once, as their metrics
+    for step, index, _, _ in _trained_record(tmp_path / "run"):
+        per_step[step, index] = per_step.get((step, index), 0) + 1
+    assert sorted({s for s, _ in per_step}) == [0, 1, 2, 3, 4] and set(per_step.values()) == {8}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("reward")] == [0, 1, 2, 3, 4]  # the re-logged steps once
@@ -530,6 +534,34 @@ def test_speculative_loop_with_a_maintained_drafter(tmp_path, cache, kept_actors
     config.orchestration.resume, config.logging.dir = str(ckpt), str(tmp_path / "resumed")
     resumed = main(config, progress=False, actors=kept_actors)
     assert [h["step"] for h in resumed] == [2] and resumed[0]["spec_drafts"] > 0
+
+
+@pytest.mark.vllm
+@pytest.mark.slow  # three Ray runs (~40 s)
+def test_a_native_mtp_run_resumes_drafting_with_its_layer(tmp_path, cache, kept_actors):
+    """rollout.spec_method=mtp: the MTP layer is the model's (frozen in RL), not the checkpoint's
+    (the policy only): a resumed run's workers draft with it and sample the checkpoint's policy
+    (logprobs equal to the trainer's)."""
+    import shutil
+
+    from mtp.native import MiMoMTPHead
+    from orchestration.model_prep import prepare_model
+    from policy.models import load_model
+    config = _config(tmp_path, "vllm")
+    config.model.name = "tiny_mimo"
+    model_dir = tmp_path / "mimo"
+    shutil.copytree(prepare_model(config, progress=False), model_dir)
+    MiMoMTPHead.for_policy(load_model(model_dir)).save_vllm(model_dir)
+    config.model.path = str(model_dir)
+    config.rollout.spec_method, config.rollout.num_speculative_tokens = "mtp", 2
+    config.orchestration.checkpoint_every = 2
+    history = main(config, progress=False, actors=kept_actors)
+    assert all(h["spec_drafts"] > 0 for h in history)
+    config.orchestration.resume, config.logging.dir = str(tmp_path / "run" / "checkpoints" / "step-2"), str(
+        tmp_path / "resumed")
+    resumed = main(config, progress=False, actors=kept_actors)
+    assert [h["step"] for h in resumed] == [2] and resumed[0]["spec_drafts"] > 0
+    assert resumed[0]["logp_mismatch_max"] < 1e-3  # sampled with the checkpoint's policy, not the model's
 
 
 def _actor_pids() -> dict[str, set[int]]:
