@@ -126,8 +126,8 @@ class PolicyTrainer:
                     lp, _ = self._logprobs(self.model, prompts, responses, idx)
                     for i, row in zip(idx, lp.cpu()):
                         old[i] = row[:len(responses[i])]
-        sums: dict[str, float] = {}
-        mismatch, grad_norms = 0.0, []
+        sums: dict[str, float] = {}  # the loss's metrics (token means of a micro-batch) summed over tokens
+        mismatch, grad_norms, token_count = 0.0, [], 0.0
         for m, mini in enumerate(minis):  # always M mini-batches (maybe empty on a rank): the group steps together
             # the loss's denominators count every response, computed or skipped
             tokens, sequences = self.update.all_sum([sum(len(responses[i]) for i in mini), len(mini)])
@@ -155,8 +155,10 @@ class PolicyTrainer:
                 if finite:  # after a non-finite loss nothing more is accumulated; the step is refused below
                     self.update.backward(loss)
                     backwards += 1
+                tokens_here = float(mask.sum())
+                token_count += tokens_here
                 for k, v in mb.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(idx)
+                    sums[k] = sums.get(k, 0.0) + v * tokens_here
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / M
                 on_policy = torch.tensor([float(versions[i] == self.version) for i in idx])[:, None]
                 mismatch = max(mismatch, _max_mismatch(old_logp.cpu(), [behaviour[i] for i in idx],
@@ -178,14 +180,15 @@ class PolicyTrainer:
         keys = sorted(sums)
         sums = dict(zip(keys, self.update.all_sum([sums[k] for k in keys])))
         mismatch = self.update.all_max([mismatch])[0]
-        n, computed = (max(int(x), 1) for x in self.update.all_sum([n, sum(len(w) for w in work)]))
+        n, computed, token_count = (max(int(x), 1) for x in self.update.all_sum(
+            [n, sum(len(w) for w in work), token_count]))
         staleness = [self.version - v for v in versions]  # policy versions behind, at training time
         stale_sum, update_tokens = self.update.all_sum(
             [sum(staleness), sum(len(p) + len(r) for p, r in zip(prompts, responses))])
         stale_max = self.update.all_max([max(staleness, default=0)])[0]
         self.version += 1
         seconds = self.update.all_max([time.perf_counter() - t0])[0]
-        metrics = {k: (v if k == "loss" else v / computed) for k, v in sums.items()}
+        metrics = {k: (v if k == "loss" else v / token_count) for k, v in sums.items()}  # token means over the step
         metrics.update(staleness_mean=stale_sum / n, staleness_max=stale_max, update_skipped=1.0 - computed / n)
         metrics.update(grad_norm=sum(grad_norms) / max(len(grad_norms), 1), logp_mismatch_max=mismatch, update_s=seconds,
                        update_tokens=update_tokens, version=float(self.version))

@@ -162,7 +162,7 @@ def _constant_gradient_steps(update, model, steps: int) -> None:
     for _ in range(steps):
         update.zero_grad()
         for p in model.parameters():
-            p.grad = torch.full_like(p, 1e-3)
+            p.grad = torch.full_like(p, 1e-3, dtype=torch.bfloat16).to(p.dtype)  # the same value in both models
         update.step()
 
 
@@ -340,3 +340,22 @@ def test_an_untied_embedding_keeps_its_dense_gradient():
     assert not sparse_tied_embedding(untied) and not untied.get_input_embeddings().sparse
     tied = Qwen3ForCausalLM(Qwen3Config(**config, tie_word_embeddings=True))
     assert sparse_tied_embedding(tied) and tied.get_input_embeddings().sparse
+
+
+def test_the_loss_metrics_are_token_means_over_the_step(tiny_model_dir):
+    """kl (and clip_frac, ratio_mean the same way) over micro-batches of unequal token counts:
+    the mean over every response token of the step, not a per-sequence weighting of the
+    micro-batches' means."""
+    from policy.grpo import k3_kl
+    cfg = load_config(None, ["trainer.lr=1e-2", "trainer.micro_batch_size=3", "algorithm.kl_coef=0.1"])
+    trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, temperature=1.0, max_tokens=8)
+    trainer.step(_groups([[1.0, 0.0, 0.0, 1.0]]))  # the policy moves away from the reference
+    groups = _groups([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    groups[1].responses = [[4, 4, 4, 4, 1], [5], [1], [4, 5, 6, 7, 1]]  # 8 responses in micro-batches of 3
+    groups[1].behaviour_logprobs = [[0.0] * len(r) for r in groups[1].responses]
+    batch = pad_sequences([g.prompt_ids for g in groups for _ in range(g.n)],
+                          [r for g in groups for r in g.responses], 0)
+    with torch.no_grad():
+        kl = k3_kl(token_logprobs(trainer.model, batch), token_logprobs(trainer.ref_model, batch))
+    expected = float((kl * batch.response_mask).sum() / batch.response_mask.sum())
+    assert trainer.step(groups)["kl"] == pytest.approx(expected, rel=1e-5)
