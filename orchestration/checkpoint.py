@@ -4,12 +4,13 @@ A checkpoint directory holds the trainer's state (policy weights in Hugging Face
 tokenizer, optimizer, policy version: ``PolicyTrainer.save_checkpoint``) and
 ``loop_state.json``: the next step, the data cursor (epoch, position), the rollout counter
 that seeds sampling, the regenerated-group count, the batches still in flight (queued on the
-workers, not yet trained on: their rows' indices) with their seeds, and what the cursor
-counts in (the number of rows, a hash of their prompts and answers, the seed of their order).
+workers, not yet trained on: their rows' indices) with their seeds, the timing that sets how
+many are kept in flight (``orchestration.adaptive_in_flight``), and what the cursor counts in
+(the number of rows, a hash of their prompts and answers, the seed of their order).
 It is written under a temporary name (``<name>.tmp``, its loop state last) and swapped in by
 renames, the one it replaces kept as ``<name>.old`` until the new one is in place: a crash
 never leaves a half-written checkpoint, nor none at all (a resume from a name whose swap was
-interrupted names the complete copy to resume from).
+interrupted first puts the complete copy in its place).
 
 A run writes one every ``orchestration.checkpoint_every`` steps, one at its end
 (``<logging.dir>/checkpoint``: train on with more ``orchestration.steps``), and one when it
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from orchestration.config import ConfigError
 from orchestration.data import DataError
 
 STATE_FILE = "loop_state.json"
+log = logging.getLogger("rlaccel")
 
 
 def save(directory: Path, trainer, state: dict | None, timeout: float | None = None) -> Path:
@@ -60,21 +63,35 @@ def _aside(directory: Path, suffix: str) -> Path:
     return directory.with_name(directory.name + suffix)
 
 
+def _finish_swap(directory: Path) -> None:
+    """A save of ``directory`` killed between its renames left it missing: put the complete copy
+    in its place, the new one (``.tmp``, whose loop state is written last) if it is complete, else
+    the one it was replacing (``.old``)."""
+    if directory.exists():
+        return
+    for suffix in (".tmp", ".old"):
+        complete = _aside(directory, suffix)
+        if (complete / STATE_FILE).is_file():
+            complete.rename(directory)
+            log.warning("%s: a save replacing this checkpoint was interrupted; the complete copy %s is now in its "
+                        "place", directory, complete)
+            shutil.rmtree(_aside(directory, ".old"), ignore_errors=True)
+            return
+
+
 # What a run writes in its logging.dir besides config.yaml and placement.json.
 RUN_FILES = ("metrics.jsonl", "trajectories*.parquet", "tensorboard", "checkpoint", "checkpoints",
              "checkpoint-interrupted", "checkpoint.tmp", "checkpoint.old", "checkpoint-interrupted.tmp",
-             "checkpoint-interrupted.old")
+             "checkpoint-interrupted.old", "trajectories*.parquet.tmp", "trajectories*.parquet.unreadable",
+             "metrics.jsonl.tmp")
 
 
 def load(directory: str | Path) -> dict:
     """The loop state of the checkpoint in ``directory`` (``orchestration.resume``)."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
-        for suffix in (".tmp", ".old"):  # an interrupted save: the new copy if complete (state written last), else the old
-            complete = _aside(Path(directory), suffix)
-            if (complete / STATE_FILE).is_file():
-                raise ConfigError(f"orchestration.resume={str(directory)!r}: the save that was replacing this checkpoint "
-                                  f"was interrupted; its complete copy is {str(complete)!r}: resume from that")
+        _finish_swap(Path(directory))
+    if not path.is_file():
         raise ConfigError(f"orchestration.resume={str(directory)!r} is not an rlaccel checkpoint directory (no "
                           f"{STATE_FILE}); give <logging.dir>/checkpoints/step-N, <logging.dir>/checkpoint or "
                           f"<logging.dir>/checkpoint-interrupted")

@@ -553,8 +553,8 @@ def _warn_head_target(config: Config) -> None:
         log.warning("rollout.top_p=%s with a drafter: vLLM verifies drafts against the top-p-truncated "
                     "distribution, while the head is trained against the whole softmax(z/T); sampling stays exact, "
                     "acceptance is lower than mtp.train's report predicts", r.top_p)
-    if r.draft_sample_method == "greedy" and config.mtp.objective == "tv":
-        log.warning("rollout.draft_sample_method=greedy with mtp.objective=tv: the TV objective raises the "
+    if r.draft_sample_method == "greedy" and config.mtp.maintain and config.mtp.objective == "tv":
+        log.warning("rollout.draft_sample_method=greedy with mtp.maintain and mtp.objective=tv: the TV objective raises the "
                     "acceptance of probabilistic drafting (sum of min(p, q)); a greedy draft is accepted with "
                     "p(argmax q). Sampling stays exact; use draft_sample_method=probabilistic (the default)")
 

@@ -10,7 +10,8 @@ One step of the synchronous loop (``orchestration.max_staleness=0``):
 Weights go trainer -> Ray object store -> worker without passing through this driver, or by a
 torch.distributed broadcast (orchestration/weight_sync.py).
 Metrics go to ``<logging.dir>/metrics.jsonl``, TensorBoard, Ray gauges (the dashboard) and
-a console progress bar; every trained response to ``<logging.dir>/trajectories.parquet``.
+a console progress bar; every trained response to ``<logging.dir>/trajectories.parquet`` (from
+each periodic checkpoint on, ``trajectories.from-step<N>.parquet``).
 The final policy is saved to ``<logging.dir>/checkpoint``.
 Embed it with ``orchestration.grpo.main(config)``.
 """
@@ -271,7 +272,8 @@ def merge_worker_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]
     rates = spec_decode_rates({"drafts": merged.get("spec_drafts", 0), "draft_tokens": merged.get("spec_draft_tokens"),
                                "accepted": merged.get("spec_accepted"),
                                "accepted_per_pos": [merged[f"spec_accepted_pos{i}"] for i in range(1, k + 1)],
-                               "verified_per_pos": [merged.get(f"spec_verified_pos{i}", 0) for i in range(1, k + 1)]})
+                               "verified_per_pos": [merged[f"spec_verified_pos{i}"] for i in range(1, k + 1)
+                                                    if f"spec_verified_pos{i}" in merged]})
     if rates:  # speculative rollout: acceptance per position given the earlier drafts accepted (where drafted)
         merged.update({f"spec_acceptance_pos{i + 1}": a for i, a in enumerate(rates["acceptance_per_pos"])
                        if a is not None})
@@ -367,11 +369,14 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     # KL reference) and then loads the checkpoint's weights and optimizer. A checkpoint holds the
     # policy only: native MTP layers (rollout.spec_method=mtp, frozen during RL) are the original
     # model's, so such workers start from it and get the checkpoint's policy by a verified sync.
+    # Such a worker is labelled older than the staleness bound admits (Ray restarts a worker with
+    # these arguments): should it ever sample with the original weights, its groups are sampled
+    # again after a sync (the too-old rule), never trained on.
     from_model = bool(o.resume) and config.rollout.spec_method == "mtp"
     rollout_cfg = dataclasses.replace(config.rollout, draft_model=resumed_draft_model(config))
+    version = (state["version"] - o.max_staleness - 1) if from_model else state["version"] if state else 0
     workers, trainer_actors = actors.start(config, (str(model_dir if from_model else o.resume or model_dir),
-                                                    rollout_cfg, config.model.dtype, o.seed,
-                                                    state["version"] if state else 0))
+                                                    rollout_cfg, config.model.dtype, o.seed, version))
     try:
         trainer = TrainerGroup(
             trainer_actors, str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
@@ -386,14 +391,14 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         sync = make_sync(o.weight_sync, trainer, workers, config.trainer.device)  # the workers are ready
         if from_model:
             sync.results(sync.push())  # the checkpoint's policy, before any rollout
+        if state and drop_steps_from(run_dir, start):
+            log.info("resume at step %d: the trajectories of steps >= %d logged before are dropped (trained again)",
+                     start, start)
     except BaseException:
         actors.close()
         raise
 
     logger = RunLogger(run_dir, config.logging.tensorboard, append=bool(state), before_step=start if state else None)
-    if state and drop_steps_from(run_dir, start):
-        log.info("resume at step %d: the trajectories of steps >= %d logged before are dropped (trained again)",
-                 start, start)
     trajectories = TrajectoryLog(run_dir / (f"trajectories.from-step{start}.parquet" if state
                                             else "trajectories.parquet"))
     history: list[dict] = []
@@ -417,7 +422,12 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     # step until the update has it (it is queued again on resume). While the trainer updates
     # (update_refs), a stop waits for the update to end, then records the step's samples.
     next_step, head, update_refs = start, None, None
-    depth, timing = o.max_staleness + 1, None  # batches kept in flight; EMA of (rollout_s, update_s)
+    # batches kept in flight and the EMA of (rollout_s, update_s) that sets it; a resume goes on with
+    # the checkpoint's (within this run's staleness bound)
+    depth, timing = o.max_staleness + 1, None
+    if state and o.adaptive_in_flight and state.get("timing") is not None:
+        timing = tuple(state["timing"])
+        depth = in_flight_depth(o.max_staleness, *timing)
 
     def submit(batch, seed: int | None = None) -> tuple:
         nonlocal submitted, sends
@@ -476,7 +486,8 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         batches ``queued`` (sampled again first, with their seeds)."""
         return {"step": step, "version": step, "submitted": submitted, "regenerated": regenerated,
                 "stream": stream.state(), "data": data,
-                "in_flight": [[[i for i, _ in batch], seed] for _, batch, seed, *_ in queued]}
+                "in_flight": [[[i for i, _ in batch], seed] for _, batch, seed, *_ in queued],
+                "timing": None if timing is None else list(timing)}
 
     for batch, seed in (state["in_flight"] if state else []):  # sampled again, none lost
         in_flight.append(submit([(i, rows[i]) for i in checkpoint.batch_indices(batch)], seed))
@@ -533,6 +544,10 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                             roll_s=f"{metrics['rollout_s']:.2f}", upd_s=f"{metrics['update_s']:.2f}")
             if o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
                 checkpoint.save(run_dir / "checkpoints" / f"step-{step + 1}", trainer, loop_state(step + 1, in_flight))
+                # A Parquet file is readable once closed: a new one from each checkpoint, so a killed
+                # run loses no row a resume from its last checkpoint keeps
+                trajectories.close()
+                trajectories = TrajectoryLog(run_dir / f"trajectories.from-step{step + 1}.parquet")
         sync.results(pending_sync)  # the last update must verify too
         # a run can be continued from its end: --resume <logging.dir>/checkpoint orchestration.steps=<more>
         checkpoint.save(run_dir / "checkpoint", trainer, loop_state(o.steps, in_flight))

@@ -2,7 +2,10 @@
 
 Columns: step (the trainer step that used it), prompt_index, prompt, completion,
 response_ids, behaviour_logprobs, reward, sampled_version, finish_reason. One Parquet row
-group per step, so a run that stops early keeps every step written so far. A run resumed into
+group per step, so a run that stops early keeps every step written so far, and a file is
+readable once closed: a run starts ``trajectories.from-step<N>.parquet`` at each periodic
+checkpoint (step N), so a run killed without closing its log loses only the rows since its last
+checkpoint, which a resume from it trains again. A run resumed into
 the same directory writes ``trajectories.from-step<N>.parquet`` and first drops the rows of
 steps >= N from the earlier files (:func:`drop_steps_from`), as ``metrics.jsonl`` drops their
 records: the resumed run trains those steps again, so each trained response is in the log once.
@@ -10,6 +13,7 @@ records: the resumed run trains those steps again, so each trained response is i
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from policy.batch import Group
+
+log = logging.getLogger("rlaccel")
 
 SCHEMA = pa.schema([
     ("step", pa.int64()), ("prompt_index", pa.int64()), ("prompt", pa.string()), ("completion", pa.string()),
@@ -49,24 +55,35 @@ class TrajectoryLog:
 
 
 def drop_steps_from(run_dir: str | Path, step: int) -> int:
-    """Remove the rows of steps >= ``step`` from ``run_dir``'s trajectory files (a file left
-    empty is deleted); each file is replaced only once its rewrite is complete. Returns the
-    number of rows dropped."""
+    """Remove the rows of steps >= ``step`` from ``run_dir``'s trajectory files, a row group at a
+    time (a file left empty is deleted; each is replaced only once its rewrite is complete).
+    A file without its footer (a run killed before it closed its log) cannot be read: it is kept
+    as ``<name>.unreadable``, with a warning. Returns the number of rows dropped."""
     dropped = 0
     for path in sorted(Path(run_dir).glob("trajectories*.parquet")):
-        steps = pq.read_table(path, columns=["step"]).column("step")
-        later = int(pc.sum(pc.greater_equal(steps, step)).as_py() or 0)
-        if not later:
+        try:
+            file = pq.ParquetFile(path)
+            groups = [file.read_row_group(i, columns=["step"]).column("step") for i in range(file.num_row_groups)]
+        except (pa.ArrowInvalid, OSError) as exc:
+            aside = path.with_name(path.name + ".unreadable")
+            path.rename(aside)
+            log.warning("%s cannot be read (%s; the run that wrote it was killed before closing it?): kept as %s, "
+                        "its rows are not in the log", path, exc, aside)
             continue
-        dropped += later
-        if later == len(steps):
+        later = [int(pc.sum(pc.greater_equal(steps, step)).as_py() or 0) for steps in groups]
+        if not sum(later):
+            continue
+        dropped += sum(later)
+        if sum(later) == file.metadata.num_rows:
             path.unlink()
             continue
-        table = pq.read_table(path, schema=SCHEMA)
         tmp = path.with_name(path.name + ".tmp")
-        with pq.ParquetWriter(str(tmp), SCHEMA) as writer:  # one row group per step, as written
-            for s in sorted(set(table.column("step").to_pylist())):
-                if s < step:
-                    writer.write_table(table.filter(pc.equal(table.column("step"), s)))
+        with pq.ParquetWriter(str(tmp), file.schema_arrow) as writer:
+            for i, n in enumerate(later):
+                if n == 0:
+                    writer.write_table(file.read_row_group(i))
+                elif n < len(groups[i]):
+                    table = file.read_row_group(i)
+                    writer.write_table(table.filter(pc.less(table.column("step"), step)))
         os.replace(tmp, path)
     return dropped

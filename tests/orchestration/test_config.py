@@ -192,8 +192,8 @@ class _SavingTrainer:
 
 def test_a_crash_while_a_checkpoint_is_replaced_leaves_a_complete_one_to_resume_from(tmp_path, monkeypatch):
     """The old copy is moved aside, not deleted, until the new one is in place: a crash between
-    the two renames leaves the new complete copy (.tmp) and the old (.old); a resume from the name
-    names the copy to resume from, and the next save replaces both."""
+    the two renames leaves the new complete copy (.tmp) and the old (.old); the next save replaces
+    both, and a resume from the name first puts the new copy in its place."""
     from pathlib import Path
 
     from orchestration import checkpoint
@@ -211,10 +211,16 @@ def test_a_crash_while_a_checkpoint_is_replaced_leaves_a_complete_one_to_resume_
         checkpoint.save(ckpt, _SavingTrainer("v2"), json.loads(STATE))
     monkeypatch.setattr(Path, "rename", rename)
     assert not ckpt.exists() and (tmp_path / "checkpoint.old" / "weights").read_text() == "v1"
-    with pytest.raises(ConfigError, match=r"interrupted; its complete copy is .*checkpoint\.tmp"):
-        load_config(None, [f"orchestration.resume={ckpt}", "orchestration.steps=6"])
-    checkpoint.save(ckpt, _SavingTrainer("v3"), json.loads(STATE))
+    assert (tmp_path / "checkpoint.tmp" / "weights").read_text() == "v2"
+    checkpoint.save(ckpt, _SavingTrainer("v3"), json.loads(STATE))  # the next save replaces both
     assert (ckpt / "weights").read_text() == "v3" and not list(tmp_path.glob("checkpoint.*"))
+    monkeypatch.setattr(Path, "rename", crash_at_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(ckpt, _SavingTrainer("v4"), json.loads(STATE))
+    monkeypatch.setattr(Path, "rename", rename)
+    # a resume from the name finishes the swap: the new complete copy, under the name
+    assert load_config(None, [f"orchestration.resume={ckpt}", "orchestration.steps=6"]).orchestration.steps == 6
+    assert (ckpt / "weights").read_text() == "v4" and not list(tmp_path.glob("checkpoint.*"))
 
 
 def test_a_resume_drafts_with_the_checkpoint_s_head_only_if_it_maintains_it(tmp_path, caplog):
@@ -245,8 +251,10 @@ def test_a_drafter_verified_against_another_target_than_its_training_is_warned_a
     head = f"rollout.draft_model={tmp_path}"
     load_config(None, [head, "rollout.top_p=0.9"])
     assert "rollout.top_p=0.9 with a drafter" in caplog.text
-    load_config(None, [head, "rollout.draft_sample_method=greedy"])
-    assert "draft_sample_method=greedy with mtp.objective=tv" in caplog.text
+    load_config(None, [head, "rollout.draft_sample_method=greedy"])  # a head trained elsewhere: no guess
+    assert "draft_sample_method=greedy" not in caplog.text
+    load_config(None, [head, "rollout.draft_sample_method=greedy", "mtp.maintain=true"])
+    assert "draft_sample_method=greedy with mtp.maintain and mtp.objective=tv" in caplog.text
     caplog.clear()
     load_config(None, ["rollout.top_p=0.9"])  # no drafter: nothing to warn about
     load_config(None, [head])

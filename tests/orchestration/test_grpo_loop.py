@@ -10,7 +10,8 @@ import ray
 
 from orchestration.config import ConfigError, load_config
 from orchestration.data import DataError
-from orchestration.grpo import KEEP_FREED_MEMORY, Actors, actor_options, cli, heap_keeps_large_blocks, main
+from orchestration.grpo import (KEEP_FREED_MEMORY, Actors, actor_options, cli, heap_keeps_large_blocks, in_flight_depth,
+                                main)
 from orchestration.metrics import read_metrics
 
 
@@ -333,6 +334,8 @@ def test_checkpoint_and_resume_lose_and_double_nothing(tmp_path, cache, kept_act
     resumed_cfg.orchestration.resume = str(ckpt)
     resumed = main(resumed_cfg, progress=False, actors=kept_actors)
     assert [h["step"] for h in resumed] == [3, 4, 5]
+    timing = json.loads((ckpt / "loop_state.json").read_text())["timing"]  # the adaptive in-flight depth's EMA
+    assert len(timing) == 2 and resumed[0]["in_flight"] == in_flight_depth(max_staleness, *timing)
 
     first_half = [r for r in _trained_record(tmp_path / "straight" / "run") if r[0] < 3]
     combined = first_half + _trained_record(tmp_path / "resumed" / "run")

@@ -28,3 +28,17 @@ def test_a_resume_drops_the_later_steps_of_earlier_files_and_keeps_the_rest(tmp_
     kept = pq.ParquetFile(tmp_path / "trajectories.parquet")
     assert kept.read().column("step").to_pylist() == [0, 0, 1, 1] and kept.num_row_groups == 2
     assert drop_steps_from(tmp_path, 2) == 0  # nothing later left: the file is not rewritten
+
+
+def test_a_log_without_its_footer_is_set_aside_not_fatal(tmp_path, caplog):
+    """A run killed before closing its log leaves a Parquet file without footer: a resume keeps its
+    bytes under another name and goes on."""
+    log = TrajectoryLog(tmp_path / "trajectories.parquet")
+    log.write(TrajectoryLog.table(0, [_group(0)]))
+    log.close()
+    torn = (tmp_path / "trajectories.parquet").read_bytes()[:-8]  # no footer length and magic bytes
+    (tmp_path / "trajectories.parquet").write_bytes(torn)
+    assert drop_steps_from(tmp_path, 0) == 0
+    assert not (tmp_path / "trajectories.parquet").exists()
+    assert (tmp_path / "trajectories.parquet.unreadable").read_bytes() == torn
+    assert "cannot be read" in caplog.text
