@@ -138,6 +138,10 @@ class RolloutConfig:
     # and keep whichever is faster on this workload, probing the other ever more rarely
     # (rollout/adaptive.py::ScheduleCheck); false trusts the schedule's model alone.
     adaptive_check: bool = True
+    # With adaptive_spec: every N-th rollout call drafts one position more than the schedule at
+    # every batch size (not timed by the check), so the positions the schedule does not draft are
+    # measured too and k can rise when acceptance does; 0: never.
+    adaptive_explore: int = 8
     # vLLM's own statistics (Prometheus histograms per request and token, llm.get_metrics()).
     # rlaccel counts speculation itself; vLLM's statistics cost ~9% of a rollout call on the tiny preset.
     vllm_stats: bool = False
@@ -443,6 +447,7 @@ def validate(config: Config) -> None:
         if r.backend != "vllm":
             raise ConfigError("rollout.spec_method=mtp needs rollout.backend=vllm (speculative decoding is vLLM's)")
     _check("rollout.num_speculative_tokens", r.num_speculative_tokens >= 1, ">= 1", r.num_speculative_tokens)
+    _check("rollout.adaptive_explore", r.adaptive_explore >= 0, ">= 0 (0: never)", r.adaptive_explore)
     if r.adaptive_spec and r.draft_model is None and r.spec_method != "mtp":
         raise ConfigError("rollout.adaptive_spec=true needs a drafter (rollout.draft_model, or rollout.spec_method=mtp)")
     _check("rollout.adaptive_max_batch", r.adaptive_max_batch >= 0, ">= 0", r.adaptive_max_batch)

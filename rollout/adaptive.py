@@ -201,12 +201,28 @@ class AdaptiveSchedule:
     schedule is re-derived and applied when it changes."""
 
     def __init__(self, engine, step_s: dict[int, dict[int, float]], acceptance_per_pos: list[float],
-                 smoothing: float = 0.3):
+                 smoothing: float = 0.3, explore_every: int = 0):
         self.engine, self.step_s, self.smoothing = engine, step_s, smoothing
         self.acceptance = list(acceptance_per_pos)
         self.schedule: list[list[int]] = []
         self.changes = 0
+        self.explore_every, self.calls = explore_every, 0
         self._apply()
+
+    def exploring(self) -> list[list[int]] | None:
+        """Counts a rollout call; every ``explore_every``-th (0: never) returns the schedule with
+        each batch size's k one measured step higher, for that call only, so that positions the
+        schedule does not draft get measured: their estimates otherwise keep their last value, and
+        a pessimistic start (or a dip the head has since recovered from) would hold k down for
+        good. None on the other calls, and where every k is already the largest."""
+        if not self.explore_every:
+            return None
+        self.calls += 1
+        if self.calls % self.explore_every:
+            return None
+        ks = sorted(next(iter(self.step_s.values())))  # the k the calibration measured (allowed ones)
+        up = [[lo, hi, next((x for x in ks if x > k), k)] for lo, hi, k in self.schedule]
+        return up if up != self.schedule else None
 
     def observe(self, acceptance_per_pos: list[float | None]) -> bool:
         """Fold in one call's per-position acceptance; True if the schedule changed. A position

@@ -206,7 +206,7 @@ class VLLMEngine:
             measure_step_costs(self, (), ks, prompts)
         report = Path(self.cfg.draft_model or self.model_dir) / "report.json"  # mtp.train writes it there
         reported = json.loads(report.read_text())["vllm"].get("acceptance_per_pos") if report.is_file() else None
-        return AdaptiveSchedule(self, costs, starting_acceptance(reported, k))
+        return AdaptiveSchedule(self, costs, starting_acceptance(reported, k), explore_every=self.cfg.adaptive_explore)
 
     def _cost_key(self, k: int, prompts: list[list[int]]) -> dict:
         """What this engine's step costs depend on (rollout.calibration_cache): the model's and the
@@ -266,12 +266,16 @@ class VLLMEngine:
         shape = (len(prompt_ids), self.cfg.n, self.cfg.max_tokens)
         arm = self._choose_arm(shape)
         off = arm == ScheduleCheck.OFF
+        # rollout.adaptive_explore: now and then a call drafts one position more (not timed by the check)
+        explore = self.adaptive.exploring() if self.adaptive and not off else None
         try:
             if off:
                 set_spec_schedule(self.llm, [(1, MAX_BATCH, 0)])
                 set_drafter_off(self.llm, True)
             elif arm and self._last_arm == ScheduleCheck.OFF:
                 self.llm.reset_prefix_cache()  # blocks cached by an off call hold no drafter KV
+            if explore:
+                set_spec_schedule(self.llm, explore)
             self._last_arm = arm or self._last_arm
             before = self.spec_counters()
             outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
@@ -281,14 +285,20 @@ class VLLMEngine:
                     set_spec_schedule(self.llm, self.adaptive.schedule)
                 finally:
                     set_drafter_off(self.llm, False)
+            elif explore:
+                set_spec_schedule(self.llm, self.adaptive.schedule)
         delta = spec_decode_delta(before, self.spec_counters())
         if self.adaptive and not off:
             self.adaptive.observe(spec_decode_rates(delta).get("acceptance_per_pos", []))
-        if arm:
+        if arm and not explore:
             self._record_arm(shape, arm, sum(len(o.token_ids) for out in outs for o in out.outputs),
                              time.perf_counter() - t0)
-        # spec_off_calls: calls the schedule check ran with speculation off (summed over workers)
-        self.last_call = {"spec_delta": delta, "metrics": {"spec_off_calls": float(off)} if self.check else {}}
+        # spec_off_calls: calls the schedule check ran with speculation off; spec_explore_calls:
+        # calls that drafted one position more (both summed over workers)
+        metrics = {"spec_off_calls": float(off)} if self.check else {}
+        if self.adaptive and self.adaptive.explore_every:
+            metrics["spec_explore_calls"] = float(explore is not None)
+        self.last_call = {"spec_delta": delta, "metrics": metrics}
         results = []
         for out in outs:
             group = []

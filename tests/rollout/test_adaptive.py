@@ -201,3 +201,41 @@ def test_the_starting_acceptance_is_padded_or_cut_to_the_engine_s_k():
     assert starting_acceptance([0.8, None], 3) == [0.8, GUESSED_ACCEPTANCE, GUESSED_ACCEPTANCE]
     assert starting_acceptance([0.8, 0.7, 0.6], 2) == [0.8, 0.7]
     assert starting_acceptance(None, 2) == [GUESSED_ACCEPTANCE] * 2
+
+
+def _calls_at_true_acceptance(schedule, calls: int, true: float = 0.9) -> list[int]:
+    """Feed ``schedule`` the counters of ``calls`` rollout calls at batch size 1, each drafting the
+    k its schedule (or its exploring one) gives, at acceptance ``true`` per position; the k used."""
+    from rollout.vllm_adapter import spec_decode_rates
+    used = []
+    for _ in range(calls):
+        explore = schedule.exploring()
+        k = next(k for lo, hi, k in (explore or schedule.schedule) if lo <= 1 <= hi)
+        used.append(k)
+        verified = [round(1000 * true ** i) if i < k else 0 for i in range(3)]
+        accepted = [round(1000 * true ** (i + 1)) if i < k else 0 for i in range(3)]
+        rates = spec_decode_rates({"drafts": 1000 if k else 0, "draft_tokens": sum(verified),
+                                   "accepted": sum(accepted), "accepted_per_pos": accepted,
+                                   "verified_per_pos": verified})
+        schedule.observe(rates.get("acceptance_per_pos", []))
+    return used
+
+
+@pytest.mark.parametrize("start", [[0.9, 0.1, 0.1], [0.1, 0.1, 0.1]])
+def test_exploring_lets_k_rise_past_a_pessimistic_start(monkeypatch, start):
+    """A start (the drafter's report, or a dip since recovered) that holds k at 1, or at 0 where
+    nothing is drafted and nothing measured: without exploring, the undrafted positions are never
+    measured and k stays; every 4th call drafting one more position finds the true acceptance
+    (0.9: k = 3 pays most)."""
+    import rollout.vllm_adapter as adapter
+    from rollout.adaptive import AdaptiveSchedule
+    monkeypatch.setattr(adapter, "set_spec_schedule", lambda llm, schedule: None)
+    costs = {1: {0: 1.0, 1: 1.3, 2: 1.5, 3: 1.7}}
+    engine = type("Engine", (), {"llm": None})()
+    stuck = AdaptiveSchedule(engine, costs, start)
+    first = stuck.k_at(1)
+    assert first < 3 and set(_calls_at_true_acceptance(stuck, 40)) == {first}
+    explorer = AdaptiveSchedule(engine, costs, start, explore_every=4)
+    used = _calls_at_true_acceptance(explorer, 40)
+    assert explorer.k_at(1) == 3 and used[-4:].count(3) == 4  # k = 3 is the schedule, and at its top
+    assert [explorer.exploring() for _ in range(4)] == [None] * 4  # nothing left to explore above k = 3

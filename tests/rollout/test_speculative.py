@@ -257,6 +257,40 @@ def test_the_calibration_is_kept_for_the_next_engine_of_the_same_kind(micro, eng
         rejection_sampler.expand_batch_to_tokens = original
 
 
+def test_an_exploring_call_drafts_one_position_more_and_restores_the_schedule(micro, engines, tmp_path):
+    """rollout.adaptive_explore=2 under a schedule that drafts nothing (its estimates held still):
+    every second call drafts at k = 1, the others none, and after each call the engine's live
+    schedule is the derived one again."""
+    from vllm.v1.sample import rejection_sampler
+
+    from rollout.vllm_adapter import _scheduler
+    from rollout.vllm_engine import VLLMEngine
+    _, root = micro
+    original = rejection_sampler.expand_batch_to_tokens
+    cfg = load_config(None, [f"rollout.draft_model={root / 'draft'}", "rollout.num_speculative_tokens=2",
+                             "rollout.adaptive_spec=true", "rollout.adaptive_max_batch=4", "rollout.adaptive_check=false",
+                             "rollout.adaptive_explore=2", f"rollout.calibration_cache={tmp_path}",
+                             "rollout.max_model_len=64", "data.max_prompt_tokens=16"]).rollout
+    engine = VLLMEngine(str(root / "policy"), cfg)
+    try:
+        engine.adaptive.smoothing = 0.0  # observe() keeps the estimates: the schedule stays off
+        engine.adaptive.reset([0.0, 0.0])
+        assert all(k == 0 for *_, k in engine.adaptive.schedule)
+        lookup = _scheduler(engine.llm).dynamic_sd_lookup
+        explored = []
+        for call in range(4):
+            engine.generate([[2, 3, 4, 5], [7, 7, 2]], seed=call)
+            explored.append(engine.last_call["metrics"]["spec_explore_calls"])
+            delta = engine.last_call["spec_delta"]
+            assert (delta["drafts"] > 0) == bool(explored[-1])
+            assert delta["verified_per_pos"][1] == 0  # k = 1: position 2 never drafted
+            assert _scheduler(engine.llm).dynamic_sd_lookup == lookup
+        assert explored == [0.0, 1.0, 0.0, 1.0]
+    finally:
+        engine.close()
+        rejection_sampler.expand_batch_to_tokens = original
+
+
 def test_eagle_greedy_drafts_match_rlaccels_head(micro, engines):
     """vLLM's eagle drafter proposes, round by round, the token ids rlaccel's EAGLE head (read back
     from the exported checkpoint) predicts with the engine's drafting recursion; a head that
