@@ -53,8 +53,10 @@ def measure(head: str, calls: int) -> dict:
     batches = [[tok(r["prompt"], add_special_tokens=False).input_ids for r in rows[i * per_call:(i + 1) * per_call]]
                for i in range(calls)]
     plain = VLLMEngine(model_dir, config.rollout, config.model.dtype, 0)
+    # no exploring calls (rollout.adaptive_explore): the modes share this engine's call counter, and
+    # every exploring call would fall on the same mode
     spec = VLLMEngine(model_dir, dataclasses.replace(config.rollout, draft_model=head, num_speculative_tokens=K,
-                                                     adaptive_spec=True), config.model.dtype, 0)
+                                                     adaptive_spec=True, adaptive_explore=0), config.model.dtype, 0)
     check = spec.check or ScheduleCheck()
     modes = {"plain": (plain, None), "schedule": (spec, None), "check": (spec, check), "off": (spec, AlwaysOff())}
     seconds: dict[str, list[float]] = {m: [] for m in modes}

@@ -10,7 +10,7 @@ many are kept in flight (``orchestration.adaptive_in_flight``), and what the cur
 It is written under a temporary name (``<name>.tmp``, its loop state last) and swapped in by
 renames, the one it replaces kept as ``<name>.old`` until the new one is in place: a crash
 never leaves a half-written checkpoint, nor none at all (a resume from a name whose swap was
-interrupted first puts the complete copy in its place).
+interrupted first puts the complete copy in its place: :func:`finish_swap`).
 
 A run writes one every ``orchestration.checkpoint_every`` steps, one at its end
 (``<logging.dir>/checkpoint``: train on with more ``orchestration.steps``), and one when it
@@ -47,6 +47,7 @@ def save(directory: Path, trainer, state: dict | None, timeout: float | None = N
     """The trainer's state and the loop's ``state`` (None: the trainer's only, not resumable) in
     ``directory``, which is replaced only once the new one is complete."""
     tmp, old = _aside(directory, ".tmp"), _aside(directory, ".old")
+    (tmp / STATE_FILE).unlink(missing_ok=True)  # first: a .tmp being deleted is never taken for complete
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save(str(tmp), timeout=timeout)  # every rank: weights from rank 0, optimizer partitions from each
     if state is not None:
@@ -63,34 +64,40 @@ def _aside(directory: Path, suffix: str) -> Path:
     return directory.with_name(directory.name + suffix)
 
 
-def _finish_swap(directory: Path) -> None:
-    """A save of ``directory`` killed between its renames left it missing: put the complete copy
-    in its place, the new one (``.tmp``, whose loop state is written last) if it is complete, else
-    the one it was replacing (``.old``)."""
+def _complete_copy(directory: Path) -> Path | None:
+    """Where a save of ``directory`` killed between its renames left it missing: its complete copy,
+    the new one (``.tmp``, whose loop state is written last) if it is complete, else the one it
+    was replacing (``.old``); None if ``directory`` is there or neither is complete."""
     if directory.exists():
-        return
-    for suffix in (".tmp", ".old"):
-        complete = _aside(directory, suffix)
-        if (complete / STATE_FILE).is_file():
-            complete.rename(directory)
-            log.warning("%s: a save replacing this checkpoint was interrupted; the complete copy %s is now in its "
-                        "place", directory, complete)
-            shutil.rmtree(_aside(directory, ".old"), ignore_errors=True)
-            return
+        return None
+    return next((c for c in (_aside(directory, ".tmp"), _aside(directory, ".old")) if (c / STATE_FILE).is_file()), None)
+
+
+def finish_swap(directory: str | Path) -> None:
+    """Put an interrupted save's complete copy in place of ``directory`` (the run resuming from
+    it; :func:`load`, which config validation calls, only reads it)."""
+    directory = Path(directory)
+    complete = _complete_copy(directory)
+    if complete is not None:
+        complete.rename(directory)
+        log.warning("%s: a save replacing this checkpoint was interrupted; the complete copy %s is now in its "
+                    "place", directory, complete)
+        shutil.rmtree(_aside(directory, ".old"), ignore_errors=True)
 
 
 # What a run writes in its logging.dir besides config.yaml and placement.json.
 RUN_FILES = ("metrics.jsonl", "trajectories*.parquet", "tensorboard", "checkpoint", "checkpoints",
              "checkpoint-interrupted", "checkpoint.tmp", "checkpoint.old", "checkpoint-interrupted.tmp",
-             "checkpoint-interrupted.old", "trajectories*.parquet.tmp", "trajectories*.parquet.unreadable",
+             "checkpoint-interrupted.old", "trajectories*.parquet.tmp", "trajectories*.parquet.unreadable*",
              "metrics.jsonl.tmp")
 
 
 def load(directory: str | Path) -> dict:
     """The loop state of the checkpoint in ``directory`` (``orchestration.resume``)."""
     path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        _finish_swap(Path(directory))
+    complete = _complete_copy(Path(directory)) if not path.is_file() else None
+    if complete is not None:  # an interrupted save: its complete copy (main puts it in place: finish_swap)
+        path = complete / STATE_FILE
     if not path.is_file():
         raise ConfigError(f"orchestration.resume={str(directory)!r} is not an rlaccel checkpoint directory (no "
                           f"{STATE_FILE}); give <logging.dir>/checkpoints/step-N, <logging.dir>/checkpoint or "

@@ -447,7 +447,9 @@ def validate(config: Config) -> None:
         if r.backend != "vllm":
             raise ConfigError("rollout.spec_method=mtp needs rollout.backend=vllm (speculative decoding is vLLM's)")
     _check("rollout.num_speculative_tokens", r.num_speculative_tokens >= 1, ">= 1", r.num_speculative_tokens)
-    _check("rollout.adaptive_explore", r.adaptive_explore >= 0, ">= 0 (0: never)", r.adaptive_explore)
+    _check("rollout.adaptive_explore", r.adaptive_explore == 0 or r.adaptive_explore >= 2, "0 (never) or >= 2 "
+           "(1 would explore every call: the schedule itself would never run, nor the check time it)",
+           r.adaptive_explore)
     if r.adaptive_spec and r.draft_model is None and r.spec_method != "mtp":
         raise ConfigError("rollout.adaptive_spec=true needs a drafter (rollout.draft_model, or rollout.spec_method=mtp)")
     _check("rollout.adaptive_max_batch", r.adaptive_max_batch >= 0, ">= 0", r.adaptive_max_batch)

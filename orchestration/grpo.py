@@ -301,6 +301,15 @@ def in_flight_depth(max_staleness: int, rollout_s: float, update_s: float) -> in
 PROBE_TOKENS = 32
 
 
+def in_flight_start(o, state: dict | None) -> tuple[int, tuple[float, float] | None]:
+    """The batches to keep in flight at the start and the (rollout_s, update_s) EMA that sets them
+    (orchestration.adaptive_in_flight): all the bound allows, or a resumed checkpoint's."""
+    if state and o.adaptive_in_flight and state.get("timing") is not None:
+        timing = tuple(state["timing"])
+        return in_flight_depth(o.max_staleness, *timing), timing
+    return o.max_staleness + 1, None
+
+
 def resumed_draft_model(config: Config) -> str | None:
     """The head the workers draft with at the start: ``rollout.draft_model``, or, resuming with
     ``mtp.maintain=true``, the checkpoint's maintained head (``<checkpoint>/drafter``, which the
@@ -354,6 +363,8 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     probe_ids = tokenizer(rows[0]["prompt"] + rows[0]["answer"], add_special_tokens=False).input_ids[-PROBE_TOKENS:]
 
     data = checkpoint.data_identity(rows, o.seed)
+    if o.resume:
+        checkpoint.finish_swap(o.resume)
     state = checkpoint.load(o.resume) if o.resume else None
     start = state["step"] if state else 0
     if state:
@@ -424,10 +435,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     next_step, head, update_refs = start, None, None
     # batches kept in flight and the EMA of (rollout_s, update_s) that sets it; a resume goes on with
     # the checkpoint's (within this run's staleness bound)
-    depth, timing = o.max_staleness + 1, None
-    if state and o.adaptive_in_flight and state.get("timing") is not None:
-        timing = tuple(state["timing"])
-        depth = in_flight_depth(o.max_staleness, *timing)
+    depth, timing = in_flight_start(o, state)
 
     def submit(batch, seed: int | None = None) -> tuple:
         nonlocal submitted, sends
@@ -549,6 +557,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 trajectories.close()
                 trajectories = TrajectoryLog(run_dir / f"trajectories.from-step{step + 1}.parquet")
         sync.results(pending_sync)  # the last update must verify too
+        trajectories.close()  # complete on disk before the checkpoint a resume would continue from
         # a run can be continued from its end: --resume <logging.dir>/checkpoint orchestration.steps=<more>
         checkpoint.save(run_dir / "checkpoint", trainer, loop_state(o.steps, in_flight))
         for refs, *_ in in_flight:  # rollouts still queued (async) would delay kept actors' next run
@@ -570,6 +579,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             except BaseException as failed:  # noqa: BLE001 (the update itself failed, or a second Ctrl-C)
                 if _not_applied(failed):  # refused before it changed anything: the step's batch is queued again
                     update_refs = None
+        trajectories.close()  # every step recorded so far, complete on disk before the checkpoint
         if update_refs is not None:  # a failed update may have applied some of its mini-batches: weights only
             saved = _try_save(trainer, where, None)
             how = (f"policy saved to {saved}; it stopped during the update of step {next_step}, so the loop "

@@ -64,8 +64,11 @@ def drop_steps_from(run_dir: str | Path, step: int) -> int:
         try:
             file = pq.ParquetFile(path)
             groups = [file.read_row_group(i, columns=["step"]).column("step") for i in range(file.num_row_groups)]
-        except (pa.ArrowInvalid, OSError) as exc:
+        except pa.ArrowInvalid as exc:  # no footer (or an empty file); an I/O error is raised
             aside = path.with_name(path.name + ".unreadable")
+            n = 2
+            while aside.exists():
+                aside, n = path.with_name(f"{path.name}.unreadable-{n}"), n + 1
             path.rename(aside)
             log.warning("%s cannot be read (%s; the run that wrote it was killed before closing it?): kept as %s, "
                         "its rows are not in the log", path, exc, aside)

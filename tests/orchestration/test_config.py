@@ -193,7 +193,7 @@ class _SavingTrainer:
 def test_a_crash_while_a_checkpoint_is_replaced_leaves_a_complete_one_to_resume_from(tmp_path, monkeypatch):
     """The old copy is moved aside, not deleted, until the new one is in place: a crash between
     the two renames leaves the new complete copy (.tmp) and the old (.old); the next save replaces
-    both, and a resume from the name first puts the new copy in its place."""
+    both, and a run resuming from the name first puts the new copy in its place."""
     from pathlib import Path
 
     from orchestration import checkpoint
@@ -218,8 +218,11 @@ def test_a_crash_while_a_checkpoint_is_replaced_leaves_a_complete_one_to_resume_
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(ckpt, _SavingTrainer("v4"), json.loads(STATE))
     monkeypatch.setattr(Path, "rename", rename)
-    # a resume from the name finishes the swap: the new complete copy, under the name
+    # validating a resume from the name reads the complete copy and changes nothing (a run may be
+    # mid-save); the resuming run finishes the swap: the new complete copy, under the name
     assert load_config(None, [f"orchestration.resume={ckpt}", "orchestration.steps=6"]).orchestration.steps == 6
+    assert not ckpt.exists() and (tmp_path / "checkpoint.tmp" / "weights").read_text() == "v4"
+    checkpoint.finish_swap(ckpt)
     assert (ckpt / "weights").read_text() == "v4" and not list(tmp_path.glob("checkpoint.*"))
 
 

@@ -270,6 +270,20 @@ def test_async_loop_respects_the_staleness_bound(tmp_path, cache, kept_actors, m
     assert history[-1]["regenerated_groups"] == 0
 
 
+def test_a_resume_keeps_the_checkpoint_s_in_flight_depth():
+    """orchestration.adaptive_in_flight: a resumed run starts with the depth its checkpoint's timing
+    gives (an update a tenth of a rollout: 2 batches), not all the bound allows (4)."""
+    from types import SimpleNamespace
+
+    from orchestration.grpo import in_flight_start
+    o = SimpleNamespace(max_staleness=3, adaptive_in_flight=True)
+    assert in_flight_start(o, None) == (4, None)
+    assert in_flight_start(o, {"timing": [1.0, 0.1]}) == (2, (1.0, 0.1))
+    assert in_flight_start(o, {}) == (4, None)  # a checkpoint from before the timing was kept
+    o.adaptive_in_flight = False
+    assert in_flight_start(o, {"timing": [1.0, 0.1]}) == (4, None)
+
+
 def test_in_flight_depth_covers_one_update_within_the_bound():
     from orchestration.grpo import in_flight_depth
     assert in_flight_depth(2, rollout_s=0.1, update_s=0.3) == 3  # trainer-bound: all the bound allows
@@ -330,6 +344,8 @@ def test_checkpoint_and_resume_lose_and_double_nothing(tmp_path, cache, kept_act
     straight = main(config("straight"), progress=False, actors=kept_actors)
     ckpt = tmp_path / "straight" / "run" / "checkpoints" / "step-3"
     assert (ckpt / "loop_state.json").is_file() and (ckpt / "model.safetensors").is_file()
+    for name, steps in (("trajectories.parquet", {0, 1, 2}), ("trajectories.from-step3.parquet", {3, 4, 5})):
+        assert set(pq.read_table(tmp_path / "straight" / "run" / name).column("step").to_pylist()) == steps
     resumed_cfg = config("resumed")
     resumed_cfg.orchestration.resume = str(ckpt)
     resumed = main(resumed_cfg, progress=False, actors=kept_actors)
