@@ -40,7 +40,7 @@ def machine() -> dict:
 
 
 def resident_gib(actors) -> list[float]:
-    """Resident memory (GiB) of each worker and trainer rank of an orchestration.grpo.Actors."""
+    """Resident memory (GiB) of each worker and trainer rank of an orchestration.actors.Actors."""
     import ray
     rss = lambda self: __import__("psutil").Process().memory_info().rss / 2**30  # noqa: E731
     return ray.get([a.__ray_call__.remote(rss) for a in (*actors.workers, *actors.trainers)])
@@ -52,7 +52,7 @@ def with_run_allocator() -> None:
     them at start, and without them fresh pages weigh on every 100M-preset step and sync."""
     import os
     import sys
-    from orchestration.grpo import KEEP_FREED_MEMORY
+    from orchestration.actors import KEEP_FREED_MEMORY
     if any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
 

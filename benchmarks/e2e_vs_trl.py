@@ -3,7 +3,7 @@
 Systems (TRL in a subprocess, so that its thread settings never reach rlaccel: the plain TRL runs
 in one kept subprocess, which pays TRL's imports once; an rlaccel run in this process, in the
 Ray session and actor processes of the rlaccel runs right before it (a new vLLM engine and
-trainer in them: orchestration.grpo.Actors), which saves a Ray start (~6 s) and the processes'
+trainer in them: orchestration.actors.Actors), which saves a Ray start (~6 s) and the processes'
 imports and first engine build (~15 s); the drafter heads are trained first, then every cell's
 TRL runs, then every cell's rlaccel runs, so that no Ray session is up during a TRL run or a head
 training and the rlaccel runs of all cells share one):
@@ -322,7 +322,7 @@ class KeptTRL:
 
 def spawn(job: dict, log_dir: Path, actors, trl: KeptTRL) -> dict | None:
     """Run one job (plain TRL in the kept TRL process, the other TRL systems in a subprocess each,
-    rlaccel here in ``actors``, an orchestration.grpo.Actors kept from the rlaccel run before);
+    rlaccel here in ``actors``, an orchestration.actors.Actors kept from the rlaccel run before);
     None (and its log's tail) if it failed."""
     log = log_dir / f"{job['cell']}-{job['system']}-s{job['seed']}.log"
     t0 = time.perf_counter()
@@ -334,7 +334,7 @@ def spawn(job: dict, log_dir: Path, actors, trl: KeptTRL) -> dict | None:
             if job["system"] == "trl":
                 failed = trl.run(job, log)
             else:
-                from orchestration.grpo import KEEP_FREED_MEMORY
+                from orchestration.actors import KEEP_FREED_MEMORY
                 malloc = KEEP_FREED_MEMORY if job["system"] == "trl_malloc" else {}
                 failed = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], stdout=f,
                                         stderr=subprocess.STDOUT, cwd=ROOT,
@@ -476,7 +476,7 @@ def main() -> None:
         parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_vllm, trl_ftz, trl_malloc, "
                      f"{', '.join(RLACCEL)}")
     out = Path(args.out)
-    from orchestration.grpo import Actors
+    from orchestration.actors import Actors
     actors = Actors()  # the rlaccel runs' Ray actors, kept from one rlaccel run to the next
     trl = KeptTRL()
     rows: list[dict] = []

@@ -1,7 +1,7 @@
 """``orchestration.keep_freed_memory`` on and off, side by side: GRPO runs on the 100M preset.
 
 The setting starts the rollout workers and trainer ranks with glibc malloc keeping the memory they
-free (orchestration.grpo.KEEP_FREED_MEMORY) instead of returning it to the OS. Its case is the
+free (orchestration.actors.KEEP_FREED_MEMORY) instead of returning it to the OS. Its case is the
 weight sync into a CPU vLLM engine, which re-allocates the policy's size every step (the
 re-packed linear kernels): memory back from the OS arrives as fresh pages, zeroed and faulted in.
 The runs: small preset, 4 prompts x 8 a step, shared-prompt training, max_staleness 2 with one
@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from orchestration.grpo import Actors
+    from orchestration.actors import Actors
     order, steps = (ORDER[:4], 3) if args.quick else (ORDER, 7)
     runs = []
     actors = Actors()

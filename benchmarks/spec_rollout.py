@@ -82,7 +82,7 @@ def tokens_per_s(engine, prompt_ids: list[list[int]], max_tokens: int) -> tuple[
     measurement pays for switching from the other engine): (decode tokens/s, its speculative rates)."""
     from vllm import SamplingParams
 
-    from rollout.vllm_adapter import spec_decode_delta, spec_decode_rates
+    from rollout.vllm_spec import spec_decode_delta, spec_decode_rates
     prompts = [{"prompt_token_ids": p} for p in prompt_ids]
     params = SamplingParams(n=1, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=7, detokenize=False)
     engine.llm.generate(prompts[:1], SamplingParams(n=1, max_tokens=2, detokenize=False), use_tqdm=False)
@@ -123,7 +123,7 @@ def throughput(head: Path, model_dir: Path, config, prompts: list[list[int]], qu
     acceptance, here the acceptance the k-draft engine measured at the same batch size); with
     ``other_head`` also K drafts from that head (``on_<other>_tok_s``)."""
     from rollout.adaptive import MAX_BATCH
-    from rollout.vllm_adapter import set_spec_schedule
+    from rollout.vllm_spec import set_spec_schedule
     from rollout.vllm_engine import VLLMEngine
     max_tokens, repeats = (32, 1) if quick else (64, 8)
     base = dataclasses.replace(config.rollout, n=1, max_model_len=256, threads=2)

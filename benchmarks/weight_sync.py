@@ -4,7 +4,7 @@
 For the tiny (~1M) and small (~100M) presets, synchronous (max_staleness 0) and async (2, one
 thread each for rollout and trainer): one GRPO run per variant, the same seed, the variants'
 order alternating; variants with the same memory setting share their Ray actor processes
-(orchestration.grpo.Actors; the setting is fixed at a process's start). Variants:
+(orchestration.actors.Actors; the setting is fixed at a process's start). Variants:
   object_store            the default (Ray's object store, freed memory kept)
   broadcast               orchestration.weight_sync=broadcast
   object_store_mem_back   orchestration.keep_freed_memory=false (glibc's default: large blocks
@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from orchestration.grpo import Actors
+    from orchestration.actors import Actors
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in (["tiny"] if args.quick else list(CELLS)):

@@ -67,7 +67,7 @@ def measured_acceptance(model_dir: Path, draft_dir: Path, config: Config, prompt
     """Acceptance vLLM measures drafting with the exported head (k = mtp.k every round, whatever
     rollout.spec_schedule says) on ``prompts``;
     ``mtp.head=native``: ``draft_dir`` is the checkpoint with the trained MTP layer."""
-    from rollout.vllm_adapter import spec_decode_delta, spec_decode_rates
+    from rollout.vllm_spec import spec_decode_delta, spec_decode_rates
     from rollout.vllm_engine import VLLMEngine
     if config.mtp.head == "native":
         model_dir, rollout = draft_dir, dataclasses.replace(config.rollout, draft_model=None, spec_method="mtp",

@@ -249,7 +249,7 @@ class OrchestrationConfig:
     # (resume from a checkpoint).
     weight_sync: str = "object_store"
     # Start the CPU rollout workers and trainer ranks with glibc malloc keeping the memory they
-    # free for reuse (orchestration.grpo.KEEP_FREED_MEMORY) instead of handing it back to the OS,
+    # free for reuse (orchestration.actors.KEEP_FREED_MEMORY) instead of handing it back to the OS,
     # which gives it again as fresh pages, zeroed and faulted in one by one: a weight sync into a
     # CPU vLLM engine re-allocates the policy's size every step. A process keeps its peak memory.
     # Not for GPU actors; a warning where glibc ignores it. Measured: README "Memory".

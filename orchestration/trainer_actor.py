@@ -43,7 +43,7 @@ class TrainerActor:
               dtype: str, probe_ids: list[int], master: tuple[str, int] | None = None,
               drafter: tuple[str, object] | None = None) -> None:
         """``drafter``: (head directory, mtp config) to maintain the drafter head online. Again for
-        the next run in the same process (:class:`orchestration.grpo.Actors`): a new trainer."""
+        the next run in the same process (:class:`orchestration.actors.Actors`): a new trainer."""
         self.trainer = self.maintainer = None  # an earlier run's, freed before the new one is built
         self._weight_group = None  # and its weight broadcast group
         set_cpu_math(trainer_cfg.threads, trainer_cfg.flush_denormal)  # before any tensor work

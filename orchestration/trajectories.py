@@ -37,6 +37,12 @@ class TrajectoryLog:
         self.path = Path(path)
         self._writer = pq.ParquetWriter(str(self.path), SCHEMA)
 
+    @classmethod
+    def from_step(cls, run_dir: Path, step: int) -> TrajectoryLog:
+        """The log of a run's steps from ``step`` on: ``trajectories.parquet`` from the start,
+        ``trajectories.from-step<N>.parquet`` from a resume or a periodic checkpoint."""
+        return cls(run_dir / ("trajectories.parquet" if step == 0 else f"trajectories.from-step{step}.parquet"))
+
     @staticmethod
     def table(step: int, groups: list[Group]) -> pa.Table:
         """The rows :meth:`write` appends (built while the trainer trains, written once it has)."""

@@ -155,7 +155,7 @@ class PolicyTrainer:
                 if finite:  # after a non-finite loss nothing more is accumulated; the step is refused below
                     self.update.backward(loss)
                     backwards += 1
-                tokens_here = float(mask.sum())
+                tokens_here = sum(len(responses[i]) for i in idx)  # the mask's count, without a device sync
                 token_count += tokens_here
                 for k, v in mb.items():
                     sums[k] = sums.get(k, 0.0) + v * tokens_here

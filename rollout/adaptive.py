@@ -101,7 +101,7 @@ def measure_step_costs(engine, batches: tuple[int, ...], ks: tuple[int, ...], pr
     of either length disagreed alike on the k of near-tied batch sizes (ad hoc, 2026-12-02)."""
     from vllm import SamplingParams
 
-    from rollout.vllm_adapter import set_spec_schedule
+    from rollout.vllm_spec import set_spec_schedule
     llm_engine = engine.llm.llm_engine
     room = llm_engine.vllm_config.model_config.max_model_len - max(len(p) for p in prompt_ids) - 1
     if room < (warmup + steps + 1) * (max(ks) + 1):
@@ -250,7 +250,7 @@ class AdaptiveSchedule:
         return next(k for lo, hi, k in self.schedule if lo <= batch <= hi)
 
     def _apply(self) -> bool:
-        from rollout.vllm_adapter import set_spec_schedule
+        from rollout.vllm_spec import set_spec_schedule
         schedule = derive_schedule(self.step_s, self.acceptance)
         if schedule == self.schedule:
             return False

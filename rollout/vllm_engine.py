@@ -18,11 +18,12 @@ import torch
 from rollout.adaptive import MAX_BATCH, ScheduleCheck, starting_acceptance
 from rollout.engine import Completion
 from policy.models import checkpoint_configs
-from rollout.vllm_adapter import (COPY_RELOAD_TYPES, build_llm, count_spec_decoding, enable_drafter_skip,
-                                   keeping_linear_weights, mark_copy_reload, quiet_benign_warnings, reload_drafter,
-                                   reload_weights, set_drafter_off, set_engine_env, set_spec_schedule,
-                                   spec_decode_counters, spec_decode_delta, spec_decode_rates, use_eager_logprob_ranks)
+from rollout.vllm_adapter import (COPY_RELOAD_TYPES, build_llm, keeping_linear_weights, mark_copy_reload,
+                                   quiet_benign_warnings, reload_drafter, reload_weights, set_engine_env,
+                                   use_eager_logprob_ranks)
 from rollout.vllm_cpu_fixes import ensure_lossless_speculation, use_cpu_samplers, use_moe_repack
+from rollout.vllm_spec import (count_spec_decoding, enable_drafter_skip, set_drafter_off, set_spec_schedule,
+                               spec_decode_counters, spec_decode_delta, spec_decode_rates)
 
 
 log = logging.getLogger(__name__)
@@ -183,9 +184,6 @@ class VLLMEngine:
         batch itself (capped by vLLM's max_num_seqs; its k then rules every larger batch), for every k, and
         the acceptance to start from: the drafter's mtp.train report if it has one, else 0.5 per
         position until the first generate call's counters replace it."""
-        import json
-        from pathlib import Path
-
         from rollout.adaptive import AdaptiveSchedule, cached_step_costs, measure_step_costs
         max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         # The largest live batch itself, not the next size above it: step costs grow with the batch
@@ -212,10 +210,8 @@ class VLLMEngine:
         """What this engine's step costs depend on (rollout.calibration_cache): the model's and the
         drafter's architecture (not their weights), the speculation and engine settings, threads and
         the thread/allocator environment, versions (rlaccel's calibration too) and the machine."""
-        import json
         import os
         import platform
-        from pathlib import Path
 
         import vllm
 

@@ -59,7 +59,7 @@ class RolloutWorker:
     def reset(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0, worker_id: int = 0,
               version: int = 0) -> None:
         """Start over as if constructed with these arguments, in the same process (the next run of
-        an :class:`orchestration.grpo.Actors`): the engine is shut down and a new one built."""
+        an :class:`orchestration.actors.Actors`): the engine is shut down and a new one built."""
         if self.engine is not None and hasattr(self.engine, "close"):
             self.engine.close()
         self.engine = None

@@ -11,7 +11,8 @@ from ray._private.worker import get_dashboard_url
 from ray.cluster_utils import Cluster
 
 from orchestration.config import load_config
-from orchestration.grpo import init_ray, main
+from orchestration.actors import init_ray
+from orchestration.grpo import main
 
 pytestmark = pytest.mark.slow
 

@@ -66,7 +66,7 @@ def pairs(llm, temperature: float, top_p: float, seed: int) -> torch.Tensor:
 def scheduled_drafts(llm):
     """Records the draft tokens vLLM's scheduler sends to be verified, per prompt and round
     (``scheduled_spec_decode_tokens``: what the drafter proposed, as the target then checks it)."""
-    from rollout.vllm_adapter import _scheduler
+    from rollout.vllm_spec import _scheduler
     scheduler = _scheduler(llm)
     schedule, rounds = scheduler.schedule, defaultdict(list)
 

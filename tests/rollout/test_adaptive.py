@@ -161,7 +161,7 @@ def _fake_llm(num_spec_tokens: int):
 
 def test_counters_count_a_position_only_where_it_was_drafted():
     """A round under a schedule drafts k <= K positions: positions past k are not rejections."""
-    from rollout.vllm_adapter import count_spec_decoding, spec_decode_counters, spec_decode_rates
+    from rollout.vllm_spec import count_spec_decoding, spec_decode_counters, spec_decode_rates
     llm, scheduler = _fake_llm(3)
     count_spec_decoding(llm)
     for accepted in [1] * 9 + [0]:  # ten rounds of k = 1, nine accepted
@@ -179,9 +179,9 @@ def test_a_schedule_drafting_fewer_positions_does_not_lock_k_down(monkeypatch):
     """True acceptance 0.9 at every position on an engine where k = 3 pays most: the live
     counters of rounds drafting k < 3 must not pull the undrafted positions' estimates to 0
     (which held k at 2 for good from a 0.5 start)."""
-    import rollout.vllm_adapter as adapter
+    import rollout.vllm_spec as spec_module
     from rollout.adaptive import AdaptiveSchedule, starting_acceptance
-    monkeypatch.setattr(adapter, "set_spec_schedule", lambda llm, schedule: None)
+    monkeypatch.setattr(spec_module, "set_spec_schedule", lambda llm, schedule: None)
     costs = {1: {0: 1.0, 1: 1.3, 2: 1.5, 3: 1.7}}
     schedule = AdaptiveSchedule(type("Engine", (), {"llm": None})(), costs, starting_acceptance(None, 3))
     assert schedule.k_at(1) < 3  # the 0.5 guess: fewer drafts pay
@@ -191,7 +191,7 @@ def test_a_schedule_drafting_fewer_positions_does_not_lock_k_down(monkeypatch):
         accepted = [round(rounds * 0.9 ** (i + 1)) if i < k else 0 for i in range(3)]
         counts = {"drafts": rounds, "draft_tokens": sum(verified), "accepted": sum(accepted),
                   "accepted_per_pos": accepted, "verified_per_pos": verified}
-        schedule.observe(adapter.spec_decode_rates(counts)["acceptance_per_pos"])
+        schedule.observe(spec_module.spec_decode_rates(counts)["acceptance_per_pos"])
     assert schedule.k_at(1) == 3
     assert schedule.acceptance == pytest.approx([0.9, 0.9, 0.9], abs=0.01)
 
@@ -206,7 +206,7 @@ def test_the_starting_acceptance_is_padded_or_cut_to_the_engine_s_k():
 def _calls_at_true_acceptance(schedule, calls: int, true: float = 0.9) -> list[int]:
     """Feed ``schedule`` the counters of ``calls`` rollout calls at batch size 1, each drafting the
     k its schedule (or its exploring one) gives, at acceptance ``true`` per position; the k used."""
-    from rollout.vllm_adapter import spec_decode_rates
+    from rollout.vllm_spec import spec_decode_rates
     used = []
     for _ in range(calls):
         explore = schedule.exploring()
@@ -227,9 +227,9 @@ def test_exploring_lets_k_rise_past_a_pessimistic_start(monkeypatch, start):
     nothing is drafted and nothing measured: without exploring, the undrafted positions are never
     measured and k stays; every 4th call drafting one more position finds the true acceptance
     (0.9: k = 3 pays most)."""
-    import rollout.vllm_adapter as adapter
+    import rollout.vllm_spec as spec_module
     from rollout.adaptive import AdaptiveSchedule
-    monkeypatch.setattr(adapter, "set_spec_schedule", lambda llm, schedule: None)
+    monkeypatch.setattr(spec_module, "set_spec_schedule", lambda llm, schedule: None)
     costs = {1: {0: 1.0, 1: 1.3, 2: 1.5, 3: 1.7}}
     engine = type("Engine", (), {"llm": None})()
     stuck = AdaptiveSchedule(engine, costs, start)

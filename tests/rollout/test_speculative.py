@@ -104,7 +104,7 @@ def test_the_fix_is_in_place_and_drafts_are_verified(engines):
 
 def test_rlaccel_counts_speculation_as_vllm_s_own_metrics_do(micro, engines):
     """The scheduler-side counters (vLLM's statistics off by default) equal vLLM's metrics."""
-    from rollout.vllm_adapter import vllm_spec_metrics
+    from rollout.vllm_spec import vllm_spec_metrics
     from rollout.vllm_engine import VLLMEngine
     _, root = micro
     cfg = load_config(None, [f"rollout.draft_model={root / 'draft'}", "rollout.num_speculative_tokens=2",
@@ -162,7 +162,7 @@ def test_without_the_fix_the_distortion_is_detected(micro, engines, monkeypatch)
 def test_k0_fast_path_is_lossless(micro, adaptive):
     """Large batches (k = 0): the drafter is skipped and the plain sampler samples; frequencies
     still match the exact distribution."""
-    from rollout.vllm_adapter import drafter_skip_counts
+    from rollout.vllm_spec import drafter_skip_counts
     model, _ = micro
     before = drafter_skip_counts(adaptive.llm)
     counts = pairs(adaptive.llm, 1.0, 1.0, seed=21)
@@ -179,7 +179,7 @@ def test_switching_k_mid_sequence_keeps_greedy_output(engines, adaptive):
     missing from the drafter's KV cache. Greedy output must equal the engine without drafter."""
     from vllm import SamplingParams
 
-    from rollout.vllm_adapter import drafter_skip_counts
+    from rollout.vllm_spec import drafter_skip_counts
     _, _, plain = engines
     prompts = [{"prompt_token_ids": p} for p in ([2, 3, 4, 5], [7, 7, 2], [9, 3, 6, 8, 2, 4], [5])]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, detokenize=False) for m in (4, 8, 16, 24)]
@@ -199,7 +199,7 @@ def test_the_schedule_check_runs_its_off_calls_without_drafter_and_restores_the_
     from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
     from rollout.adaptive import AdaptiveSchedule, ScheduleCheck
-    from rollout.vllm_adapter import _scheduler, drafter_skip_counts, set_spec_schedule
+    from rollout.vllm_spec import _scheduler, drafter_skip_counts, set_spec_schedule
     cheap = {0: 1.0, 1: 1.05, 2: 1.1}  # by the model, speculation wins at every batch size
     scheduler = _scheduler(adaptive.llm)
     try:
@@ -263,7 +263,7 @@ def test_an_exploring_call_drafts_one_position_more_and_restores_the_schedule(mi
     schedule is the derived one again."""
     from vllm.v1.sample import rejection_sampler
 
-    from rollout.vllm_adapter import _scheduler
+    from rollout.vllm_spec import _scheduler
     from rollout.vllm_engine import VLLMEngine
     _, root = micro
     original = rejection_sampler.expand_batch_to_tokens
@@ -412,7 +412,7 @@ def test_step_cost_calibration_covers_every_batch_size_and_k(adaptive):
     """The start-up calibration of adaptive speculation runs against vLLM: a cost for every
     (live batch, k), positive, monotone, and the engine's schedule restored afterwards."""
     from rollout.adaptive import measure_step_costs, monotone
-    from rollout.vllm_adapter import _scheduler
+    from rollout.vllm_spec import _scheduler
     schedule = list(_scheduler(adaptive.llm).dynamic_sd_lookup)
     costs = measure_step_costs(adaptive, (1, 4), (0, 1, 2), [[2, 3, 4, 5], [7, 7, 2]], steps=4, repeats=1)
     assert set(costs) == {1, 4} and all(set(row) == {0, 1, 2} for row in costs.values())
