@@ -28,21 +28,25 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: float | None = None) -> torch.Tensor:
+    """The mean of ``x`` over ``mask``; with ``count`` (the positions of a whole batch of which
+    this is a micro-batch: :func:`mtp.batch.loss_counts`) its share of the whole batch's mean."""
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if count is None else max(count, 1.0))
 
 
-def ce(q_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def ce(q_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+       count: float | None = None) -> torch.Tensor:
     """Cross-entropy of the head's logits [.., V] at ``temperature`` (vLLM drafts from
     softmax(q / T)) on the sampled next tokens; tokens outside the head's support (logit -inf: a
     reduced draft vocabulary) are left out."""
     logits = q_logits.flatten(0, -2).float() / temperature
     proposable = torch.isfinite(logits.gather(-1, targets.flatten()[:, None]))[:, 0].view_as(targets)
     nll = F.cross_entropy(logits, targets.flatten(), reduction="none").view_as(targets)
-    return masked_mean(nll.masked_fill(~proposable, 0.0), mask * proposable)
+    return masked_mean(nll.masked_fill(~proposable, 0.0), mask * proposable, count)
 
 
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+       count: float | None = None) -> torch.Tensor:
     """KL(p‖q) per position, averaged over ``mask``, summed over the head's support: a reduced
     draft vocabulary D (q's logits -inf elsewhere) drops the tokens q cannot propose, a constant
     +inf, leaving −Σ_{v∈D} p_v log q_v + const, whose minimiser is p renormalised on D; that q also
@@ -52,7 +56,7 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, tempe
     logq = torch.log_softmax(q_logits.float() / temperature, -1)
     support = torch.isfinite(logq)
     terms = logp.exp() * (logp - logq.masked_fill(~support, 0.0))
-    return masked_mean(terms.masked_fill(~support, 0.0).sum(-1), mask)
+    return masked_mean(terms.masked_fill(~support, 0.0).sum(-1), mask, count)
 
 
 def acceptance(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -91,6 +95,6 @@ def expected_accepted(alphas: list[torch.Tensor], valid: list[torch.Tensor] | No
 
 
 def acceptance_objective(alphas: list[torch.Tensor], mask: torch.Tensor,
-                         valid: list[torch.Tensor] | None = None) -> torch.Tensor:
+                         valid: list[torch.Tensor] | None = None, count: float | None = None) -> torch.Tensor:
     """Loss: minus the mean expected number of accepted drafts per round over the anchors ``mask``."""
-    return -masked_mean(expected_accepted(alphas, valid), mask)
+    return -masked_mean(expected_accepted(alphas, valid), mask, count)

@@ -3,17 +3,23 @@ steps on the head alone, against the updated policy's distributions of the batch
 on (detached: the policy is not touched). The head follows the moving policy so acceptance does
 not decay (Bebop). Its weights travel with the policy's in the verified weight sync, under the
 ``drafter.`` prefix, and are saved in the trainer's checkpoints.
+
+A step runs in micro-batches of the trainer's ``micro_batch_size`` sequences (each a policy
+forward with its full-vocabulary logits, then the head's k steps), their gradients accumulated:
+every loss term is a mean over the whole batch's positions, counted before any forward
+(:func:`mtp.batch.loss_counts`), so the step is the whole batch's, up to summation order.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from mtp import losses
-from mtp.batch import draft_targets, loss_fn
+from mtp.batch import draft_targets, head_support, loss_counts, loss_fn
 from mtp.heads import load_head
 
 PREFIX = "drafter."
@@ -21,33 +27,41 @@ HEAD_DIR = "drafter"
 
 
 class HeadMaintainer:
-    def __init__(self, head_dir: str | Path, mtp_cfg, temperature: float, pad_id: int, device: str = "cpu"):
-        self.cfg, self.temperature, self.pad_id = mtp_cfg, temperature, pad_id
+    def __init__(self, head_dir: str | Path, mtp_cfg, temperature: float, pad_id: int, device: str = "cpu",
+                 micro_batch: int = 64):
+        self.cfg, self.temperature, self.pad_id, self.micro_batch = mtp_cfg, temperature, pad_id, micro_batch
         self.head = load_head(head_dir).to(device)
         self.optimizer = torch.optim.AdamW(self.head.param_groups(mtp_cfg.maintain_lr), weight_decay=0.0)
 
     def step(self, policy, groups) -> dict[str, float]:
         t0 = time.perf_counter()
         seqs = [(g.prompt_ids + r, len(g.prompt_ids)) for g in groups for r in g.responses if r]
+        k, parts = self.cfg.k, [seqs[i:i + self.micro_batch] for i in range(0, len(seqs), self.micro_batch)]
+        anchors = loss_counts(seqs, k, self.pad_id)  # the valid anchors of each draft step
+        counts = (loss_counts(seqs, k, self.pad_id, head_support(self.head, policy.lm_head.weight))
+                  if self.cfg.objective == "ce" else anchors)
         metrics, skipped = {}, 0
         for _ in range(self.cfg.maintain_steps):
-            steps = draft_targets(policy, self.head, seqs, self.cfg.k, self.pad_id)
-            loss = loss_fn(steps, self.cfg.objective, False, self.temperature, self.cfg.kl_weight)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, alpha1, coverage = 0.0, 0.0, 0.0
+            for part in parts:
+                steps = draft_targets(policy, self.head, part, k, self.pad_id)
+                part_loss = loss_fn(steps, self.cfg.objective, False, self.temperature, self.cfg.kl_weight, counts)
+                part_loss.backward()
+                loss += float(part_loss)
+                with torch.no_grad():  # of the step's pre-update head, at the first draft position
+                    p, q, _, valid = steps[0]
+                    alpha1 += float(losses.masked_mean(losses.acceptance(p, q, self.temperature), valid, anchors[0]))
+                    # the updated policy's mass on the head's draft vocabulary (1 for a full one):
+                    # a policy drifting out of it caps acceptance whatever the head learns
+                    coverage += float(losses.masked_mean(losses.coverage(p, q, self.temperature), valid, anchors[0]))
             norm = torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
-            if torch.isfinite(loss) and torch.isfinite(norm):
+            if math.isfinite(loss) and torch.isfinite(norm):
                 self.optimizer.step()
             else:  # one NaN step would leave every weight NaN, and the workers would draft with them
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-            with torch.no_grad():  # of the step's pre-update head, at the first draft position
-                p, q, _, valid = steps[0]
-                metrics = {"head_alpha1": float(losses.masked_mean(losses.acceptance(p, q, self.temperature), valid)),
-                           # the updated policy's mass on the head's draft vocabulary (1 for a full one):
-                           # a policy drifting out of it caps acceptance whatever the head learns
-                           "head_draft_coverage": float(losses.masked_mean(losses.coverage(p, q, self.temperature),
-                                                                           valid))}
+            metrics = {"head_alpha1": alpha1, "head_draft_coverage": coverage}
         # head_maintain_skipped: steps not applied for a non-finite loss or gradient (the head kept)
         return {**metrics, "head_maintain_skipped": float(skipped), "head_maintain_s": time.perf_counter() - t0}
 

@@ -57,7 +57,7 @@ class TrainerActor:
         if drafter is not None:
             from mtp.maintain import HeadMaintainer
             self.maintainer = HeadMaintainer(drafter[0], drafter[1], temperature, self.trainer.tokenizer.pad_token_id,
-                                             trainer_cfg.device)
+                                             trainer_cfg.device, trainer_cfg.micro_batch_size)
 
     def step(self, groups: list[Group], mini_batch: list[int] | None = None) -> dict[str, float]:
         metrics = self.trainer.step(groups, mini_batch)
