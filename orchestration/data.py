@@ -67,7 +67,10 @@ RESERVED_COLUMNS = ("prompts", "completions")
 
 
 def load_prompts(data_cfg, tokenizer) -> list[dict]:
-    """Rows with "prompt" and "answer" (plus their other columns), validated."""
+    """Rows with "prompt" and "answer" (the prompt and answer fields' values, the answer as text)
+    beside every column of the data, validated: the reward functions get the columns by their own
+    names, as TRL passes them (a TRL function taking ``solution`` works with
+    ``data.answer_field=solution``)."""
     if data_cfg.source == "arithmetic":
         rows = arithmetic_dataset(data_cfg.num_prompts, data_cfg.min_digits, data_cfg.max_digits,
                                   data_cfg.operators, data_cfg.seed)
@@ -82,11 +85,19 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
         prompt_field, answer_field = data_cfg.prompt_field, data_cfg.answer_field
     if not rows:
         raise DataError(f"data.source={data_cfg.source!r} has no rows")
-    reserved = [k for k in dict.fromkeys(k for row in rows for k in row)  # rows of a JSONL file may differ
-                if k in RESERVED_COLUMNS and k not in (prompt_field, answer_field)]
+    names = dict.fromkeys(k for row in rows for k in row)  # rows of a JSONL file may differ
+    reserved = [k for k in names if k in RESERVED_COLUMNS and k not in (prompt_field, answer_field)]
     if reserved:
         raise DataError(f"{data_cfg.source}: column(s) {reserved} would collide with the reward functions' own "
                         f"arguments (fn(prompts, completions, **columns)); rename them in the data")
+    # Every column is kept, and the prompt and answer fields are also under "prompt" and "answer":
+    # a column of the data's own under either name would be overwritten.
+    for alias, field_, name in (("prompt", prompt_field, "data.prompt_field"), ("answer", answer_field,
+                                                                             "data.answer_field")):
+        if field_ != alias and alias in names:
+            raise DataError(f"{data_cfg.source}: {name}={field_!r}, and the data has a column {alias!r} of its "
+                            f"own, which the {alias} field's value would replace: set {name}={alias!r} or "
+                            f"rename the column")
     # Ids that stand for text the tokenizer cannot encode: its unknown and its pad token where the
     # text they came from is not their own (the built-in tokenizer reads an unknown character as
     # pad; a real one reads "<unk>" or its pad token's text, e.g. "<|endoftext|>", as that token).
@@ -101,9 +112,14 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
                 raise DataError(f"{data_cfg.source}: row {i} has no value for {key!r} ({name}): the field is "
                                 f"missing or null; its fields with values are {present}. Fix the row or set {name}.")
         prompt, answer = row[prompt_field], row[answer_field]
-        if not isinstance(prompt, str) or not prompt:
-            raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} must be a non-empty string, "
-                            f"got {prompt!r}")
+        if isinstance(prompt, list):
+            raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} is a conversation (a list of "
+                            f"messages); rlaccel samples from text: write the prompts as text with the chat "
+                            f"template applied (tokenizer.apply_chat_template(messages, tokenize=False, "
+                            f"add_generation_prompt=True)), or point data.prompt_field at a text column")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} must be a string with text, "
+                            f"got {prompt!r}; fix the row or set data.prompt_field")
         if isinstance(answer, bool) or not isinstance(answer, (str, int)):
             raise DataError(f"{data_cfg.source}: row {i}: field {answer_field!r} (data.answer_field) is "
                             f"{type(answer).__name__} {answer!r}; answers are text (an integer is taken as its "
@@ -122,8 +138,9 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
             raise DataError(f"{data_cfg.source}: row {i}: the prompt has text the model's tokenizer cannot encode "
                             f"({text}, read as its unknown or pad token): the model would see other text than the "
                             f"reward function; remove it from the prompt, or use a model whose tokenizer has it")
-        extra = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
-        out.append({**extra, "prompt": prompt, "answer": str(answer)})
+        # (a prompt or answer field named like a reward function argument is under its alias only)
+        out.append({**{k: v for k, v in row.items() if k not in RESERVED_COLUMNS},
+                    "prompt": prompt, "answer": str(answer)})
     return out
 
 

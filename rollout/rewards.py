@@ -11,8 +11,10 @@ first, or no ``prompts``, gets what its parameter names; TRL also passes ``compl
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
+import time
 from typing import Callable
 
 from policy.batch import Group
@@ -32,11 +34,13 @@ def arithmetic_reward(prompts: list[str], completions: list[str], answer: list[s
 
 def math_verify_reward(prompts: list[str], completions: list[str], answer: list[str], **_) -> list[float]:
     """1.0 when `math-verify` judges the completion equal to the answer (pip install math-verify)."""
-    try:
-        from math_verify import parse, verify
-    except ImportError as exc:
-        raise RewardError("rollout.rewards:math_verify_reward needs `pip install math-verify`") from exc
+    from math_verify import parse, verify
     return [float(verify(parse(a), parse(c))) for c, a in zip(completions, answer)]
+
+
+# What a reward function imports when it runs (module -> its pip package), checked when it is
+# loaded: a function's name is resolved at start, its imports only at its first call, minutes in.
+math_verify_reward.requires = {"math_verify": "math-verify"}
 
 
 def load_reward_fn(path: str) -> RewardFn:
@@ -55,6 +59,11 @@ def load_reward_fn(path: str) -> RewardFn:
                           f"{type(exc).__name__}: {exc}; fix the module") from exc
     if not callable(fn):
         raise RewardError(f"algorithm.reward_fns: {path!r} is not callable")
+    missing = [package for module, package in getattr(fn, "requires", {}).items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise RewardError(f"algorithm.reward_fns: {path!r} needs {', '.join(missing)}: pip install "
+                          f"{' '.join(missing)} (or `pip install -e .[gpu]`)")
     return fn
 
 
@@ -80,21 +89,24 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
     """Fill ``group.rewards`` (sum over functions); returns metrics.
 
     On an exception, the batch is re-scored one sample at a time to find the failing
-    sample(s); with ``on_error="fail"`` a :class:`RewardError` names the function and the
-    sample, with ``"zero"`` those samples get 0 and are counted in ``reward_errors``, unless the
+    sample(s) (logged, and counted in ``reward_fallbacks``); with ``on_error="fail"`` a
+    :class:`RewardError` names the function and the sample (as for a non-finite reward), with
+    ``"zero"`` those samples get 0 and are counted in ``reward_errors`` (once each), unless the
     function has not scored a single sample yet: ``worked`` (kept by the caller across steps)
     holds the names of those that have, and one that fails on every sample of a step before it
     ever worked is broken, not its samples (a RewardError).
     """
-    worked = set() if worked is None else worked
+    worked, t0 = set() if worked is None else worked, time.perf_counter()
     prompts = [g.prompt for g in groups for _ in range(g.n)]
     completions = [c for g in groups for c in g.completions]
     # every column for every sample (None where a row lacks it: rows of a JSONL file may differ)
     keys = dict.fromkeys(k for g in groups for k in g.row if k != "prompt")
     columns = {k: [g.row.get(k) for g in groups for _ in range(g.n)] for k in keys}
     total: list[float | None] = [None] * len(prompts)  # None until a function scores the sample
-    errors = 0
+    failed_samples: set[int] = set()  # scored 0 under on_error="zero", counted once however many functions failed
+    fallbacks = 0
     metrics: dict[str, float] = {}
+    short = [name.rsplit(":", 1)[-1] for name in fns]
     for name, fn in fns.items():
         try:
             values = _call(fn, prompts, completions, columns)
@@ -102,7 +114,10 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
         except _WrongShape as exc:  # the function's contract, not a sample: no sample-by-sample retry
             raise RewardError(f"reward function {name} {exc}: it must return a list with one reward (a "
                               f"number, or None: does not apply) per completion, in their order") from None
-        except Exception:
+        except Exception as batch_exc:
+            log.warning("reward function %s raised %s: %s on the step's batch of %d samples; scoring them one at "
+                        "a time (counted in reward_fallbacks)", name, type(batch_exc).__name__, batch_exc, len(prompts))
+            fallbacks += 1
             values, failed = [], 0
             for i in range(len(prompts)):
                 try:
@@ -116,23 +131,31 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                                                 "to score such samples 0 and count them.") from exc
                     log.warning("%s; scored 0 (algorithm.on_reward_error=zero)", msg)
                     values.append(0.0)
+                    failed_samples.add(i)
                     failed += 1
             if failed == len(prompts) and name not in worked:  # the function (or its setup) is broken
                 raise RewardError(f"reward function {name} raised on every one of the step's {failed} samples and "
                                   f"has scored none in the run (the last error is logged above): fix the function; "
                                   f"algorithm.on_reward_error=zero scores failing samples 0 once it works")
-            errors += failed
 
         for i, v in enumerate(values):
             if v is None:  # TRL's convention: this function does not apply to the sample
                 continue
             if not math.isfinite(v):
-                raise RewardError(f"reward function {name} returned {v} for prompt={prompts[i]!r} "
-                                  f"completion={completions[i]!r}; rewards must be finite numbers (None: the "
-                                  f"function does not apply to the sample)")
+                msg = (f"reward function {name} returned {v} for prompt={prompts[i]!r} completion="
+                       f"{completions[i]!r}; rewards must be finite numbers (None: the function does not apply "
+                       f"to the sample)")
+                if on_error == "fail":
+                    raise RewardError(msg + ". Fix the function, or set algorithm.on_reward_error=zero to score "
+                                            "such samples 0 and count them.")
+                log.warning("%s; scored 0 (algorithm.on_reward_error=zero)", msg)
+                values[i], v = 0.0, 0.0
+                failed_samples.add(i)
             total[i] = v + (total[i] or 0.0)
         scored = [v for v in values if v is not None]
-        metrics[f"reward/{name.rsplit(':', 1)[-1]}"] = sum(scored) / len(scored) if scored else float("nan")
+        # by the function's name, or its whole path where two functions share a name
+        key = name.rsplit(":", 1)[-1] if short.count(name.rsplit(":", 1)[-1]) == 1 else name
+        metrics[f"reward/{key}"] = sum(scored) / len(scored) if scored else float("nan")
     for i, v in enumerate(total):
         if v is None:
             msg = (f"every reward function returned None (does not apply) for prompt={prompts[i]!r} "
@@ -141,7 +164,8 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                 raise RewardError(msg + ": a sample needs a reward from at least one function; or set "
                                         "algorithm.on_reward_error=zero to score such samples 0 and count them.")
             log.warning("%s; scored 0 (algorithm.on_reward_error=zero)", msg)
-            total[i], errors = 0.0, errors + 1
+            total[i] = 0.0
+            failed_samples.add(i)
     for i, v in enumerate(total):
         if not math.isfinite(v):
             raise RewardError(f"the reward functions' sum is {v} for prompt={prompts[i]!r} completion={completions[i]!r} "
@@ -151,7 +175,9 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
         g.rewards = total[pos:pos + g.n]
         pos += g.n
     metrics["reward"] = sum(total) / len(total)
-    metrics["reward_errors"] = float(errors)
+    metrics["reward_errors"] = float(len(failed_samples))  # samples scored 0 for an error
+    metrics["reward_fallbacks"] = float(fallbacks)  # functions that raised on the whole batch (then per sample)
+    metrics["reward_s"] = time.perf_counter() - t0
     return metrics
 
 

@@ -36,7 +36,14 @@ def test_jsonl_parquet_and_saved_dataset(tmp_path, tokenizer):
     for source in (jl, tmp_path / "d.parquet", tmp_path / "saved"):
         out = load_prompts(_cfg(tmp_path, source, "data.prompt_field=question", "data.answer_field=solution"),
                            tokenizer)
-        assert out == [{"level": 1, "prompt": "1+1=", "answer": "2"}, {"level": 2, "prompt": "2+3=", "answer": "5"}]
+        # every column kept (a TRL reward function taking `solution` gets it), prompt and answer beside them
+        assert out == [{"question": "1+1=", "solution": "2", "level": 1, "prompt": "1+1=", "answer": "2"},
+                       {"question": "2+3=", "solution": "5", "level": 2, "prompt": "2+3=", "answer": "5"}]
+    from rollout.rewards import check_signatures
+
+    def accuracy_reward(completions, solution, **kwargs):  # open-r1's form
+        return [float(c == s) for c, s in zip(completions, solution)]
+    check_signatures({"accuracy_reward": accuracy_reward}, [k for k in out[0] if k != "prompt"])  # as grpo.main
 
 
 def test_missing_field_names_row_and_field(tmp_path, tokenizer):
@@ -137,3 +144,20 @@ def test_a_null_field_is_named_as_missing_or_null(tmp_path, tokenizer):
     source = _rows(tmp_path, [{"prompt": "1+1=", "answer": None, "level": 1}])
     with pytest.raises(DataError, match=r"row 0 has no value for 'answer'.*missing or null.*values are \['level', 'prompt'\]"):
         load_prompts(_cfg(tmp_path, source), tokenizer)
+
+
+def test_a_column_the_prompt_or_answer_alias_would_replace_is_refused(tmp_path, tokenizer):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"question": "1+1=", "answer": "two", "solution": "2"}))
+    with pytest.raises(DataError, match=r"data.answer_field='solution'.*a column 'answer' of its own.*rename"):
+        load_prompts(_cfg(tmp_path, jl, "data.prompt_field=question", "data.answer_field=solution"), tokenizer)
+
+
+def test_a_conversational_or_blank_prompt_is_refused_naming_the_fix(tmp_path, tokenizer):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}))
+    with pytest.raises(DataError, match=r"row 0: field 'prompt' is a conversation.*apply_chat_template"):
+        load_prompts(_cfg(tmp_path, jl), tokenizer)
+    jl.write_text(json.dumps({"prompt": "   ", "answer": "2"}))
+    with pytest.raises(DataError, match=r"row 0: field 'prompt' must be a string with text"):
+        load_prompts(_cfg(tmp_path, jl), tokenizer)

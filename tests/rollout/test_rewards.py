@@ -46,10 +46,55 @@ def test_raising_reward_scored_zero_and_counted():
     assert groups[0].rewards == [1.0, 0.0, 0.0] and m["reward_errors"] == 2
 
 
-def test_non_finite_reward_is_an_error():
+def test_non_finite_reward_is_an_error_or_with_zero_scored_0_and_counted_once():
     groups = [_group("1+1=", ["2"] * 2, "2")]
-    with pytest.raises(RewardError, match="nan"):
+    with pytest.raises(RewardError, match="returned nan.*on_reward_error=zero"):
         score_groups(groups, {"m:nan": lambda prompts, completions, **_: [math.nan] * len(completions)})
+
+    def half_nan(prompts, completions, **_):  # e.g. np.mean of an empty list for the first sample
+        return [math.nan] + [1.0] * (len(completions) - 1)
+
+    def raises_on_first(prompts, completions, **_):
+        if completions[0] == "first":
+            raise ValueError("unparsable")
+        return [0.5] * len(completions)
+    groups = [_group("1+1=", ["first", "2"], "2")]
+    m = score_groups(groups, {"m:half_nan": half_nan, "m:raises_on_first": raises_on_first}, on_error="zero")
+    assert groups[0].rewards == [0.0, 1.5]
+    assert m["reward_errors"] == 1  # one sample, though two functions failed on it
+
+
+def test_a_batch_call_that_raises_is_logged_and_counted(caplog):
+    """A function that raises on the batch (an API's batch limit, a transient error) is scored one
+    sample at a time: the step says so (a warning, reward_fallbacks) rather than calling it 1 + N
+    times unseen."""
+    def at_most_two(prompts, completions, **_):
+        if len(completions) > 2:
+            raise RuntimeError("batch too large")
+        return [1.0] * len(completions)
+    groups = [_group("1+1=", ["2"] * 4, "2")]
+    with caplog.at_level("WARNING"):
+        m = score_groups(groups, {"m:at_most_two": at_most_two}, on_error="fail")
+    assert groups[0].rewards == [1.0] * 4 and m["reward_errors"] == 0 and m["reward_fallbacks"] == 1
+    assert "m:at_most_two raised RuntimeError: batch too large on the step's batch of 4 samples" in caplog.text
+    assert m["reward_s"] >= 0
+
+
+def test_functions_sharing_a_name_get_a_metric_each():
+    groups = [_group("1+1=", ["2", "3"], "2")]
+    m = score_groups(groups, {"a:score": lambda prompts, completions, **_: [1.0] * 2,
+                              "b:score": lambda prompts, completions, **_: [0.0] * 2,
+                              "c:other": lambda prompts, completions, **_: [0.5] * 2})
+    assert m["reward/a:score"] == 1.0 and m["reward/b:score"] == 0.0 and m["reward/other"] == 0.5
+    assert "reward/score" not in m
+
+
+def test_a_function_whose_package_is_missing_is_refused_when_loaded(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    with pytest.raises(RewardError, match=r"math_verify_reward' needs math-verify: pip install math-verify"):
+        load_reward_fn("rollout.rewards:math_verify_reward")
 
 
 def test_load_reward_fn():
