@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,8 +393,9 @@ def _max_positions(m: ModelConfig, builtin: dict) -> int | None:
         return None
 
 
-def validate(config: Config) -> None:
-    """Value checks a type cannot express. Registries are consulted, not copied."""
+def validate(config: Config, warn: bool = True) -> None:
+    """Value checks a type cannot express. Registries are consulted, not copied. ``warn``: also log
+    the warnings of settings that run but cost acceptance (false for a second check of one config)."""
     from attention.shared_prompt import BACKENDS
     from policy.grpo import ADVANTAGES, LOSS_AGGREGATIONS
     from policy.models import BUILTIN_MODELS
@@ -447,6 +449,12 @@ def validate(config: Config) -> None:
         if r.backend != "vllm":
             raise ConfigError("rollout.spec_method=mtp needs rollout.backend=vllm (speculative decoding is vLLM's)")
     _check("rollout.num_speculative_tokens", r.num_speculative_tokens >= 1, ">= 1", r.num_speculative_tokens)
+    if r.spec_schedule is not None:
+        rows_ok = all(isinstance(row, (list, tuple)) and len(row) == 3 and 1 <= row[0] <= row[1]
+                      and 0 <= row[2] <= r.num_speculative_tokens for row in r.spec_schedule)
+        _check("rollout.spec_schedule", bool(r.spec_schedule) and rows_ok, "rows [lo, hi, k] of live batch sizes "
+               f"1 <= lo <= hi and draft tokens 0 <= k <= rollout.num_speculative_tokens="
+               f"{r.num_speculative_tokens}, e.g. [[1,8,3],[9,256,0]] (or unset: always k)", r.spec_schedule)
     _check("rollout.adaptive_explore", r.adaptive_explore == 0 or r.adaptive_explore >= 2, "0 (never) or >= 2 "
            "(1 would explore every call: the schedule itself would never run, nor the check time it)",
            r.adaptive_explore)
@@ -476,6 +484,8 @@ def validate(config: Config) -> None:
            t.max_grad_norm)
     _choice("trainer.attention_backend", t.attention_backend, BACKENDS)
     _check("trainer.world_size", t.world_size >= 1, ">= 1", t.world_size)
+    _check("trainer.device", re.fullmatch(r"cpu|cuda(:\d+)?", t.device) is not None, "'cpu', 'cuda' or 'cuda:N'",
+           t.device)
     if t.zero_stage == 3:
         raise ConfigError("trainer.zero_stage=3 is not supported: ZeRO-3 partitions the parameters, which the "
                           "packed attention path and the weight export read whole; use 1 or 2")
@@ -496,6 +506,8 @@ def validate(config: Config) -> None:
     _check("algorithm.prompts_per_step", a.prompts_per_step >= 1, ">= 1", a.prompts_per_step)
     _check("algorithm.reward_fns", len(a.reward_fns) >= 1 and all(":" in s for s in a.reward_fns),
            "a non-empty list of 'module:function' paths", a.reward_fns)
+    _check("algorithm.reward_fns", len(set(a.reward_fns)) == len(a.reward_fns), "each function once (their "
+           "rewards are summed; to weight one, wrap it in a function that scales its rewards)", a.reward_fns)
     _choice("algorithm.on_reward_error", a.on_reward_error, {"fail", "zero"})
     _check("orchestration.steps", o.steps >= 1, ">= 1", o.steps)
     _check("orchestration.max_staleness", o.max_staleness >= 0, ">= 0", o.max_staleness)
@@ -529,7 +541,7 @@ def validate(config: Config) -> None:
            config.mtp.warm_steps)
     _check("mtp.kl_weight", math.isfinite(config.mtp.kl_weight) and config.mtp.kl_weight >= 0, "finite, >= 0",
            config.mtp.kl_weight)
-    if r.draft_model is not None or r.spec_method == "mtp":
+    if warn and (r.draft_model is not None or r.spec_method == "mtp"):
         _warn_head_target(config)
     if config.mtp.maintain:
         if r.spec_method == "mtp":

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from orchestration import checkpoint
 from orchestration.actors import Actors, init_ray
-from orchestration.config import Config, ConfigError, load_config, to_yaml
+from orchestration.config import Config, ConfigError, load_config, to_yaml, validate
 from orchestration.data import DataError, PromptStream, load_prompts
 from orchestration.metrics import RunLogger
 from orchestration.model_prep import prepare_model
@@ -52,10 +52,16 @@ log = logging.getLogger("rlaccel")
 COUNTS = {"rollout_tokens", "rollout_sequences", "rollout_truncated", "sync_bytes"}
 
 
-def merge_worker_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]:
-    """Workers run in parallel: counts add up; seconds and diffs are the slowest/worst."""
-    merged = {k: (sum if k in COUNTS or k.startswith("spec_") else max)(m[k] for m in per_worker)
-              for k in per_worker[0]}
+def merge_worker_metrics(per_worker: list[dict[str, float]],
+                         resampled: list[dict[str, float]] = ()) -> dict[str, float]:
+    """Workers run in parallel: counts add up; seconds and diffs are the slowest/worst.
+    ``resampled``: the workers' metrics of a re-sample that ran after them (a batch's groups too
+    stale to train on, sampled again): its counts and seconds add to theirs."""
+    merged = _in_parallel(per_worker)
+    if resampled:
+        again = _in_parallel(resampled)
+        merged = {k: (merged.get(k, 0.0) + again.get(k, 0.0) if _adds(k) or k.endswith("_s") else
+                      max(merged.get(k, -math.inf), again.get(k, -math.inf))) for k in {**merged, **again}}
     k = sum(key.startswith("spec_accepted_pos") for key in merged)
     rates = spec_decode_rates({"drafts": merged.get("spec_drafts", 0), "draft_tokens": merged.get("spec_draft_tokens"),
                                "accepted": merged.get("spec_accepted"),
@@ -71,6 +77,14 @@ def merge_worker_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]
         merged["response_len"] = merged["rollout_tokens"] / merged["rollout_sequences"]
         merged["truncated_frac"] = merged["rollout_truncated"] / merged["rollout_sequences"]
     return merged
+
+
+def _adds(key: str) -> bool:
+    return key in COUNTS or key.startswith("spec_")
+
+
+def _in_parallel(per_worker: list[dict[str, float]]) -> dict[str, float]:
+    return {k: (sum if _adds(k) else max)(m[k] for m in per_worker) for k in per_worker[0]}
 
 
 def in_flight_depth(max_staleness: int, rollout_s: float, update_s: float) -> int:
@@ -128,6 +142,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     by default the run starts its own and stops them at its end. Where ``logging.dir`` holds an
     earlier run that this one does not resume, ``config.logging.dir`` is set to the directory the
     run logs to instead (:func:`orchestration.checkpoint.claim_run_dir`)."""
+    validate(config, warn=False)  # again: a caller may have built or changed it after load_config
     o, a = config.orchestration, config.algorithm
     progress = config.logging.progress_bar if progress is None else progress
     run_dir = checkpoint.claim_run_dir(config.logging.dir, o.resume, config.logging.overwrite)
@@ -298,13 +313,15 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             head = in_flight.popleft()
             outs = collect(head)
             groups = [g for gs, _ in outs for g in gs]
-            metrics = merge_worker_metrics([m for _, m in outs])
             too_old = [g for g in groups if step - g.version > o.max_staleness]
+            again = []
             if too_old:  # never silently dropped: sampled again with the current weights
                 regenerated += len(too_old)
                 sync.everyone(on_restarted)
-                fresh = [g for gs, _ in collect(submit([(g.index, g.row) for g in too_old])) for g in gs]
-                groups = [g for g in groups if step - g.version <= o.max_staleness] + fresh
+                again = collect(submit([(g.index, g.row) for g in too_old]))
+                groups = [g for g in groups if step - g.version <= o.max_staleness] + [g for gs, _ in again for g in gs]
+            # the rollout's seconds and tokens: the batch's and its re-sample's (every sampled token cost time)
+            metrics = merge_worker_metrics([m for _, m in outs], [m for _, m in again])
             metrics.update(score_groups(groups, reward_fns, a.on_reward_error, rewards_worked))
             sampled = [lp for g in groups for lps in g.behaviour_logprobs for lp in lps]
             metrics["entropy"] = -sum(sampled) / max(len(sampled), 1)  # E[-log p] of sampled tokens

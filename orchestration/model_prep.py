@@ -38,11 +38,22 @@ def cache_dir() -> Path:
 
 def cached_model(config: Config) -> tuple[str, Path]:
     """The built-in model's cache key (everything that determines it) and its directory."""
-    key_src = json.dumps({"v": WARM_START_VERSION, "model": dataclasses.asdict(config.model),
-                          "data": dataclasses.asdict(config.data), "seed": config.orchestration.seed},
-                         sort_keys=True)
+    key = {"v": WARM_START_VERSION, "model": dataclasses.asdict(config.model),
+           "data": dataclasses.asdict(config.data), "seed": config.orchestration.seed}
+    if config.data.source != "arithmetic":  # the prompts it warm-starts on: a file's path alone is not them
+        key["data_files"] = _files_identity(Path(config.data.source))
+    key_src = json.dumps(key, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     return key_src, cache_dir() / "models" / f"{config.model.name}-{key}"
+
+
+def _files_identity(source: Path) -> list:
+    """The data source's resolved path and, per file under it, (name, size, modification time): an
+    edited or replaced data file names another warm-started model."""
+    root = source.resolve()
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    return [str(root), *[[str(f.relative_to(root)) if f != root else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                         for f in files]]
 
 
 def prepare_model(config: Config, progress: bool = True) -> Path:

@@ -262,3 +262,24 @@ def test_a_drafter_verified_against_another_target_than_its_training_is_warned_a
     load_config(None, ["rollout.top_p=0.9"])  # no drafter: nothing to warn about
     load_config(None, [head])
     assert "with a drafter" not in caplog.text and "greedy" not in caplog.text
+
+
+def test_a_reward_function_listed_twice_a_bad_device_or_schedule_is_refused():
+    with pytest.raises(ConfigError, match=r"algorithm.reward_fns=.*each function once"):
+        load_config(None, ["algorithm.reward_fns=[rollout.rewards:arithmetic_reward,rollout.rewards:arithmetic_reward]"])
+    with pytest.raises(ConfigError, match=r"trainer.device='gpu'.*'cpu', 'cuda' or 'cuda:N'"):
+        load_config(None, ["trainer.device=gpu"])
+    assert load_config(None, ["trainer.device=cuda:1"]).trainer.device == "cuda:1"
+    for bad in ("[[1,8]]", "[[1,8,4]]", "[[8,1,2]]", "[]"):
+        with pytest.raises(ConfigError, match=r"rollout.spec_schedule=.*rows \[lo, hi, k\]"):
+            load_config(None, [f"rollout.spec_schedule={bad}"])
+    assert load_config(None, ["rollout.spec_schedule=[[1,8,3],[9,256,0]]"]).rollout.spec_schedule == [[1, 8, 3],
+                                                                                                       [9, 256, 0]]
+
+
+def test_main_checks_a_config_changed_after_loading(tmp_path):
+    from orchestration.grpo import main
+    config = load_config(None, [f"logging.dir={tmp_path}"])
+    config.algorithm.on_reward_error = "skip"  # not a choice: it would have acted as "zero"
+    with pytest.raises(ConfigError, match=r"algorithm.on_reward_error='skip'"):
+        main(config, progress=False)

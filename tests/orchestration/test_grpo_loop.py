@@ -136,6 +136,24 @@ def test_async_loop_respects_the_staleness_bound(tmp_path, cache, kept_actors, m
     assert history[-1]["regenerated_groups"] == 0
 
 
+def test_worker_metrics_merge_parallel_workers_and_add_a_resample_after_them():
+    """Two workers in parallel: counts add, seconds are the slower's. A re-sample of stale groups
+    after them adds its tokens and seconds (the rates follow), and the worst diff stays."""
+    from orchestration.grpo import merge_worker_metrics
+    w = [{"rollout_s": 2.0, "rollout_tokens": 100.0, "rollout_sequences": 10.0, "rollout_truncated": 1.0,
+          "sync_probe_diff": 1e-6},
+         {"rollout_s": 1.0, "rollout_tokens": 60.0, "rollout_sequences": 10.0, "rollout_truncated": 0.0,
+          "sync_probe_diff": 3e-6}]
+    m = merge_worker_metrics(w)
+    assert (m["rollout_s"], m["rollout_tokens"], m["rollout_tok_s"], m["response_len"]) == (2.0, 160.0, 80.0, 8.0)
+    again = [{"rollout_s": 1.0, "rollout_tokens": 40.0, "rollout_sequences": 5.0, "rollout_truncated": 4.0,
+              "sync_probe_diff": 2e-6}]
+    m = merge_worker_metrics(w, again)
+    assert (m["rollout_s"], m["rollout_tokens"], m["rollout_sequences"]) == (3.0, 200.0, 25.0)
+    assert m["rollout_tok_s"] == pytest.approx(200 / 3) and m["truncated_frac"] == pytest.approx(5 / 25)
+    assert m["sync_probe_diff"] == 3e-6
+
+
 def test_in_flight_depth_covers_one_update_within_the_bound():
     from orchestration.grpo import in_flight_depth
     assert in_flight_depth(2, rollout_s=0.1, update_s=0.3) == 3  # trainer-bound: all the bound allows

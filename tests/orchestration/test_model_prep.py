@@ -62,3 +62,18 @@ def test_label_smoothing_spares_the_padded_vocabulary():
     assert torch.allclose(smoothed_cross_entropy(logits, targets, 0.2, 7), explicit, atol=1e-12, rtol=0)
     torchs = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none", label_smoothing=0.2)
     assert torch.equal(smoothed_cross_entropy(logits, targets, 0.2, 10), torchs)
+
+
+def test_an_edited_data_file_names_another_model(tmp_path):
+    """The key holds the data file's size and modification time, not only its path: a model
+    warm-started on the old prompts is not reused for the new ones."""
+    import json
+    import os
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    config = load_config("tiny", [f"data.source={data}"])
+    _, first = model_prep.cached_model(config)
+    assert model_prep.cached_model(config)[1] == first
+    data.write_text(json.dumps({"prompt": "2+2=", "answer": "4"}) + "\n")  # same size
+    os.utime(data, ns=(1, 1))  # an edit another second
+    assert model_prep.cached_model(config)[1] != first
