@@ -70,6 +70,11 @@ class DataConfig:
     few_shot: int = 0
     # Prompts longer than this (in tokens) are an error naming the row.
     max_prompt_tokens: int = 64
+    # Send each prompt through the model tokenizer's chat template (a text prompt as one user
+    # message; a prompt field holding a conversation, [{"role", "content"}, ...], as it is), with
+    # the assistant turn opened: the templated text is the prompt the model, the length limit and
+    # the reward functions see. For instruct/chat models; false: prompts are text as given.
+    chat_template: bool = False
 
 
 @dataclass

@@ -98,6 +98,9 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
             raise DataError(f"{data_cfg.source}: {name}={field_!r}, and the data has a column {alias!r} of its "
                             f"own, which the {alias} field's value would replace: set {name}={alias!r} or "
                             f"rename the column")
+    if data_cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise DataError("data.chat_template=true, but the model's tokenizer has no chat template (tokenizer_config.json "
+                        "'chat_template'): set data.chat_template=false and give the prompts as text")
     # Ids that stand for text the tokenizer cannot encode: its unknown and its pad token where the
     # text they came from is not their own (the built-in tokenizer reads an unknown character as
     # pad; a real one reads "<unk>" or its pad token's text, e.g. "<|endoftext|>", as that token).
@@ -112,11 +115,12 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
                 raise DataError(f"{data_cfg.source}: row {i} has no value for {key!r} ({name}): the field is "
                                 f"missing or null; its fields with values are {present}. Fix the row or set {name}.")
         prompt, answer = row[prompt_field], row[answer_field]
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and not data_cfg.chat_template:
             raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} is a conversation (a list of "
-                            f"messages); rlaccel samples from text: write the prompts as text with the chat "
-                            f"template applied (tokenizer.apply_chat_template(messages, tokenize=False, "
-                            f"add_generation_prompt=True)), or point data.prompt_field at a text column")
+                            f"messages); set data.chat_template=true to send it through the model's chat "
+                            f"template, or point data.prompt_field at a text column")
+        if data_cfg.chat_template:
+            prompt = _templated(prompt, tokenizer, f"{data_cfg.source}: row {i}: field {prompt_field!r}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} must be a string with text, "
                             f"got {prompt!r}; fix the row or set data.prompt_field")
@@ -142,6 +146,18 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
         out.append({**{k: v for k, v in row.items() if k not in RESERVED_COLUMNS},
                     "prompt": prompt, "answer": str(answer)})
     return out
+
+
+def _templated(prompt, tokenizer, where: str) -> str:
+    """The chat template's text for a text prompt (one user message) or a conversation, with the
+    assistant's turn opened (data.chat_template)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise DataError(f"{where} is {prompt!r}: with data.chat_template=true a prompt is text or a conversation, "
+                        f"a non-empty list of {{'role': str, 'content': str}} messages; fix the row")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 class PromptStream:

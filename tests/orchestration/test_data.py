@@ -156,8 +156,28 @@ def test_a_column_the_prompt_or_answer_alias_would_replace_is_refused(tmp_path, 
 def test_a_conversational_or_blank_prompt_is_refused_naming_the_fix(tmp_path, tokenizer):
     jl = tmp_path / "d.jsonl"
     jl.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}))
-    with pytest.raises(DataError, match=r"row 0: field 'prompt' is a conversation.*apply_chat_template"):
+    with pytest.raises(DataError, match=r"row 0: field 'prompt' is a conversation.*data.chat_template=true"):
         load_prompts(_cfg(tmp_path, jl), tokenizer)
     jl.write_text(json.dumps({"prompt": "   ", "answer": "2"}))
     with pytest.raises(DataError, match=r"row 0: field 'prompt' must be a string with text"):
         load_prompts(_cfg(tmp_path, jl), tokenizer)
+
+
+def test_the_chat_template_turns_text_and_conversations_into_the_prompt(tmp_path, tokenizer):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n"
+                  + json.dumps({"prompt": [{"role": "system", "content": "add"}, {"role": "user", "content": "2+2="}],
+                                "answer": "4"}))
+    with pytest.raises(DataError, match=r"data.chat_template=true, but the model's tokenizer has no chat template"):
+        load_prompts(_cfg(tmp_path, jl, "data.chat_template=true"), tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant]{% endif %}")
+    out = load_prompts(_cfg(tmp_path, jl, "data.chat_template=true"), tokenizer)
+    assert [r["prompt"] for r in out] == ["[user]1+1=\n[assistant]", "[system]add\n[user]2+2=\n[assistant]"]
+    assert [r["answer"] for r in out] == ["2", "4"]
+    # the limit counts the templated prompt: 22 tokens (characters)
+    with pytest.raises(DataError, match=r"row 0: prompt is 22 tokens, longer than data.max_prompt_tokens=21"):
+        load_prompts(_cfg(tmp_path, jl, "data.chat_template=true", "data.max_prompt_tokens=21"), tokenizer)
+    jl.write_text(json.dumps({"prompt": [{"role": "user"}], "answer": "4"}))
+    with pytest.raises(DataError, match=r"row 0: field 'prompt' is .*a non-empty list of"):
+        load_prompts(_cfg(tmp_path, jl, "data.chat_template=true"), tokenizer)
