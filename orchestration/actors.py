@@ -169,7 +169,7 @@ class Actors:
 
     def start(self, config: Config, worker_args: tuple) -> tuple[list, list]:
         """Worker and trainer-rank handles for a run; ``worker_args``: (model dir, rollout config,
-        dtype, seed, policy version) for :class:`RolloutWorker`. The trainer ranks are set up by
+        dtype, seed, policy version, run token) for :class:`RolloutWorker`. The trainer ranks are set up by
         :class:`TrainerGroup`."""
         nw, ranks = config.rollout.num_workers, config.trainer.world_size
         shape = (nw, ranks, worker_restarts(config), config.trainer.flush_denormal, config.rollout.gpus,
@@ -211,8 +211,8 @@ class Actors:
         return ray.get([w.node_id.remote() for w in self.workers])
 
     def worker_args(self, i: int) -> tuple:
-        model_dir, rollout_cfg, dtype, seed, version = self._worker_args
-        return model_dir, rollout_cfg, dtype, seed, i, version
+        model_dir, rollout_cfg, dtype, seed, version, run = self._worker_args
+        return model_dir, rollout_cfg, dtype, seed, i, version, run
 
     def close(self) -> None:
         """Stop the processes (idempotent; nothing to stop once their Ray session has ended)."""

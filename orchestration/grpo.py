@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from orchestration.weight_sync import WORKER_GONE, WorkerLost, make_sync
 from policy.distributed import UpdateNotApplied
 from policy.models import load_tokenizer
 from rollout.rewards import RewardError, check_signatures, load_reward_fn, score_groups
+from rollout.worker import WorkerRestarted
 from rollout.vllm_spec import spec_decode_rates
 
 log = logging.getLogger("rlaccel")
@@ -191,8 +193,9 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
     version = state["version"] if state else 0
     if from_model:
         version -= o.max_staleness + 1
+    run = uuid.uuid4().hex  # which run a worker process's settings are for (RolloutWorker.adopt)
     workers, trainer_actors = actors.start(config, (str(model_dir if from_model else o.resume or model_dir),
-                                                    rollout_cfg, config.model.dtype, o.seed, version))
+                                                    rollout_cfg, config.model.dtype, o.seed, version, run))
     try:
         trainer = TrainerGroup(
             trainer_actors, str(model_dir), config.trainer, config.algorithm, config.rollout.temperature,
@@ -270,27 +273,41 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 ) from None
 
     def restarted(k: int) -> None:
-        """Give worker k, just restarted by Ray, the current weights: it has its start-up ones (and,
-        in actors kept from an earlier run, that run's settings: it is reset first)."""
-        sync.restarted(k, on_restarted, actors.worker_args(k) if actors.reused else None)
+        """Take worker k back after Ray restarted it (its process refuses to sample or load weights
+        until then, rollout.worker.WorkerRestarted): this run's settings (a reset, where Ray started
+        it with an earlier run's, in actors kept from run to run) and the current weights. Counted;
+        again, and counted again, while a restarted process dies in turn before it is taken back
+        (rollout.max_restarts bounds this: then WorkerLost)."""
+        nonlocal restarts
+        while True:
+            restarts += 1
+            try:
+                sync.restarted(k, on_restarted, lambda: on_restarted(workers[k].adopt, run) or
+                               on_restarted(workers[k].reset, *actors.worker_args(k)))
+                handled[k] = sends  # the batches sent before now went to a process that is gone
+                return
+            except WorkerRestarted:
+                log.warning("rollout worker %d died again while it was being taken back", k)
 
     def collect(entry) -> list:
         """Results of a submitted batch. A shard whose worker died is sampled again on the
-        worker Ray restarted, after it received the current weights: nothing is lost."""
-        nonlocal restarts
+        process Ray restarted, once taken back (:func:`restarted`), as often as it dies: nothing is
+        lost, nothing is sampled with start-up weights or another run's settings."""
+        nonlocal sends
         refs, _, seed, shards, sent = entry
         outs = []
         for ref, (k, shard) in zip(refs, shards):
-            try:
-                outs.append(ray.get(ref))
-            except WORKER_GONE as exc:
-                if sent > handled.get(k, 0):  # not a batch of a death handled already
-                    restarts += 1
-                    log.warning("rollout worker %d died (%s)", k, type(exc).__name__)
-                    restarted(k)
-                    handled[k] = sends
-                log.warning("re-sampling worker %d's %d prompts on its restarted process", k, len(shard))
-                outs.append(on_restarted(workers[k].generate, shard, seed + k))
+            while True:
+                try:
+                    outs.append(ray.get(ref))
+                    break
+                except (*WORKER_GONE, WorkerRestarted) as exc:
+                    if sent > handled.get(k, 0):  # not a batch of a death handled already
+                        log.warning("rollout worker %d died (%s)", k, type(exc).__name__)
+                        restarted(k)
+                    log.warning("re-sampling worker %d's %d prompts on its restarted process", k, len(shard))
+                    sends += 1
+                    ref, sent = workers[k].generate.remote(shard, seed + k), sends
         return outs
 
     def loop_state(step: int, queued: list) -> dict:
@@ -317,7 +334,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             again = []
             if too_old:  # never silently dropped: sampled again with the current weights
                 regenerated += len(too_old)
-                sync.everyone(on_restarted)
+                sync.everyone(on_restarted, restarted)
                 again = collect(submit([(g.index, g.row) for g in too_old]))
                 groups = [g for g in groups if step - g.version <= o.max_staleness] + [g for gs, _ in again for g in gs]
             # the rollout's seconds and tokens: the batch's and its re-sample's (every sampled token cost time)

@@ -27,6 +27,7 @@ import ray
 
 from orchestration.trainer_actor import TrainerGroup
 from policy import weight_broadcast
+from rollout.worker import WorkerRestarted
 
 
 # A worker process that died (RayActorError) or is being restarted by Ray.
@@ -50,7 +51,7 @@ class _Sync:
         for k, ref in enumerate(refs):
             try:
                 result = ray.get(ref)
-            except WORKER_GONE:
+            except (*WORKER_GONE, WorkerRestarted):  # died, or restarted and not yet taken back
                 if k >= len(self.workers):  # the trainer's own send (broadcast)
                     raise
                 gone.append(k)
@@ -77,24 +78,29 @@ class ObjectStoreSync(_Sync):
         self.last_export = self.trainer.export()
         return [w.update_weights.remote(*self.last_export) for w in self.workers]
 
-    def everyone(self, call) -> None:
+    def everyone(self, call, recover) -> None:
         """Every worker on the current weights, waiting for each (``call(method, *args)`` waits
-        through a restart)."""
+        through a restart; ``recover(k)`` takes back a worker Ray restarted, syncing it)."""
         if self.last_export is None:
             self.last_export = self.trainer.export()
-        for w in self.workers:
-            call(w.update_weights, *self.last_export)
+        for k, w in enumerate(self.workers):
+            try:
+                call(w.update_weights, *self.last_export)
+            except WorkerRestarted:
+                recover(k)
 
-    def restarted(self, k: int, call, reset: tuple | None = None) -> None:
-        """Give worker k, just restarted by Ray, the current weights, after ``reset`` (its
-        :meth:`RolloutWorker.reset` arguments, if it must be reset)."""
-        if reset is not None:
-            call(self.workers[k].reset, *reset)
-        if self.last_export is not None:
-            call(self.workers[k].update_weights, *self.last_export)
+    def restarted(self, k: int, call, take_back) -> None:
+        """Take worker k back after Ray restarted it (``take_back()``: this run's settings) and give
+        it the current weights (the run's first, when no update has been sent yet: a restart has
+        its start-up ones)."""
+        take_back()
+        if self.last_export is None:
+            self.last_export = self.trainer.export()
+        call(self.workers[k].update_weights, *self.last_export)
 
     def lost(self, k: int) -> None:
-        """Worker k died during a sync: :meth:`restarted` re-syncs it before it samples again."""
+        """Worker k died during a sync: its restarted process refuses to sample until the driver
+        takes it back and :meth:`restarted` syncs it (rollout.worker.WorkerRestarted)."""
 
 
 class BroadcastSync(_Sync):
@@ -114,10 +120,10 @@ class BroadcastSync(_Sync):
         sending = rank0.broadcast_weights.remote()
         return [w.receive_weights.remote(*meta) for w in self.workers] + [sending]
 
-    def everyone(self, call) -> None:
+    def everyone(self, call, recover) -> None:
         self.results(self.push())
 
-    def restarted(self, k: int, call, reset: tuple | None = None) -> None:
+    def restarted(self, k: int, call, take_back) -> None:
         self.lost(k)
 
     def lost(self, k: int) -> None:

@@ -27,6 +27,21 @@ class PolicyDiverged(FloatingPointError):
     """The policy the worker samples from gives non-finite probabilities."""
 
 
+class WorkerRestarted(RuntimeError):
+    """This process is Ray's restart of a worker that died: it neither samples nor loads weights
+    until the driver takes it back (:meth:`RolloutWorker.adopt`; a :meth:`RolloutWorker.reset`
+    first if Ray started it with another run's arguments, those it was created with)."""
+
+
+def _restarted_by_ray() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (False outside an actor)."""
+    try:
+        import ray
+        return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 (not in an actor: Ray asserts)
+        return False
+
+
 def spec_metrics(delta: dict) -> dict[str, float]:
     """Speculative-decoding counts of one generate call (:func:`spec_decode_delta`) as flat
     metrics (summed over workers by the driver): ``spec_drafts``, ``spec_draft_tokens``,
@@ -51,15 +66,22 @@ def make_engine(model_dir: str, rollout_cfg, dtype: str, seed: int):
 
 class RolloutWorker:
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0, worker_id: int = 0,
-                 version: int = 0):
-        """``version``: the policy version of the weights in ``model_dir`` (a checkpoint's)."""
+                 version: int = 0, run: str = ""):
+        """``version``: the policy version of the weights in ``model_dir`` (a checkpoint's).
+        ``run``: the run these arguments are for (the driver's token; see :meth:`adopt`)."""
         self.engine = None
-        self.reset(model_dir, rollout_cfg, dtype, seed, worker_id, version)
+        restarted = _restarted_by_ray()
+        self.reset(model_dir, rollout_cfg, dtype, seed, worker_id, version, run)
+        # Ray restarts a dead worker with the arguments it was created with: its start-up weights,
+        # and in processes kept from run to run another run's settings (orchestration.actors.Actors).
+        self.adopted = not restarted
 
     def reset(self, model_dir: str, rollout_cfg, dtype: str = "float32", seed: int = 0, worker_id: int = 0,
-              version: int = 0) -> None:
+              version: int = 0, run: str = "") -> None:
         """Start over as if constructed with these arguments, in the same process (the next run of
-        an :class:`orchestration.actors.Actors`): the engine is shut down and a new one built."""
+        an :class:`orchestration.actors.Actors`, or a restarted worker taken back by another run
+        than it was created for): the engine is shut down and a new one built."""
+        self.adopted, self.run = True, run
         if self.engine is not None and hasattr(self.engine, "close"):
             self.engine.close()
         self.engine = None
@@ -76,8 +98,23 @@ class RolloutWorker:
         # the worker refuses to sample until a verified update succeeds.
         self.sync_error: str | None = None
 
+    def adopt(self, run: str) -> bool:
+        """Take this process back for ``run`` after Ray restarted it: False if it was started for
+        another run (then :meth:`reset` it with this run's arguments). The driver then sends it
+        the current weights (:meth:`update_weights`) before it samples."""
+        if run != self.run:
+            return False
+        self.adopted = True
+        return True
+
+    def _taken_back(self) -> None:
+        if not self.adopted:
+            raise WorkerRestarted(f"worker {self.worker_id} was restarted by Ray after its process died and has "
+                                  f"not been taken back by the run (orchestration.grpo)")
+
     def generate(self, batch: list[tuple[int, dict]], seed: int) -> tuple[list[Group], dict]:
         """Sample ``n`` responses for each (index, row); returns groups and metrics."""
+        self._taken_back()
         if self.sync_error:
             raise WeightSyncError(f"refusing to sample: {self.sync_error}")
         t0 = time.perf_counter()
@@ -128,6 +165,7 @@ class RolloutWorker:
         :func:`policy.models.state_checksum` of them (None: not checked). ``probe``: (token ids,
         the logprobs the engine must then give them, or None for a transformers forward with these
         weights here)."""
+        self._taken_back()
         t0 = time.perf_counter()
         return self._apply(unpack_state(weights), version, checksum, probe, t0)
 
@@ -143,6 +181,7 @@ class RolloutWorker:
     def receive_weights(self, version: int, checksum: str | None,
                         probe: tuple[list[int], list[float] | None] | None = None) -> dict:
         """Receive the trainer's broadcast of ``version`` and load it as :meth:`update_weights` does."""
+        self._taken_back()
         t0 = time.perf_counter()
         state_dict = weight_broadcast.receive(self._weight_group, self._weight_buffers)
         return self._apply(state_dict, version, checksum, probe, t0)

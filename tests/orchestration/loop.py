@@ -59,6 +59,23 @@ def reward_that_kills_the_rollout_worker(prompts, completions, answer, **kw):
     return arithmetic_reward(prompts, completions, answer)
 
 
+def reward_that_kills_the_rollout_worker_and_waits_for_its_restart(prompts, completions, answer, **kw):
+    """As :func:`reward_that_kills_the_rollout_worker`, then waits (up to 60 s) until Ray has the
+    worker alive again in a new process: the run's next call reaches the restarted process
+    without ever seeing the death (a worker dying idle, between two calls)."""
+    import time
+
+    from ray._private.state import actors
+    rewards = reward_that_kills_the_rollout_worker(prompts, completions, answer, **kw)
+    if _calls["n"] == 2:
+        deadline = time.monotonic() + 60
+        while not any(a["ActorClassName"] == "RolloutWorker" and a["NumRestarts"] >= 1 and a["State"] == "ALIVE"
+                      for a in actors().values()):
+            assert time.monotonic() < deadline, "Ray did not restart the killed rollout worker within 60 s"
+            time.sleep(0.1)
+    return rewards
+
+
 def reward_by_length(prompts, completions, **kw):
     return [float(len(c)) for c in completions]
 

@@ -236,6 +236,32 @@ def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, kept_ac
     assert max(h["staleness_max"] for h in history) <= max_staleness
 
 
+@pytest.mark.slow  # two Ray runs (~20-30 s)
+def test_a_restarted_worker_of_kept_processes_samples_with_this_run_s_settings(tmp_path, cache, kept_actors):
+    """Ray restarts a dead worker with the arguments it was created with: in processes kept from
+    run to run (orchestration.actors.Actors, a sweep), an earlier run's. The restarted process
+    refuses to sample until the run takes it back (reset to its own settings, synced): the earlier
+    run here sampled 4 responses a prompt, this one 8, and every prompt is trained with 8 after
+    the worker is killed between two steps (idle: no call of the run sees it die)."""
+    kept_actors.close()  # processes created by the first run below
+    earlier = run_config(tmp_path / "earlier", "hf")
+    earlier.rollout.n, earlier.orchestration.steps = 4, 1
+    main(earlier, progress=False, actors=kept_actors)
+    _calls["n"] = 0
+    config = run_config(tmp_path, "hf")
+    config.orchestration.steps, config.data.num_prompts = 4, 16  # 4 steps x 4 prompts: one epoch
+    # synchronous: no batch is in flight while the reward function kills the worker, and it returns
+    # once Ray has restarted it (with the earlier run's arguments)
+    config.orchestration.max_staleness = 0
+    config.algorithm.reward_fns = ["tests.orchestration.loop:reward_that_kills_the_rollout_worker_and_waits_for_its_restart"]
+    history = main(config, progress=False, actors=kept_actors)
+    counts: dict[int, int] = {}
+    for _, index, _, _ in trained_record(tmp_path / "run"):
+        counts[index] = counts.get(index, 0) + 1
+    assert counts == {i: 8 for i in range(16)}  # every prompt trained once, with this run's n
+    assert kept_actors.reused and history[-1]["worker_restarts"] == 1  # counted, once
+
+
 @pytest.mark.slow  # its own Ray processes (~15-20 s)
 def test_a_worker_without_restarts_left_ends_the_run_resumably(tmp_path, cache, kept_actors):
     """rollout.max_restarts=0: the worker's death ends the run naming the setting, with a
