@@ -276,8 +276,10 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         """Take worker k back after Ray restarted it (its process refuses to sample or load weights
         until then, rollout.worker.WorkerRestarted): this run's settings (a reset, where Ray started
         it with an earlier run's, in actors kept from run to run) and the current weights. Counted;
-        again, and counted again, while a restarted process dies in turn before it is taken back
-        (rollout.max_restarts bounds this: then WorkerLost)."""
+        again, and counted again, while a restarted process dies in turn before it has the weights
+        (rollout.max_restarts bounds this: then WorkerLost). One that dies during the adopt or reset
+        call itself is not seen (Ray answers it as unavailable, and on_restarted retries the call on
+        the next process): handled, counted with the restart before it."""
         nonlocal restarts
         while True:
             restarts += 1

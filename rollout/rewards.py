@@ -109,8 +109,7 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
     short = [name.rsplit(":", 1)[-1] for name in fns]
     for name, fn in fns.items():
         try:
-            values = _call(fn, prompts, completions, columns)
-            worked.add(name)
+            values, bad = _call(fn, prompts, completions, columns), set()
         except _WrongShape as exc:  # the function's contract, not a sample: no sample-by-sample retry
             raise RewardError(f"reward function {name} {exc}: it must return a list with one reward (a "
                               f"number, or None: does not apply) per completion, in their order") from None
@@ -118,11 +117,10 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
             log.warning("reward function %s raised %s: %s on the step's batch of %d samples; scoring them one at "
                         "a time (counted in reward_fallbacks)", name, type(batch_exc).__name__, batch_exc, len(prompts))
             fallbacks += 1
-            values, failed = [], 0
+            values, bad = [], set()
             for i in range(len(prompts)):
                 try:
                     values.extend(_call(fn, [prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()}))
-                    worked.add(name)
                 except Exception as exc:
                     msg = (f"reward function {name} raised {type(exc).__name__}: {exc} on sample "
                            f"prompt={prompts[i]!r} completion={completions[i]!r}")
@@ -131,12 +129,7 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                                                 "to score such samples 0 and count them.") from exc
                     log.warning("%s; scored 0 (algorithm.on_reward_error=zero)", msg)
                     values.append(0.0)
-                    failed_samples.add(i)
-                    failed += 1
-            if failed == len(prompts) and name not in worked:  # the function (or its setup) is broken
-                raise RewardError(f"reward function {name} raised on every one of the step's {failed} samples and "
-                                  f"has scored none in the run (the last error is logged above): fix the function; "
-                                  f"algorithm.on_reward_error=zero scores failing samples 0 once it works")
+                    bad.add(i)
 
         for i, v in enumerate(values):
             if v is None:  # TRL's convention: this function does not apply to the sample
@@ -150,8 +143,16 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                                             "such samples 0 and count them.")
                 log.warning("%s; scored 0 (algorithm.on_reward_error=zero)", msg)
                 values[i], v = 0.0, 0.0
-                failed_samples.add(i)
+                bad.add(i)
             total[i] = v + (total[i] or 0.0)
+        if any(v is not None and i not in bad for i, v in enumerate(values)):
+            worked.add(name)
+        elif len(bad) == len(prompts) and name not in worked:  # the function (or its setup) is broken
+            raise RewardError(f"reward function {name} raised or returned a non-finite reward on every one of the "
+                              f"step's {len(bad)} samples and has scored none in the run (the last error is logged "
+                              f"above): fix the function; algorithm.on_reward_error=zero scores failing samples 0 "
+                              f"once it works")
+        failed_samples |= bad
         scored = [v for v in values if v is not None]
         # by the function's name, or its whole path where two functions share a name
         key = name.rsplit(":", 1)[-1] if short.count(name.rsplit(":", 1)[-1]) == 1 else name

@@ -178,6 +178,10 @@ def test_the_chat_template_turns_text_and_conversations_into_the_prompt(tmp_path
     # the limit counts the templated prompt: 22 tokens (characters)
     with pytest.raises(DataError, match=r"row 0: prompt is 22 tokens, longer than data.max_prompt_tokens=21"):
         load_prompts(_cfg(tmp_path, jl, "data.chat_template=true", "data.max_prompt_tokens=21"), tokenizer)
-    jl.write_text(json.dumps({"prompt": [{"role": "user"}], "answer": "4"}))
-    with pytest.raises(DataError, match=r"row 0: field 'prompt' is .*a non-empty list of"):
+    for bad in ([{"role": "user"}], [{"role": "user", "content": " "}]):
+        jl.write_text(json.dumps({"prompt": bad, "answer": "4"}))
+        with pytest.raises(DataError, match=r"row 0: field 'prompt' is .*a non-empty list of .* with some text"):
+            load_prompts(_cfg(tmp_path, jl, "data.chat_template=true"), tokenizer)
+    jl.write_text(json.dumps({"prompt": "   ", "answer": "4"}))  # blank before the template's own text
+    with pytest.raises(DataError, match=r"row 0: field 'prompt' must be a string with text"):
         load_prompts(_cfg(tmp_path, jl, "data.chat_template=true"), tokenizer)

@@ -162,12 +162,17 @@ def test_a_function_failing_on_every_sample_is_an_error_even_when_failures_score
         return [float(c) for c in completions]
 
     worked: set[str] = set()
-    with pytest.raises(RewardError, match=r"m:parse raised on every one of the step's 2 samples and has scored none"):
+    with pytest.raises(RewardError, match=r"m:parse raised or returned a non-finite reward on every one of the "
+                                          r"step's 2 samples and has scored none"):
         score_groups([_group("1+1=", ["x", "y"], "2")], {"m:parse": parse}, on_error="zero", worked=worked)
     score_groups([_group("1+1=", ["2", "y"], "2")], {"m:parse": parse}, on_error="zero", worked=worked)
     groups = [_group("1+1=", ["x", "y"], "2")]
     m = score_groups(groups, {"m:parse": parse}, on_error="zero", worked=worked)
     assert groups[0].rewards == [0.0, 0.0] and m["reward_errors"] == 2
+    # the same for a function that returns NaN for every sample (it never raises)
+    with pytest.raises(RewardError, match=r"m:nan raised or returned a non-finite reward on every one"):
+        score_groups([_group("1+1=", ["2", "3"], "2")], {"m:nan": lambda prompts, completions, **_: [math.nan] * 2},
+                     on_error="zero", worked=set())
 
 
 def test_a_sum_out_of_float_range_is_an_error():
