@@ -115,11 +115,12 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
                 raise DataError(f"{data_cfg.source}: row {i} has no value for {key!r} ({name}): the field is "
                                 f"missing or null; its fields with values are {present}. Fix the row or set {name}.")
         prompt, answer = row[prompt_field], row[answer_field]
-        if isinstance(prompt, list) and not data_cfg.chat_template:
-            raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} is a conversation (a list of "
-                            f"messages); set data.chat_template=true to send it through the model's chat "
-                            f"template, or point data.prompt_field at a text column")
-        if not isinstance(prompt, list) and (not isinstance(prompt, str) or not prompt.strip()):
+        if isinstance(prompt, list):
+            if not data_cfg.chat_template:
+                raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} is a conversation (a list of "
+                                f"messages); set data.chat_template=true to send it through the model's chat "
+                                f"template, or point data.prompt_field at a text column")
+        elif not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} must be a string with text, "
                             f"got {prompt!r}; fix the row or set data.prompt_field")
         if data_cfg.chat_template:  # (a blank prompt is refused above, before the template's own text)

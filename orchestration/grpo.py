@@ -281,11 +281,14 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         call itself is not seen (Ray answers it as unavailable, and on_restarted retries the call on
         the next process): handled, counted with the restart before it."""
         nonlocal restarts
+
+        def take_back() -> None:
+            if not on_restarted(workers[k].adopt, run):  # Ray started it with an earlier run's arguments
+                on_restarted(workers[k].reset, *actors.worker_args(k))
         while True:
             restarts += 1
             try:
-                sync.restarted(k, on_restarted, lambda: on_restarted(workers[k].adopt, run) or
-                               on_restarted(workers[k].reset, *actors.worker_args(k)))
+                sync.restarted(k, on_restarted, take_back)
                 handled[k] = sends  # the batches sent before now went to a process that is gone
                 return
             except WorkerRestarted:

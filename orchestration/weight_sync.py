@@ -81,11 +81,9 @@ class ObjectStoreSync(_Sync):
     def everyone(self, call, recover) -> None:
         """Every worker on the current weights, waiting for each (``call(method, *args)`` waits
         through a restart; ``recover(k)`` takes back a worker Ray restarted, syncing it)."""
-        if self.last_export is None:
-            self.last_export = self.trainer.export()
         for k, w in enumerate(self.workers):
             try:
-                call(w.update_weights, *self.last_export)
+                call(w.update_weights, *self._current())
             except WorkerRestarted:
                 recover(k)
 
@@ -94,9 +92,13 @@ class ObjectStoreSync(_Sync):
         it the current weights (the run's first, when no update has been sent yet: a restart has
         its start-up ones)."""
         take_back()
+        call(self.workers[k].update_weights, *self._current())
+
+    def _current(self) -> tuple:
+        """The latest export (the trainer's current weights; exported now if none has been yet)."""
         if self.last_export is None:
             self.last_export = self.trainer.export()
-        call(self.workers[k].update_weights, *self.last_export)
+        return self.last_export
 
     def lost(self, k: int) -> None:
         """Worker k died during a sync: its restarted process refuses to sample until the driver

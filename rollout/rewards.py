@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import math
 import time
+from collections import Counter
 from typing import Callable
 
 from policy.batch import Group
@@ -106,7 +107,9 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
     failed_samples: set[int] = set()  # scored 0 under on_error="zero", counted once however many functions failed
     fallbacks = 0
     metrics: dict[str, float] = {}
-    short = [name.rsplit(":", 1)[-1] for name in fns]
+    # each function's metric: by its name, or its whole path where two functions share a name
+    short = {name: name.rsplit(":", 1)[-1] for name in fns}
+    shared = {n for n, c in Counter(short.values()).items() if c > 1}
     for name, fn in fns.items():
         try:
             values, bad = _call(fn, prompts, completions, columns), set()
@@ -154,9 +157,7 @@ def score_groups(groups: list[Group], fns: dict[str, RewardFn], on_error: str = 
                               f"once it works")
         failed_samples |= bad
         scored = [v for v in values if v is not None]
-        # by the function's name, or its whole path where two functions share a name
-        key = name.rsplit(":", 1)[-1] if short.count(name.rsplit(":", 1)[-1]) == 1 else name
-        metrics[f"reward/{key}"] = sum(scored) / len(scored) if scored else float("nan")
+        metrics[f"reward/{name if short[name] in shared else short[name]}"] = sum(scored) / len(scored) if scored else float("nan")
     for i, v in enumerate(total):
         if v is None:
             msg = (f"every reward function returned None (does not apply) for prompt={prompts[i]!r} "

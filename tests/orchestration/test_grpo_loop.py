@@ -4,6 +4,7 @@ resumes are in test_resume.py."""
 
 import json
 import os
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -277,9 +278,7 @@ def test_kept_actors_run_again_the_same_and_a_restarted_worker_takes_the_new_set
         assert history[-1]["worker_restarts"] >= 1
         assert _actor_pids()["TrainerActor"] == pids["TrainerActor"]
         assert _actor_pids()["RolloutWorker"] != pids["RolloutWorker"]  # restarted by Ray
-        counts: dict[int, int] = {}
-        for _, index, _, _ in trained_record(tmp_path / "c" / "run"):
-            counts[index] = counts.get(index, 0) + 1
+        counts = Counter(index for _, index, _, _ in trained_record(tmp_path / "c" / "run"))
         assert counts == {i: 4 for i in range(12)}
 
         ray.shutdown()  # kept actors of an ended session: the next run starts its own in a new one

@@ -4,6 +4,7 @@ killed workers."""
 
 import copy
 import json
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -146,9 +147,7 @@ def test_checkpoint_and_resume_lose_and_double_nothing(tmp_path, cache, kept_act
 
     first_half = [r for r in trained_record(tmp_path / "straight" / "run") if r[0] < 3]
     combined = first_half + trained_record(tmp_path / "resumed" / "run")
-    counts: dict[int, int] = {}
-    for _, index, _, _ in combined:
-        counts[index] = counts.get(index, 0) + 1
+    counts = Counter(index for _, index, _, _ in combined)
     assert counts == {i: 2 * 8 for i in range(12)}  # every prompt once per epoch, n responses each
     straight_record = trained_record(tmp_path / "straight" / "run")
     assert [(s, i) for s, i, _, _ in combined] == [(s, i) for s, i, _, _ in straight_record]
@@ -190,9 +189,7 @@ def test_a_failed_run_resumes_where_it_stopped_and_a_finished_one_trains_on(tmp_
     config.orchestration.resume = str(stopped)
     resumed = main(config, progress=False, actors=kept_actors)
     assert [h["step"] for h in resumed] == [1, 2, 3]
-    counts: dict[int, int] = {}
-    for _, index, _, _ in trained_record(tmp_path / "run"):
-        counts[index] = counts.get(index, 0) + 1
+    counts = Counter(index for _, index, _, _ in trained_record(tmp_path / "run"))
     assert counts == {i: 8 for i in range(16)}  # every prompt trained once, n responses each
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]
 
@@ -229,9 +226,7 @@ def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path, cache, kept_ac
     assert history[-1]["worker_restarts"] + history[-1]["regenerated_groups"] >= 1
     assert history[-1]["worker_restarts"] <= 1  # one death, however many batches it had in flight
     record = trained_record(tmp_path / "run")
-    counts: dict[int, int] = {}
-    for _, index, _, _ in record:
-        counts[index] = counts.get(index, 0) + 1
+    counts = Counter(index for _, index, _, _ in record)
     assert counts == {i: 8 for i in range(16)}  # every prompt trained once, n responses each
     assert max(h["staleness_max"] for h in history) <= max_staleness
 
@@ -255,9 +250,7 @@ def test_a_restarted_worker_of_kept_processes_samples_with_this_run_s_settings(t
     config.orchestration.max_staleness = 0
     config.algorithm.reward_fns = ["tests.orchestration.loop:reward_that_kills_the_rollout_worker_and_waits_for_its_restart"]
     history = main(config, progress=False, actors=kept_actors)
-    counts: dict[int, int] = {}
-    for _, index, _, _ in trained_record(tmp_path / "run"):
-        counts[index] = counts.get(index, 0) + 1
+    counts = Counter(index for _, index, _, _ in trained_record(tmp_path / "run"))
     assert counts == {i: 8 for i in range(16)}  # every prompt trained once, with this run's n
     assert kept_actors.reused and history[-1]["worker_restarts"] == 1  # counted, once
 
