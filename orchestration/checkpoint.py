@@ -18,11 +18,19 @@ stops on an error or Ctrl-C (``checkpoint-interrupted``): before the step's upda
 step's batch queued again, during it once the update has ended. An update the trainer refused
 before any mini-batch was applied (``UpdateNotApplied``: a non-finite loss, or a non-finite
 gradient norm outside DeepSpeed) is as a stop before the update. Any other failed update leaves the weights
-only: it may have applied some of its mini-batches.
+only (it may have applied some of its mini-batches), under another name
+(``checkpoint-interrupted-weights``): a weights-only save never replaces a checkpoint a run can
+resume from. Every file is flushed to disk (fsync) before the swap, so a machine crash right
+after it does not leave empty files in place of the copy it deleted.
 
 On resume the trainer reloads weights and optimizer, the workers start from the
 checkpoint's weights, the data cursor continues, and the in-flight batches are sampled
 again first: every prompt is trained on exactly once per epoch, none lost, none doubled.
+The loop state also records the settings a resume cannot change (``setup``: the trainer's
+ranks and ZeRO stage, whose optimizer files the checkpoint holds, and the model the trainer's
+KL reference comes from); :func:`check_setup` refuses another, naming the setting. A resume
+from an earlier checkpoint of a run sets its later checkpoints aside (``<name>.abandoned``),
+as it drops the later steps' metrics and trajectories: a run directory never mixes two branches.
 No other random state exists: sampling is seeded per request from the counters above.
 """
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -40,18 +49,22 @@ from orchestration.config import ConfigError
 from orchestration.data import DataError
 
 STATE_FILE = "loop_state.json"
+WEIGHTS_ONLY = "checkpoint-interrupted-weights"  # a failed update's weights: not resumable
 log = logging.getLogger("rlaccel")
 
 
 def save(directory: Path, trainer, state: dict | None, timeout: float | None = None) -> Path:
     """The trainer's state and the loop's ``state`` (None: the trainer's only, not resumable) in
-    ``directory``, which is replaced only once the new one is complete."""
+    ``directory``, which is replaced only once the new one is complete and on disk."""
+    if state is None and (directory / STATE_FILE).is_file():
+        raise ValueError(f"{directory} is a checkpoint a run can resume from: weights only go elsewhere")
     tmp, old = _aside(directory, ".tmp"), _aside(directory, ".old")
     (tmp / STATE_FILE).unlink(missing_ok=True)  # first: a .tmp being deleted is never taken for complete
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save(str(tmp), timeout=timeout)  # every rank: weights from rank 0, optimizer partitions from each
     if state is not None:
         (tmp / STATE_FILE).write_text(json.dumps(state))
+    _flush(tmp)
     if directory.exists():  # else an interrupted swap's .old is the last complete one: kept until tmp is in place
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)
@@ -62,6 +75,20 @@ def save(directory: Path, trainer, state: dict | None, timeout: float | None = N
 
 def _aside(directory: Path, suffix: str) -> Path:
     return directory.with_name(directory.name + suffix)
+
+
+def _flush(directory: Path) -> None:
+    """fsync every file under ``directory`` and the directories themselves (the renames after it
+    then never put a copy whose bytes are still only in the page cache in place of the old one)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _complete_copy(directory: Path) -> Path | None:
@@ -87,9 +114,8 @@ def finish_swap(directory: str | Path) -> None:
 
 # What a run writes in its logging.dir besides config.yaml and placement.json.
 RUN_FILES = ("metrics.jsonl", "trajectories*.parquet", "tensorboard", "checkpoint", "checkpoints",
-             "checkpoint-interrupted", "checkpoint.tmp", "checkpoint.old", "checkpoint-interrupted.tmp",
-             "checkpoint-interrupted.old", "trajectories*.parquet.tmp", "trajectories*.parquet.unreadable*",
-             "metrics.jsonl.tmp")
+             "checkpoint-interrupted", WEIGHTS_ONLY, "checkpoint*.tmp", "checkpoint*.old", "checkpoint*.abandoned*",
+             "trajectories*.parquet.tmp", "trajectories*.parquet.unreadable*", "metrics.jsonl.tmp")
 
 
 def load(directory: str | Path) -> dict:
@@ -177,6 +203,64 @@ def check_data(state: dict, identity: dict, directory) -> None:
                         f"against {saved['rows']}, or the same number with other prompts or answers): resume "
                         f"with the run's data settings (data.*, in its config.yaml), or start a new run from "
                         f"its weights (model.path={directory})")
+
+
+def setup_identity(config) -> dict:
+    """The settings a resume must keep (:func:`check_setup`): the trainer's ranks and ZeRO stage
+    (a checkpoint holds one optimizer file, or DeepSpeed's per rank) and the model the run started
+    from (the trainer's KL reference, and native MTP layers, come from it; a built-in one by its
+    build settings, its prompts being checked by :func:`check_data`)."""
+    import dataclasses
+    t, m = config.trainer, config.model
+    model = str(Path(m.path).resolve()) if m.path is not None else json.dumps(dataclasses.asdict(m), sort_keys=True)
+    return {"world_size": t.world_size, "zero_stage": t.zero_stage if t.world_size > 1 else None, "model": model}
+
+
+def check_setup(state: dict, setup: dict, config, directory, warn: bool = True) -> None:
+    """Refuse a resume whose trainer layout differs from the checkpoint's (its optimizer state would
+    not load), or whose model differs where the run reads it (a KL reference, native MTP layers);
+    warn (if ``warn``) where it does not."""
+    saved = state.get("setup")
+    if saved is None:  # a checkpoint from before this was recorded
+        return
+    for key, name in (("world_size", "trainer.world_size"), ("zero_stage", "trainer.zero_stage")):
+        if saved[key] != setup[key]:
+            raise ConfigError(f"{name}={setup[key]} differs from the checkpoint's {saved[key]} ({directory}): its "
+                              f"optimizer state was saved for that trainer layout; resume with {name}={saved[key]}, "
+                              f"or start a new run from its weights (model.path={directory})")
+    if saved["model"] != setup["model"]:
+        used = config.algorithm.kl_coef > 0 or config.rollout.spec_method == "mtp"
+        message = (f"the model differs from the one the checkpoint's run started from ({directory}: {saved['model']}; "
+                   f"now {setup['model']}): the policy is the checkpoint's, but "
+                   + ("the KL reference (algorithm.kl_coef > 0) and native MTP layers come from the model; resume "
+                      "with the run's model settings (model.*, in its config.yaml)" if used else
+                      "nothing of the model is read here (no KL, no native MTP layers), so the run goes on"))
+        if used:
+            raise ConfigError(message)
+        if warn:
+            log.warning(message)
+
+
+def set_aside_later(run_dir: Path, step: int, resume: Path) -> list[Path]:
+    """Rename the checkpoints in ``run_dir`` that resume after ``step`` (another branch of the run
+    than the one continued from ``resume``) to ``<name>.abandoned`` (``-2``, ... if taken), so that
+    a later resume cannot pick one up over this branch's metrics and trajectories; their new names."""
+    periodic = [c for c in (run_dir / "checkpoints").glob("step-*") if c.name.removeprefix("step-").isdigit()]
+    moved = []
+    for candidate in [run_dir / "checkpoint", run_dir / "checkpoint-interrupted", *sorted(periodic)]:
+        if not (candidate / STATE_FILE).is_file() or candidate.resolve() == resume.resolve():
+            continue
+        try:
+            later = json.loads((candidate / STATE_FILE).read_text())["step"] > step
+        except (ValueError, KeyError, TypeError):  # a damaged loop state: load() names it if it is resumed
+            continue
+        if later:
+            target, n = _aside(candidate, ".abandoned"), 2
+            while target.exists():
+                target, n = _aside(candidate, f".abandoned-{n}"), n + 1
+            candidate.rename(target)
+            moved.append(target)
+    return moved
 
 
 def batch_indices(batch: list) -> list[int]:

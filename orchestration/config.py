@@ -563,9 +563,10 @@ def validate(config: Config, warn: bool = True) -> None:
                "finite, > 0", config.mtp.maintain_lr)
     if o.resume is not None:
         from orchestration import checkpoint  # it imports this module's ConfigError
-        at = checkpoint.load(o.resume)["step"]
-        _check("orchestration.steps", o.steps > at, f"> {at}, the step the checkpoint {o.resume} resumes at "
-               f"(the total number of steps, not the steps still to run)", o.steps)
+        state = checkpoint.load(o.resume)
+        _check("orchestration.steps", o.steps > state["step"], f"> {state['step']}, the step the checkpoint "
+               f"{o.resume} resumes at (the total number of steps, not the steps still to run)", o.steps)
+        checkpoint.check_setup(state, checkpoint.setup_identity(config), config, o.resume, warn=warn)
 
 
 def _warn_head_target(config: Config) -> None:

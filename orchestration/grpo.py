@@ -122,6 +122,9 @@ def resumed_draft_model(config: Config) -> str | None:
     resume, configured = config.orchestration.resume, config.rollout.draft_model
     saved = Path(resume) / "drafter" if resume else None
     if saved is None or not saved.is_dir():
+        if saved is not None and config.mtp.maintain:
+            log.info("resume: the checkpoint has no maintained drafter head; mtp.maintain=true maintains "
+                     "rollout.draft_model=%s from here", configured)
         return configured
     if config.mtp.maintain:
         if configured is not None and Path(configured).resolve() != saved.resolve():
@@ -172,6 +175,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         checkpoint.finish_swap(o.resume)
     state = checkpoint.load(o.resume) if o.resume else None
     start = state["step"] if state else 0
+    setup = checkpoint.setup_identity(config)
     if state:
         checkpoint.check_data(state, data, o.resume)
         stream.restore(state["stream"])
@@ -213,6 +217,9 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         if state and drop_steps_from(run_dir, start):
             log.info("resume at step %d: the trajectories of steps >= %d logged before are dropped (trained again)",
                      start, start)
+        for moved in checkpoint.set_aside_later(run_dir, start, Path(o.resume)) if state else []:
+            log.warning("resume at step %d: a checkpoint of the branch this run leaves (it resumes later) is set "
+                        "aside as %s", start, moved)
     except BaseException:
         actors.close()
         raise
@@ -319,7 +326,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         """A checkpoint's loop state (orchestration.checkpoint) resuming at ``step`` with the
         batches ``queued`` (sampled again first, with their seeds)."""
         return {"step": step, "version": step, "submitted": submitted, "regenerated": regenerated,
-                "stream": stream.state(), "data": data,
+                "stream": stream.state(), "data": data, "setup": setup,
                 "in_flight": [[[i for i, _ in batch], seed] for _, batch, seed, *_ in queued],
                 "timing": None if timing is None else list(timing)}
 
@@ -379,10 +386,10 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", roll_tok_s=f"{metrics['rollout_tok_s']:.0f}",
                             roll_s=f"{metrics['rollout_s']:.2f}", upd_s=f"{metrics['update_s']:.2f}")
             if o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
-                checkpoint.save(run_dir / "checkpoints" / f"step-{step + 1}", trainer, loop_state(step + 1, in_flight))
-                # A Parquet file is readable once closed: a new one from each checkpoint, so a killed
-                # run loses no row a resume from its last checkpoint keeps
+                # A Parquet file is readable once closed: a new one from each checkpoint, the one before
+                # closed first, so a killed run loses no row a resume from its last checkpoint keeps
                 trajectories.close()
+                checkpoint.save(run_dir / "checkpoints" / f"step-{step + 1}", trainer, loop_state(step + 1, in_flight))
                 trajectories = TrajectoryLog.from_step(run_dir, step + 1)
         sync.results(pending_sync)  # the last update must verify too
         trajectories.close()  # complete on disk before the checkpoint a resume would continue from
@@ -397,24 +404,33 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
         for refs, *_ in in_flight:
             for ref in refs:
                 ray.cancel(ref)
-        where = run_dir / "checkpoint-interrupted"
-        if update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end
+        again = False  # a second Ctrl-C while the update ran: nothing is saved
+        if update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end, however long
+            log.warning("stopping: waiting for the update of step %d to end, then saving (Ctrl-C again to stop "
+                        "without saving)", next_step)
             try:
-                metrics.update(ray.get(update_refs, timeout=300)[0])  # every rank's metrics are the same
+                metrics.update(ray.get(update_refs)[0])  # every rank's metrics are the same
                 trajectories.write(TrajectoryLog.table(next_step, groups))
                 logger.log(next_step, metrics)  # the step's record, without its timings
                 next_step, head, update_refs = next_step + 1, None, None
-            except BaseException as failed:  # noqa: BLE001 (the update itself failed, or a second Ctrl-C)
+            except KeyboardInterrupt:
+                again = True
+            except BaseException as failed:  # noqa: BLE001 (the update itself failed)
                 if _not_applied(failed):  # refused before it changed anything: the step's batch is queued again
                     update_refs = None
         trajectories.close()  # every step recorded so far, complete on disk before the checkpoint
-        if update_refs is not None:  # a failed update may have applied some of its mini-batches: weights only
-            saved = _try_save(trainer, where, None)
+        if again:
+            saved, how = None, "stopped again during the update: nothing saved"
+        elif update_refs is not None:  # a failed update may have applied some of its mini-batches: weights only,
+            # beside (never in place of) a checkpoint the run could resume from
+            saved = _try_save(trainer, run_dir / checkpoint.WEIGHTS_ONLY, None)
             how = (f"policy saved to {saved}; it stopped during the update of step {next_step}, so the loop "
-                   f"cannot resume there: resume from the last periodic checkpoint (orchestration.checkpoint_every), "
-                   f"or start a new run from these weights (model.path={saved})") if saved else None
+                   f"cannot resume there: resume from an earlier checkpoint of the run (checkpoint-interrupted or "
+                   f"checkpoints/step-N, if it has one: orchestration.checkpoint_every), or start a new run from "
+                   f"these weights (model.path={saved})") if saved else None
         else:
-            saved = _try_save(trainer, where, loop_state(next_step, ([head] if head else []) + list(in_flight)))
+            saved = _try_save(trainer, run_dir / "checkpoint-interrupted",
+                              loop_state(next_step, ([head] if head else []) + list(in_flight)))
             how = f"checkpoint saved to {saved}; continue with --resume {saved}" if saved else None
         log.error("run stopped at step %d of %d; %s", next_step, o.steps, how or "the policy could not be saved")
         actors.close()  # a failed run's processes are not reused
@@ -436,10 +452,14 @@ def _not_applied(exc: BaseException) -> bool:
 
 def _try_save(trainer, directory: Path, state: dict | None) -> str | None:
     """The trainer's state in ``directory``, with the loop ``state`` a resume needs if given (an
-    earlier checkpoint there is replaced once this one is complete)."""
+    earlier checkpoint there is replaced once this one is complete), as long as the save takes
+    while the trainer lives (a large model on a network filesystem takes minutes); None if the
+    trainer is gone or a Ctrl-C stops the save (the earlier checkpoint is then kept as it was)."""
+    log.warning("saving %s (Ctrl-C to stop without saving)", directory)
     try:
-        return str(checkpoint.save(directory, trainer, state, timeout=120))
-    except Exception:  # the trainer itself may be what failed
+        return str(checkpoint.save(directory, trainer, state))
+    except (Exception, KeyboardInterrupt):  # noqa: BLE001 (the trainer itself may be what failed)
+        log.exception("the save to %s failed", directory)
         return None
 
 

@@ -13,7 +13,7 @@ GAUGES = {
     "update_tok_s": "Trainer update tokens per second: the step's samples' prompt+response tokens, a shared prompt "
                     "and skipped (zero-advantage) responses counted as trained",
     "rollout_s": "Seconds spent sampling in the step",
-    "update_s": "Seconds spent in the trainer update in the step",
+    "update_s": "Seconds spent in the trainer update in the step (with the drafter head's maintenance, mtp.maintain)",
     "sync_s": "Seconds spent in the weight sync in the step",
     "step_s": "Wall-clock seconds of the step",
     "sync_bytes": "Bytes of weights received by the rollout workers in the last sync",

@@ -61,8 +61,9 @@ class TrainerActor:
 
     def step(self, groups: list[Group], mini_batch: list[int] | None = None) -> dict[str, float]:
         metrics = self.trainer.step(groups, mini_batch)
-        if self.maintainer is not None:  # the head follows the updated policy
+        if self.maintainer is not None:  # the head follows the updated policy, in the step's update time
             metrics.update(self.maintainer.step(self.trainer.model, groups))
+            metrics["update_s"] += metrics["head_maintain_s"]
         return metrics
 
     def export(self):
@@ -128,8 +129,11 @@ class TrainerActor:
         return str(path)
 
     def load(self, directory: str) -> int:
+        """The checkpoint's policy and optimizer, and its maintained head's if it has one (a resume
+        that turns mtp.maintain on maintains rollout.draft_model's head from there)."""
+        from mtp.maintain import HEAD_DIR
         self.trainer.load_checkpoint(directory)
-        if self.maintainer is not None:
+        if self.maintainer is not None and (Path(directory) / HEAD_DIR).is_dir():
             self.maintainer.load(Path(directory))
         return self.trainer.version
 

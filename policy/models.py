@@ -190,7 +190,12 @@ def probe_logprobs(model, token_ids: list[int], state_dict: dict[str, torch.Tens
     device = next(iter(weights.values())).device
     x = torch.tensor([token_ids], device=device)
     # tie_weights=False: every name comes with its own tensor (a state dict names tied weights twice).
-    out = model(x) if state_dict is None else torch.func.functional_call(model, state_dict, (x,), tie_weights=False)
+    training = model.training
+    model.eval()  # no dropout: the probe compares two forwards of the same weights
+    try:
+        out = model(x) if state_dict is None else torch.func.functional_call(model, state_dict, (x,), tie_weights=False)
+    finally:
+        model.train(training)
     logits = out.logits[0, :-1].float()
     return torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0].tolist()
 

@@ -117,6 +117,16 @@ def test_resume_needs_more_steps_than_the_checkpoint_has(tmp_path):
         load_config(None, [f"orchestration.resume={tmp_path / 'nope'}"])
 
 
+def test_a_resume_with_another_trainer_layout_is_refused_when_the_config_is_loaded(tmp_path):
+    """Before any warm start: DeepSpeed's optimizer files of two ranks do not load into one."""
+    from orchestration.checkpoint import setup_identity
+    setup = setup_identity(load_config(None, ["trainer.world_size=2"]))
+    (tmp_path / "loop_state.json").write_text(STATE[:-1] + f', "setup": {json.dumps(setup)}}}')
+    with pytest.raises(ConfigError, match=r"trainer\.world_size=1 differs from the checkpoint's 2"):
+        load_config(None, [f"orchestration.resume={tmp_path}", "orchestration.steps=6"])
+    load_config(None, [f"orchestration.resume={tmp_path}", "orchestration.steps=6", "trainer.world_size=2"])
+
+
 def test_bad_yaml_and_bad_layers_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"override 'rollout.stop=\[a': not valid YAML"):
         load_config(None, ["rollout.stop=[a"])

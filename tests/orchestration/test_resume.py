@@ -51,7 +51,9 @@ def test_a_diverged_update_is_named_and_a_half_applied_one_keeps_the_weights(tmp
     else:
         with pytest.raises(FloatingPointError, match="mini-batch 2 of 2; the 1 before it were applied"):
             main(config, progress=False, actors=kept_actors)
-        assert (stopped / "model.safetensors").is_file() and not (stopped / "loop_state.json").exists()
+        weights = tmp_path / "run" / "checkpoint-interrupted-weights"  # beside, never in place of, a resumable one
+        assert (weights / "model.safetensors").is_file() and not (weights / "loop_state.json").exists()
+        assert not stopped.exists()
 
 
 def test_an_update_refused_before_anything_was_applied_stays_resumable(tmp_path, cache, kept_actors):
@@ -198,10 +200,12 @@ def test_a_failed_run_resumes_where_it_stopped_and_a_finished_one_trains_on(tmp_
     assert [h["step"] for h in more] == [4] and more[0]["version"] == 5.0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
 
-    # resumed from an earlier checkpoint into the same directory: the steps after it are logged anew, once
+    # resumed from an earlier checkpoint into the same directory: the steps after it are logged anew,
+    # once, and the end of the branch it leaves (step 5) is set aside
     config.orchestration.resume = str(tmp_path / "run" / "checkpoints" / "step-2")
     again = main(config, progress=False, actors=kept_actors)
     assert [h["step"] for h in again] == [2, 3, 4]
+    assert json.loads((tmp_path / "run" / "checkpoint.abandoned" / "loop_state.json").read_text())["step"] == 5
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
     per_step: dict[tuple[int, int], int] = {}  # the re-trained steps' trajectories once, as their metrics
     for step, index, _, _ in trained_record(tmp_path / "run"):

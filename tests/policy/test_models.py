@@ -111,3 +111,20 @@ def test_checkpoint_names_are_the_saved_checkpoints(tmp_path):
                                          num_attention_heads=2, num_key_value_heads=1))
     plain = qwen2.state_dict()
     assert checkpoint_names(qwen2, plain) is plain  # a model without conversions: untouched
+
+
+def test_the_probe_has_no_dropout_in_a_training_model():
+    """A trainer's model is in training mode; a model with dropout (GPT-2, OPT, Phi) would give the
+    probe noisy logprobs there, and a sync of correct weights would fail. The probe runs in eval
+    mode and leaves the mode as it found it."""
+    config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.5)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    ids = [3, 4, 7, 5, 8, 6, 9, 1]
+    want = probe_logprobs(model.eval(), ids)
+    model.train()
+    with torch.no_grad():  # dropout is live in training mode: two forwards differ
+        first, second = (model(torch.tensor([ids])).logits for _ in range(2))
+    assert not torch.equal(first, second)
+    assert probe_logprobs(model, ids) == want and model.training
