@@ -21,6 +21,7 @@ import torch
 from mtp import losses
 from mtp.batch import draft_targets, head_support, loss_counts, loss_fn
 from mtp.heads import load_head
+from mtp.optim import HeadOptimizer
 
 PREFIX = "drafter."
 HEAD_DIR = "drafter"
@@ -31,7 +32,7 @@ class HeadMaintainer:
                  micro_batch: int = 64):
         self.cfg, self.temperature, self.pad_id, self.micro_batch = mtp_cfg, temperature, pad_id, micro_batch
         self.head = load_head(head_dir).to(device)
-        self.optimizer = torch.optim.AdamW(self.head.param_groups(mtp_cfg.maintain_lr), weight_decay=0.0)
+        self.optimizer = HeadOptimizer(self.head, mtp_cfg.maintain_lr)
 
     def step(self, policy, groups) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -42,7 +43,7 @@ class HeadMaintainer:
                   if self.cfg.objective == "ce" else anchors)
         metrics, skipped = {}, 0
         for _ in range(self.cfg.maintain_steps):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             loss, alpha1, coverage = 0.0, 0.0, 0.0
             for part in parts:
                 steps = draft_targets(policy, self.head, part, k, self.pad_id)
@@ -55,11 +56,11 @@ class HeadMaintainer:
                     # the updated policy's mass on the head's draft vocabulary (1 for a full one):
                     # a policy drifting out of it caps acceptance whatever the head learns
                     coverage += float(losses.masked_mean(losses.coverage(p, q, self.temperature), valid, anchors[0]))
-            norm = torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
-            if math.isfinite(loss) and torch.isfinite(norm):
-                self.optimizer.step()
-            else:  # one NaN step would leave every weight NaN, and the workers would draft with them
-                self.optimizer.zero_grad(set_to_none=True)
+            # one NaN step would leave every weight NaN, and the workers would draft with them
+            if not math.isfinite(loss):
+                self.optimizer.zero_grad()
+                skipped += 1
+            elif not math.isfinite(self.optimizer.step(1.0)):  # a non-finite norm is not applied
                 skipped += 1
             metrics = {"head_alpha1": alpha1, "head_draft_coverage": coverage}
         # head_maintain_skipped: steps not applied for a non-finite loss or gradient (the head kept)

@@ -41,6 +41,7 @@ from mtp import losses
 from mtp.batch import draft_targets, loss_fn, predicted_acceptance
 from mtp.heads import Eagle3Head, EagleHead
 from mtp.native import has_native_mtp, native_form
+from mtp.optim import HeadOptimizer
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.data import DataError, load_prompts
 from orchestration.model_prep import prepare_model
@@ -140,10 +141,10 @@ def train(config: Config, progress: bool = True) -> dict:
                                      parallel=m.parallel, mask_token_id=mask)
     else:
         head = EagleHead.for_policy(policy, m.layers)
-    optimizer = torch.optim.AdamW(head.param_groups(m.lr), weight_decay=0.0)
+    optimizer = HeadOptimizer(head, m.lr)  # float32 master weights for a bfloat16 head
     # Cosine decay to 10% of mtp.lr: the last steps refine the acceptance the constant rate oscillates around.
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, m.steps) / max(1, m.steps))))
+        optimizer.optimizer, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, m.steps) / max(1, m.steps))))
     rng = random.Random(seed + 1)
     T = config.rollout.temperature
     history = []
@@ -152,10 +153,12 @@ def train(config: Config, progress: bool = True) -> dict:
         batch = rng.sample(train_seqs, min(m.batch, len(train_seqs)))
         steps = draft_targets(policy, head, batch, m.k, tokenizer.pad_token_id)
         loss = loss_fn(steps, m.objective, step < m.warm_steps, T, m.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        optimizer.step()
+        if not torch.isfinite(loss) or not math.isfinite(optimizer.step(1.0)):  # not applied: no NaN head is saved
+            raise FloatingPointError(f"mtp.train: non-finite {'loss' if not torch.isfinite(loss) else 'gradient norm'} "
+                                     f"at step {step} of {m.steps}; lower mtp.lr (now {m.lr}), or train in float32 "
+                                     f"(model.dtype)")
         schedule.step()
         with torch.no_grad():
             alpha1 = losses.masked_mean(losses.acceptance(steps[0][0], steps[0][1], T), steps[0][3])

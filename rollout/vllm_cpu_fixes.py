@@ -210,7 +210,7 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: list[int],
     vLLM's uniforms, greedy pass and target probabilities; a draft token x at a position is
     accepted if q(x) > 0 and p(x) / q(x) >= u (vLLM's test; q = 1 for one-hot drafts, where vLLM
     passes no draft probabilities), a request keeps its drafts up to its first rejection and there
-    emits a sample of max(p - q, 0) (p itself if that is zero everywhere), else the bonus token.
+    emits a sample of max(p - q, 0) (p itself if that is zero everywhere or NaN), else the bonus token.
     The residual is sampled at first rejections only, with one uniform each, from the request's own
     generator if it is seeded (vLLM draws a whole noise row per request with drafts)."""
     from vllm.v1.sample import rejection_sampler as rs
@@ -256,7 +256,9 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: list[int],
             residual[torch.arange(len(at), device=device)[real], first[real]] = 0.0
         else:
             residual = (target_probs[at] - draft_probs[at]).clamp_(min=0.0)
-        empty = residual.sum(-1) <= 0
+        # p itself where the residual is zero everywhere, or NaN (a NaN draft row: its draft was
+        # rejected, as p / NaN >= u is false, so p is the exact distribution there)
+        empty = ~(residual.sum(-1) > 0)
         residual[empty] = target_probs[at][empty]
         draws = torch.rand(len(rejected), dtype=torch.float64, device=device)
         for i, r in enumerate(rejected.tolist()):

@@ -55,7 +55,7 @@ def test_a_resumed_head_optimizer_takes_the_configured_learning_rate(maintainer,
     resumed = HeadMaintainer(tmp_path / "head", cfg, temperature=1.0, pad_id=0)
     resumed.load(tmp_path)
     assert [g["lr"] for g in resumed.optimizer.param_groups] == [2e-5]
-    assert resumed.optimizer.state_dict()["state"]  # the moments came back
+    assert resumed.optimizer.state_dict()["optimizer"]["state"]  # the moments came back
 
 
 def _uneven_groups() -> list[Group]:

@@ -39,6 +39,11 @@ def exact_pairs(model, temperature: float, top_p: float) -> torch.Tensor:
 
 
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test of ``counts`` against ``probs`` (cells expecting < 5 pooled). A sample in a
+    cell of probability 0 (e.g. a token top-p removes) is impossible under ``probs``: p-value 0
+    (pooled, it would vanish in a pool expecting nothing)."""
+    if counts.flatten()[probs.flatten() == 0].sum() > 0:
+        return 0.0
     expected = probs.flatten() * counts.sum()
     observed = counts.flatten().double()
     big = expected >= 5

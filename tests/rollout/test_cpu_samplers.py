@@ -48,6 +48,26 @@ def test_inverse_cdf_follows_the_weights_and_never_picks_a_zero():
     assert 0 <= int(sample_inverse_cdf(torch.full((1, V), float("nan")), torch.tensor([0.5]))) < V
 
 
+def test_the_chi_square_helper_rejects_a_sample_the_target_forbids():
+    """Cells of probability 0 are pooled with the rare ones; a sample there must fail the test
+    (pooled into a pool expecting nothing, it had vanished from the statistic: p-value 1)."""
+    probs = torch.cat([torch.full((100,), 0.01), torch.zeros(44)])
+    counts = torch.cat([torch.full((100,), 190.0), torch.full((44,), 1000 / 44)])
+    assert chi2_pvalue(counts, probs) == 0.0
+    assert chi2_pvalue(torch.cat([torch.full((100,), 200.0), torch.zeros(44)]), probs) > 0.99
+
+
+def test_a_nan_draft_row_is_rejected_and_its_token_follows_p(samplers):
+    """A drafter head that gives NaN probabilities (a diverged head) costs acceptance, never
+    exactness: its drafts are rejected and the emitted token follows p (the residual of a NaN row
+    had been sampled as the last vocabulary id every time)."""
+    torch.manual_seed(4)
+    drafts = torch.multinomial(Q, B, replacement=True).view(B, 1)
+    out = _sample(samplers["rlaccel"][0], drafts, torch.full((B, V), float("nan")), _meta(torch.ones(B)))
+    assert (out[:, 1] == -1).all()  # every draft rejected: no bonus token
+    assert chi2_pvalue(torch.bincount(out[:, 0], minlength=V), P) > 1e-3
+
+
 def _meta(temperature: torch.Tensor, generators=None):
     return types.SimpleNamespace(all_greedy=bool((temperature == 0).all()), all_random=bool((temperature > 0).all()),
                                  temperature=temperature, generators=generators or {})
