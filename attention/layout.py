@@ -18,6 +18,7 @@ Several rows (groups) form a micro-batch, right-padded to the longest row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -133,22 +134,24 @@ def token_reduction(prompt_len: int, response_lens: list[int]) -> float:
     return sum(prompt_len + r for r in response_lens) / (prompt_len + sum(response_lens))
 
 
-def balance_groups(packed_lens: list[int], max_tokens: int) -> list[list[int]]:
+def balance_groups(packed_lens: list[int], max_tokens: int,
+                   fits: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Assign whole groups to micro-batches of at most ``max_tokens`` packed tokens each (a group
     longer than that alone), as few as the greedy fill needs and balanced in tokens: longest
     first, each into the least-loaded micro-batch it fits in, a new one when it fits in none.
-    Starts from the lower bound ⌈Σ / max_tokens⌉ micro-batches. Returns group indices per
-    micro-batch."""
+    ``fits(groups)``: a further limit on a micro-batch's groups (their padded shape). Starts from
+    the lower bound ⌈Σ / max_tokens⌉ micro-batches. Returns group indices per micro-batch."""
     bins = min(max(1, -(-sum(packed_lens) // max_tokens)), len(packed_lens))
     load = [0] * bins
     out: list[list[int]] = [[] for _ in range(bins)]
     for g in sorted(range(len(packed_lens)), key=lambda g: -packed_lens[g]):
-        fits = [k for k in range(len(load)) if load[k] + packed_lens[g] <= max_tokens or not out[k]]
-        if not fits:
+        fits_k = [k for k in range(len(load)) if not out[k] or (
+            load[k] + packed_lens[g] <= max_tokens and (fits is None or fits(out[k] + [g])))]
+        if not fits_k:
             load.append(0)
             out.append([])
-            fits = [len(load) - 1]
-        k = min(fits, key=lambda k: load[k])
+            fits_k = [len(load) - 1]
+        k = min(fits_k, key=lambda k: load[k])
         out[k].append(g)
         load[k] += packed_lens[g]
     return [sorted(b) for b in out if b]

@@ -21,8 +21,8 @@ autograd through SDPA's own backward sums the gradients of the shared prompt key
 over the prompt's queries and all N responses (the expand is a broadcast whose backward is
 that sum). This also avoids the known pitfall of composing separate attention calls whose
 backward ignores the gradient of the LSE.
-  * ``flex``: FlexAttention with a block mask derived from the segment ids — for GPUs
-    (torch 2.13 has no FlexAttention backward on CPU). The flash-attn varlen variant, where
+  * ``flex``: FlexAttention with a block mask derived from the segment ids, compiled — for
+    GPUs (torch 2.13 has no FlexAttention backward on CPU). The flash-attn varlen variant, where
     the region outputs must be merged by LSE inside one autograd function, is not written.
 """
 
@@ -90,22 +90,36 @@ def regions_attention(q, k, v, batch: PackedBatch, scaling: float) -> torch.Tens
     return out.scatter_add(2, flat.expand(B, H, N * R, D), out_resp)
 
 
+_compiled_flex = None
+
+
 @_register("flex")
 def flex_attention_backend(q, k, v, batch: PackedBatch, scaling: float) -> torch.Tensor:
-    """FlexAttention with a block mask from the segment ids (the GPU path: it skips fully
-    masked blocks, i.e. response × other response). torch 2.13 runs its forward on CPU,
-    unfused, but has no CPU backward: train with it on GPU only."""
+    """FlexAttention with a block mask from the segment ids (the GPU path). Only compiled
+    (``torch.compile``, on CUDA) does it skip the fully masked blocks (response × other
+    response); eager, torch runs it densely over all L² pairs, so on CUDA it is compiled and
+    the block mask built compiled, once per micro-batch (the first layer's, kept on the batch).
+    torch 2.13 runs its forward on CPU, eager and dense (the tests' check), but has no CPU
+    backward: train with it on GPU only (config validation refuses it on a CPU trainer)."""
+    global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    seg = batch.segment_ids.to(q.device)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        qs, ks = seg[b, q_idx], seg[b, kv_idx]
-        layout = (kv_idx <= q_idx) & (ks >= 0) & (qs >= 0) & ((ks == 0) | (ks == qs))
-        return layout | ((qs < 0) & (q_idx == kv_idx))  # a padding query sees itself only
-
+    cuda = q.device.type == "cuda"
     B, _, L, _ = q.shape
-    block_mask = create_block_mask(mask_mod, B, None, L, L, device=str(q.device))
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
+    cached = getattr(batch, "_flex_block_mask", None)
+    if cached is None or cached[0] != (str(q.device), L):
+        seg = batch.segment_ids.to(q.device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            qs, ks = seg[b, q_idx], seg[b, kv_idx]
+            layout = (kv_idx <= q_idx) & (ks >= 0) & (qs >= 0) & ((ks == 0) | (ks == qs))
+            return layout | ((qs < 0) & (q_idx == kv_idx))  # a padding query sees itself only
+
+        cached = ((str(q.device), L), create_block_mask(mask_mod, B, None, L, L, device=str(q.device), _compile=cuda))
+        batch._flex_block_mask = cached  # every layer of the micro-batch's forward and backward reuses it
+    if cuda and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    attend = _compiled_flex if cuda else flex_attention
+    return attend(q, k, v, block_mask=cached[1], scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def shared_prompt_attention(q, k, v, batch: PackedBatch, scaling: float, backend: str = "regions") -> torch.Tensor:

@@ -491,6 +491,9 @@ def validate(config: Config, warn: bool = True) -> None:
     _check("trainer.world_size", t.world_size >= 1, ">= 1", t.world_size)
     _check("trainer.device", re.fullmatch(r"cpu|cuda(:\d+)?", t.device) is not None, "'cpu', 'cuda' or 'cuda:N'",
            t.device)
+    if t.shared_prompt and t.attention_backend == "flex" and t.device == "cpu":
+        raise ConfigError("trainer.attention_backend=flex needs trainer.device=cuda: torch has no FlexAttention "
+                          "backward on CPU (the run would fail at its first update); use attention_backend=regions")
     if t.zero_stage == 3:
         raise ConfigError("trainer.zero_stage=3 is not supported: ZeRO-3 partitions the parameters, which the "
                           "packed attention path and the weight export read whole; use 1 or 2")

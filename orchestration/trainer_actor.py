@@ -138,10 +138,12 @@ class TrainerActor:
         return self.trainer.version
 
 
-def split_groups(groups: list[Group], ranks: int, load: list[int] | None = None) -> list[list[Group]]:
-    """Whole groups per rank, balanced by token count (largest first onto the lightest rank, given
-    the ranks' ``load`` so far, which it adds to), each rank's groups in their original order."""
-    cost = [len(g.prompt_ids) * g.n + sum(len(r) for r in g.responses) for g in groups]
+def split_groups(groups: list[Group], ranks: int, load: list[int] | None = None,
+                 shared_prompt: bool = False) -> list[list[Group]]:
+    """Whole groups per rank, balanced by the tokens trained (largest first onto the lightest rank,
+    given the ranks' ``load`` so far, which it adds to; a group's prompt once with
+    ``shared_prompt``, else once per response), each rank's groups in their original order."""
+    cost = [len(g.prompt_ids) * (1 if shared_prompt else g.n) + sum(len(r) for r in g.responses) for g in groups]
     load, shards = load if load is not None else [0] * ranks, [[] for _ in range(ranks)]
     for i in sorted(range(len(groups)), key=lambda i: -cost[i]):
         r = min(range(ranks), key=lambda r: (load[r], r))
@@ -150,7 +152,8 @@ def split_groups(groups: list[Group], ranks: int, load: list[int] | None = None)
     return [[groups[i] for i in sorted(s)] for s in shards]
 
 
-def shard_step(groups: list[Group], ranks: int, mini_batches: int) -> tuple[list[list[Group]], list[list[int]]]:
+def shard_step(groups: list[Group], ranks: int, mini_batches: int,
+               shared_prompt: bool = False) -> tuple[list[list[Group]], list[list[int]]]:
     """Each rank's groups of a step and their mini-batches: mini-batch m is the m-th run of the
     groups (as in one process), split over the ranks. The ranks' loads carry over from one
     mini-batch to the next, so a rank short in one gets more in the next, and every rank gets a
@@ -160,7 +163,7 @@ def shard_step(groups: list[Group], ranks: int, mini_batches: int) -> tuple[list
     shards: list[list[Group]] = [[] for _ in range(ranks)]
     minis: list[list[int]] = [[] for _ in range(ranks)]
     for m in range(mini_batches):
-        for r, part in enumerate(split_groups([g for g, i in zip(groups, ids) if i == m], ranks, load)):
+        for r, part in enumerate(split_groups([g for g, i in zip(groups, ids) if i == m], ranks, load, shared_prompt)):
             shards[r] += part
             minis[r] += [m] * len(part)
     return shards, minis
@@ -171,7 +174,7 @@ class TrainerGroup:
 
     def __init__(self, actors: list, model_dir: str, trainer_cfg, algorithm_cfg, temperature: float,
                  max_tokens: int, dtype: str, probe_ids: list[int], drafter: tuple[str, object] | None = None):
-        self.actors, self.mini_batches = actors, trainer_cfg.mini_batches
+        self.actors, self.mini_batches, self.shared_prompt = actors, trainer_cfg.mini_batches, trainer_cfg.shared_prompt
         master = ray.get(actors[0].address.remote()) if len(actors) > 1 else None
         ray.get([a.setup.remote(model_dir, trainer_cfg, algorithm_cfg, temperature, max_tokens, dtype, probe_ids,
                                 master, drafter) for a in actors])
@@ -179,7 +182,7 @@ class TrainerGroup:
     def step(self, groups: list[Group]) -> list:
         """Refs of every rank's metrics (identical on every rank); :meth:`metrics` reads them.
         Mini-batch m is the m-th run of the groups (as in one process), split over the ranks."""
-        shards, minis = shard_step(groups, len(self.actors), self.mini_batches)
+        shards, minis = shard_step(groups, len(self.actors), self.mini_batches, self.shared_prompt)
         return [a.step.remote(shard, mini) for a, shard, mini in zip(self.actors, shards, minis)]
 
     @staticmethod

@@ -213,9 +213,14 @@ class PolicyTrainer:
 
     def _micro_batches(self, prompts, responses, indices) -> list[list[int]]:
         """Sequence indices per forward/backward. Unpacked: chunks of micro_batch_size.
-        Packed: whole same-prompt runs (groups), balanced by packed token count, with as many
-        tokens per micro-batch as micro_batch_size unpacked rows of the longest sequence hold (the
-        same activation memory): each prompt counted once, a micro-batch holds more sequences."""
+        Packed: whole same-prompt runs (groups), balanced by packed token count, within the
+        activation memory of micro_batch_size unpacked rows of the longest sequence (length S),
+        counted as the packed path pads (attention/layout.py): per layer, its rows × the longest
+        row tokens of ~(hidden + intermediate) floats each and, per head, rows × (N·R·(P + R) + P²)
+        attention scores (N, R, P: the micro-batch's most responses, longest response and longest
+        prompt, to which the regions backend pads every row), against micro_batch_size × (S
+        tokens, S² scores). Each prompt is counted once, so a micro-batch holds more sequences,
+        and one very long response cannot pad many rows to its length (its scores count)."""
         indices = list(indices)
         mb = self.cfg.micro_batch_size
         if not self.cfg.shared_prompt:
@@ -228,7 +233,17 @@ class PolicyTrainer:
                 runs.append([i])
         lens = [len(prompts[r[0]]) + sum(len(responses[i]) for i in r) for r in runs]
         longest = max((len(prompts[i]) + len(responses[i]) for i in indices), default=1)
-        bins = balance_groups(lens, mb * longest)
+        shape = [(len(prompts[r[0]]), len(r), max(len(responses[i]) for i in r)) for r in runs]  # P, N, R
+        c = self.model.config
+        per_token = c.hidden_size + (getattr(c, "intermediate_size", None) or 4 * c.hidden_size)
+        per_score = c.num_attention_heads
+
+        def fits(groups: list[int]) -> bool:
+            P, N, R = (max(shape[g][d] for g in groups) for d in range(3))
+            rows, row = len(groups), max(lens[g] for g in groups)
+            padded = rows * (row * per_token + (N * R * (P + R) + P * P) * per_score)
+            return padded <= mb * (longest * per_token + longest * longest * per_score)
+        bins = balance_groups(lens, mb * longest, fits)
         return [[i for g in b for i in runs[g]] for b in bins]
 
     def _behaviour_weight(self, old_logp: torch.Tensor, behaviour: list[list[float]],

@@ -280,6 +280,10 @@ def test_a_reward_function_listed_twice_a_bad_device_or_schedule_is_refused():
     with pytest.raises(ConfigError, match=r"trainer.device='gpu'.*'cpu', 'cuda' or 'cuda:N'"):
         load_config(None, ["trainer.device=gpu"])
     assert load_config(None, ["trainer.device=cuda:1"]).trainer.device == "cuda:1"
+    with pytest.raises(ConfigError, match="attention_backend=flex needs trainer.device=cuda.*regions"):
+        load_config(None, ["trainer.attention_backend=flex", "trainer.shared_prompt=true"])
+    assert load_config(None, ["trainer.attention_backend=flex", "trainer.shared_prompt=true",
+                              "trainer.device=cuda"]).trainer.attention_backend == "flex"
     for bad in ("[[1,8]]", "[[1,8,4]]", "[[8,1,2]]", "[]"):
         with pytest.raises(ConfigError, match=r"rollout.spec_schedule=.*rows \[lo, hi, k\]"):
             load_config(None, [f"rollout.spec_schedule={bad}"])

@@ -51,6 +51,24 @@ def test_split_groups_balances_whole_groups():
     assert abs(cost[0] - cost[1]) <= largest
 
 
+def test_shared_prompt_ranks_are_balanced_by_the_tokens_they_train():
+    """One long prompt with short responses against three short prompts with long ones: per
+    response the costs are 16,400 and 15,600 (balanced), but trained with the prompt once the
+    first rank had 2,400 tokens and the second 14,550. Balanced by what is trained, neither waits
+    on the other by more than the largest group."""
+    def group(i, prompt, response):
+        rs = [[5] * response for _ in range(8)]
+        return Group(prompt=str(i), prompt_ids=[3] * prompt, responses=rs, behaviour_logprobs=[[0.0] * response] * 8,
+                     version=0, completions=[""] * 8, rewards=[0.0, 1.0] * 4, row={}, index=i)
+    groups = [group(0, 2000, 50)] + [group(i, 50, 600) for i in (1, 2, 3)]
+    packed = [2000 + 8 * 50] + [50 + 8 * 600] * 3
+    shards = split_groups(groups, 2, shared_prompt=True)
+    trained = [sum(packed[g.index] for g in s) for s in shards]
+    assert abs(trained[0] - trained[1]) <= max(packed) and sorted(trained) == [7250, 9700]
+    unpacked = [sum(packed[g.index] for g in s) for s in split_groups(groups, 2)]
+    assert sorted(unpacked) == [2400, 14550]
+
+
 def test_every_rank_gets_groups_when_mini_batches_split_them_one_by_one():
     """4 groups in 4 mini-batches over 2 ranks: each mini-batch's one group goes to the rank with
     less so far, so each rank trains 2 (a split from zero per mini-batch gave rank 1 none)."""

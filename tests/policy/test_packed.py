@@ -160,6 +160,20 @@ def test_packed_micro_batches_hold_whole_groups_within_the_unpacked_token_budget
         assert max(packed) <= budget
 
 
+def test_one_long_response_does_not_pad_other_groups_to_its_length(tiny_model_dir):
+    """The regions backend pads every response of a micro-batch to its longest (attention scores
+    N·R·(P + R) a row). One group with a 200-token response among groups of 5-token ones: counted
+    in real tokens (the old budget, 2 × 210) it shared its micro-batch with another, whose 8 short
+    responses were then padded to 200 tokens (~5× the memory of 2 unpacked rows of 210).
+    Counted as padded, it goes alone and the short groups fill the other micro-batch."""
+    prompts = [[3 + g] * 10 for g in range(8) for _ in range(8)]  # 8 groups of 8
+    responses = [[4] * 200] + [[5] * 5] * 63  # group 0: one long response; groups 1-7: short ones
+    cfg = load_config(None, ["trainer.micro_batch_size=2", "trainer.shared_prompt=true"])
+    trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 200)
+    bins = trainer._micro_batches(prompts, responses, range(64))
+    assert sorted(sorted({i // 8 for i in b}) for b in bins) == [[0], [1, 2, 3, 4, 5, 6, 7]]
+
+
 def test_a_model_whose_forward_changes_the_logits_is_refused_for_the_packed_path(tmp_path):
     """Gemma-2 soft-caps its logits after the head: the packed path, which applies the head
     itself, would train on other logprobs than the rollout's; the trainer refuses it by name."""
