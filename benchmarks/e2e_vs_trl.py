@@ -28,7 +28,8 @@ training and the rlaccel runs of all cells share one):
                  tiny-short and small-short; on the tiny model, where the drafter is off in ~90% of
                  rollout calls, it measured as fast as rlaccel_all before the skipping)
 
-Cells: model tiny (~1M, learns in minutes) and small (~100M, samples/s and early learning only),
+Cells: model tiny (~1M, learns in minutes) and small (~100M, samples/s only: its 50-step warm start
+earns no reward, so early learning is not compared there),
 prompt short (the built-in arithmetic task) and long (the same questions after a fixed few-shot
 prefix of >= 256 tokens, sharing the short cell's warm-started weights). All systems get 2 cores.
 
