@@ -109,7 +109,9 @@ def test_packed_rows_of_unequal_size_and_a_prompt_seen_twice(backend):
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_packed_float32_error_within_twice_unpacked(arch):
-    """Against the float64 result, packed float32 may err at most ~2x as much as unpacked float32."""
+    """Against the float64 result, packed float32 may err at most ~2x as much as unpacked float32
+    (the flash-attention test rule), or 2x the rounding of the result itself (float32's unit
+    roundoff times its largest magnitude) should the unpacked error be below that."""
     prompts, responses = _groups(8, prompt_lens=(11, 5))
     exact, _ = _unpacked(_model(arch), prompts, responses, 1.0)
     m32 = _model(arch, torch.float32)
@@ -119,7 +121,8 @@ def test_packed_float32_error_within_twice_unpacked(arch):
     R = packed.shape[1]
     err_unpacked = ((unpacked.double() - exact) * mask).abs().max()
     err_packed = ((packed.double() - exact[:, :R]) * mask[:, :R]).abs().max()
-    assert err_packed <= 2 * err_unpacked + 1e-6
+    rounding = torch.finfo(torch.float32).eps / 2 * (exact * mask).abs().max()
+    assert err_packed <= 2 * max(err_unpacked, rounding), (err_packed, err_unpacked, rounding)
 
 
 def test_trainer_step_is_the_same_packed_or_not(tiny_model_dir):
