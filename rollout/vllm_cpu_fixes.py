@@ -183,9 +183,27 @@ def sample_inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Te
     return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=weights.shape[-1] - 1)
 
 
+def draft_uniforms(rows: int, sampling_metadata, device) -> torch.Tensor:
+    """One uniform per draft row: a seeded request's from its own generator (the one its target
+    samples and acceptance tests draw from), so a seeded call repeats with a drafter on; the
+    others' from the global generator, as vLLM draws every draft (its TODO: "Consider seeds").
+    Rows are request-major: one per request, or K consecutive per request for a parallel
+    drafter (vLLM repeats the temperature to match; the per-request penalties keep the batch)."""
+    uniform = torch.rand(rows, dtype=torch.float64, device=device)
+    generators = sampling_metadata.generators
+    penalties = getattr(sampling_metadata, "frequency_penalties", None)  # absent elsewhere: global draws
+    batch = len(penalties) if generators and penalties is not None else 0
+    if batch and rows % batch == 0:
+        per = rows // batch
+        for i, generator in generators.items():
+            uniform[i * per:(i + 1) * per] = torch.rand(per, dtype=torch.float64, device=device, generator=generator)
+    return uniform
+
+
 def compute_probs_and_sample_next_token(logits: torch.Tensor, sampling_metadata, use_fp64_gumbel: bool = False):
     """vLLM 0.32's ``llm_base_proposer.compute_probs_and_sample_next_token`` (tempered draft
-    probabilities; the argmax for greedy requests) sampling with :func:`sample_inverse_cdf`."""
+    probabilities; the argmax for greedy requests) sampling with :func:`sample_inverse_cdf`, from
+    :func:`draft_uniforms` (a seeded request's own generator)."""
     from vllm.v1.spec_decode.llm_base_proposer import _SAMPLING_EPS
     if sampling_metadata.all_greedy:
         return logits.argmax(dim=-1), logits
@@ -195,7 +213,7 @@ def compute_probs_and_sample_next_token(logits: torch.Tensor, sampling_metadata,
         temperature = torch.where(is_greedy, 1.0, temperature)
     logits.div_(temperature.view(-1, 1))
     probs = logits.softmax(dim=-1, dtype=torch.float32)  # the draft q of the ratio test
-    next_token_ids = sample_inverse_cdf(probs, torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device))
+    next_token_ids = sample_inverse_cdf(probs, draft_uniforms(probs.shape[0], sampling_metadata, probs.device))
     if not sampling_metadata.all_random:
         next_token_ids = torch.where(is_greedy, probs.argmax(dim=-1), next_token_ids)
     return next_token_ids, probs

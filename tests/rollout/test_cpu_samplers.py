@@ -70,7 +70,30 @@ def test_a_nan_draft_row_is_rejected_and_its_token_follows_p(samplers):
 
 def _meta(temperature: torch.Tensor, generators=None):
     return types.SimpleNamespace(all_greedy=bool((temperature == 0).all()), all_random=bool((temperature > 0).all()),
-                                 temperature=temperature, generators=generators or {})
+                                 temperature=temperature, generators=generators or {},
+                                 frequency_penalties=torch.zeros(len(temperature)))
+
+
+def test_seeded_drafts_come_from_their_requests_generators():
+    """A seeded request's draft rows draw from its generator (one row a request, or K consecutive
+    rows of a parallel drafter), the others from the global one; the drafts still follow q."""
+    from rollout.vllm_cpu_fixes import compute_probs_and_sample_next_token, draft_uniforms
+    gens = lambda: {0: torch.Generator().manual_seed(7), 2: torch.Generator().manual_seed(8)}  # noqa: E731
+    meta = _meta(torch.ones(3), gens())
+    torch.manual_seed(1)
+    a = draft_uniforms(6, meta, "cpu")  # a parallel drafter: 2 rows per request
+    torch.manual_seed(2)
+    b = draft_uniforms(6, _meta(torch.ones(3), gens()), "cpu")
+    assert torch.equal(a[[0, 1, 4, 5]], b[[0, 1, 4, 5]]) and not torch.equal(a[2:4], b[2:4])
+    assert torch.equal(a[:2], torch.rand(2, dtype=torch.float64, generator=torch.Generator().manual_seed(7)))
+    n = B // 2  # every request seeded: the drafts follow q
+    logits = torch.log(Q.clamp(min=1e-30)).expand(n, V).contiguous()
+    ids, _ = compute_probs_and_sample_next_token(
+        logits.clone(), _meta(torch.ones(n), {i: torch.Generator().manual_seed(i) for i in range(n)}))
+    assert chi2_pvalue(torch.bincount(ids, minlength=V), Q) > 1e-3
+    again, _ = compute_probs_and_sample_next_token(
+        logits.clone(), _meta(torch.ones(n), {i: torch.Generator().manual_seed(i) for i in range(n)}))
+    assert torch.equal(ids, again)
 
 
 def _sample(fn, drafts: torch.Tensor, draft_probs, meta, target=P):
@@ -133,13 +156,13 @@ def test_greedy_requests_match_vllm_and_seeded_ones_repeat(samplers):
 def test_draft_tokens_follow_the_tempered_drafter(samplers, impl):
     torch.manual_seed(2)
     logits = torch.log(P)
-    meta = types.SimpleNamespace(all_greedy=False, all_random=True, temperature=torch.full((B,), 0.7))
+    meta = types.SimpleNamespace(all_greedy=False, all_random=True, temperature=torch.full((B,), 0.7), generators={})
     ids, probs = samplers[impl][1](logits.expand(B, V).clone(), meta)
     want = torch.softmax(logits / 0.7, -1)
     assert torch.allclose(probs[0], want, atol=1e-6)
     assert chi2_pvalue(torch.bincount(ids, minlength=V), want) > 1e-3
     # Greedy requests in a mixed batch draft the argmax.
-    meta = types.SimpleNamespace(all_greedy=False, all_random=False, temperature=torch.tensor([0.0, 1.0] * 50))
+    meta = types.SimpleNamespace(all_greedy=False, all_random=False, temperature=torch.tensor([0.0, 1.0] * 50), generators={})
     ids, _ = samplers[impl][1](logits.expand(100, V).clone(), meta)
     assert (ids[0::2] == 0).all() and (ids[1::2] != 0).any()
 

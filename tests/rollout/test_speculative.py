@@ -90,6 +90,23 @@ def test_the_engine_samples_with_rlaccels_samplers(engines):
     assert llm_base_proposer.compute_probs_and_sample_next_token is fixes.compute_probs_and_sample_next_token
 
 
+def test_a_seeded_call_repeats_with_the_drafter_on(engines):
+    """Drafts are drawn from each seeded request's own generator (as its target samples and
+    acceptance tests are), not the process's: the same seed gives the same completions whatever
+    ran in between (before, the drafts, and through them the accepted tokens, followed the global
+    generator; vLLM's own sampler has the same TODO)."""
+    spec, _, _ = engines
+    prompts = [[2, 3, 4, 5], [7, 7, 2], [5]]
+
+    def run(global_seed: int) -> list:
+        torch.manual_seed(global_seed)
+        return [[c.token_ids for c in cs] for cs in spec.generate(prompts, seed=5)]
+    first = run(123)
+    spec.generate([[3, 3]], seed=9)  # another call in between
+    assert run(456) == first
+    assert spec.spec_counters()["drafts"] > 0
+
+
 def test_the_fix_is_in_place_and_drafts_are_verified(engines):
     from rollout.vllm_cpu_fixes import expand_works
     spec, original, _ = engines
