@@ -37,12 +37,22 @@ class HFEngine:
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32"):
         from policy.models import load_model, load_tokenizer
         torch.set_num_threads(rollout_cfg.threads)
+        from transformers import GenerationConfig
         self.cfg = rollout_cfg
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_model(model_dir, dtype).eval()
-        self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id
         self.stop = list(rollout_cfg.stop)
+        # Every end-of-sequence id of the checkpoint's generation config (an instruct model's end of
+        # turn beside the tokenizer's EOS), as vLLM stops on them.
+        loaded = self.model.generation_config
+        listed = loaded.eos_token_id if isinstance(loaded.eos_token_id, list) else [loaded.eos_token_id]
+        self.eos_ids = [i for i in dict.fromkeys([self.tokenizer.eos_token_id, *listed]) if i is not None]
+        # The run's sampling settings only: generate() fills what it is not given from the model's
+        # generation config (a checkpoint's repetition_penalty, top_k, min_p, ...), which would sample
+        # from another distribution than the softmax(z/T) logged as the behaviour logprobs and trained on.
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad,
+                                                        bos_token_id=loaded.bos_token_id)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[Completion]]:
@@ -56,7 +66,7 @@ class HFEngine:
         torch.manual_seed(seed)
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=T, top_p=self.cfg.top_p, top_k=0,
-            max_new_tokens=self.cfg.max_tokens, num_return_sequences=n, eos_token_id=self.eos,
+            max_new_tokens=self.cfg.max_tokens, num_return_sequences=n, eos_token_id=self.eos_ids,
             pad_token_id=self.pad, output_logits=True, return_dict_in_generate=True,
             stop_strings=self.stop or None, tokenizer=self.tokenizer if self.stop else None)
         new = out.sequences[:, width:]                                   # [B*n, S]
@@ -67,8 +77,8 @@ class HFEngine:
             group = []
             for j in range(b * n, (b + 1) * n):
                 tokens = new[j].tolist()
-                end = tokens.index(self.eos) + 1 if self.eos in tokens else len(tokens)
-                finish = "stop" if end < len(tokens) or (tokens and tokens[end - 1] == self.eos) else "length"
+                end = next((t + 1 for t, token in enumerate(tokens) if token in self.eos_ids), len(tokens))
+                finish = "stop" if tokens[:end] and tokens[end - 1] in self.eos_ids else "length"
                 stopped = self._stop_string_end(tokens[:end])
                 if stopped is not None:  # generate pads a row that stopped on a string: the pads are not samples
                     end, finish = stopped, "stop"

@@ -77,6 +77,10 @@ def test_seeded_sampling_is_deterministic_and_seed_dependent(engine):
     c = [[c.token_ids for c in g] for g in engine.generate(PROMPTS, seed=12)]
     assert a == b and a != c
     assert any(len({tuple(t) for t in group}) > 1 for group in a), "the n samples of a prompt must differ"
+    # the same prompt twice in one call: each gets its own seeds (one seed for every prompt of a
+    # call would give both the same group)
+    twice = engine.generate([PROMPTS[0], PROMPTS[0]], seed=11)
+    assert [c.token_ids for c in twice[0]] != [c.token_ids for c in twice[1]]
 
 
 def test_stop_strings_end_completions(engine, tiny_model_dir, monkeypatch):

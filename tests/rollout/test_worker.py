@@ -104,3 +104,33 @@ def test_stop_strings_end_completions_as_in_vllm(tiny_model_dir):
                              f"rollout.stop=[{','.join(repr(s) for s in STOPS)}]"]).rollout
     groups = HFEngine(str(tiny_model_dir), cfg).generate([[3, 4, 74, 5, 82], [9, 76, 5, 82]], seed=0)
     assert_stops_end_completions(groups, load_tokenizer(tiny_model_dir), max_tokens=12)
+
+
+def test_the_transformers_engine_samples_what_it_logs_and_stops_at_every_end_id(tiny_model_dir, tmp_path):
+    """A checkpoint's generation config may ask for a repetition penalty (Qwen2.5-Instruct: 1.05)
+    or min_p, and list end-of-turn ids beside the tokenizer's EOS (Llama-3-Instruct). generate()
+    would apply them to the samples while the logged behaviour logprobs are softmax(z/T): the
+    first token's frequencies must follow softmax(z/T) (min_p 0.9 left a few tokens before). The
+    listed end id ends a completion ("stop"), as in vLLM."""
+    import json
+    import shutil
+
+    from rollout.engine import HFEngine
+    from tests.rollout.speculation import chi2_pvalue
+    from policy.models import load_tokenizer
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    prompt = load_tokenizer(model_dir)("1+13=", add_special_tokens=False).input_ids
+    model = load_model(model_dir).eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+    end_of_turn = int(probs.argmax())  # the likeliest first token, listed as an end id
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config.update(repetition_penalty=1.05, min_p=0.9, eos_token_id=[config["eos_token_id"], end_of_turn])
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    cfg = load_config(None, ["rollout.backend=hf", "rollout.n=2000", "rollout.max_tokens=3"]).rollout
+    group = HFEngine(str(model_dir), cfg).generate([prompt], seed=0)[0]
+    first = torch.bincount(torch.tensor([c.token_ids[0] for c in group]), minlength=len(probs))
+    assert chi2_pvalue(first, probs) > 1e-3
+    ended = [c for c in group if c.token_ids[0] == end_of_turn]
+    assert ended and all(c.token_ids == [end_of_turn] and c.finish_reason == "stop" for c in ended)
