@@ -45,7 +45,7 @@ from mtp.optim import HeadOptimizer
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.data import DataError, load_prompts
 from orchestration.model_prep import prepare_model
-from policy.models import load_model, load_tokenizer, save_model, set_cpu_math
+from policy.models import encode_prompt, load_model, load_tokenizer, save_model, set_cpu_math
 
 log = logging.getLogger("rlaccel.mtp")
 
@@ -119,7 +119,7 @@ def train(config: Config, progress: bool = True) -> dict:
         raise ConfigError(f"mtp.prompts + mtp.heldout_prompts = {m.prompts + m.heldout_prompts} exceeds the "
                           f"{len(rows)} prompts of data.source; lower them")
     order = random.Random(seed).sample(range(len(rows)), m.prompts + m.heldout_prompts)
-    ids = [tokenizer(rows[i]["prompt"], add_special_tokens=False).input_ids for i in order]
+    ids = [encode_prompt(tokenizer, rows[i]["prompt"]) for i in order]  # as the rollout workers encode them
     train_ids, heldout_ids = ids[:m.prompts], ids[m.prompts:]
     t0 = time.perf_counter()
     per_prompt = sample_sequences(model_dir, config, train_ids + heldout_ids, seed)

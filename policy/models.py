@@ -126,6 +126,23 @@ def load_tokenizer(directory: str | Path):
     return tokenizer
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids as the model expects them: the text without the tokenizer's special
+    tokens, then its BOS in front where the tokenizer puts one before text by default (Llama,
+    Mistral, Gemma; a base model sampled without it degrades) and the text does not start with it
+    already (a chat template writes its own). Qwen's and the built-in tokenizers add none. The
+    prompt text itself, which reward functions see, stays as the data has it."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    if bos is None or (ids and ids[0] == bos):
+        return ids
+    adds = getattr(tokenizer, "_rlaccel_adds_bos", None)
+    if adds is None:  # asked once per tokenizer
+        probe = tokenizer("a", add_special_tokens=True).input_ids
+        adds = tokenizer._rlaccel_adds_bos = bool(probe) and probe[0] == bos
+    return [bos, *ids] if adds else ids
+
+
 def _policy_class(directory: str | Path):
     """(model class, its config) of the policy in ``directory``."""
     config = Path(directory) / "config.json"

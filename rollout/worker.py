@@ -15,8 +15,8 @@ import time
 
 from policy import weight_broadcast
 from policy.batch import Group
-from policy.models import (PackedState, empty_model, load_tokenizer, probe_logprobs, state_checksum, sync_tolerance,
-                           unpack_state)
+from policy.models import (PackedState, empty_model, encode_prompt, load_tokenizer, probe_logprobs, state_checksum,
+                           sync_tolerance, unpack_state)
 
 
 class WeightSyncError(RuntimeError):
@@ -118,7 +118,7 @@ class RolloutWorker:
         if self.sync_error:
             raise WeightSyncError(f"refusing to sample: {self.sync_error}")
         t0 = time.perf_counter()
-        prompt_ids = [self.tokenizer(row["prompt"], add_special_tokens=False).input_ids for _, row in batch]
+        prompt_ids = [encode_prompt(self.tokenizer, row["prompt"]) for _, row in batch]
         diverged = self._diverged(self.version, "probabilities while sampling")
         try:
             outputs = self.engine.generate(prompt_ids, seed)

@@ -128,3 +128,22 @@ def test_the_probe_has_no_dropout_in_a_training_model():
         first, second = (model(torch.tensor([ids])).logits for _ in range(2))
     assert not torch.equal(first, second)
     assert probe_logprobs(model, ids) == want and model.training
+
+
+def test_a_prompt_gets_the_bos_its_tokenizer_puts_before_text(tmp_path):
+    """A Llama-style tokenizer adds <s> before text by default; prompts are encoded without special
+    tokens (a chat template writes its own), so the BOS is put back in front of a text prompt, once."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from policy.models import build_char_tokenizer, encode_prompt
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abc +=")}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    assert llama_like("ab", add_special_tokens=True).input_ids == [0, 2, 3]
+    assert encode_prompt(llama_like, "ab") == [0, 2, 3]
+    assert encode_prompt(llama_like, "<s>ab") == [0, 2, 3]  # a template's own BOS: not doubled
+    char = build_char_tokenizer()  # the built-in models' tokenizer has no BOS: unchanged
+    assert encode_prompt(char, "12+3=") == char("12+3=", add_special_tokens=False).input_ids
