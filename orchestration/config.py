@@ -74,6 +74,9 @@ class DataConfig:
     # the assistant turn opened: the templated text is the prompt the model, the length limit and
     # the reward functions see. For instruct/chat models; false: prompts are text as given.
     chat_template: bool = False
+    # Keyword arguments for the chat template (transformers' apply_chat_template passes them to
+    # the template), e.g. {enable_thinking: false} for Qwen3's non-thinking mode.
+    chat_template_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -188,6 +191,10 @@ class TrainerConfig:
     # Pack each group as one row [prompt | r_1 | … | r_N] so the prompt is processed once
     # (attention/layout.py); exact, see tests/policy/test_packed.py.
     shared_prompt: bool = False
+    # Recompute each decoder layer's activations in the backward instead of keeping them
+    # (transformers' gradient checkpointing, non-reentrant): ~1/3 more compute, activation memory
+    # of one layer instead of all; long responses on a real model need it. Exact (same gradients).
+    gradient_checkpointing: bool = False
     # Shared-prompt attention backend: "regions" (CPU fast path), "reference" (dense mask),
     # "flex" (FlexAttention block mask; training needs a GPU).
     attention_backend: str = "regions"

@@ -126,7 +126,8 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
             raise DataError(f"{data_cfg.source}: row {i}: field {prompt_field!r} must be a string with text, "
                             f"got {prompt!r}; fix the row or set data.prompt_field")
         if data_cfg.chat_template:  # (a blank prompt is refused above, before the template's own text)
-            prompt = _templated(prompt, tokenizer, f"{data_cfg.source}: row {i}: field {prompt_field!r}")
+            prompt = _templated(prompt, tokenizer, f"{data_cfg.source}: row {i}: field {prompt_field!r}",
+                                dict(data_cfg.chat_template_kwargs))
         if isinstance(answer, bool) or not isinstance(answer, (str, int)):
             raise DataError(f"{data_cfg.source}: row {i}: field {answer_field!r} (data.answer_field) is "
                             f"{type(answer).__name__} {answer!r}; answers are text (an integer is taken as its "
@@ -151,16 +152,17 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
     return out
 
 
-def _templated(prompt, tokenizer, where: str) -> str:
+def _templated(prompt, tokenizer, where: str, options: dict | None = None) -> str:
     """The chat template's text for a text prompt (one user message) or a conversation, with the
-    assistant's turn opened (data.chat_template)."""
+    assistant's turn opened (data.chat_template), the template given ``options``
+    (data.chat_template_kwargs)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages) and any(m["content"].strip() for m in messages)):
         raise DataError(f"{where} is {prompt!r}: with data.chat_template=true a prompt is text or a conversation, "
                         f"a non-empty list of {{'role': str, 'content': str}} messages with some text; fix the row")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(options or {}))
 
 
 class PromptStream:

@@ -8,12 +8,14 @@ compared against them every step and reported as ``logp_mismatch_max``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from pathlib import Path
 
 import torch
 
+from attention.hf import shared_prompt_attention_enabled
 from attention.layout import balance_groups
 from policy.batch import Group, pad_sequences
 from policy.distributed import DeepSpeedUpdate, LocalUpdate, UpdateNotApplied
@@ -80,6 +82,8 @@ class PolicyTrainer:
                              f"{self.model.config.model_type!r} (its forward may scale or soft-cap the logits): "
                              "set trainer.shared_prompt=false")
         sparse_tied_embedding(self.model)
+        if trainer_cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if algorithm_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -94,6 +98,13 @@ class PolicyTrainer:
         steps, one policy version); returns metrics. ``mini_batch[g]`` is the mini-batch of
         group g: by default the groups in order, split into ``trainer.mini_batches`` runs; a
         data-parallel rank gets its share of each from the driver."""
+        # A checkpointed layer recomputes its forward in the backward, after packed_token_logprobs
+        # has put the model's own attention back: the shared-prompt one stays on for the whole step.
+        packed_backward = self.cfg.shared_prompt and self.cfg.gradient_checkpointing
+        with shared_prompt_attention_enabled(self.model) if packed_backward else contextlib.nullcontext():
+            return self._step(groups, mini_batch)
+
+    def _step(self, groups: list[Group], mini_batch: list[int] | None) -> dict[str, float]:
         t0 = time.perf_counter()
         for g in groups:
             if g.rewards is None or len(g.rewards) != g.n:

@@ -171,9 +171,14 @@ def test_the_chat_template_turns_text_and_conversations_into_the_prompt(tmp_path
     with pytest.raises(DataError, match=r"data.chat_template=true, but the model's tokenizer has no chat template"):
         load_prompts(_cfg(tmp_path, jl, "data.chat_template=true"), tokenizer)
     tokenizer.chat_template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}[assistant]{% endif %}")
+                               "{% if add_generation_prompt %}[assistant]{% endif %}"
+                               "{% if enable_thinking is defined and not enable_thinking %}[no think]{% endif %}")
     out = load_prompts(_cfg(tmp_path, jl, "data.chat_template=true"), tokenizer)
     assert [r["prompt"] for r in out] == ["[user]1+1=\n[assistant]", "[system]add\n[user]2+2=\n[assistant]"]
+    # the template's options (data.chat_template_kwargs), e.g. Qwen3's non-thinking mode
+    off = load_prompts(_cfg(tmp_path, jl, "data.chat_template=true", "data.chat_template_kwargs={enable_thinking: false}"),
+                       tokenizer)
+    assert off[0]["prompt"] == "[user]1+1=\n[assistant][no think]"
     assert [r["answer"] for r in out] == ["2", "4"]
     # the limit counts the templated prompt: 22 tokens (characters)
     with pytest.raises(DataError, match=r"row 0: prompt is 22 tokens, longer than data.max_prompt_tokens=21"):

@@ -214,3 +214,25 @@ def test_sliding_window_models_equal_unpacked_within_the_window_and_refuse_beyon
                 continue
             out, _ = packed_token_logprobs(model, prompts, responses, 0, 1.0, "regions")
         assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir, shared):
+    """trainer.gradient_checkpointing recomputes each layer in the backward: the same weights after
+    a step (float64), packed or not. Packed, the recomputation must run the shared-prompt attention
+    too (the step keeps it on): with the model's own there, a response would attend to the others
+    and the gradients would be wrong."""
+    def step(checkpointing):
+        cfg = load_config(None, ["trainer.lr=1e-2", "model.dtype=float64", "trainer.micro_batch_size=6",
+                                 f"trainer.shared_prompt={shared}", f"trainer.gradient_checkpointing={checkpointing}"])
+        trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
+        assert trainer.model.is_gradient_checkpointing == checkpointing
+        groups = [Group(prompt=str(g), prompt_ids=p, responses=rs, behaviour_logprobs=[[0.0] * len(r) for r in rs],
+                        version=0, completions=[""] * 4, rewards=[1.0, 0.0, 0.5, 0.0])
+                  for g, (p, rs) in enumerate([([3, 74, 3, 82], [[4, 1], [5, 1], [4, 4, 1], [1]]),
+                                               ([9, 76, 9, 9, 82], [[6], [7, 7, 1], [8, 1], [9, 9, 9, 1]])])]
+        trainer.step(groups)
+        return trainer.state_dict()
+    kept, recomputed = step(False), step(True)
+    for k in kept:
+        assert (kept[k] - recomputed[k]).abs().max() <= 1e-12, k
