@@ -241,13 +241,26 @@ def check_setup(state: dict, setup: dict, config, directory, warn: bool = True) 
             log.warning(message)
 
 
+def periodic(run_dir: Path) -> list[Path]:
+    """The run's periodic checkpoints (``checkpoints/step-N``), oldest first."""
+    found = [c for c in (run_dir / "checkpoints").glob("step-*") if c.name.removeprefix("step-").isdigit()]
+    return sorted(found, key=lambda c: int(c.name.removeprefix("step-")))
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` periodic checkpoints (0: none deleted); the deleted."""
+    old = periodic(run_dir)[:-keep] if keep else []
+    for c in old:
+        shutil.rmtree(c)
+    return old
+
+
 def set_aside_later(run_dir: Path, step: int, resume: Path) -> list[Path]:
     """Rename the checkpoints in ``run_dir`` that resume after ``step`` (another branch of the run
     than the one continued from ``resume``) to ``<name>.abandoned`` (``-2``, ... if taken), so that
     a later resume cannot pick one up over this branch's metrics and trajectories; their new names."""
-    periodic = [c for c in (run_dir / "checkpoints").glob("step-*") if c.name.removeprefix("step-").isdigit()]
     moved = []
-    for candidate in [run_dir / "checkpoint", run_dir / "checkpoint-interrupted", *sorted(periodic)]:
+    for candidate in [run_dir / "checkpoint", run_dir / "checkpoint-interrupted", *periodic(run_dir)]:
         if not (candidate / STATE_FILE).is_file() or candidate.resolve() == resume.resolve():
             continue
         try:

@@ -239,6 +239,9 @@ class OrchestrationConfig:
     # Write a lossless checkpoint every this many steps to <logging.dir>/checkpoints/step-N
     # (0: none; the final policy is always saved to <logging.dir>/checkpoint).
     checkpoint_every: int = 0
+    # Periodic checkpoints kept: the newest N (older ones deleted once a new one is complete);
+    # 0 keeps all. A real model's checkpoint (weights, optimizer, master copy) is tens of GB.
+    keep_checkpoints: int = 0
     # Resume from such a checkpoint directory (also `--resume DIR` on the command line).
     resume: str | None = None
     # Keep up to max_staleness + 1 rollout batches in flight, but only as many as it takes
@@ -529,6 +532,7 @@ def validate(config: Config, warn: bool = True) -> None:
     _check("algorithm.is_cap", math.isfinite(a.is_cap) and a.is_cap >= 1, "finite, >= 1", a.is_cap)
     _check("orchestration.num_cpus", o.num_cpus >= 1, ">= 1", o.num_cpus)
     _check("orchestration.checkpoint_every", o.checkpoint_every >= 0, ">= 0", o.checkpoint_every)
+    _check("orchestration.keep_checkpoints", o.keep_checkpoints >= 0, ">= 0 (0 keeps all)", o.keep_checkpoints)
     _choice("orchestration.weight_sync", o.weight_sync, {"object_store", "broadcast"})
     if o.weight_sync == "broadcast" and t.device != "cpu" and r.gpus == 0:
         raise ConfigError("orchestration.weight_sync=broadcast with trainer.device="

@@ -390,6 +390,8 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 # closed first, so a killed run loses no row a resume from its last checkpoint keeps
                 trajectories.close()
                 checkpoint.save(run_dir / "checkpoints" / f"step-{step + 1}", trainer, loop_state(step + 1, in_flight))
+                for gone in checkpoint.prune(run_dir, o.keep_checkpoints):
+                    log.info("deleted the checkpoint %s (orchestration.keep_checkpoints=%d)", gone, o.keep_checkpoints)
                 trajectories = TrajectoryLog.from_step(run_dir, step + 1)
         sync.results(pending_sync)  # the last update must verify too
         trajectories.close()  # complete on disk before the checkpoint a resume would continue from

@@ -123,3 +123,14 @@ def test_the_trainer_actor_counts_head_maintenance_and_starts_it_where_a_checkpo
     (tmp_path / HEAD_DIR).mkdir()
     actor.load(str(tmp_path))
     assert actor.maintainer.loaded == [tmp_path]
+
+
+def test_only_the_newest_periodic_checkpoints_are_kept(tmp_path):
+    run = tmp_path / "run"
+    for s in (2, 4, 6, 10):
+        _resumable(run / "checkpoints" / f"step-{s}", s)
+    aside = _resumable(run / "checkpoints" / "step-8.abandoned", 8)  # not a periodic one of this branch
+    assert checkpoint.prune(run, 0) == [] and len(checkpoint.periodic(run)) == 4  # 0 keeps all
+    assert checkpoint.prune(run, 2) == [run / "checkpoints" / "step-2", run / "checkpoints" / "step-4"]
+    assert checkpoint.periodic(run) == [run / "checkpoints" / "step-6", run / "checkpoints" / "step-10"]
+    assert aside.is_dir()
