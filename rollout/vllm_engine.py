@@ -158,7 +158,16 @@ class VLLMEngine:
         keep = (rollout_cfg.cpu_keep_weights and not torch.cuda.is_available()
                 and checkpoint_configs(model_dir)[0].get("model_type") in COPY_RELOAD_TYPES)
         with keeping_linear_weights() if keep else contextlib.nullcontext():
-            self.llm = build_llm(**kwargs)
+            try:
+                self.llm = build_llm(**kwargs)
+            except ValueError as exc:
+                if "KV cache" not in str(exc) and "cache blocks" not in str(exc):
+                    raise
+                memory = (f"rollout.gpu_memory_utilization={rollout_cfg.gpu_memory_utilization}"
+                          if torch.cuda.is_available() else f"rollout.kv_cache_gib={rollout_cfg.kv_cache_gib}")
+                raise ValueError(f"{memory} leaves too little KV cache for one sequence of rollout.max_model_len="
+                                 f"{rollout_cfg.max_model_len} tokens: raise it, or lower rollout.max_model_len (with "
+                                 f"data.max_prompt_tokens and rollout.max_tokens). vLLM: {exc}") from exc
         try:  # a half-built engine would hold its weights and KV cache until the process ends
             self.copy_reload = keep and mark_copy_reload(self.llm)
             self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size

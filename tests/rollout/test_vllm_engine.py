@@ -450,3 +450,18 @@ def test_an_engine_runs_with_its_configured_threads(engine, tiny_model_dir, roll
             other.close()
     finally:
         torch._C.set_num_threads(before)
+
+
+def test_too_small_a_kv_cache_names_rlaccels_settings(tiny_model_dir, monkeypatch):
+    """vLLM's message names its own knobs (gpu_memory_utilization, which on CPU rlaccel sets
+    through rollout.kv_cache_gib); the engine's names the settings a user changes."""
+    from rollout import vllm_engine
+
+    def refuse(**kwargs):
+        raise ValueError("To serve at least one request with the model's max seq len (64), (1.00 GiB KV cache is "
+                         "needed, which is larger than the available KV cache memory (0.50 GiB).")
+    monkeypatch.setattr(vllm_engine, "build_llm", refuse)
+    cfg = load_config(None, ["rollout.max_model_len=64", "data.max_prompt_tokens=16"]).rollout
+    with pytest.raises(ValueError, match=r"rollout.kv_cache_gib=\d+ leaves too little KV cache .*rollout.max_model_len="
+                                         r"64 tokens.*vLLM: To serve"):
+        vllm_engine.VLLMEngine(str(tiny_model_dir), cfg)
