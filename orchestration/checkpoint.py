@@ -36,6 +36,7 @@ No other random state exists: sampling is seeded per request from the counters a
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -79,7 +80,9 @@ def _aside(directory: Path, suffix: str) -> Path:
 
 def _flush(directory: Path) -> None:
     """fsync every file under ``directory`` and the directories themselves (the renames after it
-    then never put a copy whose bytes are still only in the page cache in place of the old one)."""
+    then never put a copy whose bytes are still only in the page cache in place of the old one).
+    A filesystem that cannot sync a directory (some network and FUSE mounts refuse it) is let be,
+    as PostgreSQL's fsync_fname does: its files are synced."""
     for root, _, files in os.walk(directory):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
@@ -87,6 +90,9 @@ def _flush(directory: Path) -> None:
         fd = os.open(root, os.O_RDONLY)
         try:
             os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES):
+                raise
         finally:
             os.close(fd)
 
@@ -212,8 +218,13 @@ def setup_identity(config) -> dict:
     build settings, its prompts being checked by :func:`check_data`)."""
     import dataclasses
     t, m = config.trainer, config.model
-    model = str(Path(m.path).resolve()) if m.path is not None else json.dumps(dataclasses.asdict(m), sort_keys=True)
-    return {"world_size": t.world_size, "zero_stage": t.zero_stage if t.world_size > 1 else None, "model": model}
+    if m.path is None:
+        model = json.dumps(dataclasses.asdict(m), sort_keys=True)
+    else:  # by its config.json (the same model under another path or mount is the same), with its path
+        found = Path(m.path) / "config.json"
+        model = xxhash.xxh3_64(found.read_bytes()).hexdigest() if found.is_file() else str(Path(m.path).resolve())
+    return {"world_size": t.world_size, "zero_stage": t.zero_stage if t.world_size > 1 else None, "model": model,
+            "model_path": str(Path(m.path).resolve()) if m.path is not None else None}
 
 
 def check_setup(state: dict, setup: dict, config, directory, warn: bool = True) -> None:
@@ -230,8 +241,9 @@ def check_setup(state: dict, setup: dict, config, directory, warn: bool = True) 
                               f"or start a new run from its weights (model.path={directory})")
     if saved["model"] != setup["model"]:
         used = config.algorithm.kl_coef > 0 or config.rollout.spec_method == "mtp"
-        message = (f"the model differs from the one the checkpoint's run started from ({directory}: {saved['model']}; "
-                   f"now {setup['model']}): the policy is the checkpoint's, but "
+        was, now = (d.get("model_path") or d["model"] for d in (saved, setup))
+        message = (f"the model differs from the one the checkpoint's run started from ({directory}: {was}; now "
+                   f"{now}; another config.json or built-in model settings): the policy is the checkpoint's, but "
                    + ("the KL reference (algorithm.kl_coef > 0) and native MTP layers come from the model; resume "
                       "with the run's model settings (model.*, in its config.yaml)" if used else
                       "nothing of the model is read here (no KL, no native MTP layers), so the run goes on"))
@@ -247,9 +259,12 @@ def periodic(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda c: int(c.name.removeprefix("step-")))
 
 
-def prune(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` periodic checkpoints (0: none deleted); the deleted."""
-    old = periodic(run_dir)[:-keep] if keep else []
+def prune(run_dir: Path, keep: int, resumed: str | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` periodic checkpoints (0: none deleted), never the one the
+    run ``resumed`` from (its workers start from it, and Ray restarts a dead one from it); the
+    deleted."""
+    spared = Path(resumed).resolve() if resumed else None
+    old = [c for c in (periodic(run_dir)[:-keep] if keep else []) if c.resolve() != spared]
     for c in old:
         shutil.rmtree(c)
     return old

@@ -390,7 +390,7 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
                 # closed first, so a killed run loses no row a resume from its last checkpoint keeps
                 trajectories.close()
                 checkpoint.save(run_dir / "checkpoints" / f"step-{step + 1}", trainer, loop_state(step + 1, in_flight))
-                for gone in checkpoint.prune(run_dir, o.keep_checkpoints):
+                for gone in checkpoint.prune(run_dir, o.keep_checkpoints, o.resume):
                     log.info("deleted the checkpoint %s (orchestration.keep_checkpoints=%d)", gone, o.keep_checkpoints)
                 trajectories = TrajectoryLog.from_step(run_dir, step + 1)
         sync.results(pending_sync)  # the last update must verify too
@@ -407,11 +407,14 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             for ref in refs:
                 ray.cancel(ref)
         again = False  # a second Ctrl-C while the update ran: nothing is saved
-        if update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end, however long
+        # The update and the save may take as long as they need, except where a dead worker can hold
+        # the trainer in a broadcast: NCCL does not report a lost peer (the group's 30-minute timeout)
+        wait = 300 if o.weight_sync == "broadcast" and config.trainer.device != "cpu" else None
+        if update_refs is not None:  # e.g. Ctrl-C while the driver waited: let the update end
             log.warning("stopping: waiting for the update of step %d to end, then saving (Ctrl-C again to stop "
                         "without saving)", next_step)
             try:
-                metrics.update(ray.get(update_refs)[0])  # every rank's metrics are the same
+                metrics.update(ray.get(update_refs, timeout=wait)[0])  # every rank's metrics are the same
                 trajectories.write(TrajectoryLog.table(next_step, groups))
                 logger.log(next_step, metrics)  # the step's record, without its timings
                 next_step, head, update_refs = next_step + 1, None, None
@@ -425,14 +428,14 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             saved, how = None, "stopped again during the update: nothing saved"
         elif update_refs is not None:  # a failed update may have applied some of its mini-batches: weights only,
             # beside (never in place of) a checkpoint the run could resume from
-            saved = _try_save(trainer, run_dir / checkpoint.WEIGHTS_ONLY, None)
+            saved = _try_save(trainer, run_dir / checkpoint.WEIGHTS_ONLY, None, wait)
             how = (f"policy saved to {saved}; it stopped during the update of step {next_step}, so the loop "
                    f"cannot resume there: resume from an earlier checkpoint of the run (checkpoint-interrupted or "
                    f"checkpoints/step-N, if it has one: orchestration.checkpoint_every), or start a new run from "
                    f"these weights (model.path={saved})") if saved else None
         else:
             saved = _try_save(trainer, run_dir / "checkpoint-interrupted",
-                              loop_state(next_step, ([head] if head else []) + list(in_flight)))
+                              loop_state(next_step, ([head] if head else []) + list(in_flight)), wait)
             how = f"checkpoint saved to {saved}; continue with --resume {saved}" if saved else None
         log.error("run stopped at step %d of %d; %s", next_step, o.steps, how or "the policy could not be saved")
         actors.close()  # a failed run's processes are not reused
@@ -452,14 +455,15 @@ def _not_applied(exc: BaseException) -> bool:
     return isinstance(exc, UpdateNotApplied) or isinstance(getattr(exc, "cause", None), UpdateNotApplied)
 
 
-def _try_save(trainer, directory: Path, state: dict | None) -> str | None:
+def _try_save(trainer, directory: Path, state: dict | None, timeout: float | None = None) -> str | None:
     """The trainer's state in ``directory``, with the loop ``state`` a resume needs if given (an
     earlier checkpoint there is replaced once this one is complete), as long as the save takes
-    while the trainer lives (a large model on a network filesystem takes minutes); None if the
-    trainer is gone or a Ctrl-C stops the save (the earlier checkpoint is then kept as it was)."""
+    while the trainer lives (a large model on a network filesystem takes minutes), or ``timeout``
+    seconds; None if the trainer is gone, the time is up or a Ctrl-C stops the save (the earlier
+    checkpoint is then kept as it was)."""
     log.warning("saving %s (Ctrl-C to stop without saving)", directory)
     try:
-        return str(checkpoint.save(directory, trainer, state))
+        return str(checkpoint.save(directory, trainer, state, timeout=timeout))
     except (Exception, KeyboardInterrupt):  # noqa: BLE001 (the trainer itself may be what failed)
         log.exception("the save to %s failed", directory)
         return None

@@ -18,7 +18,8 @@ restarts is re-synced from the object store; a broadcast group cannot take in a 
 with ``broadcast`` Ray does not restart workers and a worker's death ends the run
 (:class:`WorkerLost`). Its policy is then saved with gloo, which reports the lost peer at once;
 NCCL does not, so the trainer stays in its broadcast until the group's timeout and the save, queued
-behind it, gives up: on GPUs resume from the last periodic checkpoint (``checkpoint_every``).
+behind it, gives up (after 5 minutes: orchestration.grpo): on GPUs resume from the last periodic
+checkpoint (``checkpoint_every``).
 """
 
 from __future__ import annotations

@@ -183,20 +183,30 @@ def sample_inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Te
     return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=weights.shape[-1] - 1)
 
 
+_warned_global_drafts = False  # draft_uniforms' fallback, logged once per process
+
+
 def draft_uniforms(rows: int, sampling_metadata, device) -> torch.Tensor:
     """One uniform per draft row: a seeded request's from its own generator (the one its target
     samples and acceptance tests draw from), so a seeded call repeats with a drafter on; the
     others' from the global generator, as vLLM draws every draft (its TODO: "Consider seeds").
     Rows are request-major: one per request, or K consecutive per request for a parallel
     drafter (vLLM repeats the temperature to match; the per-request penalties keep the batch)."""
+    global _warned_global_drafts
     uniform = torch.rand(rows, dtype=torch.float64, device=device)
     generators = sampling_metadata.generators
+    if not generators:
+        return uniform
     penalties = getattr(sampling_metadata, "frequency_penalties", None)  # absent elsewhere: global draws
-    batch = len(penalties) if generators and penalties is not None else 0
+    batch = len(penalties) if penalties is not None else 0
     if batch and rows % batch == 0:
         per = rows // batch
         for i, generator in generators.items():
             uniform[i * per:(i + 1) * per] = torch.rand(per, dtype=torch.float64, device=device, generator=generator)
+    elif not _warned_global_drafts:  # still exact; only not repeatable draw for draw
+        _warned_global_drafts = True
+        log.warning("seeded requests' drafts come from the global generator here (%d draft rows for a batch of %s): "
+                    "sampling stays exact, a seeded call may not repeat", rows, batch or "unknown size")
     return uniform
 
 

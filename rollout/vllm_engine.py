@@ -161,7 +161,8 @@ class VLLMEngine:
             try:
                 self.llm = build_llm(**kwargs)
             except ValueError as exc:
-                if "KV cache" not in str(exc) and "cache blocks" not in str(exc):
+                if not any(m in str(exc) for m in ("larger than the available KV cache memory",
+                                                     "No available memory for the cache blocks")):
                     raise
                 memory = (f"rollout.gpu_memory_utilization={rollout_cfg.gpu_memory_utilization}"
                           if torch.cuda.is_available() else f"rollout.kv_cache_gib={rollout_cfg.kv_cache_gib}")

@@ -79,7 +79,13 @@ def _config(world_size=1, zero_stage=1, path=None, kl=0.0, spec="eagle"):
 def test_a_resume_refuses_another_trainer_layout_and_another_model_where_it_is_read(tmp_path, caplog, monkeypatch):
     import dataclasses
     monkeypatch.setattr(dataclasses, "asdict", vars)  # the SimpleNamespace configs above
+    for name, text in (("a", '{"hidden_size": 8}'), ("b", '{"hidden_size": 16}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+    (tmp_path / "mount").symlink_to(tmp_path / "a")  # the same model under another path: the same
+    same = _config(world_size=2, path=str(tmp_path / "mount"), kl=0.1)
     saved = {"setup": checkpoint.setup_identity(_config(world_size=2, path=str(tmp_path / "a")))}
+    checkpoint.check_setup(saved, checkpoint.setup_identity(same), same, "ckpt")
     for config, setting in ((_config(world_size=1, path=str(tmp_path / "a")), "trainer.world_size=1 differs"),
                             (_config(world_size=2, zero_stage=2, path=str(tmp_path / "a")),
                              "trainer.zero_stage=2 differs")):
@@ -131,6 +137,9 @@ def test_only_the_newest_periodic_checkpoints_are_kept(tmp_path):
         _resumable(run / "checkpoints" / f"step-{s}", s)
     aside = _resumable(run / "checkpoints" / "step-8.abandoned", 8)  # not a periodic one of this branch
     assert checkpoint.prune(run, 0) == [] and len(checkpoint.periodic(run)) == 4  # 0 keeps all
-    assert checkpoint.prune(run, 2) == [run / "checkpoints" / "step-2", run / "checkpoints" / "step-4"]
+    # the checkpoint the run resumed from stays (its workers start from it, and Ray restarts them from it)
+    assert checkpoint.prune(run, 2, resumed=str(run / "checkpoints" / "step-2")) == [run / "checkpoints" / "step-4"]
+    assert checkpoint.periodic(run) == [run / "checkpoints" / f"step-{s}" for s in (2, 6, 10)]
+    assert checkpoint.prune(run, 2) == [run / "checkpoints" / "step-2"]
     assert checkpoint.periodic(run) == [run / "checkpoints" / "step-6", run / "checkpoints" / "step-10"]
     assert aside.is_dir()

@@ -73,8 +73,11 @@ def test_each_actor_gets_its_gpus_from_ray_and_too_few_is_an_error(tmp_path, cac
     main(config, progress=False)
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())
     assert len(placement["rollout_worker_gpus"][0]) == 1 and placement["trainer_rank_gpus"] == [[]]
-    config.rollout.gpus, config.logging.dir = 3, str(tmp_path / "run3")
-    with pytest.raises(ConfigError, match="has 2 GPUs but rollout.gpus=3"):
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
+    config.trainer.device, config.logging.dir = "cuda", str(tmp_path / "run2")  # a GPU worker and a GPU rank
+    with pytest.raises(ConfigError, match=r"has 1 GPUs but rollout.gpus=1 x 1 workers \+ 1 x trainer.world_size=1 "
+                                          r"\(trainer.device=cuda\) need 2"):
         main(config, progress=False)
     ray.shutdown()
 
