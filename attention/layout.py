@@ -17,7 +17,7 @@ Several rows (groups) form a micro-batch, right-padded to the longest row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -53,6 +53,8 @@ class PackedBatch:
     response_index: torch.Tensor
     response_valid: torch.Tensor
     prompt_lens: torch.Tensor
+    # The flex backend's block mask ((device, L), mask), built by the first layer that needs it.
+    flex_block_mask: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:

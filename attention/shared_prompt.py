@@ -105,7 +105,7 @@ def flex_attention_backend(q, k, v, batch: PackedBatch, scaling: float) -> torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     cuda = q.device.type == "cuda"
     B, _, L, _ = q.shape
-    cached = getattr(batch, "_flex_block_mask", None)
+    cached = batch.flex_block_mask
     if cached is None or cached[0] != (str(q.device), L):
         seg = batch.segment_ids.to(q.device)
 
@@ -115,7 +115,7 @@ def flex_attention_backend(q, k, v, batch: PackedBatch, scaling: float) -> torch
             return layout | ((qs < 0) & (q_idx == kv_idx))  # a padding query sees itself only
 
         cached = ((str(q.device), L), create_block_mask(mask_mod, B, None, L, L, device=str(q.device), _compile=cuda))
-        batch._flex_block_mask = cached  # every layer of the micro-batch's forward and backward reuses it
+        batch.flex_block_mask = cached  # every layer of the micro-batch's forward and backward reuses it
     if cuda and _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=True)
     attend = _compiled_flex if cuda else flex_attention

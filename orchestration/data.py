@@ -12,7 +12,7 @@ from pathlib import Path
 
 import datasets
 
-from policy.models import encode_prompt
+from policy.models import bos_prefix
 
 
 class DataError(ValueError):
@@ -133,7 +133,8 @@ def load_prompts(data_cfg, tokenizer) -> list[dict]:
                             f"{type(answer).__name__} {answer!r}; answers are text (an integer is taken as its "
                             f"digits): convert the column to strings, e.g. 2.0 -> '2'")
         encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
-        n_tokens = len(encode_prompt(tokenizer, prompt))  # as the workers encode it (a BOS, where the model has one)
+        # as the workers encode it (policy.models.encode_prompt: a BOS, where the model has one)
+        n_tokens = len(bos_prefix(tokenizer, encoded.input_ids)) + len(encoded.input_ids)
         if n_tokens > data_cfg.max_prompt_tokens:
             raise DataError(f"{data_cfg.source}: row {i}: prompt is {n_tokens} tokens, longer than "
                             f"data.max_prompt_tokens={data_cfg.max_prompt_tokens}; raise the limit "

@@ -35,12 +35,13 @@ from tqdm import tqdm
 
 from orchestration import checkpoint
 from orchestration.actors import Actors, init_ray
-from orchestration.config import Config, ConfigError, load_config, to_yaml, validate
+from orchestration.config import Config, ConfigError, load_config, to_yaml
 from orchestration.data import DataError, PromptStream, load_prompts
 from orchestration.metrics import RunLogger
 from orchestration.model_prep import prepare_model
 from orchestration.trajectories import TrajectoryLog, drop_steps_from
 from orchestration.trainer_actor import TrainerGroup
+from orchestration.validation import validate
 from orchestration.weight_sync import WORKER_GONE, WorkerLost, make_sync
 from policy.distributed import UpdateNotApplied
 from policy.models import load_tokenizer

@@ -19,6 +19,7 @@ parameters themselves, and the packed attention path and the weight export read 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -59,26 +60,66 @@ class UpdateNotApplied(FloatingPointError):
     step's batch can be trained on again."""
 
 
-class LocalUpdate:
-    """One process: torch AdamW with gradient-norm clipping.
+class MasterCopy:
+    """Parameters an optimizer steps through float32 copies where they are bfloat16 or float16
+    (``master``; None where they are float32 already), as DeepSpeed's ZeRO keeps one: the
+    gradients are copied to it, clipped and applied there, and the parameters are the master
+    rounded. Applied to bfloat16 weights directly, an AdamW step of ~lr per element is below half
+    a rounding step of any weight larger than ~256·lr (bfloat16 keeps 8 significant bits), so at
+    lr 1e-6 nearly every update of a weight above 2.6e-4 rounds away. For the policy
+    (:class:`LocalUpdate`) and a drafter head (``mtp.optim.HeadOptimizer``)."""
 
-    Weights in bfloat16 or float16 are trained through a float32 master copy, as DeepSpeed's
-    ZeRO keeps one: the gradients are copied to it, clipped and applied there, and the model's
-    weights are the master rounded. Applied to bfloat16 weights directly, an AdamW step of ~lr
-    per element is below half a rounding step of any weight larger than ~256·lr (bfloat16 keeps
-    8 significant bits), so at lr 1e-6 nearly every update of a weight above 2.6e-4 rounds away.
-    The master copy is saved with the optimizer, so a resume continues from it, not from the
-    rounded weights."""
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.master = ([torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
+                       if any(p.dtype in LOW_PRECISION for p in params) else None)
+
+    def stepped(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """What the optimizer steps for ``params`` (some of :attr:`params`): their copies, or themselves."""
+        if self.master is None:
+            return list(params)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        return [self.master[index[id(p)]] for p in params]
+
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """Clip the gradients to ``max_norm`` and step ``optimizer``; returns the pre-clip norm. A
+        non-finite norm steps nothing (the caller drops the gradients)."""
+        if self.master is not None:
+            for p, m in zip(self.params, self.master):
+                m.grad = None if p.grad is None else p.grad.to(torch.float32)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.master or self.params, max_norm))
+        if math.isfinite(norm):
+            optimizer.step()
+            if self.master is not None:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.params, self.master)  # rounded to the parameters' dtype
+        return norm
+
+    def master_state(self) -> list[torch.Tensor] | None:
+        return None if self.master is None else [m.detach() for m in self.master]
+
+    def restore(self, saved: list[torch.Tensor] | None, where) -> None:
+        """The copies from a checkpoint's (:meth:`master_state`), or, from a checkpoint without
+        (a float32 run's, or one from before), from the parameters as loaded."""
+        if self.master is None:
+            return
+        if saved is not None and [t.shape for t in saved] != [m.shape for m in self.master]:
+            raise ValueError(f"{where} does not match the parameters (another model's checkpoint?)")
+        with torch.no_grad():
+            torch._foreach_copy_(self.master, [t.to(torch.float32) for t in (saved or self.params)])
+
+
+class LocalUpdate(MasterCopy):
+    """One process: torch AdamW with gradient-norm clipping, through a float32 master copy of
+    bfloat16 or float16 weights (:class:`MasterCopy`), saved with the optimizer, so a resume
+    continues from it, not from the rounded weights."""
 
     world_size, rank = 1, 0
 
     def __init__(self, model: torch.nn.Module, cfg):
+        super().__init__([p for p in model.parameters() if p.requires_grad])
         self.model, self.max_grad_norm, self.cfg = model, cfg.max_grad_norm, cfg
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.master = None
-        if any(p.dtype in LOW_PRECISION for p in self.params):
-            self.master = [torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in self.params]
-        self.optimizer = adamw(self.master or self.params, cfg)
+        self.optimizer = adamw(self.stepped(self.params), cfg)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -93,17 +134,10 @@ class LocalUpdate:
 
     def step(self) -> float:
         """Clip, apply; returns the pre-clip gradient norm. A non-finite norm is not applied."""
-        if self.master is not None:
-            for p, m in zip(self.params, self.master):
-                m.grad = None if p.grad is None else p.grad.to(torch.float32)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.master or self.params, self.max_grad_norm))
-        if not torch.isfinite(torch.tensor(norm)):
+        norm = self.clip_and_step(self.optimizer, self.max_grad_norm)
+        if not math.isfinite(norm):
             self.zero_grad()
             raise UpdateNotApplied("non-finite gradient norm; this mini-batch was not applied")
-        self.optimizer.step()
-        if self.master is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, self.master)  # rounded to the model's dtype
         return norm
 
     def all_sum(self, values: list[float]) -> list[float]:
@@ -115,22 +149,16 @@ class LocalUpdate:
     def save(self, directory: Path) -> None:
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         if self.master is not None:
-            torch.save([m.detach() for m in self.master], directory / "master_weights.pt")
+            torch.save(self.master_state(), directory / "master_weights.pt")
 
     def load(self, directory: Path) -> None:
         """The optimizer's state, and the master copy where the model is low-precision (from a
         checkpoint of a float32 run: its weights, which the model holds rounded)."""
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         keep_configured_hyperparameters(self.optimizer.param_groups, self.cfg)
-        if self.master is None:
-            return
         path = directory / "master_weights.pt"
-        saved = torch.load(path, weights_only=True) if path.is_file() else None
-        if saved is not None and [t.shape for t in saved] != [m.shape for m in self.master]:
-            raise ValueError(f"{path} does not match the model's parameters (another model's checkpoint?)")
-        with torch.no_grad():
-            for i, (p, m) in enumerate(zip(self.params, self.master)):
-                m.copy_(saved[i] if saved is not None else p)
+        saved = torch.load(path, weights_only=True) if self.master is not None and path.is_file() else None
+        self.restore(saved, path)
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, device: str) -> None:

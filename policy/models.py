@@ -133,14 +133,19 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     already (a chat template writes its own). Qwen's and the built-in tokenizers add none. The
     prompt text itself, which reward functions see, stays as the data has it."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
+    return bos_prefix(tokenizer, ids) + ids
+
+
+def bos_prefix(tokenizer, ids: list[int]) -> list[int]:
+    """[BOS] where :func:`encode_prompt` puts one before the text's ``ids``, else []."""
     bos = tokenizer.bos_token_id
     if bos is None or (ids and ids[0] == bos):
-        return ids
+        return []
     adds = getattr(tokenizer, "_rlaccel_adds_bos", None)
     if adds is None:  # asked once per tokenizer
         probe = tokenizer("a", add_special_tokens=True).input_ids
         adds = tokenizer._rlaccel_adds_bos = bool(probe) and probe[0] == bos
-    return [bos, *ids] if adds else ids
+    return [bos] if adds else []
 
 
 def _policy_class(directory: str | Path):
