@@ -215,9 +215,14 @@ class AlgorithmConfig:
     # Reward functions as "module:function" import paths, TRL signature
     # fn(prompts, completions, **columns) -> list[float]. Rewards are summed.
     reward_fns: list[str] = field(default_factory=lambda: ["rollout.rewards:arithmetic_reward"])
-    # Truncation C of the behaviour importance weight min(π_prox/π_behav, C) applied to
-    # samples from an older policy version (policy/grpo.py).
+    # Truncation C of the behaviour importance weight min(π_prox/π_behav, C) (policy/grpo.py).
     is_cap: float = 2.0
+    # Which samples get that weight: "stale" (those of an older policy version: async rollout),
+    # "all" (every sample: it also corrects the sampler's numerical mismatch with the trainer, e.g.
+    # vLLM's bfloat16 kernels against the trainer's; TRL's vllm_importance_sampling_correction,
+    # token_truncate mode), "auto" ("all" when model.dtype is bfloat16 or float16, else "stale": a
+    # float32 engine agrees with the trainer to ~1e-6, see logp_mismatch_max).
+    behaviour_weight: str = "auto"
     # What to do when a reward function raises on a sample: "fail" or "zero" (reward 0, counted).
     on_reward_error: str = "fail"
 

@@ -163,6 +163,7 @@ def validate(config: Config, warn: bool = True) -> None:
     _check("orchestration.steps", o.steps >= 1, ">= 1", o.steps)
     _check("orchestration.max_staleness", o.max_staleness >= 0, ">= 0", o.max_staleness)
     _check("algorithm.is_cap", math.isfinite(a.is_cap) and a.is_cap >= 1, "finite, >= 1", a.is_cap)
+    _choice("algorithm.behaviour_weight", a.behaviour_weight, {"auto", "stale", "all"})
     _check("orchestration.num_cpus", o.num_cpus >= 1, ">= 1", o.num_cpus)
     _check("orchestration.checkpoint_every", o.checkpoint_every >= 0, ">= 0", o.checkpoint_every)
     _check("orchestration.keep_checkpoints", o.keep_checkpoints >= 0, ">= 0 (0 keeps all)", o.keep_checkpoints)

@@ -17,7 +17,11 @@ of AReaL (arXiv 2505.24298): the clip ratio is taken against the proximal policy
 trainer's policy at the start of the step, ``old_logp``) and the surrogate is multiplied by
 a truncated behaviour importance weight w_t = min(π_prox/π_behav, C) (truncated IS, as in
 Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"),
-computed by the trainer and passed as ``is_weight``. On-policy samples get w = 1 exactly.
+computed by the trainer and passed as ``is_weight``. On-policy samples get w = 1 exactly, or,
+with ``algorithm.behaviour_weight`` "all" ("auto" in half precision), the same truncated weight
+with π_prox the trainer's computation of the sampling policy: it corrects the sampler's numerical
+mismatch with the trainer (vLLM's bfloat16 kernels against the trainer's; TRL's
+``vllm_importance_sampling_correction`` in its token_truncate mode).
 
 Advantage estimators (``ADVANTAGES``):
   * ``grpo``     A = (r − mean_group(r)) / (std_group(r) + eps)   (DeepSeekMath, arXiv 2402.03300;
@@ -143,4 +147,5 @@ def grpo_loss(
         # outside the range on the side that does not bind still learns (verl's pg_clipfrac)
         metrics["clip_frac"] = float(((clipped < unclipped).to(mask.dtype) * mask).sum() / n)
         metrics["ratio_mean"] = float((ratio * mask).sum() / n)
+        metrics["is_weight_mean"] = 1.0 if is_weight is None else float((is_weight * mask).sum() / n)
     return loss, metrics

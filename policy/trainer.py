@@ -84,6 +84,9 @@ class PolicyTrainer:
         sparse_tied_embedding(self.model)
         if trainer_cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # algorithm.behaviour_weight: on-policy samples are weighted too ("all"; "auto" in half precision)
+        self.weigh_on_policy = algorithm_cfg.behaviour_weight == "all" or (
+            algorithm_cfg.behaviour_weight == "auto" and self.model.dtype in (torch.bfloat16, torch.float16))
         self.ref_model = None
         if algorithm_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -260,13 +263,16 @@ class PolicyTrainer:
     def _behaviour_weight(self, old_logp: torch.Tensor, behaviour: list[list[float]],
                           versions: list[int]) -> torch.Tensor | None:
         """Truncated importance weight min(π_prox/π_behav, C) for samples of an older policy
-        version; exactly 1 for on-policy samples (None when all are on-policy)."""
-        if all(v >= self.version for v in versions):
+        version, and with ``weigh_on_policy`` for on-policy ones too (their π_prox is the sampler's
+        policy computed by the trainer: the weight corrects the two computations' mismatch);
+        exactly 1 for the others (None when no sample is weighted)."""
+        weighted = [self.weigh_on_policy or v < self.version for v in versions]
+        if not any(weighted):
             return None
         behav = _pad_rows([torch.tensor(b, dtype=old_logp.dtype) for b in behaviour], old_logp)
         weight = torch.exp(old_logp - behav).clamp(max=self.algo.is_cap)
-        stale = torch.tensor([v < self.version for v in versions], device=old_logp.device)[:, None]
-        return torch.where(stale, weight, torch.ones_like(weight))
+        weighted = torch.tensor(weighted, device=old_logp.device)[:, None]
+        return torch.where(weighted, weight, torch.ones_like(weight))
 
     def _logprobs(self, model, prompts, responses, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp [len(idx), R], response mask [len(idx), R]) of sequences ``idx``."""

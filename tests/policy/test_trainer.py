@@ -147,6 +147,45 @@ def test_stale_samples_get_the_truncated_behaviour_weight(trainer):
     assert torch.equal(capped, torch.tensor([[2.0, math.exp(0.5)]], dtype=capped.dtype))
 
 
+@pytest.mark.parametrize("mode, dtype, weighted", [("stale", "float32", False), ("all", "float32", True),
+                                                   ("auto", "float32", False), ("auto", "bfloat16", True),
+                                                   ("stale", "bfloat16", False)])
+def test_behaviour_weight_chooses_whether_on_policy_samples_are_weighted(tiny_model_dir, mode, dtype, weighted):
+    """algorithm.behaviour_weight: "all" (and "auto" in half precision) weights on-policy samples
+    with the same truncated weight as stale ones; "stale" (and "auto" in float32) leaves them at 1."""
+    cfg = load_config(None, [f"algorithm.behaviour_weight={mode}"])
+    trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype=dtype)
+    old = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]])
+    w = trainer._behaviour_weight(old, [[-1.5, -0.5], [-3.0, -1.0]], [0, 0])  # both on-policy (version 0)
+    if not weighted:
+        assert w is None
+    else:  # min(exp(old - behaviour), C = 2) on every token
+        expected = torch.tensor([[math.exp(0.5), math.exp(-1.5)], [2.0, 1.0]])
+        assert torch.allclose(w, expected, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+
+
+def test_weighting_on_policy_samples_scales_their_loss_by_the_weight(tiny_model_dir):
+    """A sampler whose logprobs are log(1.5) below the trainer's on every token: with
+    behaviour_weight=all every token's surrogate is weighted by 1.5 (under the cap of 2), so the
+    step's loss is 1.5 times the unweighted one (float64: equal up to rounding)."""
+    losses = {}
+    for mode in ("stale", "all"):
+        cfg = load_config(None, ["trainer.micro_batch_size=3", f"algorithm.behaviour_weight={mode}"])
+        trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
+        groups = _groups([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+        for g in groups:
+            batch = pad_sequences([g.prompt_ids] * g.n, g.responses, 0)
+            with torch.no_grad():
+                lp = token_logprobs(trainer.model, batch)
+            g.behaviour_logprobs = [(lp[i, :len(r)] - math.log(1.5)).tolist() for i, r in enumerate(g.responses)]
+        metrics = trainer.step(groups)
+        losses[mode] = metrics["loss"]
+        assert metrics["is_weight_mean"] == pytest.approx(1.5 if mode == "all" else 1.0, rel=1e-12)
+        assert metrics["logp_mismatch_max"] == pytest.approx(math.log(1.5), rel=1e-12)
+    assert losses["stale"] != 0
+    assert losses["all"] == pytest.approx(1.5 * losses["stale"], rel=1e-12)
+
+
 def test_a_checkpoint_round_trip_is_exact_in_float64(tiny_model_dir, tmp_path):
     """The resumed policy is the saved one bit for bit in its own dtype (not through float32)."""
     cfg = load_config(None, ["trainer.lr=1e-2", "trainer.micro_batch_size=3"])
