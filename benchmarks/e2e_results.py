@@ -73,26 +73,38 @@ def time_to(curve: list, level: float) -> float | None:
     return next((wall for i, (wall, avg, _) in enumerate(curve) if i >= WINDOW - 1 and avg >= level), None)
 
 
-def levels_table(rows: list[dict]) -> str:
-    """Markdown: for the cells with a target, the seconds to reward levels up to it, per system (the
-    mean over its seeds where every seed reached the level, else how many did). One machine's runs
-    can all learn more slowly than another's (README, Performance): the target then says little,
-    and the lower levels still compare the systems."""
+def samples_to(curve: list, level: float) -> int | None:
+    """Samples trained by the step at which :func:`time_to` reads the level (the same rule)."""
+    return next((n for i, (_, avg, n) in enumerate(curve) if i >= WINDOW - 1 and avg >= level), None)
+
+
+def levels_table(rows: list[dict], samples: bool = False) -> str:
+    """Markdown: for the cells with a target, the seconds (or, with ``samples``, the samples) to
+    reward levels up to it, per system (the mean over its seeds where every seed reached the level,
+    else how many did; for samples also each seed's at the target: learning per sample, which
+    exact accelerations leave unchanged). One machine's runs can all learn more slowly than
+    another's (README, Performance): the target then says little, and the lower levels still
+    compare the systems."""
+    reads, unit, fmt = (samples_to, "samples", "{:,.0f}") if samples else (time_to, "s", "{:.1f}")
     lines = []
     for (model, prompt) in sorted({(r["model"], r["prompt"]) for r in rows if r["target_reward"] is not None}):
         cell = [r for r in rows if (r["model"], r["prompt"]) == (model, prompt) and "curve" in r]
         target = cell[0]["target_reward"]
         levels = [round(target - d, 3) for d in (0.08, 0.06, 0.04, 0.02, 0.0)]
-        lines += [f"| {model} {prompt}: s to reward | " + " | ".join(f"{x:.2f}" for x in levels) + " |",
-                  "|---|" + "---|" * len(levels)]
+        per_seed = " | per seed to the target" if samples else ""
+        lines += [f"| {model} {prompt}: {unit} to reward | " + " | ".join(f"{x:.2f}" for x in levels) + f"{per_seed} |",
+                  "|---|" + "---|" * (len(levels) + bool(samples))]
         for system in dict.fromkeys(r["system"] for r in cell):
             runs = [r for r in cell if r["system"] == system]
             cells = []
             for level in levels:
-                hits = [time_to(r["curve"], level) for r in runs]
+                hits = [reads(r["curve"], level) for r in runs]
                 reached = [h for h in hits if h is not None]
-                cells.append(f"{sum(reached) / len(reached):.1f}" if len(reached) == len(hits)
+                cells.append(fmt.format(sum(reached) / len(reached)) if len(reached) == len(hits)
                              else f"{len(reached)} of {len(hits)} reached")
+            if samples:
+                cells.append(" / ".join("–" if h is None else f"{h:,}"
+                                        for h in (reads(r["curve"], target) for r in runs)))
             lines.append(f"| {system} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -163,5 +175,6 @@ def ceiling_table(rows: list[dict]) -> str:
 
 
 def report(rows: list[dict]) -> str:
-    """The run's markdown: the systems' table, the levels' and the bound's."""
-    return "\n\n".join(t for t in (table(rows), levels_table(rows), ceiling_table(rows)) if t)
+    """The run's markdown: the systems' table, the seconds' and the samples' to reward levels, the bound's."""
+    return "\n\n".join(t for t in (table(rows), levels_table(rows), levels_table(rows, samples=True),
+                                     ceiling_table(rows)) if t)

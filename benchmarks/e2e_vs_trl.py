@@ -22,6 +22,9 @@ training and the rlaccel runs of all cells share one):
                  EAGLE-3-form over 8,000 draft tokens on the small model), shared-prompt training,
                  async with max_staleness = 1, zero-advantage responses skipped in the update
                  (tiny-short only: the other cells' models earn no reward, see cells())
+  rlaccel_sync   rlaccel_all without async (max_staleness = 0): every acceleration that leaves what is
+                 learned unchanged (speculation is exact in distribution, shared-prompt training and
+                 skipping up to float rounding), so it must learn per sample as rlaccel_plain does
   rlaccel_spec / rlaccel_shared / rlaccel_async / rlaccel_skip   one acceleration alone (ablation;
                  rlaccel_skip in tiny-short only)
   rlaccel_nospec shared-prompt + async + zero-advantage skipping, no speculation (--optional, in
@@ -66,7 +69,8 @@ LONG = ["data.few_shot=32", "data.max_prompt_tokens=384", "rollout.max_model_len
 
 def cells(quick: bool) -> dict[str, dict]:
     """Per cell: preset, overrides, steps, seeds, target reward, the systems and who runs each seed.
-    Every cell has the ablation (each acceleration alone) beside plain and all."""
+    Every cell has the ablation (each acceleration alone) beside plain, all and sync."""
+    compared = ("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_sync")  # every seed of a cell
     ablation = ("rlaccel_spec", "rlaccel_shared", "rlaccel_async")
     # The other cells' models earn no reward (every advantage is 0): skipping zero-advantage
     # responses would leave out their whole update, which then measures nothing. There
@@ -78,24 +82,23 @@ def cells(quick: bool) -> dict[str, dict]:
     return {
         "tiny-short": dict(model="tiny", prompt="short", preset="configs/tiny.yaml", overrides=[],
                            steps=20 if quick else 80, seeds=(0,) if quick else (0, 1, 2), target=0.22,
-                           systems=("trl", "rlaccel_plain", "rlaccel_all"),
+                           systems=compared,
                            seed0_only=("trl_vllm",) + ablation + ("rlaccel_skip",), optional=("rlaccel_nospec",)),
         "tiny-long": dict(model="tiny", prompt="long", preset="configs/tiny.yaml",
                           overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 12, seeds=(0,),
-                          target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation,
-                          **no_reward),
+                          target=None, systems=compared, seed0_only=ablation, **no_reward),
         # small-short: 10 steps (9 timed). With 5, TRL's first timed steps weighed in at 3.8 and 3.1 s
         # against 2.3 s once settled (seed 0, 45b489b's run), and one slow step of 4 moved a ratio by 0.5x.
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 10, seeds=(0,),
-                            target=None, systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation,
+                            target=None, systems=compared, seed0_only=ablation,
                             optional=("trl_ftz", "trl_malloc", "rlaccel_nospec"), **no_reward),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            # one prompt × 8 a step, 4 steps (3 timed): 2 × 8 and 3 steps before, whose untimed
                            # first step alone was 25-45 s a run
                            overrides=LONG + ["algorithm.prompts_per_step=1", "rollout.max_model_len=480"],
                            steps=3 if quick else 4, seeds=(0,), target=None,
-                           systems=("trl", "rlaccel_plain", "rlaccel_all"), seed0_only=ablation, **no_reward),
+                           systems=compared, seed0_only=ablation, **no_reward),
     }
 
 
@@ -116,6 +119,7 @@ RLACCEL = {
     "rlaccel_skip": ["orchestration.max_staleness=0", "trainer.shared_prompt=false", "trainer.skip_zero_advantage=true"],
     "rlaccel_nospec": ["orchestration.max_staleness=1", "trainer.shared_prompt=true", *ASYNC_THREADS],
     "rlaccel_all": ["orchestration.max_staleness=1", "trainer.shared_prompt=true", *ASYNC_THREADS, "SPEC"],
+    "rlaccel_sync": ["orchestration.max_staleness=0", "trainer.shared_prompt=true", "SPEC"],
 }
 
 
@@ -435,7 +439,7 @@ def run_cell(name: str, cell: dict, todo: list[tuple[str, int]], model_dir: str,
                "setup_s": result["setup_s"], "run_s": result["run_s"], "machine": machine()}
         if "update_skipped" in result:
             row["update_skipped"] = result["update_skipped"]
-        if system in ("rlaccel_all", "rlaccel_spec"):
+        if system in ("rlaccel_all", "rlaccel_spec", "rlaccel_sync"):
             row["head_s"] = head_s
             row["spec_acceptance_pos1_mean"] = result.get("spec_acceptance_pos1_mean")
             row["spec_off_fraction"] = result.get("spec_off_fraction")
