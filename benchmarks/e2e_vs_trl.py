@@ -24,7 +24,8 @@ training and the rlaccel runs of all cells share one):
                  (tiny-short only: the other cells' models earn no reward, see cells())
   rlaccel_sync   rlaccel_all without async (max_staleness = 0): every acceleration that leaves what is
                  learned unchanged (speculation is exact in distribution, shared-prompt training and
-                 skipping up to float rounding), so it must learn per sample as rlaccel_plain does
+                 skipping up to float rounding), so it must learn per sample as rlaccel_plain does,
+                 over seeds (a seed's drafts use its random draws differently)
   rlaccel_spec / rlaccel_shared / rlaccel_async / rlaccel_skip   one acceleration alone (ablation;
                  rlaccel_skip in tiny-short only)
   rlaccel_nospec shared-prompt + async + zero-advantage skipping, no speculation (--optional, in
@@ -40,7 +41,7 @@ Matched hyper-parameters: group size, prompts per step, learning rate (constant)
 weight decay 0, grad-norm clip, clip epsilon, no KL, token-mean loss (TRL "dapo" = rlaccel
 "token_mean"), group-normalised advantages, temperature 1, max completion length, one optimizer
 step per rollout batch. Wall-clock excludes the first step (warm-up; start-up is reported as
-setup_s); rlaccel_all also reports its head training (head_s), done once per model.
+setup_s); the speculative systems also report their head's training (head_s), done once per model.
 
     python benchmarks/e2e_vs_trl.py [--quick] [--cells tiny-short,tiny-long,small-short,small-long] [--optional]
                                     [--systems rlaccel_plain,rlaccel_spec,...]

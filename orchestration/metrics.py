@@ -33,7 +33,7 @@ GAUGES = {
     "kl": "KL to the reference policy (k3 estimator)",
     "is_weight_mean": "Mean truncated behaviour importance weight of the trained tokens (1: none weighted; "
                       "algorithm.behaviour_weight)",
-    "logp_mismatch_max": "Max |trainer - sampler| logprob over the step's on-policy tokens",
+    "logp_mismatch_max": "Max |trainer - sampler| logprob over the step's computed on-policy tokens",
     "spec_acceptance": "Speculative rollout: accepted / drafted tokens",
     "spec_acceptance_pos1": "Speculative rollout: acceptance of the first draft token",
     "spec_mean_accepted_len": "Speculative rollout: tokens emitted per target forward",

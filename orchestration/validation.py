@@ -44,7 +44,7 @@ def validate(config: Config, warn: bool = True) -> None:
     """Value checks a type cannot express. Registries are consulted, not copied. ``warn``: also log
     the warnings of settings that run but cost acceptance (false for a second check of one config)."""
     from attention.shared_prompt import BACKENDS
-    from policy.grpo import ADVANTAGES, LOSS_AGGREGATIONS
+    from policy.grpo import ADVANTAGES, BEHAVIOUR_WEIGHTS, LOSS_AGGREGATIONS, weighs_on_policy
     from policy.models import BUILTIN_MODELS
 
     m, d, r, t, a, o = (config.model, config.data, config.rollout, config.trainer,
@@ -166,7 +166,7 @@ def validate(config: Config, warn: bool = True) -> None:
     _check("orchestration.steps", o.steps >= 1, ">= 1", o.steps)
     _check("orchestration.max_staleness", o.max_staleness >= 0, ">= 0", o.max_staleness)
     _check("algorithm.is_cap", math.isfinite(a.is_cap) and a.is_cap >= 1, "finite, >= 1", a.is_cap)
-    _choice("algorithm.behaviour_weight", a.behaviour_weight, {"auto", "stale", "all"})
+    _choice("algorithm.behaviour_weight", a.behaviour_weight, BEHAVIOUR_WEIGHTS)
     _check("orchestration.num_cpus", o.num_cpus >= 1, ">= 1", o.num_cpus)
     _check("orchestration.checkpoint_every", o.checkpoint_every >= 0, ">= 0", o.checkpoint_every)
     _check("orchestration.keep_checkpoints", o.keep_checkpoints >= 0, ">= 0 (0 keeps all)", o.keep_checkpoints)
@@ -198,11 +198,15 @@ def validate(config: Config, warn: bool = True) -> None:
     _check("mtp.kl_weight", math.isfinite(config.mtp.kl_weight) and config.mtp.kl_weight >= 0, "finite, >= 0",
            config.mtp.kl_weight)
     if warn and r.top_p < 1.0:
+        fresh = ("gets it too (algorithm.behaviour_weight=%s): every token's weight is then about the nucleus's "
+                 "mass, < 1, which scales the update down rather than correcting a numerical mismatch"
+                 if weighs_on_policy(a.behaviour_weight, config.model.dtype) else
+                 "does not (weight 1, algorithm.behaviour_weight=%s): the loss treats fresh samples as on-policy, as "
+                 "TRL and verl do")
         log.warning("rollout.top_p=%s: the samples follow the top-p-truncated distribution and the sampler logs its "
                     "logprobs, while the trainer's policy is the whole softmax(z/T): logp_mismatch_max measures the "
-                    "truncation, a stale sample's importance weight includes it, a fresh one's (weight 1) does not. "
-                    "The loss treats fresh samples as on-policy, as TRL and verl do; top_p=1 keeps them exact",
-                    r.top_p)
+                    "truncation and a stale sample's importance weight includes it; a fresh one's " + fresh +
+                    ". top_p=1 keeps them exact", r.top_p, a.behaviour_weight)
     if warn and (r.draft_model is not None or r.spec_method == "mtp"):
         _warn_head_target(config)
     if config.mtp.maintain:

@@ -108,6 +108,26 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
+# algorithm.behaviour_weight: which samples get the behaviour weight (:func:`behaviour_weight`).
+BEHAVIOUR_WEIGHTS = ("auto", "stale", "all")
+
+
+def weighs_on_policy(mode: str, dtype) -> bool:
+    """Whether on-policy samples get the behaviour weight: ``mode`` "all", or "auto" with a
+    half-precision policy (``dtype`` a torch dtype or its name); "stale" weights only older ones."""
+    return mode == "all" or (mode == "auto" and str(dtype).removeprefix("torch.") in ("bfloat16", "float16"))
+
+
+def behaviour_weight(old_logp: torch.Tensor, behaviour_logp: torch.Tensor, weighted: torch.Tensor,
+                     cap: float) -> torch.Tensor:
+    """The truncated behaviour importance weight w = min(π_prox/π_behav, C) = min(exp(old_logp −
+    behaviour_logp), cap) on the rows ``weighted`` [B] (bool), exactly 1 on the others; [B, T]."""
+    assert old_logp.shape == behaviour_logp.shape and weighted.shape == old_logp.shape[:1], \
+        (old_logp.shape, behaviour_logp.shape, weighted.shape)
+    weight = torch.exp(old_logp - behaviour_logp).clamp(max=cap)
+    return torch.where(weighted[:, None], weight, torch.ones_like(weight))
+
+
 def grpo_loss(
     logp: torch.Tensor,          # [B, T] policy logprobs of the sampled tokens (with grad)
     old_logp: torch.Tensor,      # [B, T] sampling-policy logprobs (no grad)

@@ -19,7 +19,7 @@ from attention.hf import shared_prompt_attention_enabled
 from attention.layout import balance_groups
 from policy.batch import Group, pad_sequences
 from policy.distributed import DeepSpeedUpdate, LocalUpdate, UpdateNotApplied
-from policy.grpo import ADVANTAGES, StepTotals, grpo_loss
+from policy.grpo import ADVANTAGES, StepTotals, behaviour_weight, grpo_loss, weighs_on_policy
 from policy.models import load_model, load_tokenizer, set_cpu_math
 from policy.packed import PLAIN_LM_HEAD, packed_token_logprobs, upcast
 
@@ -85,8 +85,7 @@ class PolicyTrainer:
         if trainer_cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # algorithm.behaviour_weight: on-policy samples are weighted too ("all"; "auto" in half precision)
-        self.weigh_on_policy = algorithm_cfg.behaviour_weight == "all" or (
-            algorithm_cfg.behaviour_weight == "auto" and self.model.dtype in (torch.bfloat16, torch.float16))
+        self.weigh_on_policy = weighs_on_policy(algorithm_cfg.behaviour_weight, self.model.dtype)
         self.ref_model = None
         if algorithm_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -266,13 +265,11 @@ class PolicyTrainer:
         version, and with ``weigh_on_policy`` for on-policy ones too (their π_prox is the sampler's
         policy computed by the trainer: the weight corrects the two computations' mismatch);
         exactly 1 for the others (None when no sample is weighted)."""
-        weighted = [self.weigh_on_policy or v < self.version for v in versions]
-        if not any(weighted):
+        rows = [self.weigh_on_policy or v < self.version for v in versions]
+        if not any(rows):
             return None
         behav = _pad_rows([torch.tensor(b, dtype=old_logp.dtype) for b in behaviour], old_logp)
-        weight = torch.exp(old_logp - behav).clamp(max=self.algo.is_cap)
-        weighted = torch.tensor(weighted, device=old_logp.device)[:, None]
-        return torch.where(weighted, weight, torch.ones_like(weight))
+        return behaviour_weight(old_logp, behav, torch.tensor(rows, device=old_logp.device), self.algo.is_cap)
 
     def _logprobs(self, model, prompts, responses, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp [len(idx), R], response mask [len(idx), R]) of sequences ``idx``."""

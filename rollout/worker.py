@@ -214,7 +214,7 @@ class RolloutWorker:
             if diff > bound:
                 self.sync_error = (
                     f"worker {self.worker_id}: after loading version {version} the engine's probe logprobs differ "
-                    f"from the reference ones for the same weights by {diff:.2e} (> {bound:.0e}, "
+                    f"from the reference ones for the same weights by {diff:.2e} (> {bound:g}, "
                     f"rollout.sync_probe_tolerance): the engine is not sampling with the new weights, a vLLM "
                     f"adapter failure (rollout/vllm_adapter.py). Unless the difference is small and the earlier "
                     f"syncs' sync_probe_diff (metrics.jsonl) came close to the bound: then it is the engine's "

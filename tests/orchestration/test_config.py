@@ -273,6 +273,10 @@ def test_a_drafter_verified_against_another_target_than_its_training_is_warned_a
     caplog.clear()
     load_config(None, ["rollout.top_p=0.9"])  # no drafter: no drafter warning, the truncation's own
     assert "truncated distribution" in caplog.text and "top_p=1 keeps them exact" in caplog.text
+    assert "does not (weight 1, algorithm.behaviour_weight=auto)" in caplog.text  # float32: auto is stale
+    caplog.clear()
+    load_config(None, ["rollout.top_p=0.9", "algorithm.behaviour_weight=all"])  # a fresh sample is weighted too
+    assert "gets it too (algorithm.behaviour_weight=all)" in caplog.text and "scales the update down" in caplog.text
     caplog.clear()
     load_config(None, [head])
     assert "with a drafter" not in caplog.text and "greedy" not in caplog.text and "truncated" not in caplog.text

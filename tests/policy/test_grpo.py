@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from policy.grpo import (ADVANTAGES, LOSS_AGGREGATIONS, StepTotals, dr_grpo_advantages, grpo_advantages,
-                         grpo_loss, k3_kl)
+from policy.grpo import (ADVANTAGES, LOSS_AGGREGATIONS, StepTotals, behaviour_weight, dr_grpo_advantages,
+                         grpo_advantages, grpo_loss, k3_kl, weighs_on_policy)
 
 
 def test_grpo_advantages_by_hand():
@@ -134,3 +134,20 @@ def test_behaviour_weight_multiplies_the_surrogate():
     assert loss.item() == pytest.approx(-(0.5 + 2.0) / 2)
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.25, -1.0]]))
+
+
+@pytest.mark.parametrize("mode, dtype, weighted", [("all", "float32", True), ("stale", "bfloat16", False),
+                                                   ("auto", "bfloat16", True), ("auto", torch.float16, True),
+                                                   ("auto", "float32", False), ("auto", torch.float64, False)])
+def test_on_policy_samples_are_weighted_by_mode_and_dtype(mode, dtype, weighted):
+    assert weighs_on_policy(mode, dtype) is weighted
+
+
+def test_the_behaviour_weight_by_hand():
+    # row 0 weighted: exp(-1 - -1.5) = e^0.5, exp(-2 - -0.5) = e^-1.5; row 1 not: 1, whatever the logprobs
+    old, behaviour = torch.tensor([[-1.0, -2.0], [-1.0, 3.0]]), torch.tensor([[-1.5, -0.5], [-3.0, -1.0]])
+    w = behaviour_weight(old, behaviour, torch.tensor([True, False]), cap=2.0)
+    assert torch.allclose(w, torch.tensor([[math.exp(0.5), math.exp(-1.5)], [1.0, 1.0]]),
+                          rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+    # the cap binds exactly: e^2 = 7.4 -> 2
+    assert behaviour_weight(torch.tensor([[0.0]]), torch.tensor([[-2.0]]), torch.tensor([True]), cap=2.0).item() == 2.0

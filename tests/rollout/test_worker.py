@@ -94,22 +94,25 @@ def test_update_is_verified_against_the_trainers_reference_when_sent(worker, tin
         worker.update_weights(pack_state(state_b), 4, state_checksum(state_b), (probe_ids, [math.nan] * len(expected_b)))
 
 
-def test_the_probe_tolerance_can_be_set(tiny_model_dir, tiny_model_dir_b):
-    """rollout.sync_probe_tolerance replaces the dtype's bound (1e-3 in float32): a probe 0.05 off
-    fails the default and passes a tolerance of 0.1; the error names the setting."""
+@pytest.mark.parametrize("tolerance, shift, passes", [(None, 0.05, False), (0.1, 0.05, True),
+                                                      (None, 5e-4, True), (1e-4, 5e-4, False)])
+def test_the_probe_tolerance_can_be_set(tiny_model_dir, tiny_model_dir_b, tolerance, shift, passes):
+    """rollout.sync_probe_tolerance replaces the dtype's bound (1e-3 in float32), above it and
+    below it; the error names the setting and the bound applied."""
     probe_ids = [3, 4, 74, 5, 82, 6]
     model_b = load_model(tiny_model_dir_b).eval()
-    shifted = [lp + 0.05 for lp in probe_logprobs(model_b, probe_ids)]
+    shifted = [lp + shift for lp in probe_logprobs(model_b, probe_ids)]
     state_b = model_b.state_dict()
-    for tolerance in (None, 0.1):
-        cfg = load_config(None, ["rollout.backend=hf", f"rollout.sync_probe_tolerance={tolerance or 'null'}"])
-        worker = RolloutWorker(str(tiny_model_dir), cfg.rollout)
-        if tolerance is None:
-            with pytest.raises(WeightSyncError, match=r"by 5\.0.e-02 \(> 1e-03, rollout.sync_probe_tolerance\)"):
-                worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), (probe_ids, shifted))
-        else:
-            metrics = worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), (probe_ids, shifted))
-            assert worker.version == 1 and metrics["sync_probe_diff"] == pytest.approx(0.05, abs=1e-5)
+    cfg = load_config(None, ["rollout.backend=hf", f"rollout.sync_probe_tolerance={tolerance or 'null'}"])
+    worker = RolloutWorker(str(tiny_model_dir), cfg.rollout)
+    if passes:
+        metrics = worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), (probe_ids, shifted))
+        assert worker.version == 1 and metrics["sync_probe_diff"] == pytest.approx(shift, abs=1e-5)
+    else:
+        bound = "0.001" if tolerance is None else f"{tolerance:g}"
+        with pytest.raises(WeightSyncError, match=rf"\(> {bound}, rollout.sync_probe_tolerance\)"):
+            worker.update_weights(pack_state(state_b), 1, state_checksum(state_b), (probe_ids, shifted))
+        assert worker.version == 0
 
 
 def test_stop_strings_end_completions_as_in_vllm(tiny_model_dir):
