@@ -196,6 +196,14 @@ class TrainerConfig:
     # (transformers' gradient checkpointing, non-reentrant): ~1/3 more compute, activation memory
     # of one layer instead of all; long responses on a real model need it. Exact (same gradients).
     gradient_checkpointing: bool = False
+    # Response tokens whose LM-head logits exist at once in the update. 0: all of a micro-batch's
+    # (fastest): their [tokens, vocabulary] float32 logits, log-softmax and its gradient are alive
+    # together, ~12 bytes x tokens x vocabulary (6k tokens of Qwen3's 152k vocabulary: ~11 GB).
+    # N > 0: the head runs over N tokens at a time under activation checkpointing, recomputed in
+    # the backward (one more head multiply): one chunk's logits at a time. Exact (the same
+    # logprobs and gradients up to float rounding; tests/policy/test_packed.py). Families whose
+    # forward post-processes the logits (not in policy.packed.PLAIN_LM_HEAD) are not chunked.
+    logit_chunk: int = 0
     # Shared-prompt attention backend: "regions" (CPU fast path), "reference" (dense mask),
     # "flex" (FlexAttention block mask; training needs a GPU).
     attention_backend: str = "regions"

@@ -130,6 +130,7 @@ def validate(config: Config, warn: bool = True) -> None:
     _check("trainer.mini_batches", t.mini_batches <= a.prompts_per_step,
            f"<= algorithm.prompts_per_step={a.prompts_per_step} (a mini-batch holds whole groups)", t.mini_batches)
     _check("trainer.micro_batch_size", t.micro_batch_size >= 1, ">= 1", t.micro_batch_size)
+    _check("trainer.logit_chunk", t.logit_chunk >= 0, ">= 0 (0: no chunks)", t.logit_chunk)
     _check("trainer.threads", t.threads >= 1, ">= 1", t.threads)
     _check("trainer.max_grad_norm", math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0, "finite, > 0",
            t.max_grad_norm)

@@ -26,10 +26,33 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def head_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  chunk: int = 0) -> torch.Tensor:
+    """log softmax(lm_head(hidden[rows]) / T)[targets]: the [M] logprobs of the M (position,
+    target) pairs, ``hidden`` [U, d] the distinct predicting positions, ``rows`` [M] each pair's.
+
+    ``chunk`` 0: the head once over the U positions ([U, V] logits). ``chunk`` > 0
+    (``trainer.logit_chunk``): over ``chunk`` pairs at a time under non-reentrant activation
+    checkpointing, so that only one chunk's [chunk, V] logits are alive, in the forward and again
+    in the backward, which recomputes them; a position shared by several pairs (a group's last
+    prompt position) is multiplied once per pair."""
+    def piece(h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(upcast(model.lm_head(h[r])) / temperature, dim=-1)
+        return logp.gather(-1, t[:, None])[:, 0]
+    if chunk <= 0 or len(rows) <= chunk:
+        logp = torch.log_softmax(upcast(model.lm_head(hidden)) / temperature, dim=-1)  # [U, V]
+        return logp[rows, targets]
+    from torch.utils.checkpoint import checkpoint
+    return torch.cat([checkpoint(piece, hidden, rows[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+                      for i in range(0, len(rows), chunk)])
+
+
 def packed_token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                          temperature: float = 1.0, backend: str = "regions") -> tuple[torch.Tensor, torch.Tensor]:
+                          temperature: float = 1.0, backend: str = "regions",
+                          logit_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [S, R_max], mask [S, R_max]) for the S (prompt, response) pairs, in their order;
-    consecutive pairs with the same prompt share one packed row."""
+    consecutive pairs with the same prompt share one packed row. ``logit_chunk``: see
+    :func:`head_logprobs`."""
     batch = pack(prompts, responses, pad_id)
     device = next(model.parameters()).device
     with shared_prompt_attention_enabled(model):
@@ -40,7 +63,8 @@ def packed_token_logprobs(model, prompts: list[list[int]], responses: list[list[
     # product instead of one per row, whose few rows each (a group's U) leave a 32k-vocabulary
     # head's multiply at half the speed of one over all of them (forward and both backward ones).
     # The [ΣU, V] logits of every row are then alive at once (with their log-softmax and its
-    # gradient, ~2-3x ΣU·V·4 bytes), as the unpacked path's are for its micro-batch.
+    # gradient, ~2-3x ΣU·V·4 bytes), as the unpacked path's are for its micro-batch, unless
+    # logit_chunk bounds them (head_logprobs).
     picked, inverse, targets, offset = [], [], [], 0
     for b, row in enumerate(batch.rows):
         valid = row.response_valid.to(device)
@@ -50,8 +74,8 @@ def packed_token_logprobs(model, prompts: list[list[int]], responses: list[list[
         inverse.append(inv + offset)
         targets.append(batch.input_ids[b].to(device)[row.response_index.to(device)[valid]])
         offset += len(unique)
-    logprobs = torch.log_softmax(upcast(model.lm_head(torch.cat(picked))) / temperature, dim=-1)  # [ΣU, V]
-    token_logp = logprobs[torch.cat(inverse), torch.cat(targets)]                    # [Σ rows' ΣR]
+    token_logp = head_logprobs(model, torch.cat(picked), torch.cat(inverse), torch.cat(targets), temperature,
+                               logit_chunk)                                          # [Σ rows' ΣR]
     per_row = [lp.split(row.response_lens)                                           # N × [R_n]
                for lp, row in zip(token_logp.split([sum(row.response_lens) for row in batch.rows]), batch.rows)]
     per_seq = [per_row[b][n] for b, n in zip(batch.seq_row, batch.seq_response)]

@@ -21,24 +21,28 @@ from policy.batch import Group, pad_sequences
 from policy.distributed import DeepSpeedUpdate, LocalUpdate, UpdateNotApplied
 from policy.grpo import ADVANTAGES, StepTotals, behaviour_weight, grpo_loss, weighs_on_policy
 from policy.models import load_model, load_tokenizer, set_cpu_math
-from policy.packed import PLAIN_LM_HEAD, packed_token_logprobs, upcast
+from policy.packed import PLAIN_LM_HEAD, head_logprobs, packed_token_logprobs, upcast
 
 
-def token_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(model, batch, temperature: float = 1.0, logit_chunk: int = 0) -> torch.Tensor:
     """Log-probabilities of ``batch.targets`` at ``temperature``; [B, R], zero on padding.
 
     For the families in ``PLAIN_LM_HEAD`` the LM head is applied only at the predicting positions
     (as TRL's ``logits_to_keep`` and the packed path do): on a 32k vocabulary it is a quarter of
-    a ~100M model, and the prompt positions' logits are never used.
+    a ~100M model, and the prompt positions' logits are never used; ``logit_chunk`` > 0 applies it
+    in chunks (:func:`policy.packed.head_logprobs`).
     """
     if model.config.model_type in PLAIN_LM_HEAD:
         hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              use_cache=False).last_hidden_state                  # [B, L, d]
         picked = hidden.gather(1, batch.predict_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, d]
-        logits = model.lm_head(picked)                                           # [B, R, V]
-    else:  # the model's own forward (it may scale or soft-cap its logits), then gather
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        logits = logits.gather(1, batch.predict_pos[..., None].expand(-1, -1, logits.shape[-1]))
+        B, R, d = picked.shape
+        logp = head_logprobs(model, picked.reshape(B * R, d), torch.arange(B * R, device=picked.device),
+                             batch.targets.reshape(B * R), temperature, logit_chunk).reshape(B, R)
+        return logp * batch.response_mask
+    # the model's own forward (it may scale or soft-cap its logits), then gather
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = logits.gather(1, batch.predict_pos[..., None].expand(-1, -1, logits.shape[-1]))
     logp = torch.log_softmax(upcast(logits) / temperature, dim=-1)
     logp = logp.gather(-1, batch.targets[..., None]).squeeze(-1)  # [B, R]
     return logp * batch.response_mask
@@ -276,9 +280,9 @@ class PolicyTrainer:
         ps, rs = [prompts[i] for i in idx], [responses[i] for i in idx]
         if self.cfg.shared_prompt:
             return packed_token_logprobs(model, ps, rs, self.tokenizer.pad_token_id, self.temperature,
-                                         self.cfg.attention_backend)
+                                         self.cfg.attention_backend, self.cfg.logit_chunk)
         batch = _to(pad_sequences(ps, rs, self.tokenizer.pad_token_id), self.cfg.device)
-        return token_logprobs(model, batch, self.temperature), batch.response_mask
+        return token_logprobs(model, batch, self.temperature, self.cfg.logit_chunk), batch.response_mask
 
     # ---- state ----------------------------------------------------------------------
 

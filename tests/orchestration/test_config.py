@@ -37,6 +37,7 @@ def test_wrong_type_names_its_path():
     ("algorithm.on_reward_error=ignore", "algorithm.on_reward_error"),
     ("algorithm.behaviour_weight=always", "algorithm.behaviour_weight"),
     ("rollout.sync_probe_tolerance=0", "rollout.sync_probe_tolerance"),
+    ("trainer.logit_chunk=-1", "trainer.logit_chunk"),
     ("rollout.spec_method=medusa", "rollout.spec_method"),
     ("mtp.head=medusa", "mtp.head"),
     ("mtp.draft_vocab=-1", "mtp.draft_vocab"),

@@ -236,3 +236,52 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir, shared):
     kept, recomputed = step(False), step(True)
     for k in kept:
         assert (kept[k] - recomputed[k]).abs().max() <= 1e-12, k
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_logit_chunks_give_the_same_logprobs_and_gradients(arch, packed, chunk):
+    """trainer.logit_chunk: the LM head over a few tokens at a time under activation checkpointing
+    gives the logprobs and gradients of the head over all at once (float64: the same row
+    operations; only how the head's rows are batched and the order in which the chunks' gradient
+    contributions are summed differ, a few ulps of values of order 1)."""
+    model = _model(arch)
+    prompts, responses = _groups(4)
+
+    def logprobs(logit_chunk):
+        if packed:
+            return packed_token_logprobs(model, prompts, responses, 0, 0.8, "regions", logit_chunk)
+        batch = pad_sequences(prompts, responses, 0)
+        return token_logprobs(model, batch, 0.8, logit_chunk), batch.response_mask
+    ref, mask = logprobs(0)
+    out, out_mask = logprobs(chunk)
+    assert torch.equal(out_mask, mask) and int(mask.sum()) > 3 * chunk  # several chunks
+    assert (out - ref).abs().max() <= 1e-12
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g_ref, g_out = _grads(model, ref, mask, w), _grads(model, out, out_mask, w)
+    head = next(k for k, p in model.named_parameters() if p is model.get_output_embeddings().weight)
+    assert g_ref[head].abs().max() > 0  # the head's gradient (tied to the embedding in qwen3) is compared
+    for name in g_ref:
+        assert (g_out[name] - g_ref[name]).abs().max() <= 1e-12, name
+
+
+@pytest.mark.parametrize("shared, checkpointing", [(False, False), (True, False), (True, True)])
+def test_a_step_with_logit_chunks_is_the_same(tiny_model_dir, shared, checkpointing):
+    """One GRPO step (float64) with trainer.logit_chunk=3 gives the weights of one without chunks,
+    packed or not, and with the decoder layers checkpointed too (checkpoints nested)."""
+    def step(chunk):
+        cfg = load_config(None, ["trainer.lr=1e-2", "model.dtype=float64", "trainer.micro_batch_size=6",
+                                 f"trainer.shared_prompt={shared}", f"trainer.logit_chunk={chunk}",
+                                 f"trainer.gradient_checkpointing={checkpointing}"])
+        trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
+        groups = [Group(prompt=str(g), prompt_ids=p, responses=rs, behaviour_logprobs=[[0.0] * len(r) for r in rs],
+                        version=0, completions=[""] * 4, rewards=[1.0, 0.0, 0.5, 0.0])
+                  for g, (p, rs) in enumerate([([3, 74, 3, 82], [[4, 1], [5, 1], [4, 4, 1], [1]]),
+                                               ([9, 76, 9, 9, 82], [[6], [7, 7, 1], [8, 1], [9, 9, 9, 1]])])]
+        metrics = trainer.step(groups)
+        return trainer.state_dict(), metrics
+    (whole, m_whole), (chunked, m_chunked) = step(0), step(3)
+    assert abs(m_whole["loss"] - m_chunked["loss"]) <= 1e-12
+    for k in whole:
+        assert (whole[k] - chunked[k]).abs().max() <= 1e-12, k
