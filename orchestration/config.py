@@ -201,7 +201,8 @@ class TrainerConfig:
     # together, ~12 bytes x tokens x vocabulary (6k tokens of Qwen3's 152k vocabulary: ~11 GB).
     # N > 0: the head runs over N tokens at a time under activation checkpointing, recomputed in
     # the backward (one more head multiply): one chunk's logits at a time. Exact (the same
-    # logprobs and gradients up to float rounding; tests/policy/test_packed.py). Families whose
+    # logprobs and gradients up to float rounding; tests/policy/test_packed.py; in bfloat16 the
+    # head's gradient is rounded once per chunk before the chunks are summed). Families whose
     # forward post-processes the logits (not in policy.packed.PLAIN_LM_HEAD) are not chunked.
     logit_chunk: int = 0
     # Shared-prompt attention backend: "regions" (CPU fast path), "reference" (dense mask),

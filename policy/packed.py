@@ -43,7 +43,8 @@ def head_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torc
         logp = torch.log_softmax(upcast(model.lm_head(hidden)) / temperature, dim=-1)  # [U, V]
         return logp[rows, targets]
     from torch.utils.checkpoint import checkpoint
-    return torch.cat([checkpoint(piece, hidden, rows[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+    return torch.cat([checkpoint(piece, hidden, rows[i:i + chunk], targets[i:i + chunk], use_reentrant=False,
+                                 preserve_rng_state=False)  # the head draws no random numbers
                       for i in range(0, len(rows), chunk)])
 
 

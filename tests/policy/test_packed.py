@@ -269,7 +269,7 @@ def test_logit_chunks_give_the_same_logprobs_and_gradients(arch, packed, chunk):
 @pytest.mark.parametrize("shared, checkpointing", [(False, False), (True, False), (True, True)])
 def test_a_step_with_logit_chunks_is_the_same(tiny_model_dir, shared, checkpointing):
     """One GRPO step (float64) with trainer.logit_chunk=3 gives the weights of one without chunks,
-    packed or not, and with the decoder layers checkpointed too (checkpoints nested)."""
+    packed or not, and with the decoder layers checkpointed too."""
     def step(chunk):
         cfg = load_config(None, ["trainer.lr=1e-2", "model.dtype=float64", "trainer.micro_batch_size=6",
                                  f"trainer.shared_prompt={shared}", f"trainer.logit_chunk={chunk}",
@@ -285,3 +285,28 @@ def test_a_step_with_logit_chunks_is_the_same(tiny_model_dir, shared, checkpoint
     assert abs(m_whole["loss"] - m_chunked["loss"]) <= 1e-12
     for k in whole:
         assert (whole[k] - chunked[k]).abs().max() <= 1e-12, k
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_logit_chunks_keep_no_logits_for_the_backward(packed):
+    """What the chunks are for: without them autograd keeps the [positions, V] log-softmax for the
+    backward; with them it keeps no [rows, V] tensor at all (each chunk's are recomputed)."""
+    model = _model("qwen3")
+    prompts, responses = _groups(4)
+
+    def saved_logit_rows(logit_chunk) -> int:
+        rows = []
+
+        def keep(t):
+            if t.dim() == 2 and t.shape[-1] == VOCAB:
+                rows.append(t.shape[0])
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            if packed:
+                packed_token_logprobs(model, prompts, responses, 0, 0.8, "regions", logit_chunk)
+            else:
+                token_logprobs(model, pad_sequences(prompts, responses, 0), 0.8, logit_chunk)
+        return sum(rows)
+    positions = sum(len(r) for r in responses) - 2 * (4 - 1)  # packed: a group's first tokens share one
+    assert saved_logit_rows(0) >= positions
+    assert saved_logit_rows(3) == 0
