@@ -118,7 +118,8 @@ def main() -> None:
                                  check=True, capture_output=True, text=True, cwd=ROOT).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"logit_chunk={chunk}: step {r['step_s']:.2f} s, peak RSS above the model's {r['step_rss_gib']:.2f} GiB "
+            print(f"logit_chunk={chunk}: step {r['step_s']:.2f} s, peak RSS above the model's "
+                  f"{r['step_rss_gib']:.2f} GiB "
                   f"(process {r['peak_rss_gib']:.2f}), first gradient norm {r['first_grad_norm']:.9g}", flush=True)
     write_results({"machine": machine(), "threads": THREADS, "rows": rows}, args.out, plot)
 

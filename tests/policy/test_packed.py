@@ -125,17 +125,23 @@ def test_packed_float32_error_within_twice_unpacked(arch):
     assert err_packed <= 2 * max(err_unpacked, rounding), (err_packed, err_unpacked, rounding)
 
 
+def _step(model_dir, *overrides):
+    """One GRPO step (float64, lr 1e-2) on two fixed groups with these config overrides: the
+    trainer after it, and the step's metrics."""
+    cfg = load_config(None, ["trainer.lr=1e-2", "model.dtype=float64", "trainer.micro_batch_size=6", *overrides])
+    trainer = PolicyTrainer(model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
+    groups = [Group(prompt=str(g), prompt_ids=p, responses=rs, behaviour_logprobs=[[0.0] * len(r) for r in rs],
+                    version=0, completions=[""] * 4, rewards=[1.0, 0.0, 0.5, 0.0])
+              for g, (p, rs) in enumerate([([3, 74, 3, 82], [[4, 1], [5, 1], [4, 4, 1], [1]]),
+                                           ([9, 76, 9, 9, 82], [[6], [7, 7, 1], [8, 1], [9, 9, 9, 1]])])]
+    metrics = trainer.step(groups)
+    return trainer, metrics
+
+
 def test_trainer_step_is_the_same_packed_or_not(tiny_model_dir):
     """One GRPO step (float64) with trainer.shared_prompt on and off gives the same weights."""
     def step(shared):
-        cfg = load_config(None, ["trainer.lr=1e-2", "model.dtype=float64", "trainer.micro_batch_size=6",
-                                 f"trainer.shared_prompt={shared}", "trainer.mini_batches=2"])
-        trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
-        groups = [Group(prompt=str(g), prompt_ids=p, responses=rs, behaviour_logprobs=[[0.0] * len(r) for r in rs],
-                        version=0, completions=[""] * 4, rewards=[1.0, 0.0, 0.5, 0.0])
-                  for g, (p, rs) in enumerate([([3, 74, 3, 82], [[4, 1], [5, 1], [4, 4, 1], [1]]),
-                                               ([9, 76, 9, 9, 82], [[6], [7, 7, 1], [8, 1], [9, 9, 9, 1]])])]
-        metrics = trainer.step(groups)
+        trainer, metrics = _step(tiny_model_dir, f"trainer.shared_prompt={shared}", "trainer.mini_batches=2")
         return trainer.state_dict(), metrics
     plain, m_plain = step(False)
     packed, m_packed = step(True)
@@ -223,15 +229,9 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir, shared):
     too (the step keeps it on): with the model's own there, a response would attend to the others
     and the gradients would be wrong."""
     def step(checkpointing):
-        cfg = load_config(None, ["trainer.lr=1e-2", "model.dtype=float64", "trainer.micro_batch_size=6",
-                                 f"trainer.shared_prompt={shared}", f"trainer.gradient_checkpointing={checkpointing}"])
-        trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
+        trainer, _ = _step(tiny_model_dir, f"trainer.shared_prompt={shared}",
+                           f"trainer.gradient_checkpointing={checkpointing}")
         assert trainer.model.is_gradient_checkpointing == checkpointing
-        groups = [Group(prompt=str(g), prompt_ids=p, responses=rs, behaviour_logprobs=[[0.0] * len(r) for r in rs],
-                        version=0, completions=[""] * 4, rewards=[1.0, 0.0, 0.5, 0.0])
-                  for g, (p, rs) in enumerate([([3, 74, 3, 82], [[4, 1], [5, 1], [4, 4, 1], [1]]),
-                                               ([9, 76, 9, 9, 82], [[6], [7, 7, 1], [8, 1], [9, 9, 9, 1]])])]
-        trainer.step(groups)
         return trainer.state_dict()
     kept, recomputed = step(False), step(True)
     for k in kept:
@@ -271,15 +271,8 @@ def test_a_step_with_logit_chunks_is_the_same(tiny_model_dir, shared, checkpoint
     """One GRPO step (float64) with trainer.logit_chunk=3 gives the weights of one without chunks,
     packed or not, and with the decoder layers checkpointed too."""
     def step(chunk):
-        cfg = load_config(None, ["trainer.lr=1e-2", "model.dtype=float64", "trainer.micro_batch_size=6",
-                                 f"trainer.shared_prompt={shared}", f"trainer.logit_chunk={chunk}",
-                                 f"trainer.gradient_checkpointing={checkpointing}"])
-        trainer = PolicyTrainer(tiny_model_dir, cfg.trainer, cfg.algorithm, 1.0, 8, dtype="float64")
-        groups = [Group(prompt=str(g), prompt_ids=p, responses=rs, behaviour_logprobs=[[0.0] * len(r) for r in rs],
-                        version=0, completions=[""] * 4, rewards=[1.0, 0.0, 0.5, 0.0])
-                  for g, (p, rs) in enumerate([([3, 74, 3, 82], [[4, 1], [5, 1], [4, 4, 1], [1]]),
-                                               ([9, 76, 9, 9, 82], [[6], [7, 7, 1], [8, 1], [9, 9, 9, 1]])])]
-        metrics = trainer.step(groups)
+        trainer, metrics = _step(tiny_model_dir, f"trainer.shared_prompt={shared}", f"trainer.logit_chunk={chunk}",
+                                 f"trainer.gradient_checkpointing={checkpointing}")
         return trainer.state_dict(), metrics
     (whole, m_whole), (chunked, m_chunked) = step(0), step(3)
     assert abs(m_whole["loss"] - m_chunked["loss"]) <= 1e-12
