@@ -115,8 +115,13 @@ def actor_options(config: Config, gpus: int) -> dict:
     the trainer's rank there."""
     if gpus:
         return {}
-    env = {"CUDA_VISIBLE_DEVICES": "", **(KEEP_FREED_MEMORY if config.orchestration.keep_freed_memory else {})}
+    env = {"CUDA_VISIBLE_DEVICES": "", **(KEEP_FREED_MEMORY if keeps_freed_memory(config, gpus) else {})}
     return {"runtime_env": {"env_vars": env}}
+
+
+def keeps_freed_memory(config: Config, gpus: int) -> bool:
+    """Whether an actor that asks for ``gpus`` GPUs starts with :data:`KEEP_FREED_MEMORY`."""
+    return config.orchestration.keep_freed_memory and gpus == 0
 
 
 def heap_keeps_large_blocks(_actor=None) -> bool | None:
@@ -197,10 +202,9 @@ class Actors:
         self.trainers = [ray.remote(num_cpus=1, num_gpus=trainer_gpus(config))(TrainerActor).options(
             scheduling_strategy=in_bundle(self.pg, nw + r), **trainer_options).remote(r) for r in range(ranks)]
         # Checked once the workers are ready (worker_nodes): queued behind their start.
-        self._memory_checks = [actor.__ray_call__.remote(heap_keeps_large_blocks) for actors, options in
-                               ((self.workers, worker_options), (self.trainers, trainer_options))
-                               if "MALLOC_MMAP_THRESHOLD_" in options.get("runtime_env", {}).get("env_vars", {})
-                               for actor in actors]
+        self._memory_checks = [actor.__ray_call__.remote(heap_keeps_large_blocks) for actors, gpus in
+                               ((self.workers, config.rollout.gpus), (self.trainers, trainer_gpus(config)))
+                               if keeps_freed_memory(config, gpus) for actor in actors]
         return self.workers, self.trainers
 
     def worker_nodes(self) -> list[str]:

@@ -335,7 +335,5 @@ def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 def _max_mismatch(logp: torch.Tensor, behaviour: list[list[float]], mask: torch.Tensor) -> float:
     """max |trainer logp − behaviour logp| over real response tokens."""
-    ref = torch.zeros_like(logp)
-    for i, lps in enumerate(behaviour):
-        ref[i, :len(lps)] = torch.tensor(lps, dtype=logp.dtype)
+    ref = _pad_rows([torch.tensor(lps, dtype=logp.dtype) for lps in behaviour], logp)
     return float(((logp - ref).abs() * mask).max()) if mask.any() else 0.0

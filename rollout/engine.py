@@ -35,9 +35,10 @@ class HFEngine:
     """transformers ``generate`` with sampling: what TRL uses without vLLM."""
 
     def __init__(self, model_dir: str, rollout_cfg, dtype: str = "float32"):
+        from transformers import GenerationConfig
+
         from policy.models import load_model, load_tokenizer
         torch.set_num_threads(rollout_cfg.threads)
-        from transformers import GenerationConfig
         self.cfg = rollout_cfg
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_model(model_dir, dtype).eval()
