@@ -80,6 +80,29 @@ def test_float32_error_is_within_twice_the_references():
     assert err_reg <= 2 * max(err_ref, rounding), (err_reg, err_ref, rounding)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_twice_the_references(dtype):
+    """In bfloat16/float16 (attended in float32 on CPU, the output rounded back), forward and
+    gradients differ from the float64 oracle by at most 2x the dense reference's own error in
+    that dtype, or 2x the rounding of the result itself."""
+    batch = _batch([7, 3], [[5, 2, 6], [4, 4]])
+    q, k, v = _qkv(batch, dtype=torch.float64)
+    valid = (batch.segment_ids >= 0)[:, None, :, None]
+    w = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(backend, cast):
+        inputs = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        out = shared_prompt_attention(*inputs, batch, 0.35, backend) * valid
+        assert out.dtype == cast
+        return [out.double(), *(g.double() for g in torch.autograd.grad((out * w.to(cast)).sum(), inputs))]
+    exact = run("reference", torch.float64)
+    half, ref = run("regions", dtype), run("reference", dtype)
+    for name, e, h, r in zip(["output", "dq", "dk", "dv"], exact, half, ref):
+        rounding = torch.finfo(dtype).eps / 2 * e.abs().max()
+        err, err_ref = (h - e).abs().max(), (r - e).abs().max()
+        assert err <= 2 * max(err_ref, rounding), (name, err, err_ref, rounding)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("prompt_lens, response_lens", CASES)
 def test_flex_forward_equals_reference(prompt_lens, response_lens):
