@@ -53,6 +53,19 @@ def keep_configured_hyperparameters(param_groups: list[dict], cfg) -> None:
         group.update(configured)
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, without its multiply by a coefficient clamped to 1
+    when the norm is within ``max_norm`` (torch always multiplies, to avoid a host-device sync
+    on GPUs; here the norm is read on the host anyway): the same gradients, bit for bit, and
+    one pass over them fewer (~38 ms of a ~0.8 s bfloat16 update of the ~100M preset on one
+    CPU thread). Returns the total norm, as torch does."""
+    params = list(params)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if max_norm / (norm + 1e-6) < 1.0:  # torch's coefficient, as torch computes it
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 class UpdateNotApplied(FloatingPointError):
     """A step refused before any of its mini-batches changed the weights or the optimizer (a
     non-finite loss, or on one process a non-finite gradient norm: DeepSpeed applies before the
@@ -87,7 +100,7 @@ class MasterCopy:
         if self.master is not None:
             for p, m in zip(self.params, self.master):
                 m.grad = None if p.grad is None else p.grad.to(torch.float32)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.master or self.params, max_norm))
+        norm = float(clip_grad_norm(self.master or self.params, max_norm))
         if math.isfinite(norm):
             optimizer.step()
             if self.master is not None:
