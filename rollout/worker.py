@@ -218,7 +218,7 @@ class RolloutWorker:
                     f"rollout.sync_probe_tolerance): the engine is not sampling with the new weights, a vLLM "
                     f"adapter failure (rollout/vllm_adapter.py). Unless the difference is small and the earlier "
                     f"syncs' sync_probe_diff (metrics.jsonl) came close to the bound: then it is the engine's "
-                    f"kernels against the reference's (half precision on a GPU), and rollout.sync_probe_tolerance "
+                    f"kernels against the reference's (half precision), and rollout.sync_probe_tolerance "
                     f"can be raised.")
                 raise WeightSyncError(self.sync_error)
             metrics["sync_probe_diff"] = diff
