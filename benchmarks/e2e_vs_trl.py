@@ -26,7 +26,7 @@ training and the rlaccel runs of all cells share one):
                  learned unchanged (speculation is exact in distribution, shared-prompt training and
                  skipping up to float rounding), so it must learn per sample as rlaccel_plain does,
                  over seeds (a seed's drafts use its random draws differently)
-  trl_bf16, rlaccel_{plain,all,sync}_bf16 (and rlaccel_nospec_bf16, --optional)   the same in
+  trl_bf16, rlaccel_{plain,all,sync}_bf16 (and rlaccel_nospec_bf16, --optional in small-short)   the same in
                  bfloat16, in the short cells: TRL with its GRPOConfig default bf16=True (float32
                  weights, bfloat16 autocast), rlaccel with model.dtype=bfloat16 (bfloat16 weights
                  through a float32 master copy, vLLM sampling in bfloat16, the sampler's mismatch
@@ -132,8 +132,8 @@ RLACCEL = {
 }
 # bfloat16 weights and compute (AMX here) through a float32 master copy, vLLM sampling in bfloat16
 # and its logprobs' mismatch with the trainer's corrected (algorithm.behaviour_weight=auto)
-RLACCEL.update({f"{name}_bf16": [*o, "model.dtype=bfloat16"] for name, o in list(RLACCEL.items())
-                if name in ("rlaccel_plain", "rlaccel_all", "rlaccel_sync", "rlaccel_nospec")})
+RLACCEL.update({f"{name}_bf16": [*RLACCEL[name], "model.dtype=bfloat16"]
+                for name in ("rlaccel_plain", "rlaccel_all", "rlaccel_sync", "rlaccel_nospec")})
 
 
 def spec_overrides(head: str) -> list[str]:
@@ -305,8 +305,9 @@ def one_logged(job: dict, log: str) -> None:
 
 
 class KeptTRL:
-    """The plain TRL runs, one after another in one subprocess: its imports (torch, transformers,
-    TRL and the vLLM it imports: ~16 s) are paid once instead of per run. Each run sets its own
+    """The plain TRL runs (trl, and trl_bf16: autocast is scoped to a run), one after another in
+    one subprocess: its imports (torch, transformers, TRL and the vLLM it imports: ~16 s) are
+    paid once instead of per run. Each run sets its own
     threads and seeds and loads its model from disk; between runs the process waits on a pipe (no
     CPU). trl_vllm, trl_ftz and trl_malloc, which change process-wide state (a vLLM engine, denormal
     flushing, malloc's settings), keep a subprocess each."""
@@ -468,8 +469,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny-short only, one seed, 20 steps (smoke)")
     parser.add_argument("--cells", default=None, help="comma-separated subset of tiny-short,tiny-long,small-short,small-long")
     parser.add_argument("--optional", action="store_true",
-                        help="also the optional systems (rlaccel_nospec in tiny-short and small-short, trl_ftz and "
-                             "trl_malloc in small-short)")
+                        help="also the optional systems (rlaccel_nospec in tiny-short and small-short, trl_ftz, "
+                             "trl_malloc and rlaccel_nospec_bf16 in small-short)")
     parser.add_argument("--systems", default=None,
                         help="comma-separated: only these systems (their seeds as planned); the other rows of the "
                              "results file are kept")
@@ -491,7 +492,7 @@ def main() -> None:
     systems = set(args.systems.split(",")) if args.systems else None
     bad = (systems or set()) - {*RLACCEL, "trl", "trl_vllm", "trl_ftz", "trl_malloc", "trl_bf16"}
     if bad:
-        parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_vllm, trl_ftz, trl_malloc, "
+        parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_bf16, trl_vllm, trl_ftz, trl_malloc, "
                      f"{', '.join(RLACCEL)}")
     out = Path(args.out)
     from orchestration.actors import Actors

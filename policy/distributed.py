@@ -56,10 +56,11 @@ def keep_configured_hyperparameters(param_groups: list[dict], cfg) -> None:
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_``, without its multiply by a coefficient clamped to 1
     when the norm is within ``max_norm`` (torch always multiplies, to avoid a host-device sync
-    on GPUs; here the norm is read on the host anyway): the same gradients, bit for bit, and
-    one pass over them fewer (~38 ms of a ~0.8 s bfloat16 update of the ~100M preset on one
-    CPU thread). Returns the total norm, as torch does."""
-    params = list(params)
+    on GPUs; here the norm is read on the host anyway): for a finite norm the same gradients,
+    bit for bit, and one pass over them fewer (~38 ms of a ~0.8 s bfloat16 update of the ~100M
+    preset on one CPU thread). A NaN norm leaves them as they are (torch multiplies them by NaN);
+    the callers drop them then. Returns the total norm, as torch does."""
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if max_norm / (norm + 1e-6) < 1.0:  # torch's coefficient, as torch computes it
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
