@@ -52,7 +52,8 @@ def plot(rows: list[dict], path: Path) -> None:
         shown = [r for r in rows if (r["model"], r["prompt"]) == (model, prompt) and r["seed"] == 0]
         for i, r in enumerate(shown):  # bfloat16 systems dashed; 20 colours, as a cell has up to ~17 systems
             wall, avg, samples = zip(*r["curve"])
-            style = dict(label=r["system"], color=plt.cm.tab20(i % 20), ls="--" if r["system"].endswith("_bf16") else "-")
+            style = dict(label=r["system"], color=plt.cm.tab20(i % 20),
+                         ls="--" if r["system"].endswith("_bf16") else "-")
             ax_t.plot(wall, avg, **style)
             ax_s.plot(samples, avg, **style)
         target = next((r["target_reward"] for r in rows if (r["model"], r["prompt"]) == (model, prompt)), None)
