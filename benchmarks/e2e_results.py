@@ -53,7 +53,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for i, r in enumerate(shown):  # bfloat16 systems dashed; 20 colours, as a cell has up to ~17 systems
             wall, avg, samples = zip(*r["curve"])
             style = dict(label=r["system"], color=plt.cm.tab20(i % 20),
-                         ls="--" if r["system"].endswith("_bf16") else "-")
+                         ls="--" if r["system"].endswith(BF16) else "-")
             ax_t.plot(wall, avg, **style)
             ax_s.plot(samples, avg, **style)
         target = next((r["target_reward"] for r in rows if (r["model"], r["prompt"]) == (model, prompt)), None)
@@ -110,10 +110,14 @@ def levels_table(rows: list[dict], samples: bool = False) -> str:
     return "\n".join(lines)
 
 
+# A bfloat16 system's name ends with this (e2e_vs_trl.py: trl_bf16, rlaccel_all_bf16, ...).
+BF16 = "_bf16"
+
+
 def same_precision(system: str, base: str) -> str:
     """The baseline ``base`` ("trl", "rlaccel_plain") in ``system``'s precision: a bfloat16 system
     (``_bf16``) is compared with the bfloat16 baseline, a float32 one with the float32 one."""
-    return f"{base}_bf16" if system.endswith("_bf16") else base
+    return base + BF16 if system.endswith(BF16) else base
 
 
 def table(rows: list[dict]) -> str:
@@ -167,7 +171,7 @@ def ceiling_table(rows: list[dict]) -> str:
              "| bound step s | TRL step s | rlaccel_all vs TRL | bound vs TRL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, prompt), suffix in ((cell, suffix) for cell in dict.fromkeys((r["model"], r["prompt"]) for r in rows)
-                                    for suffix in ("", "_bf16")):
+                                    for suffix in ("", BF16)):
         cell = [r for r in rows if (r["model"], r["prompt"]) == (model, prompt) and r.get("step_breakdown_s")]
         phase = lambda system, key: mean([r["step_breakdown_s"][key] for r in cell if r["system"] == system])  # noqa: E731
         step = lambda system: mean([r["samples"] / r["steps"] / r["samples_per_s"]  # noqa: E731

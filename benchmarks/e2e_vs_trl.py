@@ -68,7 +68,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, ROOT, machine, write_results  # noqa: E402  (benchmarks/common.py)
-from e2e_results import plot, report, summarize  # noqa: E402  (benchmarks/e2e_results.py)
+from e2e_results import BF16, plot, report, summarize  # noqa: E402  (benchmarks/e2e_results.py)
 
 sys.path.insert(0, str(ROOT))
 LONG = ["data.few_shot=32", "data.max_prompt_tokens=384", "rollout.max_model_len=448"]
@@ -79,7 +79,7 @@ def cells(quick: bool) -> dict[str, dict]:
     Every cell has the ablation (each acceleration alone) beside plain, all and sync."""
     compared = ("trl", "rlaccel_plain", "rlaccel_all", "rlaccel_sync")  # every seed of a cell
     # The same in bfloat16 (TRL's own default precision, GRPOConfig bf16=True), in the short cells
-    half = tuple(f"{s}_bf16" for s in compared)
+    half = tuple(s + BF16 for s in compared)
     ablation = ("rlaccel_spec", "rlaccel_shared", "rlaccel_async")
     # The other cells' models earn no reward (every advantage is 0): skipping zero-advantage
     # responses would leave out their whole update, which then measures nothing. There
@@ -130,9 +130,10 @@ RLACCEL = {
     "rlaccel_all": ["orchestration.max_staleness=1", "trainer.shared_prompt=true", *ASYNC_THREADS, "SPEC"],
     "rlaccel_sync": ["orchestration.max_staleness=0", "trainer.shared_prompt=true", "SPEC"],
 }
+TRL = ("trl", "trl" + BF16, "trl_vllm", "trl_ftz", "trl_malloc")  # the TRL systems (run_trl)
 # bfloat16 weights and compute (AMX here) through a float32 master copy, vLLM sampling in bfloat16
 # and its logprobs' mismatch with the trainer's corrected (algorithm.behaviour_weight=auto)
-RLACCEL.update({f"{name}_bf16": [*RLACCEL[name], "model.dtype=bfloat16"]
+RLACCEL.update({name + BF16: [*RLACCEL[name], "model.dtype=bfloat16"]
                 for name in ("rlaccel_plain", "rlaccel_all", "rlaccel_sync", "rlaccel_nospec")})
 
 
@@ -232,7 +233,7 @@ def run_trl(job: dict) -> dict:
         temperature=r.temperature, top_p=r.top_p, learning_rate=t.lr, lr_scheduler_type="constant",
         adam_beta1=t.beta1, adam_beta2=t.beta2, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         beta=0.0, loss_type="dapo", scale_rewards="group", epsilon=a.clip_low, epsilon_high=a.clip_high,
-        num_iterations=1, bf16=job["system"] == "trl_bf16", use_cpu=True, gradient_checkpointing=False,
+        num_iterations=1, bf16=job["system"].endswith(BF16), use_cpu=True, gradient_checkpointing=False,
         max_steps=job["steps"],
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=job["seed"],
         use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1,
@@ -351,7 +352,7 @@ def spawn(job: dict, log_dir: Path, actors, trl: KeptTRL) -> dict | None:
             # An idle Ray session must not share TRL's cores: with kept small-model actors it used 9.6% of
             # one core (ad hoc, 60 s). The next rlaccel run starts a new one.
             stop_ray(actors)
-            if job["system"] in ("trl", "trl_bf16"):  # bf16: autocast, scoped to the run
+            if job["system"] in ("trl", "trl" + BF16):  # bf16: autocast, scoped to the run
                 failed = trl.run(job, log)
             else:
                 from orchestration.actors import KEEP_FREED_MEMORY
@@ -491,10 +492,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown cells {sorted(unknown)}; choose from {list(plan)}")
     systems = set(args.systems.split(",")) if args.systems else None
-    bad = (systems or set()) - {*RLACCEL, "trl", "trl_vllm", "trl_ftz", "trl_malloc", "trl_bf16"}
+    bad = (systems or set()) - {*TRL, *RLACCEL}
     if bad:
-        parser.error(f"unknown systems {sorted(bad)}; choose from trl, trl_bf16, trl_vllm, trl_ftz, trl_malloc, "
-                     f"{', '.join(RLACCEL)}")
+        parser.error(f"unknown systems {sorted(bad)}; choose from {', '.join([*TRL, *RLACCEL])}")
     out = Path(args.out)
     from orchestration.actors import Actors
     actors = Actors()  # the rlaccel runs' Ray actors, kept from one rlaccel run to the next
