@@ -13,6 +13,7 @@ from pathlib import Path
 
 from orchestration import checkpoint
 from orchestration.config import Config, ConfigError, ModelConfig
+from policy.fused_adamw import MODES as FUSED_MASTER_STEP
 
 log = logging.getLogger("rlaccel")
 
@@ -135,6 +136,7 @@ def validate(config: Config, warn: bool = True) -> None:
     _check("trainer.max_grad_norm", math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0, "finite, > 0",
            t.max_grad_norm)
     _choice("trainer.attention_backend", t.attention_backend, BACKENDS)
+    _choice("trainer.fused_master_step", t.fused_master_step, FUSED_MASTER_STEP)
     _check("trainer.world_size", t.world_size >= 1, ">= 1", t.world_size)
     _check("trainer.device", t.device in ("cpu", "cuda", "cuda:0"), "'cpu' or 'cuda' (Ray shows each trainer rank "
            "its own GPU only, as cuda:0)", t.device)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from policy.fused_adamw import FusedMasterAdamW, fused_master_adamw
+
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +89,7 @@ class MasterCopy:
         self.params = params
         self.master = ([torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
                        if any(p.dtype in LOW_PRECISION for p in params) else None)
+        self.fused: FusedMasterAdamW | None = None  # the one-pass update (policy.fused_adamw), where set
 
     def stepped(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
         """What the optimizer steps for ``params`` (some of :attr:`params`): their copies, or themselves."""
@@ -98,6 +101,8 @@ class MasterCopy:
     def clip_and_step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
         """Clip the gradients to ``max_norm`` and step ``optimizer``; returns the pre-clip norm. A
         non-finite norm steps nothing (the caller drops the gradients)."""
+        if self.fused is not None and self.fused.applies():
+            return self.fused.clip_and_step(max_norm)
         if self.master is not None:
             for p, m in zip(self.params, self.master):
                 m.grad = None if p.grad is None else p.grad.to(torch.float32)
@@ -134,6 +139,7 @@ class LocalUpdate(MasterCopy):
         super().__init__([p for p in model.parameters() if p.requires_grad])
         self.model, self.max_grad_norm, self.cfg = model, cfg.max_grad_norm, cfg
         self.optimizer = adamw(self.stepped(self.params), cfg)
+        self.fused = fused_master_adamw(self.optimizer, self.params, self.master, cfg.fused_master_step)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
