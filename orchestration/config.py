@@ -183,12 +183,14 @@ class TrainerConfig:
     # thread, gradient clipping 0.30 -> 0.11 s and AdamW 0.72 -> 0.16 s per step. The update
     # changes by far less than a float32 rounding of any weight (tests/policy/test_trainer.py).
     flush_denormal: bool = True
-    # The AdamW step of bfloat16/float16 weights through their float32 master copy in one pass
-    # over memory (policy/fused_adamw.py, compiled by torch.compile with a C++ compiler) instead
-    # of five: 0.29 -> 0.16 s a step for the 100M preset on one CPU thread, the same update up to
-    # float rounding (tests/policy/test_fused_adamw.py). "auto": on CPU for a master copy of
-    # >= 10M parameters (the compile takes 4-12 s at start-up), falling back with a warning where
-    # it cannot compile; "on": always on CPU (errors if it cannot); "off": the reference path.
+    # The AdamW step of bfloat16/float16 weights through their float32 master copy in two passes
+    # over memory (the norm; then the update, written into the weights) instead of five
+    # (policy/fused_adamw.py, compiled by torch.compile, which needs a C++ compiler): 0.29 -> 0.16 s
+    # a step for the 100M preset on one CPU thread, the same update up to float rounding
+    # (tests/policy/test_fused_adamw.py). "auto": for a master copy of >= 10M parameters on the CPU
+    # (the compile takes 4-12 s at start-up), falling back with a warning where it cannot compile;
+    # "on": for every master copy on the CPU, an error where it cannot compile; "off": the reference
+    # path. Float32 weights have no master copy and DeepSpeed's ranks their own: neither is affected.
     fused_master_step: str = "auto"
     # Skip the forward and backward of responses whose advantage is exactly 0 (the groups whose
     # rewards are all equal, with binary rewards): they add exactly nothing to the loss or its

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from orchestration import checkpoint
 from orchestration.config import Config, ConfigError, ModelConfig
-from policy.fused_adamw import MODES as FUSED_MASTER_STEP
 
 log = logging.getLogger("rlaccel")
 
@@ -45,6 +44,7 @@ def validate(config: Config, warn: bool = True) -> None:
     """Value checks a type cannot express. Registries are consulted, not copied. ``warn``: also log
     the warnings of settings that run but cost acceptance (false for a second check of one config)."""
     from attention.shared_prompt import BACKENDS
+    from policy.fused_adamw import MODES as FUSED_MASTER_STEP
     from policy.grpo import ADVANTAGES, BEHAVIOUR_WEIGHTS, LOSS_AGGREGATIONS, weighs_on_policy
     from policy.models import BUILTIN_MODELS
 

@@ -6,21 +6,27 @@ the master into the parameters: five passes, ~44 bytes of memory traffic a param
 memory-bound on a CPU (0.29 s a step for the 100M preset on one thread, ~40% of its update).
 :class:`FusedMasterAdamW` reads the bfloat16 gradients once for the norm (2 bytes) and then makes
 one pass that reads gradient, master and both moments and writes master, moments and parameter
-(28 bytes): 0.16 s. The pass is compiled by ``torch.compile`` (inductor's C++ backend, one kernel
-for every tensor size); it updates the optimizer's own state (``exp_avg``, ``exp_avg_sq``,
-``step``), so checkpoints and the reference path read and write the same state.
+(28 bytes): 0.16 s. Both are compiled by ``torch.compile`` (inductor's C++ backend, with
+symbolic sizes: one kernel for every tensor length, two for the norm's reduction, which inductor
+generates differently up to 4096 elements and beyond), with the thread count of the process at
+its start (the trainer sets its threads first). The pass updates the optimizer's own state
+(``exp_avg``, ``exp_avg_sq``, ``step``) with its groups' current hyperparameters, so checkpoints,
+a learning-rate schedule and the reference path read and write the same state; the optimizer's
+step hooks are not run (none is registered here).
 
 The arithmetic is torch's fused CPU kernel's (``aten/src/ATen/native/cpu/FusedAdamKernel.cpp``,
-ADAMW mode), in its order, with its scalars computed in double and rounded to float32:
+ADAMW mode, the lerp branch of β1 > 0.5; other betas take the reference path), in its order,
+with its scalars computed in double and rounded to float32:
 ``p ← p·(1 − lr·wd)``, ``m ← m + (1 − β1)·(g − m)``, ``v ← v·β2 + (1 − β2)·g·g``,
 ``p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)``, with ``g`` the float32 gradient times the
 clip coefficient (1 when the norm is within ``max_norm``: the reference does not multiply then,
 and a multiply by 1 is exact). Deviations, each a float rounding: torch computes the lerp with a
 fused multiply-add (here two roundings); the norm is summed differently (here each tensor's squares
 in float32 by inductor's vectorised reduction and the tensors' sums in float64), so a clip
-coefficient may differ in its last bits: on the 100M preset's gradients this norm was within
-2.7e-6 of the exact one and torch's within 2.7e-4. tests/policy/
-test_fused_adamw.py compares the two paths step by step with bounds derived from these roundings.
+coefficient may differ in its last bits: on 100M bfloat16 gradients shaped as the 100M preset's
+(ad hoc) this norm was within 2.7e-6 of the exact one, relative, and torch's within 2.7e-4.
+tests/policy/test_fused_adamw.py compares the two paths step by step with bounds derived from
+these roundings.
 """
 
 from __future__ import annotations
@@ -59,29 +65,39 @@ def _adamw_master_update(grad, master, exp_avg, exp_avg_sq, param, coef, decay, 
 
 
 class FusedMasterAdamW:
-    """Steps ``optimizer`` (a ``torch.optim.AdamW`` over ``master``, the float32 copies of
-    ``params``) from the gradients of ``params``, and rounds the result into ``params``."""
+    """Steps ``optimizer`` (torch's fused ``AdamW`` over ``master``, the float32 copies of
+    ``params``) from the gradients of ``params``, and rounds the result into ``params``. Build it
+    with :func:`fused_master_adamw`, which checks that the pass implements the optimizer."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                  master: list[torch.nn.Parameter]):
         self.optimizer, self.params, self.master = optimizer, params, master
-        self.group_of = {id(m): g for g in optimizer.param_groups for m in g["params"]}
+        self._fell_back = False
         self._update = torch.compile(_adamw_master_update, dynamic=True, fullgraph=True)
         self._norm_part = torch.compile(_sum_of_squares, dynamic=True, fullgraph=True)
-        # Compile now, for both of inductor's reductions (up to 4096 elements, and longer): a
-        # failure shows at start-up. The steps pass detached views (a Parameter's sizes are static).
+        # Compile now, for each kind of length the steps pass (a length of 1 is specialised; the
+        # norm's reduction differs up to 4096 elements and beyond): a failure shows at start-up.
+        # The steps pass detached views: a Parameter's sizes would be compiled as constants.
+        lengths = {64, 8192} | ({1} if any(p.numel() == 1 for p in params) else set())
         with torch.no_grad():
             for dtype in {p.dtype for p in params}:
-                for n in (64, 8192):
+                for n in lengths:
                     grad, moment = torch.ones(n, dtype=dtype), torch.ones(n)
                     self._norm_part(grad)
                     self._update(grad, moment.clone(), moment.clone(), moment.clone(), grad.clone(),
                                  *(torch.ones(()) for _ in range(8)))
 
     def applies(self) -> bool:
-        """Whether this step's gradients suit the fused pass (dense, contiguous); else the
-        reference path steps."""
-        return all(p.grad is None or (p.grad.layout == torch.strided and p.grad.is_contiguous()) for p in self.params)
+        """Whether this step suits the pass: dense, contiguous gradients, and parameter groups it
+        implements (a loaded checkpoint restores a group's options); else the reference path steps
+        (logged once)."""
+        why = _unsupported_groups(self.optimizer) or next(
+            (f"a {p.grad.layout} or non-contiguous gradient" for p in self.params
+             if p.grad is not None and (p.grad.layout != torch.strided or not p.grad.is_contiguous())), None)
+        if why and not self._fell_back:
+            log.warning("trainer.fused_master_step: %s; the update takes the reference path", why)
+            self._fell_back = True
+        return why is None
 
     def grad_norm(self) -> torch.Tensor:
         """The 2-norm of all parameters' gradients, as a float32 0-d tensor: each tensor's sum of
@@ -99,12 +115,13 @@ class FusedMasterAdamW:
         coef = torch.ones(())
         if max_norm / (norm + 1e-6) < 1.0:  # as policy.distributed.clip_grad_norm, as torch computes it
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        group_of = {id(m): g for g in self.optimizer.param_groups for m in g["params"]}  # current: a load replaces them
         scalars: dict[tuple, list[torch.Tensor]] = {}
         with torch.no_grad():
             for p, m in zip(self.params, self.master):
                 if p.grad is None:  # as torch's AdamW: no state change for a parameter without a gradient
                     continue
-                group, state = self.group_of[id(m)], self.optimizer.state[m]
+                group, state = group_of[id(m)], self.optimizer.state[m]
                 if not state:  # torch's initial state for the fused implementation
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
@@ -128,31 +145,49 @@ def _scalars(group: dict, step: float) -> list[torch.Tensor]:
     return [torch.tensor(v, dtype=torch.float32) for v in values]
 
 
+def _unsupported_groups(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the pass does not implement ``optimizer``'s groups, or None: it is torch's fused AdamW
+    (the kernel whose rounding it follows) without amsgrad, maximize, capturable or differentiable,
+    with beta1 > 0.5 (torch's lerp takes its other form below)."""
+    if not isinstance(optimizer, torch.optim.AdamW):
+        return f"the optimizer is {type(optimizer).__name__}, not AdamW"
+    for g in optimizer.param_groups:
+        options = [k for k in ("amsgrad", "maximize", "capturable", "differentiable") if g.get(k)]
+        if options or not g.get("fused"):
+            return f"an AdamW group with {options or 'fused=False'}"
+        if g["betas"][0] <= 0.5:
+            return f"beta1={g['betas'][0]} <= 0.5"
+    return None
+
+
 def fused_master_adamw(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                        master: list[torch.nn.Parameter] | None, mode: str) -> FusedMasterAdamW | None:
-    """The fused pass for this master copy, or None for the reference path: ``mode`` "off";
-    no master copy; parameters not on the CPU; AdamW options the pass does not implement
-    (amsgrad, maximize, capturable, differentiable); "auto" below :data:`AUTO_MIN_PARAMETERS`.
-    A failed compile (no C++ compiler) under "auto" logs a warning and takes the reference path."""
+    """The fused pass for this master copy, or None for the reference path: ``mode`` "off", no
+    master copy (float32 weights), or under "auto" parameters off the CPU, an optimizer the pass
+    does not implement (:func:`_unsupported_groups`), fewer than :data:`AUTO_MIN_PARAMETERS`
+    parameters or a failed compile (a warning). "on" raises where "auto" would fall back."""
     if mode not in MODES:
         raise ValueError(f"trainer.fused_master_step={mode!r}: choose one of {list(MODES)}")
     if mode == "off" or master is None:
         return None
-    unsupported = [k for k in ("amsgrad", "maximize", "capturable", "differentiable")
-                   if any(g.get(k) for g in optimizer.param_groups)]
-    if not isinstance(optimizer, torch.optim.AdamW) or unsupported or any(p.device.type != "cpu" for p in params):
+    why = (_unsupported_groups(optimizer)
+           or next((f"a parameter on {p.device} (trainer.device)" for p in params if p.device.type != "cpu"), None)
+           or next(("a non-contiguous parameter" for p in params if not p.is_contiguous()), None))
+    if why:
         if mode == "on":
-            raise ValueError(f"trainer.fused_master_step=on: the fused pass implements AdamW on CPU parameters "
-                             f"without {unsupported or 'its options'}; set trainer.fused_master_step=auto")
+            raise ValueError(f"trainer.fused_master_step=on: the fused pass runs torch's fused AdamW on contiguous "
+                             f"CPU parameters, and here there is {why}; set trainer.fused_master_step=auto or off")
         return None
     if mode == "auto" and sum(p.numel() for p in params) < AUTO_MIN_PARAMETERS:
         return None
     try:
         return FusedMasterAdamW(optimizer, params, master)
     except Exception as exc:  # noqa: BLE001 (inductor raises many kinds: a missing compiler, a failed build)
+        hint = ("torch.compile builds it with a C++ compiler (g++ on PATH, or CXX); trainer.fused_master_step=off "
+                "takes the reference path (slower, the same result)")
         if mode == "on":
-            raise
+            raise RuntimeError(f"trainer.fused_master_step=on: compiling the fused AdamW pass failed "
+                               f"({type(exc).__name__}: {exc}); {hint}") from exc
         log.warning("trainer.fused_master_step=auto: compiling the fused AdamW pass failed (%s: %s); the update "
-                    "takes the reference path (slower, the same result). A C++ compiler (g++) lets torch.compile "
-                    "build it; trainer.fused_master_step=off silences this.", type(exc).__name__, exc)
+                    "takes the reference path. %s", type(exc).__name__, exc, hint)
         return None

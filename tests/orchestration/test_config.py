@@ -38,6 +38,7 @@ def test_wrong_type_names_its_path():
     ("algorithm.behaviour_weight=always", "algorithm.behaviour_weight"),
     ("rollout.sync_probe_tolerance=0", "rollout.sync_probe_tolerance"),
     ("trainer.logit_chunk=-1", "trainer.logit_chunk"),
+    ("trainer.fused_master_step=yes", "trainer.fused_master_step"),
     ("rollout.spec_method=medusa", "rollout.spec_method"),
     ("mtp.head=medusa", "mtp.head"),
     ("mtp.draft_vocab=-1", "mtp.draft_vocab"),

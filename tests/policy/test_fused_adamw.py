@@ -4,12 +4,12 @@ fused AdamW, the master rounded into the parameters).
 
 Each step starts both paths from the same state and compares them with a float64 oracle of the
 same step (the same float32 state, the bfloat16 gradients exactly, the clip coefficient of the
-exact norm). Tolerances derived from the roundings: the fused norm is within twice the
-reference's own error of the exact norm (both sum float32 squares, differently) plus two float32
-roundings; master and moments may be off the oracle
-by at most twice the reference's own largest error (the pass rounds as torch's kernel does but
-for the lerp's fused multiply-add) plus one float32 rounding; the bfloat16 parameters are the
-master rounded, exactly, in both. Compiles with inductor (a C++ compiler; ~12 s cold): slow.
+exact norm). Tolerances derived from the roundings: the fused norm sums each tensor's float32
+squares in some order (relative error at most (n − 1)·2⁻²⁴ for n terms, the longest tensor's
+length here) and the tensors' sums in float64; master and moments may be off the oracle by at
+most twice the reference's own largest error (the pass rounds as torch's kernel does but for the
+lerp's fused multiply-add) plus one float32 rounding; the bfloat16 parameters are the master
+rounded, exactly, in both. Compiles with inductor (a C++ compiler; ~12 s cold): slow.
 """
 
 import copy
@@ -32,18 +32,18 @@ def _model(seed: int = 0) -> torch.nn.ParameterList:
                                    for n in SIZES])
 
 
-def _pair(lr: float, weight_decay: float):
+def _pair(lr: float, weight_decay: float, betas=(0.9, 0.99)):
     """The reference and the fused update of two identical bfloat16 models."""
-    cfg = load_config(None, [f"trainer.lr={lr}", f"trainer.weight_decay={weight_decay}"]).trainer
-    ref_model, fused_model = _model(), _model()
-    ref = LocalUpdate(ref_model, cfg)
-    assert ref.fused is None  # below AUTO_MIN_PARAMETERS
-    fused = LocalUpdate(fused_model, cfg)
-    fused.fused = FusedMasterAdamW(fused.optimizer, fused.params, fused.master)
+    cfg = load_config(None, [f"trainer.lr={lr}", f"trainer.weight_decay={weight_decay}",
+                             f"trainer.beta1={betas[0]}", f"trainer.beta2={betas[1]}"]).trainer
+    ref = LocalUpdate(_model(), cfg)
+    assert ref.fused is None  # "auto", below AUTO_MIN_PARAMETERS
+    fused = LocalUpdate(_model(), cfg)
+    fused.fused = fused_master_adamw(fused.optimizer, fused.params, fused.master, "on")
     return ref, fused
 
 
-def _set_grads(updates, step: int, scale: float) -> None:
+def _set_grads(updates, step: int, scale: float = 0.01) -> None:
     g = torch.Generator().manual_seed(100 + step)
     for i, n in enumerate(SIZES):
         grad = (scale * torch.randn(n, generator=g)).bfloat16()
@@ -54,8 +54,8 @@ def _set_grads(updates, step: int, scale: float) -> None:
 
 
 def _oracle(update: MasterCopy, max_norm: float, before: list[dict]) -> tuple[float, list[dict]]:
-    """The step in float64 from the reference's state ``before`` (per parameter: master, exp_avg,
-    exp_avg_sq, step) and its parameters' gradients."""
+    """The step in float64 from the state ``before`` (per parameter: master, exp_avg, exp_avg_sq,
+    step) and the update's parameters' gradients."""
     grads = [None if p.grad is None else p.grad.double() for p in update.params]
     norm = math.sqrt(sum(float((g * g).sum()) for g in grads if g is not None))
     coef = min(1.0, max_norm / (norm + 1e-6))
@@ -93,48 +93,50 @@ def _copy_state(src: MasterCopy, dst: MasterCopy) -> None:
             q.copy_(p)
 
 
-@pytest.mark.parametrize("max_norm, lr, weight_decay", [(1e9, 1e-3, 0.0), (1e9, 1e-3, 0.1), (0.05, 1e-2, 0.01)])
-def test_the_fused_pass_steps_as_the_reference_does(max_norm, lr, weight_decay):
-    """Four steps (clipped in the last case: the gradients' norm is ~1.6, max_norm 0.05)."""
-    ref, fused = _pair(lr, weight_decay)
+def _step_both_and_compare(ref: LocalUpdate, fused: LocalUpdate, max_norm: float) -> None:
+    """One step of each from the same state and gradients, against the float64 oracle."""
+    before = _state(ref)
+    exact_norm, oracle = _oracle(ref, max_norm, before)
+    ref.clip_and_step(ref.optimizer, max_norm)
+    fused_norm = fused.clip_and_step(fused.optimizer, max_norm)
+    assert abs(fused_norm - exact_norm) <= max(SIZES) * 2.0 ** -24 * exact_norm
+    for i, (o, r, f) in enumerate(zip(oracle, _state(ref), _state(fused))):
+        assert f["step"] == r["step"] == o["step"]
+        for k in ("master", "exp_avg", "exp_avg_sq"):
+            ref_err = float((r[k] - o[k]).abs().max())
+            fused_err = float((f[k] - o[k]).abs().max())
+            assert fused_err <= 2 * ref_err + float(o[k].abs().max()) * 2.0 ** -24, (i, k, fused_err, ref_err)
+    for q, m in zip(fused.params, fused.master):
+        assert q.dtype == torch.bfloat16 and torch.equal(q.detach(), m.detach().to(torch.bfloat16))  # the master rounded
+
+
+@pytest.mark.parametrize("max_norm, lr, weight_decay, betas", [(1e9, 1e-3, 0.0, (0.9, 0.99)),
+                                                               (1e9, 1e-3, 0.1, (0.9, 0.99)),
+                                                               (1e9, 1e-2, 0.0, (0.8, 0.95)),
+                                                               (0.05, 1e-2, 0.01, (0.9, 0.999))])
+def test_the_fused_pass_steps_as_the_reference_does(max_norm, lr, weight_decay, betas):
+    """Four steps (clipped in the last case: the gradients' norm is ~1.6, max_norm 0.05; the
+    second parameter has no gradient in the third step)."""
+    ref, fused = _pair(lr, weight_decay, betas)
     for step in range(4):
-        _set_grads([ref, fused], step, scale=0.01)
-        before = _state(ref)
-        exact_norm, oracle = _oracle(ref, max_norm, before)
-        ref_norm = ref.clip_and_step(ref.optimizer, max_norm)
-        fused_norm = fused.clip_and_step(fused.optimizer, max_norm)
-        ref_norm_err = abs(ref_norm - exact_norm)
-        assert abs(fused_norm - exact_norm) <= 2 * ref_norm_err + 2 * 2.0 ** -24 * exact_norm
-        after_ref, after_fused = _state(ref), _state(fused)
-        for i, (o, r, f) in enumerate(zip(oracle, after_ref, after_fused)):
-            assert f["step"] == r["step"] == o["step"]
-            for k in ("master", "exp_avg", "exp_avg_sq"):
-                if o[k] is None:  # no gradient yet: no state in either
-                    assert r[k] is None and f[k] is None
-                    continue
-                ref_err = float((r[k] - o[k]).abs().max())
-                one_rounding = float(o[k].abs().max()) * 2.0 ** -24
-                fused_err = float((f[k] - o[k]).abs().max())
-                assert fused_err <= 2 * ref_err + one_rounding, (step, i, k, fused_err, ref_err)
-        for p, q, m in zip(ref.params, fused.params, fused.master):
-            assert torch.equal(q.detach(), m.detach().to(torch.bfloat16))  # the master rounded
-            assert p.dtype == q.dtype == torch.bfloat16
+        _set_grads([ref, fused], step)
+        _step_both_and_compare(ref, fused, max_norm)
         _copy_state(ref, fused)  # the next step starts both from the same state
 
 
 def test_a_parameter_without_a_gradient_keeps_its_state():
     ref, fused = _pair(1e-3, 0.1)
-    _set_grads([fused], 0, scale=0.01)
+    _set_grads([fused], 0)
     fused.params[0].grad = None
     fused.clip_and_step(fused.optimizer, 1.0)
-    assert fused.master[0] not in fused.optimizer.state or not fused.optimizer.state[fused.master[0]]
+    assert not fused.optimizer.state.get(fused.master[0])
     assert torch.equal(fused.master[0].detach(), ref.master[0].detach())  # not even weight decay applied
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_norm_steps_nothing(bad):
     _, fused = _pair(1e-3, 0.1)
-    _set_grads([fused], 0, scale=0.01)
+    _set_grads([fused], 0)
     fused.params[2].grad[5] = bad
     before = [m.detach().clone() for m in fused.master]
     norm = fused.clip_and_step(fused.optimizer, 1.0)
@@ -143,18 +145,34 @@ def test_a_non_finite_norm_steps_nothing(bad):
     assert not any(fused.optimizer.state.values())
 
 
-def test_a_checkpoint_of_the_fused_path_resumes_on_the_reference_path(tmp_path):
-    """The pass keeps torch's AdamW state: a save after fused steps loads into the reference."""
+def test_a_checkpoint_of_the_fused_path_resumes_on_either_path(tmp_path):
+    """The pass keeps torch's AdamW state: a save after fused steps loads into the reference, and
+    both go on alike, the fused one with the loaded groups (the load replaces them)."""
     ref, fused = _pair(1e-3, 0.1)
     for step in range(2):
-        _set_grads([fused], step, scale=0.01)
+        _set_grads([fused], step)
         fused.clip_and_step(fused.optimizer, 1.0)
     fused.save(tmp_path)
     ref.load(tmp_path)
+    fused.load(tmp_path)
     for a, b in zip(ref.master, fused.master):
         assert torch.equal(a.detach(), b.detach())
         for k in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(ref.optimizer.state[a][k], fused.optimizer.state[b][k])
+    _set_grads([ref, fused], 2)
+    _step_both_and_compare(ref, fused, 1.0)
+
+
+def test_a_gradient_the_pass_does_not_take_goes_the_reference_path():
+    ref, fused = _pair(1e-3, 0.1)
+    _set_grads([ref, fused], 0)
+    strided = torch.zeros(2 * SIZES[2], dtype=torch.bfloat16)[::2]
+    strided.copy_(ref.params[2].grad)
+    fused.params[2].grad = strided  # non-contiguous
+    assert not fused.fused.applies()
+    ref.clip_and_step(ref.optimizer, 1.0)
+    fused.clip_and_step(fused.optimizer, 1.0)
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(ref.master, fused.master))  # the same path
 
 
 def test_which_updates_are_fused():
@@ -167,5 +185,10 @@ def test_which_updates_are_fused():
     assert fused_master_adamw(float32.optimizer, float32.params, float32.master, "on") is None  # no master copy
     with pytest.raises(ValueError, match="choose one of"):
         fused_master_adamw(small.optimizer, small.params, small.master, "yes")
+    for optimizer in (torch.optim.AdamW(small.master, betas=(0.3, 0.99), fused=True),  # torch's other lerp form
+                      torch.optim.AdamW(small.master)):  # not the fused kernel, which the pass rounds as
+        assert fused_master_adamw(optimizer, small.params, small.master, "auto") is None
+        with pytest.raises(ValueError, match="fused_master_step=on"):
+            fused_master_adamw(optimizer, small.params, small.master, "on")
     big = torch.nn.Linear(AUTO_MIN_PARAMETERS // 1000, 1000, bias=False).to(torch.bfloat16)
     assert isinstance(LocalUpdate(big, cfg).fused, FusedMasterAdamW)
