@@ -147,7 +147,8 @@ def test_a_non_finite_norm_steps_nothing(bad):
 
 def test_a_checkpoint_of_the_fused_path_resumes_on_either_path(tmp_path):
     """The pass keeps torch's AdamW state: a save after fused steps loads into the reference, and
-    both go on alike, the fused one with the loaded groups (the load replaces them)."""
+    both go on alike, the fused one with the loaded groups (the load replaces them; a schedule's
+    new learning rate in them is the one applied)."""
     ref, fused = _pair(1e-3, 0.1)
     for step in range(2):
         _set_grads([fused], step)
@@ -159,6 +160,8 @@ def test_a_checkpoint_of_the_fused_path_resumes_on_either_path(tmp_path):
         assert torch.equal(a.detach(), b.detach())
         for k in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(ref.optimizer.state[a][k], fused.optimizer.state[b][k])
+    for update in (ref, fused):
+        update.optimizer.param_groups[0]["lr"] = 5e-4  # as a learning-rate schedule would
     _set_grads([ref, fused], 2)
     _step_both_and_compare(ref, fused, 1.0)
 
