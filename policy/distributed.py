@@ -89,7 +89,7 @@ class MasterCopy:
         self.params = params
         self.master = ([torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
                        if any(p.dtype in LOW_PRECISION for p in params) else None)
-        self.fused: FusedMasterAdamW | None = None  # the one-pass update (policy.fused_adamw), where set
+        self.fused: FusedMasterAdamW | None = None  # the fused two-pass step (policy.fused_adamw), where set
 
     def stepped(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
         """What the optimizer steps for ``params`` (some of :attr:`params`): their copies, or themselves."""
