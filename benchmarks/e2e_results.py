@@ -3,6 +3,7 @@ summarised into a results row, the markdown tables and the plot of the rows."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from pathlib import Path
 
@@ -170,15 +171,14 @@ def ceiling_table(rows: list[dict]) -> str:
     lines = ["| model | prompt | precision | update s (1 thread) | rollout s (1 thread) | sync s | rlaccel_all step s "
              "| bound step s | TRL step s | rlaccel_all vs TRL | bound vs TRL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, prompt), suffix in ((cell, suffix) for cell in dict.fromkeys((r["model"], r["prompt"]) for r in rows)
-                                    for suffix in ("", BF16)):
+    cells = dict.fromkeys((r["model"], r["prompt"]) for r in rows)
+    for (model, prompt), suffix in itertools.product(cells, ("", BF16)):
         cell = [r for r in rows if (r["model"], r["prompt"]) == (model, prompt) and r.get("step_breakdown_s")]
         phase = lambda system, key: mean([r["step_breakdown_s"][key] for r in cell if r["system"] == system])  # noqa: E731
         step = lambda system: mean([r["samples"] / r["steps"] / r["samples_per_s"]  # noqa: E731
                                     for r in cell if r["system"] == system and r["samples_per_s"]])
         all_ = f"rlaccel_all{suffix}"
-        rollouts = {s + suffix: phase(s + suffix, "rollout_s") for s in ONE_THREAD
-                    if phase(s + suffix, "rollout_s") is not None}
+        rollouts = {s + suffix: t for s in ONE_THREAD if (t := phase(s + suffix, "rollout_s")) is not None}
         update, trl, actual = phase(all_, "update_s"), step(f"trl{suffix}"), step(all_)
         if update is None or not rollouts or trl is None:
             continue

@@ -112,9 +112,8 @@ class FusedMasterAdamW:
         norm = self.grad_norm()
         if not math.isfinite(float(norm)):
             return float(norm)
-        coef = torch.ones(())
-        if max_norm / (norm + 1e-6) < 1.0:  # as policy.distributed.clip_grad_norm, as torch computes it
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        # torch's clip coefficient (clip_grads_with_norm_), exactly 1 where the norm is within max_norm
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         group_of = {id(m): g for g in self.optimizer.param_groups for m in g["params"]}  # current: a load replaces them
         scalars: dict[tuple, list[torch.Tensor]] = {}
         with torch.no_grad():
