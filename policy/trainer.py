@@ -12,7 +12,6 @@ import contextlib
 import copy
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -97,9 +96,6 @@ class PolicyTrainer:
         # One process, or this rank of a data-parallel group (torch.distributed already set up).
         self.update = (LocalUpdate if trainer_cfg.world_size == 1 else DeepSpeedUpdate)(self.model, trainer_cfg)
         self.version = 0
-        # Called before each optimizer step writes the weights: the trainer actor waits there for
-        # its exports still reading the previous version (orchestration.trainer_actor).
-        self.before_write: Callable[[], None] = lambda: None
 
     # ---- training -------------------------------------------------------------------
 
@@ -191,7 +187,6 @@ class PolicyTrainer:
                     f"non-finite loss at policy version {self.version} (mini-batch {m + 1} of {M}{_applied(grad_norms)}); "
                     f"it was not applied. Lower trainer.lr or check the model dtype; if a resume fails the same "
                     f"way at once, the policy itself has diverged: resume from an earlier checkpoint.")
-            self.before_write()
             try:
                 grad_norms.append(self.update.step())
             except UpdateNotApplied as exc:

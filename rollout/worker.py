@@ -158,18 +158,15 @@ class RolloutWorker:
         import ray
         return [str(i) for i in ray.get_gpu_ids()]
 
-    def update_weights(self, weights, version: int, checksum: str | None,
+    def update_weights(self, weights: PackedState, version: int, checksum: str | None,
                        probe: tuple[list[int], list[float] | None] | None = None) -> dict:
-        """Load new weights (packed by :func:`policy.models.pack_state`, or a Ray ref of them, as
-        the trainer's export sends them) in place; raises :class:`WeightSyncError` unless verified.
-        ``checksum``: the sender's :func:`policy.models.state_checksum` of them (None: not
-        checked). ``probe``: (token ids, the logprobs the engine must then give them, or None for a
-        transformers forward with these weights here)."""
+        """Load new weights (packed by :func:`policy.models.pack_state`) in place; raises
+        :class:`WeightSyncError` unless verified. ``checksum``: the sender's
+        :func:`policy.models.state_checksum` of them (None: not checked). ``probe``: (token ids,
+        the logprobs the engine must then give them, or None for a transformers forward with these
+        weights here)."""
         self._taken_back()
         t0 = time.perf_counter()
-        if not isinstance(weights, dict):  # a ref: read in place from the object store
-            import ray
-            weights = ray.get(weights)
         return self._apply(unpack_state(weights), version, checksum, probe, t0)
 
     def join_weight_group(self, address: tuple[str, int], rank: int, world_size: int,

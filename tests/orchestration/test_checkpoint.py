@@ -109,7 +109,6 @@ def test_a_resume_refuses_another_trainer_layout_and_another_model_where_it_is_r
 class _Recorder:
     def __init__(self, metrics=None):
         self.loaded, self.metrics, self.version, self.model = [], metrics or {}, 3, None
-        self.cfg = SimpleNamespace(device="cpu")
 
     def load(self, directory):
         self.loaded.append(directory)

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from orchestration.config import load_config
-from orchestration.trainer_actor import TrainerGroup, remote_trainer, shard_step, split_groups
+from orchestration.trainer_actor import TrainerActor, TrainerGroup, shard_step, split_groups
 from policy.batch import Group
 from policy.models import state_checksum, unpack_state
 from policy.trainer import PolicyTrainer
@@ -84,11 +84,6 @@ def test_every_rank_gets_groups_when_mini_batches_split_them_one_by_one():
     assert [len(s) for s in shards] == [1, 1, 1]
 
 
-def _exported_weights(group: TrainerGroup) -> dict[str, torch.Tensor]:
-    """The weights of an export (its first value is a ref of them)."""
-    return unpack_state(ray.get(ray.get(group.export()[0])))
-
-
 @pytest.fixture(scope="module")
 def ray_2cpu():
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
@@ -106,7 +101,7 @@ def test_data_parallel_step_equals_single_process(tiny_model_dir, ray_2cpu, zero
     steps = [_groups(5, seed=1), _groups(5, seed=2)]
 
     single = PolicyTrainer(tiny_model_dir, single_cfg.trainer, single_cfg.algorithm, 1.0, 8, "float32")
-    group = TrainerGroup([remote_trainer(num_cpus=1).remote(r) for r in range(2)], str(tiny_model_dir),
+    group = TrainerGroup([ray.remote(num_cpus=1)(TrainerActor).remote(r) for r in range(2)], str(tiny_model_dir),
                          dp_cfg.trainer, dp_cfg.algorithm, 1.0, 8, "float32", probe_ids=[3, 4, 5])
     try:
         for groups in steps:
@@ -115,7 +110,7 @@ def test_data_parallel_step_equals_single_process(tiny_model_dir, ray_2cpu, zero
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7)
             assert got["update_tokens"] == want["update_tokens"]
-        weights = _exported_weights(group)
+        weights = unpack_state(ray.get(group.export()[0]))
         for name, value in single.state_dict().items():
             diff, lr = (weights[name] - value).abs(), single_cfg.trainer.lr
             assert float(diff.max()) <= 0.1 * lr, name
@@ -131,7 +126,7 @@ def test_data_parallel_checkpoint_resumes_the_same_training(tiny_model_dir, ray_
     cfg = load_config(None, ["trainer.lr=1e-3", "trainer.world_size=2", "trainer.zero_stage=1"])
 
     def new_group():
-        return TrainerGroup([remote_trainer(num_cpus=1).remote(r) for r in range(2)], str(tiny_model_dir),
+        return TrainerGroup([ray.remote(num_cpus=1)(TrainerActor).remote(r) for r in range(2)], str(tiny_model_dir),
                             cfg.trainer, cfg.algorithm, 1.0, 8, "float32", probe_ids=[3, 4, 5])
 
     first = new_group()
@@ -139,7 +134,7 @@ def test_data_parallel_checkpoint_resumes_the_same_training(tiny_model_dir, ray_
         first.metrics(first.step(_groups(4, seed=3)))
         first.save(str(tmp_path / "ckpt"))
         want = first.metrics(first.step(_groups(4, seed=4)))
-        want_weights = _exported_weights(first)
+        want_weights = unpack_state(ray.get(first.export()[0]))
     finally:
         for actor in first.actors:
             ray.kill(actor)
@@ -147,7 +142,7 @@ def test_data_parallel_checkpoint_resumes_the_same_training(tiny_model_dir, ray_
     try:
         assert second.load(str(tmp_path / "ckpt")) == 1
         got = second.metrics(second.step(_groups(4, seed=4)))
-        got_weights = _exported_weights(second)
+        got_weights = unpack_state(ray.get(second.export()[0]))
     finally:
         for actor in second.actors:
             ray.kill(actor)
@@ -157,26 +152,22 @@ def test_data_parallel_checkpoint_resumes_the_same_training(tiny_model_dir, ray_
 
 
 def test_an_export_is_a_snapshot_of_its_version(tiny_model_dir, ray_2cpu):
-    """The trainer exports its live parameters on its export thread while the next step runs
-    (copied into the object store there, before that step writes them): with the calls submitted
-    as the driver submits them (no wait in between), an export read after later steps must still
-    hold its own version's weights, and match its checksum. The turns themselves:
-    tests/orchestration/test_export_turns.py."""
+    """The trainer exports its live parameters without copying them (Ray copies an actor
+    method's return value into the object store when the method returns): an export read
+    after later steps must still hold its own version's weights, and match its checksum."""
     cfg = load_config(None, ["trainer.lr=1e-2"])
-    group = TrainerGroup([remote_trainer(num_cpus=1).remote(0)], str(tiny_model_dir),
+    group = TrainerGroup([ray.remote(num_cpus=1)(TrainerActor).remote(0)], str(tiny_model_dir),
                          cfg.trainer, cfg.algorithm, 1.0, 8, "float32", probe_ids=[3, 4, 5])
     try:
-        steps = [group.step(_groups(2, seed=1))]
+        group.metrics(group.step(_groups(2, seed=1)))
         first = group.export()
-        steps.append(group.step(_groups(2, seed=2)))
+        group.metrics(group.step(_groups(2, seed=2)))
         second = group.export()
-        for refs in steps:
-            group.metrics(refs)
         (w1, v1, c1, _), (w2, v2, c2, _) = ray.get(list(first)), ray.get(list(second))
-        w1, w2 = unpack_state(ray.get(w1)), unpack_state(ray.get(w2))
     finally:
         for actor in group.actors:
             ray.kill(actor)
+    w1, w2 = unpack_state(w1), unpack_state(w2)
     assert (v1, v2) == (1, 2)
     assert state_checksum(w1) == c1 and state_checksum(w2) == c2 and c1 != c2
     moved = [k for k in w1 if not torch.equal(w1[k], w2[k])]
