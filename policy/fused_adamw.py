@@ -8,8 +8,10 @@ memory-bound on a CPU (0.29 s a step for the 100M preset on one thread, ~40% of 
 one pass that reads gradient, master and both moments and writes master, moments and parameter
 (28 bytes): 0.16 s. Both are compiled by ``torch.compile`` (inductor's C++ backend, with
 symbolic sizes: one kernel for every tensor length, two for the norm's reduction, which inductor
-generates differently up to 4096 elements and beyond), with the thread count of the process at
-its start (the trainer sets its threads first). The pass updates the optimizer's own state
+generates differently up to 4096 elements and beyond), with inductor's dynamic threads: each
+call runs on the process's threads at that call (by default inductor writes the compiling
+process's count into the kernel, one thread as a serial loop, and a kept trainer process,
+orchestration.actors.Actors, reuses the compiled kernel in a later run with other threads). The pass updates the optimizer's own state
 (``exp_avg``, ``exp_avg_sq``, ``step``) with its groups' current hyperparameters, so checkpoints,
 a learning-rate schedule and the reference path read and write the same state; the optimizer's
 step hooks are not run (none is registered here).
@@ -73,8 +75,9 @@ class FusedMasterAdamW:
                  master: list[torch.nn.Parameter]):
         self.optimizer, self.params, self.master = optimizer, params, master
         self._fell_back = False
-        self._update = torch.compile(_adamw_master_update, dynamic=True, fullgraph=True)
-        self._norm_part = torch.compile(_sum_of_squares, dynamic=True, fullgraph=True)
+        options = {"cpp.dynamic_threads": True}  # the threads at each call (module docstring)
+        self._update = torch.compile(_adamw_master_update, dynamic=True, fullgraph=True, options=options)
+        self._norm_part = torch.compile(_sum_of_squares, dynamic=True, fullgraph=True, options=options)
         # Compile now, for each kind of length the steps pass (a length of 1 is specialised; the
         # norm's reduction differs up to 4096 elements and beyond): a failure shows at start-up.
         # The steps pass detached views: a Parameter's sizes would be compiled as constants.
