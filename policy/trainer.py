@@ -20,7 +20,7 @@ from attention.layout import balance_groups
 from policy.batch import Group, pad_sequences
 from policy.distributed import DeepSpeedUpdate, LocalUpdate, UpdateNotApplied
 from policy.grpo import ADVANTAGES, StepTotals, behaviour_weight, grpo_loss, weighs_on_policy
-from policy.models import load_model, load_tokenizer, set_cpu_math
+from policy.models import flatten_parameters, load_model, load_tokenizer, set_cpu_math
 from policy.packed import PLAIN_LM_HEAD, head_logprobs, packed_token_logprobs, upcast
 
 
@@ -86,6 +86,8 @@ class PolicyTrainer:
                              f"{self.model.config.model_type!r} (its forward may scale or soft-cap the logits): "
                              "set trainer.shared_prompt=false")
         sparse_tied_embedding(self.model)
+        if trainer_cfg.world_size == 1 and str(trainer_cfg.device) == "cpu":
+            flatten_parameters(self.model)  # the weight sync's export then puts one array (policy.models.pack_state)
         if trainer_cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # algorithm.behaviour_weight: on-policy samples are weighted too ("all"; "auto" in half precision)

@@ -25,6 +25,76 @@ def test_pack_round_trip_is_bit_exact():
     assert state_checksum(got) == state_checksum(state)
 
 
+def test_a_tied_weight_goes_once_and_comes_back_as_one_memory_under_both_names():
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    packed = pack_state(state)
+    sent = sum(a.nbytes for a in packed["buffers"].values())
+    assert sent == sum(t.numel() * t.element_size() for t in state.values()) - 32 * 16 * 4
+    got = unpack_state(packed)
+    assert list(got) == list(state)
+    assert got["lm_head.weight"].data_ptr() == got["model.embed_tokens.weight"].data_ptr()
+    assert all(torch.equal(got[k], t) for k, t in state.items())
+    # the checksum does not depend on whether the two names share memory (a broadcast's receiver
+    # holds separate buffers), only on the names and bytes
+    separate = {k: v.clone() for k, v in state.items()}
+    assert state_checksum(got) == state_checksum(state) == state_checksum(separate)
+    separate["lm_head.weight"].view(torch.int32)[0, 0] ^= 1  # untied after all: one bit differs
+    assert state_checksum(separate) != state_checksum(state)
+
+
+def test_only_the_callers_own_contiguous_tensors_count_as_shared_memory():
+    """Sharing is judged on the tensors passed in: a contiguous copy made of a strided one is freed
+    after use, and a later copy at the same address is other bytes."""
+    from policy.models import _memory_key
+    w = torch.randn(6, 4)
+    assert _memory_key(w) == _memory_key(w.view(6, 4)) != _memory_key(w.view(24))
+    assert _memory_key(w.t()) is None and _memory_key(torch.zeros(0, 4)) is None
+    a, b = torch.randn(6, 4).t(), torch.randn(6, 4).t()
+    assert state_checksum({"a": a, "b": b}) == state_checksum({"a": a.contiguous(), "b": b.contiguous()})
+    assert state_checksum({"a": a, "b": b}) != state_checksum({"a": a, "b": a})
+
+
+def test_flattened_parameters_go_as_one_array_and_train_alike():
+    from policy.models import flatten_parameters
+    config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    flat, plain = Qwen2ForCausalLM(config), Qwen2ForCausalLM(config)
+    plain.load_state_dict(flat.state_dict())
+    flatten_parameters(flat, align=64)
+    params = list(flat.parameters())
+    block = params[0].untyped_storage()
+    assert all(p.untyped_storage().data_ptr() == block.data_ptr() for p in params)
+    assert all(p.data_ptr() % 64 == 0 for p in params)
+    assert flat.lm_head.weight is flat.model.embed_tokens.weight
+    state = {k: v.detach() for k, v in flat.state_dict().items()}
+    packed = pack_state(state)
+    assert len(packed["buffers"]) == 1 and packed["buffers"]["0"].nbytes == block.nbytes()
+    got = unpack_state(packed)
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    assert state_checksum(got) == state_checksum(state) == state_checksum(plain.state_dict())
+    # the same training step, bit for bit, and the block keeps the updated weights
+    x = torch.tensor([[1, 5, 7, 2, 9]])
+    for model in (flat, plain):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(x, labels=x).loss.backward()
+        opt.step()
+    assert state_checksum(flat.state_dict()) == state_checksum(plain.state_dict())
+    assert all(p.untyped_storage().data_ptr() == block.data_ptr() for p in flat.parameters())
+
+
+def test_a_view_of_part_of_a_tensor_sends_only_its_own_bytes():
+    big = torch.arange(1000, dtype=torch.float32)
+    packed = pack_state({"head": big[:10], "tail": big[-5:], "again": big[:10]})
+    assert sum(a.nbytes for a in packed["buffers"].values()) == 15 * 4
+    got = unpack_state(packed)
+    assert torch.equal(got["head"], big[:10]) and torch.equal(got["tail"], big[-5:])
+    assert torch.equal(got["again"], big[:10]) and got["again"].data_ptr() == got["head"].data_ptr()
+
+
 def test_checksum_sees_one_flipped_bit_a_dtype_and_a_name():
     state, want = _state(), state_checksum(_state())
     flipped = dict(state, w=state["w"].clone())
