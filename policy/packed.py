@@ -26,6 +26,59 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+# The LM head's weight gradient on the CPU, [V, d] = grad[T, V]ᵀ · h[T, d], is computed in products
+# of this many vocabulary rows each: one product over the 100M preset's 32k vocabulary took 33 / 40
+# / 61 ms at T = 90 / 196 / 512 positions (bfloat16, one thread, oneDNN), in 2048-row chunks 13 / 23
+# / 30 ms, bit for bit the same here (each element is the same T-long dot product); float32 63 /
+# 94 / 186 ms against 44 / 73 / 151 ms (ad hoc, 2026-12-05; tests/policy/test_packed.py).
+HEAD_GRAD_ROWS = 2048
+
+
+class _RowChunkedHead(torch.autograd.Function):
+    """``F.linear(h, weight)`` whose weight gradient is made in :data:`HEAD_GRAD_ROWS`-row products;
+    with ``into_grad``, written straight into the parameter's ``.grad`` when it has none yet
+    (:func:`lm_head`)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, into_grad: bool) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.param = weight if into_grad else None
+        return torch.nn.functional.linear(h, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        grad_h = grad.mm(weight) if ctx.needs_input_grad[0] else None  # as autograd's linear
+        if not ctx.needs_input_grad[1]:
+            return grad_h, None, None
+        param = ctx.param
+        grad_weight = torch.empty_like(weight)
+        for i in range(0, weight.shape[0], HEAD_GRAD_ROWS):
+            torch.mm(grad[:, i:i + HEAD_GRAD_ROWS].t(), h, out=grad_weight[i:i + HEAD_GRAD_ROWS])
+        if param is not None and param.grad is None:
+            param.grad = grad_weight  # what autograd's accumulation would store, before the embedding's rows
+            return grad_h, None, None
+        return grad_h, grad_weight, None
+
+
+def lm_head(model, h: torch.Tensor, into_grad: bool = False) -> torch.Tensor:
+    """``model.lm_head(h)`` for ``h`` [T, d]. A plain CPU ``nn.Linear`` head without bias or hooks
+    (no ZeRO-3 gathering its weight) makes its weight gradient in row chunks (:data:`HEAD_GRAD_ROWS`).
+
+    ``into_grad`` (the head's only use in the backward, on a model marked
+    ``rlaccel_head_grad_into_param`` by :class:`policy.trainer.PolicyTrainer`: one process, the head
+    tied to a sparse-gradient embedding, a backward into ``.grad``): the head's weight gradient is
+    stored as the weight's ``.grad`` itself when it has none, and the embedding's rows are then added
+    to it in place. Otherwise autograd sums the tied weight's two gradients out of place first, a
+    copy of the whole [V, d] matrix (the 100M preset: 20 ms of its one-thread step). The same sum in
+    the same order: the head's dense gradient, then the rows."""
+    head = model.lm_head
+    if (type(head) is not torch.nn.Linear or head.bias is not None or h.dim() != 2 or h.device.type != "cpu"
+            or head._forward_hooks or head._forward_pre_hooks):
+        return head(h)
+    return _RowChunkedHead.apply(h, head.weight, into_grad and getattr(model, "rlaccel_head_grad_into_param", False))
+
+
 def head_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, temperature: float,
                   chunk: int = 0) -> torch.Tensor:
     """log softmax(lm_head(hidden[rows]) / T)[targets]: the [M] logprobs of the M (position,
@@ -37,10 +90,10 @@ def head_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torc
     in the backward, which recomputes them; a position shared by several pairs (a group's last
     prompt position) is multiplied once per pair."""
     def piece(h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(upcast(model.lm_head(h[r])) / temperature, dim=-1)
+        logp = torch.log_softmax(upcast(lm_head(model, h[r])) / temperature, dim=-1)
         return logp.gather(-1, t[:, None])[:, 0]
     if chunk <= 0 or len(rows) <= chunk:
-        logp = torch.log_softmax(upcast(model.lm_head(hidden)) / temperature, dim=-1)  # [U, V]
+        logp = torch.log_softmax(upcast(lm_head(model, hidden, into_grad=True)) / temperature, dim=-1)  # [U, V]
         return logp[rows, targets]
     from torch.utils.checkpoint import checkpoint
     return torch.cat([checkpoint(piece, hidden, rows[i:i + chunk], targets[i:i + chunk], use_reentrant=False,

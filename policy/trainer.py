@@ -85,7 +85,8 @@ class PolicyTrainer:
                              f"which is exact only for {sorted(PLAIN_LM_HEAD)}; {model_dir} is a "
                              f"{self.model.config.model_type!r} (its forward may scale or soft-cap the logits): "
                              "set trainer.shared_prompt=false")
-        sparse_tied_embedding(self.model)
+        # one process, a tied head: its weight gradient goes straight into .grad (policy.packed.lm_head)
+        self.model.rlaccel_head_grad_into_param = sparse_tied_embedding(self.model) and trainer_cfg.world_size == 1
         if trainer_cfg.world_size == 1 and str(trainer_cfg.device) == "cpu":
             flatten_parameters(self.model)  # the weight sync's export then puts one array (policy.models.pack_state)
         if trainer_cfg.gradient_checkpointing:

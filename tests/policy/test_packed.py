@@ -303,3 +303,69 @@ def test_logit_chunks_keep_no_logits_for_the_backward(packed):
     positions = sum(len(r) for r in responses) - 2 * (4 - 1)  # packed: a group's first tokens share one
     assert saved_logit_rows(0) >= positions
     assert saved_logit_rows(3) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lm_heads_row_chunked_weight_gradient_is_the_same_product(monkeypatch, dtype):
+    """policy.packed.lm_head against nn.Linear: the same forward and input gradient (the same
+    products), and a weight gradient whose every element is the same T-long dot product, made in
+    row chunks (here 5 rows, the last chunk short): each side sums T products in float32 (exact
+    for bfloat16 inputs) in some order and rounds once to the weight's dtype, so they differ by at
+    most the two sums' error bound, 2·T·2⁻²⁴·Σ|g·h|, plus one unit in the last place of the dtype."""
+    import policy.packed as packed
+    monkeypatch.setattr(packed, "HEAD_GRAD_ROWS", 5)
+    torch.manual_seed(0)
+    T, d, V = 37, 16, 23
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(d, V, bias=False).to(dtype)
+    h = torch.randn(T, d, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, V, dtype=dtype)
+    out = packed.lm_head(model, h)
+    assert out.grad_fn.name().endswith("_RowChunkedHeadBackward")
+    (out * g).sum().backward()
+    got_h, got_w = h.grad.clone(), model.lm_head.weight.grad.clone()
+    h.grad = model.lm_head.weight.grad = None
+    want = model.lm_head(h)
+    (want * g).sum().backward()
+    assert torch.equal(out, want) and torch.equal(got_h, h.grad)
+    ref = model.lm_head.weight.grad.double()
+    size = g.double().abs().t() @ h.detach().double().abs()                          # Σ|g·h| per element
+    ulp = torch.finfo(dtype).eps * ref.abs()
+    bound = 2 * T * 2.0 ** -24 * size + ulp + 2.0 ** -126
+    assert ((got_w.double() - ref).abs() <= bound).all()
+    # a head with a hook (ZeRO-3 gathers its weight in one) is called as a module
+    calls = []
+    model.lm_head.register_forward_pre_hook(lambda *_: calls.append(1))
+    packed.lm_head(model, h)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("logit_chunk", [0, 4])
+def test_a_tied_heads_gradient_into_grad_is_the_same_sum_without_the_copy(logit_chunk):
+    """PolicyTrainer marks a one-process model whose head is tied to a sparse embedding: the head's
+    weight gradient becomes ``.grad`` itself and the embedding's rows are added in place. Two
+    micro-batches' gradients equal autograd's own sum bit for bit, and the whole-matrix out-of-place
+    add is gone (logit chunks keep it: the head is then used more than once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from policy.packed import head_logprobs
+    from policy.trainer import sparse_tied_embedding
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    models = [Qwen3ForCausalLM(config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    grads, adds = [], []
+    for model, mark in zip(models, (False, True)):
+        assert sparse_tied_embedding(model)
+        model.rlaccel_head_grad_into_param = mark
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for seed in (1, 2):  # two micro-batches into the same .grad
+                ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(seed))
+                hidden = model.model(input_ids=ids).last_hidden_state[0, :-1]
+                logp = head_logprobs(model, hidden, torch.arange(8), ids[0, 1:], 1.0, logit_chunk)
+                (-logp.sum()).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        adds.append(sum(e.name == "aten::add" and list(e.input_shapes[0]) == [VOCAB, 16] for e in prof.events()))
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    assert adds[0] >= 1 and adds[1] == (adds[0] if logit_chunk else adds[0] - 1)
