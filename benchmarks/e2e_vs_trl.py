@@ -96,10 +96,13 @@ def cells(quick: bool) -> dict[str, dict]:
         "tiny-long": dict(model="tiny", prompt="long", preset="configs/tiny.yaml",
                           overrides=LONG + ["algorithm.prompts_per_step=8"], steps=6 if quick else 12, seeds=(0,),
                           target=None, systems=compared, seed0_only=ablation, **no_reward),
-        # small-short: 10 steps (9 timed). With 5, TRL's first timed steps weighed in at 3.8 and 3.1 s
-        # against 2.3 s once settled (seed 0, 45b489b's run), and one slow step of 4 moved a ratio by 0.5x.
+        # small-short: 20 steps (19 timed). With 5, TRL's first timed steps weighed in at 3.8 and 3.1 s
+        # against 2.3 s once settled (seed 0, 45b489b's run), and one slow step of 4 moved a ratio by 0.5x;
+        # with 10, three invocations of one code (2026-12-05 14:37-14:44) gave rlaccel_all_bf16 2.97-3.17x
+        # trl_bf16, and about every third rollout took 0.41-0.47 s against 0.25-0.30 s for as many tokens
+        # (none truncated, no garbage collection in it; cause not isolated), holding up the trainer's step.
         "small-short": dict(model="small", prompt="short", preset="configs/small.yaml",
-                            overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 10, seeds=(0,),
+                            overrides=["algorithm.prompts_per_step=4"], steps=3 if quick else 20, seeds=(0,),
                             target=None, systems=compared + half, seed0_only=ablation,
                             optional=("trl_ftz", "trl_malloc", "rlaccel_nospec", "rlaccel_nospec_bf16"), **no_reward),
         "small-long": dict(model="small", prompt="long", preset="configs/small.yaml",
