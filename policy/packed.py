@@ -29,8 +29,9 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 # The LM head's weight gradient on the CPU, [V, d] = grad[T, V]ᵀ · h[T, d], is computed in products
 # of this many vocabulary rows each: one product over the 100M preset's 32k vocabulary took 33 / 40
 # / 61 ms at T = 90 / 196 / 512 positions (bfloat16, one thread, oneDNN), in 2048-row chunks 13 / 23
-# / 30 ms, bit for bit the same here (each element is the same T-long dot product); float32 63 /
-# 94 / 186 ms against 44 / 73 / 151 ms (ad hoc, 2026-12-05; tests/policy/test_packed.py).
+# / 30 ms, and bit for bit the same results there (each element is a T-long dot product either way,
+# but a library may split a reduction differently for another row count: the test allows for it);
+# float32 63 / 94 / 186 ms against 44 / 73 / 151 ms (ad hoc, 2026-12-05; tests/policy/test_packed.py).
 HEAD_GRAD_ROWS = 2048
 
 
@@ -43,6 +44,9 @@ class _RowChunkedHead(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, into_grad: bool) -> torch.Tensor:
         ctx.save_for_backward(h, weight)
         ctx.param = weight if into_grad else None
+        # the node that accumulates the weight's .grad (none for a weight that needs no gradient)
+        ctx.accumulate = (torch.autograd.graph.get_gradient_edge(weight).node
+                          if into_grad and weight.requires_grad else None)
         return torch.nn.functional.linear(h, weight)
 
     @staticmethod
@@ -55,10 +59,20 @@ class _RowChunkedHead(torch.autograd.Function):
         grad_weight = torch.empty_like(weight)
         for i in range(0, weight.shape[0], HEAD_GRAD_ROWS):
             torch.mm(grad[:, i:i + HEAD_GRAD_ROWS].t(), h, out=grad_weight[i:i + HEAD_GRAD_ROWS])
-        if param is not None and param.grad is None:
+        # Only in a backward that accumulates into .grad (not torch.autograd.grad, nor backward(inputs=)
+        # without the weight, which leave .grad alone and must get this gradient returned)
+        if param is not None and param.grad is None and ctx.accumulate is not None and _accumulates(ctx.accumulate):
             param.grad = grad_weight  # what autograd's accumulation would store, before the embedding's rows
             return grad_h, None, None
         return grad_h, grad_weight, None
+
+
+def _accumulates(node) -> bool:
+    """Whether the running backward executes ``node``, a weight's gradient accumulator (into ``.grad``)."""
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # torch.autograd.grad, which refuses the question for a leaf and accumulates nothing
+        return False
 
 
 def lm_head(model, h: torch.Tensor, into_grad: bool = False) -> torch.Tensor:
@@ -72,9 +86,11 @@ def lm_head(model, h: torch.Tensor, into_grad: bool = False) -> torch.Tensor:
     to it in place. Otherwise autograd sums the tied weight's two gradients out of place first, a
     copy of the whole [V, d] matrix (the 100M preset: 20 ms of its one-thread step). The same sum in
     the same order: the head's dense gradient, then the rows."""
-    head = model.lm_head
+    head, module = model.lm_head, torch.nn.modules.module
     if (type(head) is not torch.nn.Linear or head.bias is not None or h.dim() != 2 or h.device.type != "cpu"
-            or head._forward_hooks or head._forward_pre_hooks):
+            or head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks
+            or module._global_forward_hooks or module._global_forward_pre_hooks
+            or module._global_backward_hooks or module._global_backward_pre_hooks):
         return head(h)
     return _RowChunkedHead.apply(h, head.weight, into_grad and getattr(model, "rlaccel_head_grad_into_param", False))
 

@@ -86,6 +86,15 @@ def test_flattened_parameters_go_as_one_array_and_train_alike():
     assert all(p.untyped_storage().data_ptr() == block.data_ptr() for p in flat.parameters())
 
 
+def test_parameters_sharing_memory_as_two_objects_are_not_flattened():
+    from policy.models import flatten_parameters
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.randn(4, 3))
+    model.b = torch.nn.Parameter(model.a.data[1:])  # a second Parameter over part of the first's memory
+    flatten_parameters(model)
+    assert model.b.data_ptr() == model.a.data_ptr() + 3 * 4  # still tied
+
+
 def test_a_view_of_part_of_a_tensor_sends_only_its_own_bytes():
     big = torch.arange(1000, dtype=torch.float32)
     packed = pack_state({"head": big[:10], "tail": big[-5:], "again": big[:10]})

@@ -369,3 +369,17 @@ def test_a_tied_heads_gradient_into_grad_is_the_same_sum_without_the_copy(logit_
         adds.append(sum(e.name == "aten::add" and list(e.input_shapes[0]) == [VOCAB, 16] for e in prof.events()))
     assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
     assert adds[0] >= 1 and adds[1] == (adds[0] if logit_chunk else adds[0] - 1)
+    # torch.autograd.grad accumulates nothing: the whole gradient is returned and .grad left alone
+    marked = models[1]
+    marked.zero_grad(set_to_none=True)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+    logp = head_logprobs(marked, marked.model(input_ids=ids).last_hidden_state[0, :-1], torch.arange(8), ids[0, 1:],
+                         1.0, logit_chunk)
+    weight = marked.lm_head.weight
+    (got,) = torch.autograd.grad(-logp.sum(), [weight])
+    assert weight.grad is None
+    models[0].zero_grad(set_to_none=True)
+    logp = head_logprobs(models[0], models[0].model(input_ids=ids).last_hidden_state[0, :-1], torch.arange(8),
+                         ids[0, 1:], 1.0, logit_chunk)
+    (-logp.sum()).backward()
+    assert torch.equal(got.to_dense(), models[0].lm_head.weight.grad)
