@@ -73,6 +73,8 @@ def _accumulates(node) -> bool:
         return torch._C._will_engine_execute_node(node)
     except RuntimeError:  # torch.autograd.grad, which refuses the question for a leaf and accumulates nothing
         return False
+    except AttributeError:  # a torch without this (private) check: the gradient is returned, as by autograd
+        return False
 
 
 def lm_head(model, h: torch.Tensor, into_grad: bool = False) -> torch.Tensor:

@@ -55,10 +55,10 @@ def sparse_tied_embedding(model) -> bool:
     The matrix is also the LM head's weight, whose gradient is dense: autograd adds the two
     before the weight's ``.grad`` (in one process the head's gradient becomes ``.grad`` first and
     the rows are added to it in place: :func:`policy.packed.lm_head`), which therefore stays dense
-    (clipping, AdamW and ZeRO see no difference). The dense embedding backward zero-fills and then adds a whole [V, d] matrix per
-    micro-batch (24.6M floats on the 100M preset: its one-thread small-short step took 0.996 s
-    against 0.976 s sparse, ``benchmarks/packed_head.py``); the sparse one adds only the rows
-    used. Same sum, up to the order in which a repeated token's rows are added. An untied
+    (clipping, AdamW and ZeRO see no difference). The dense embedding backward zero-fills and then
+    adds a whole [V, d] matrix per micro-batch (24.6M floats on the 100M preset: its one-thread
+    small-short step took 0.996 s against 0.976 s sparse, ``benchmarks/packed_head.py``); the
+    sparse one adds only the rows used. Same sum, up to the order in which a repeated token's rows are added. An untied
     embedding keeps the dense gradient (a sparse ``.grad`` would reach the optimizer)."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = isinstance(embed, torch.nn.Embedding) and head is not None and embed.weight is head.weight

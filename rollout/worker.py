@@ -196,8 +196,8 @@ class RolloutWorker:
                                   f"(checksum {received} != {checksum}); the engine keeps version {self.version}")
         self.sync_error = "a weight update is in progress"
         self.engine.load_weights(state_dict)
-        received = {(t.data_ptr(), t.numel() * t.element_size()) for t in state_dict.values()}  # a tied matrix once
-        metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0, "sync_bytes": float(sum(n for _, n in received))}
+        memory = {(t.data_ptr(), t.numel() * t.element_size()) for t in state_dict.values()}  # a tied matrix once
+        metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0, "sync_bytes": float(sum(n for _, n in memory))}
         if probe is not None:
             ids, expected = probe
             if expected is None:
