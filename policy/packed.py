@@ -55,14 +55,13 @@ class _RowChunkedHead(torch.autograd.Function):
         grad_h = grad.mm(weight) if ctx.needs_input_grad[0] else None  # as autograd's linear
         if not ctx.needs_input_grad[1]:
             return grad_h, None, None
-        param = ctx.param
         grad_weight = torch.empty_like(weight)
         for i in range(0, weight.shape[0], HEAD_GRAD_ROWS):
             torch.mm(grad[:, i:i + HEAD_GRAD_ROWS].t(), h, out=grad_weight[i:i + HEAD_GRAD_ROWS])
         # Only in a backward that accumulates into .grad (not torch.autograd.grad, nor backward(inputs=)
         # without the weight, which leave .grad alone and must get this gradient returned)
-        if param is not None and param.grad is None and ctx.accumulate is not None and _accumulates(ctx.accumulate):
-            param.grad = grad_weight  # what autograd's accumulation would store, before the embedding's rows
+        if ctx.accumulate is not None and ctx.param.grad is None and _accumulates(ctx.accumulate):
+            ctx.param.grad = grad_weight  # what autograd's accumulation would store, before the embedding's rows
             return grad_h, None, None
         return grad_h, grad_weight, None
 
@@ -71,9 +70,9 @@ def _accumulates(node) -> bool:
     """Whether the running backward executes ``node``, a weight's gradient accumulator (into ``.grad``)."""
     try:
         return torch._C._will_engine_execute_node(node)
-    except RuntimeError:  # torch.autograd.grad, which refuses the question for a leaf and accumulates nothing
-        return False
-    except AttributeError:  # a torch without this (private) check: the gradient is returned, as by autograd
+    # RuntimeError: torch.autograd.grad, which refuses the question for a leaf and accumulates nothing;
+    # AttributeError: a torch without this private check. Either way the gradient is returned, as by autograd.
+    except (RuntimeError, AttributeError):
         return False
 
 
