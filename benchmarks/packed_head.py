@@ -39,7 +39,7 @@ def per_group_head_logprobs(model, prompts, responses, pad_id, temperature=1.0, 
 
     from attention.hf import shared_prompt_attention_enabled
     from attention.layout import pack, predicting_positions
-    from policy.packed import upcast
+    from policy.packed import tempered
     batch = pack(prompts, responses, pad_id)
     device = next(model.parameters()).device
     with shared_prompt_attention_enabled(model):
@@ -51,7 +51,7 @@ def per_group_head_logprobs(model, prompts, responses, pad_id, temperature=1.0, 
         valid = row.response_valid.to(device)
         where = predicting_positions(row).to(device)[valid]
         unique, inverse = torch.unique(where, return_inverse=True)
-        logprobs = torch.log_softmax(upcast(model.lm_head(hidden[b, unique])) / temperature, dim=-1)
+        logprobs = torch.log_softmax(tempered(model.lm_head(hidden[b, unique]), temperature), dim=-1)
         targets = batch.input_ids[b].to(device)[row.response_index.to(device)[valid]]
         per_row.append(logprobs[inverse, targets].split(row.response_lens))
     per_seq = [per_row[b][n] for b, n in zip(batch.seq_row, batch.seq_response)]

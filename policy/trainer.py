@@ -21,7 +21,7 @@ from policy.batch import Group, pad_sequences
 from policy.distributed import DeepSpeedUpdate, LocalUpdate, UpdateNotApplied
 from policy.grpo import ADVANTAGES, StepTotals, behaviour_weight, grpo_loss, weighs_on_policy
 from policy.models import flatten_parameters, load_model, load_tokenizer, set_cpu_math
-from policy.packed import PLAIN_LM_HEAD, head_logprobs, packed_token_logprobs, upcast
+from policy.packed import PLAIN_LM_HEAD, head_logprobs, packed_token_logprobs, tempered
 
 
 def token_logprobs(model, batch, temperature: float = 1.0, logit_chunk: int = 0) -> torch.Tensor:
@@ -43,7 +43,7 @@ def token_logprobs(model, batch, temperature: float = 1.0, logit_chunk: int = 0)
     # the model's own forward (it may scale or soft-cap its logits), then gather
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     logits = logits.gather(1, batch.predict_pos[..., None].expand(-1, -1, logits.shape[-1]))
-    logp = torch.log_softmax(upcast(logits) / temperature, dim=-1)
+    logp = torch.log_softmax(tempered(logits, temperature), dim=-1)
     logp = logp.gather(-1, batch.targets[..., None]).squeeze(-1)  # [B, R]
     return logp * batch.response_mask
 

@@ -306,6 +306,24 @@ def test_logit_chunks_keep_no_logits_for_the_backward(packed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_tempered_logits_are_the_divided_ones_bit_for_bit(dtype, temperature):
+    """policy.packed.tempered leaves the division out at temperature 1: x / 1 is x in IEEE
+    arithmetic, forward and backward, so the log-softmax and its gradient are the same bits as the
+    division's (and at any other temperature it divides)."""
+    from policy.packed import tempered
+    torch.manual_seed(0)
+    logits = (torch.randn(7, 29) * 3).to(dtype)
+    g = torch.randn(7, 29)
+    got_x, want_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = torch.log_softmax(tempered(got_x, temperature), dim=-1)
+    want = torch.log_softmax(want_x.float() / temperature, dim=-1)
+    (got * g).sum().backward()
+    (want * g).sum().backward()
+    assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(got_x.grad, want_x.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_lm_heads_row_chunked_weight_gradient_is_the_same_product(monkeypatch, dtype):
     """policy.packed.lm_head against nn.Linear: the same forward and input gradient (the same
     products), and a weight gradient whose every element is the same T-long dot product, made in
