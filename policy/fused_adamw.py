@@ -12,9 +12,9 @@ generates differently up to 4096 elements and beyond), with inductor's dynamic t
 call runs on the process's threads at that call (by default inductor writes the compiling
 process's count into the kernel, one thread as a serial loop, and a kept trainer process,
 orchestration.actors.Actors, reuses the compiled kernel in a later run with other threads).
-The pass updates the optimizer's own state (``exp_avg``, ``exp_avg_sq``, ``step``) with its groups' current hyperparameters, so checkpoints,
-a learning-rate schedule and the reference path read and write the same state; the optimizer's
-step hooks are not run (none is registered here).
+The pass updates the optimizer's own state (``exp_avg``, ``exp_avg_sq``, ``step``) with its
+groups' current hyperparameters, so checkpoints, a learning-rate schedule and the reference path
+read and write the same state; the optimizer's step hooks are not run (none is registered here).
 
 The arithmetic is torch's fused CPU kernel's (``aten/src/ATen/native/cpu/FusedAdamKernel.cpp``,
 ADAMW mode, the lerp branch of β1 > 0.5; other betas take the reference path), in its order,

@@ -58,8 +58,9 @@ def sparse_tied_embedding(model) -> bool:
     (clipping, AdamW and ZeRO see no difference). The dense embedding backward zero-fills and then
     adds a whole [V, d] matrix per micro-batch (24.6M floats on the 100M preset: its one-thread
     small-short step took 0.996 s against 0.976 s sparse, ``benchmarks/packed_head.py``); the
-    sparse one adds only the rows used. Same sum, up to the order in which a repeated token's rows are added. An untied
-    embedding keeps the dense gradient (a sparse ``.grad`` would reach the optimizer)."""
+    sparse one adds only the rows used. Same sum, up to the order in which a repeated token's rows
+    are added. An untied embedding keeps the dense gradient (a sparse ``.grad`` would reach the
+    optimizer)."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = isinstance(embed, torch.nn.Embedding) and head is not None and embed.weight is head.weight
     if tied:
