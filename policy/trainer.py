@@ -18,6 +18,7 @@ import torch
 from attention.hf import shared_prompt_attention_enabled
 from attention.layout import balance_groups
 from policy.batch import Group, pad_sequences
+from policy.compiled import compile_layers
 from policy.distributed import DeepSpeedUpdate, LocalUpdate, UpdateNotApplied
 from policy.grpo import ADVANTAGES, StepTotals, behaviour_weight, grpo_loss, weighs_on_policy
 from policy.models import flatten_parameters, load_model, load_tokenizer, set_cpu_math
@@ -98,6 +99,8 @@ class PolicyTrainer:
         self.ref_model = None
         if algorithm_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.compiled_layers = compile_layers(self.model, trainer_cfg.compile, trainer_cfg.device,
+                                              trainer_cfg.world_size, trainer_cfg.gradient_checkpointing)
         # One process, or this rank of a data-parallel group (torch.distributed already set up).
         self.update = (LocalUpdate if trainer_cfg.world_size == 1 else DeepSpeedUpdate)(self.model, trainer_cfg)
         self.version = 0

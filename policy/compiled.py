@@ -1,0 +1,71 @@
+"""The trainer's decoder layers compiled by torch.compile (``trainer.compile``).
+
+Each decoder layer (the classes a transformers model names in ``_no_split_modules``) is compiled
+on its own, with dynamic shapes, forward and backward (inductor through AOTAutograd): the
+elementwise work around the matrix products (RMSNorm, rotary embedding, SiLU and gate, residual
+adds) runs as fused loops, and a step dispatches far fewer small ops. The layers share one compiled
+graph (the same code, their weights its inputs). The shared-prompt attention inside a layer stays
+eager where dynamo cannot trace it (``attention.shared_prompt`` reads its region sizes as Python
+ints: a graph break), so a layer runs as compiled pieces around it.
+
+The same math up to float rounding: fused loops keep their intermediates in float32 where eager
+rounds each op's result to the tensor's dtype. ``tests/policy/test_compiled.py`` holds a compiled
+step's weights to the eager one's in float64, packed and unpacked, and in bfloat16 compares both
+with a float64 oracle.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from policy.fused_adamw import AUTO_MIN_PARAMETERS, MODES
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers: its modules of the classes it names in ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model, mode: str, device: str, world_size: int, gradient_checkpointing: bool) -> int:
+    """Compile ``model``'s decoder layers in place (``trainer.compile``); returns how many.
+
+    "auto" compiles on a CPU trainer of one rank without gradient checkpointing, for a model of at
+    least :data:`policy.fused_adamw.AUTO_MIN_PARAMETERS` parameters (below, a step is too short
+    for the compile, ~10-40 s at the first step, to pay), and falls back to eager layers with a
+    warning where torch cannot compile (no C++ compiler); "on" compiles wherever it can and raises
+    where it cannot; "off" leaves the layers eager."""
+    if mode not in MODES:
+        raise ValueError(f"trainer.compile={mode!r}: choose one of {list(MODES)}")
+    if mode == "off":
+        return 0
+    layers = decoder_layers(model)
+    if mode == "auto" and (not layers or str(device) != "cpu" or world_size > 1 or gradient_checkpointing
+                           or sum(p.numel() for p in model.parameters()) < AUTO_MIN_PARAMETERS):
+        return 0
+    if not layers:
+        raise ValueError(f"trainer.compile=on: {type(model).__name__} names no decoder layer class in "
+                         f"_no_split_modules, so there is nothing to compile; set trainer.compile=auto or off")
+    if gradient_checkpointing:
+        raise ValueError("trainer.compile=on with trainer.gradient_checkpointing: compiled checkpointed layers are "
+                         "untested here; set trainer.compile=off (or auto, which leaves them eager)")
+    try:  # inductor builds C++ on a CPU: fail at start-up rather than at the first step
+        torch.compile(_probe, dynamic=False)(torch.ones(2, device=device))
+    except Exception as exc:  # noqa: BLE001 (a missing compiler, a failed build: inductor raises many kinds)
+        hint = "torch.compile builds C++ on a CPU (g++ on PATH, or CXX); trainer.compile=off trains eager layers"
+        if mode == "on":
+            raise RuntimeError(f"trainer.compile=on: compiling failed ({type(exc).__name__}: {exc}); {hint}") from exc
+        log.warning("trainer.compile=auto: compiling failed (%s: %s); the layers stay eager. %s",
+                    type(exc).__name__, exc, hint)
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
