@@ -99,8 +99,8 @@ class PolicyTrainer:
         self.ref_model = None
         if algorithm_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.compiled_layers = compile_layers(self.model, trainer_cfg.compile, trainer_cfg.device,
-                                              trainer_cfg.world_size, trainer_cfg.gradient_checkpointing)
+        self.compiled_layers = compile_layers(self.model, trainer_cfg.compile, trainer_cfg.device, trainer_cfg.world_size,
+                                              trainer_cfg.gradient_checkpointing, self._warm_up)
         # One process, or this rank of a data-parallel group (torch.distributed already set up).
         self.update = (LocalUpdate if trainer_cfg.world_size == 1 else DeepSpeedUpdate)(self.model, trainer_cfg)
         self.version = 0
@@ -219,6 +219,18 @@ class PolicyTrainer:
                        update_tokens=update_tokens, version=float(self.version))
         metrics["update_tok_s"] = metrics["update_tokens"] / seconds
         return metrics
+
+    def _warm_up(self) -> None:
+        """A forward and backward of two dummy groups (two responses each, every size > 1: a size
+        of 1 would be compiled as a constant) through the steps' path, packed or not; their
+        gradients are dropped. Compiled layers (``trainer.compile``) compile here."""
+        prompts = [[1, 2, 3]] * 2 + [[4, 5]] * 2
+        responses = [[6, 7], [8, 9, 10], [6, 7, 8], [9, 10]]
+        try:
+            logp, mask = self._logprobs(self.model, prompts, responses, list(range(len(responses))))
+            (logp * mask).sum().backward()
+        finally:
+            self.model.zero_grad(set_to_none=True)
 
     def _to_compute(self, mini: list[int], advantages: torch.Tensor, responses) -> list[int]:
         """The responses of a mini-batch whose forward and backward are run. With
