@@ -195,8 +195,9 @@ class TrainerConfig:
     # Compile each decoder layer with torch.compile (inductor, dynamic shapes, forward and backward;
     # policy/compiled.py): fused elementwise loops and far fewer small ops a step. On the 100M preset
     # (one thread, real small-short batches, compiled and eager steps interleaved) bfloat16 0.664 ->
-    # 0.590 s a step, float32 1.077 -> 1.036 s; the first step compiles (~11 s from inductor's
-    # cache on disk, ~40 s without). The same math up to float rounding (tests/policy/test_compiled.py).
+    # 0.590 s a step, float32 1.077 -> 1.036 s; the trainer's set-up compiles them (~10 s from
+    # inductor's cache on disk, ~40 s without). The same math up to float rounding
+    # (tests/policy/test_compiled.py).
     # "auto": on a CPU trainer of one rank, without gradient checkpointing, for models of >= 10M
     # parameters, eager with a warning where it cannot compile; "on": wherever it can, an error
     # where it cannot; "off": eager layers.
@@ -412,7 +413,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                           f"Valid keys are the fields of orchestration/config.py.") from None
     except yaml.YAMLError as exc:  # a preset's YAML, or an override's value (parsed as YAML)
         raise ConfigError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
-    for section, key in SWITCHES:  # YAML reads a bare on / off as a boolean, which the str field holds as "True" / "False"
+    for section, key in SWITCHES:  # YAML reads a bare on / off as a boolean: the str field holds "True" / "False"
         value = getattr(getattr(config, section), key)
         setattr(getattr(config, section), key, {"True": "on", "False": "off"}.get(value, value))
     from orchestration.validation import validate  # it reads this module's schema

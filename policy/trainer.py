@@ -99,8 +99,8 @@ class PolicyTrainer:
         self.ref_model = None
         if algorithm_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.compiled_layers = compile_layers(self.model, trainer_cfg.compile, trainer_cfg.device, trainer_cfg.world_size,
-                                              trainer_cfg.gradient_checkpointing, self._warm_up)
+        self.compiled_layers = compile_layers(self.model, trainer_cfg.compile, trainer_cfg.device,
+                                              trainer_cfg.world_size, trainer_cfg.gradient_checkpointing, self._warm_up)
         # One process, or this rank of a data-parallel group (torch.distributed already set up).
         self.update = (LocalUpdate if trainer_cfg.world_size == 1 else DeepSpeedUpdate)(self.model, trainer_cfg)
         self.version = 0
