@@ -376,7 +376,7 @@ class Config:
     mtp: MTPConfig = field(default_factory=MTPConfig)
 
 
-# str fields of "auto" | "on" | "off"
+# The str fields of "auto" | "on" | "off": read as such from YAML's booleans here, validated together
 SWITCHES = (("trainer", "fused_master_step"), ("trainer", "compile"))
 
 

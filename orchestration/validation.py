@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from orchestration import checkpoint
-from orchestration.config import Config, ConfigError, ModelConfig
+from orchestration.config import SWITCHES, Config, ConfigError, ModelConfig
 
 log = logging.getLogger("rlaccel")
 
@@ -44,7 +44,7 @@ def validate(config: Config, warn: bool = True) -> None:
     """Value checks a type cannot express. Registries are consulted, not copied. ``warn``: also log
     the warnings of settings that run but cost acceptance (false for a second check of one config)."""
     from attention.shared_prompt import BACKENDS
-    from policy.fused_adamw import MODES as FUSED_MASTER_STEP  # trainer.compile's too
+    from policy.fused_adamw import MODES as SWITCH_MODES  # "auto" | "on" | "off"
     from policy.grpo import ADVANTAGES, BEHAVIOUR_WEIGHTS, LOSS_AGGREGATIONS, weighs_on_policy
     from policy.models import BUILTIN_MODELS
 
@@ -136,8 +136,8 @@ def validate(config: Config, warn: bool = True) -> None:
     _check("trainer.max_grad_norm", math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0, "finite, > 0",
            t.max_grad_norm)
     _choice("trainer.attention_backend", t.attention_backend, BACKENDS)
-    _choice("trainer.fused_master_step", t.fused_master_step, FUSED_MASTER_STEP)
-    _choice("trainer.compile", t.compile, FUSED_MASTER_STEP)
+    for section, key in SWITCHES:
+        _choice(f"{section}.{key}", getattr(getattr(config, section), key), SWITCH_MODES)
     _check("trainer.world_size", t.world_size >= 1, ">= 1", t.world_size)
     _check("trainer.device", t.device in ("cpu", "cuda", "cuda:0"), "'cpu' or 'cuda' (Ray shows each trainer rank "
            "its own GPU only, as cuda:0)", t.device)

@@ -6,9 +6,9 @@ import logging
 import pytest
 import torch
 
+from mtp.heads import policy_states
 from orchestration.config import load_config
 from policy import compiled
-from mtp.heads import policy_states
 from policy.compiled import compile_layers, decoder_layers
 from policy.models import load_model
 from policy.trainer import PolicyTrainer
@@ -91,6 +91,7 @@ def test_compiled_bfloat16_layers_are_as_accurate_as_eager_ones(tiny_model_dir):
         (logp * mask).sum().backward()
         results[name] = (logp.detach().double(), {n: p.grad.double() for n, p in t.model.named_parameters()})
     oracle_logp, oracle_grads = results.pop("oracle")
+
     def relative(g, n):
         return float((g - oracle_grads[n]).norm() / oracle_grads[n].norm().clamp_min(1e-30))
     error = {name: ((logp - oracle_logp).abs().max(), max(relative(g, n) for n, g in grads.items()))
