@@ -132,7 +132,8 @@ def test_a_failed_compile_falls_back_under_auto_and_raises_under_on(tiny_model_d
         assert compile_layers(model, "auto", "cpu", 1, False, no_compiler) == 0
     assert "they stay eager" in caplog.text and "no C++ compiler found" in caplog.text
     assert all(m._compiled_call_impl is None for m in decoder_layers(model))
-    with pytest.raises(RuntimeError, match="compile=on: compiling the decoder layers failed.*trainer.compile=off"):
+    with pytest.raises(RuntimeError,
+                       match="trainer.compile=on: compiling the decoder layers failed.*trainer.compile=off"):
         compile_layers(model, "on", "cpu", 1, False, no_compiler)
     assert all(m._compiled_call_impl is None for m in decoder_layers(model))
 
