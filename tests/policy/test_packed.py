@@ -401,3 +401,38 @@ def test_a_tied_heads_gradient_into_grad_is_the_same_sum_without_the_copy(logit_
                          ids[0, 1:], 1.0, logit_chunk)
     (-logp.sum()).backward()
     assert torch.equal(got.to_dense(), models[0].lm_head.weight.grad)
+
+
+def test_a_tied_heads_gradient_buffer_is_kept_between_steps_unless_a_caller_kept_the_gradient():
+    """The marked head's weight gradient is written into a buffer kept from one backward to the
+    next once .grad has been set to None (policy.packed._kept_grad: a new [V, d] each step grew the
+    CPU trainer's heap), wholly overwritten (the same gradient as in a new buffer, the embedding's
+    rows added once); a gradient a caller kept is not written over (a new buffer then)."""
+    from policy.packed import head_logprobs
+    from policy.trainer import sparse_tied_embedding
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    assert sparse_tied_embedding(model)
+    model.rlaccel_head_grad_into_param = True
+    weight = model.lm_head.weight
+
+    def backward(seed: int) -> None:
+        model.zero_grad(set_to_none=True)
+        ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(seed))
+        hidden = model.model(input_ids=ids).last_hidden_state[0, :-1]
+        (-head_logprobs(model, hidden, torch.arange(8), ids[0, 1:], 1.0, 0).sum()).backward()
+
+    backward(1)
+    kept, kept_values = weight.grad, weight.grad.clone()
+    assert kept._base is not None  # a view of the kept buffer
+    backward(2)  # the caller holds the first gradient: a new buffer
+    buffer = weight.grad._base
+    assert buffer is not None and buffer is not kept._base and torch.equal(kept, kept_values)
+    second = weight.grad.clone()
+    del kept
+    backward(2)  # nothing holds the second: its buffer again, the same gradient
+    assert weight.grad._base is buffer and torch.equal(weight.grad, second)
+    backward(1)
+    assert weight.grad._base is buffer and torch.equal(weight.grad, kept_values)
