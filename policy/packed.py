@@ -84,10 +84,10 @@ def _kept_grad(param: torch.Tensor) -> torch.Tensor:
     ``.grad`` to None), else a new buffer, so a gradient a caller kept is never written over.
 
     A new [V, d] each step (50 MB on the 100M preset) grew the CPU trainer's heap by its size every
-    step or two: glibc's free chunks, split by the step's other tensors, no longer held it, and
-    ``orchestration.keep_freed_memory`` returns nothing (in one process, glibc's ``mallinfo2``: ~18 MB
-    a step, of which ~2.5 in use, 87k page faults in 10 s of a small-short run). Kept, it stays
-    allocated between steps, through the next forward."""
+    few steps: glibc's free chunks, split by the step's other tensors, no longer held it, and
+    ``orchestration.keep_freed_memory`` returns nothing (glibc's ``mallinfo2``: ~18 MB a step, of
+    which ~2.5 in use; 87k page faults in 10 s of a small-short run). Kept, it stays allocated
+    between steps, through the next forward (README "Memory")."""
     buffer, stored = _GRAD_BUFFERS.get(param, (None, None))
     if buffer is None or stored() is not None:
         buffer = torch.empty_like(param)
