@@ -81,7 +81,9 @@ _GRAD_BUFFERS = WeakTensorKeyDictionary()
 def _kept_grad(param: torch.Tensor) -> torch.Tensor:
     """A tensor like ``param`` for its gradient, to be stored as its ``.grad``: a view of a buffer
     kept from one backward to the next while the view stored before is gone (the optimizer set
-    ``.grad`` to None), else a new buffer, so a gradient a caller kept is never written over.
+    ``.grad`` to None), else a new buffer. A caller that keeps ``.grad`` itself gets a new buffer
+    at the next backward; one that keeps only a view or ``.data`` of it, which this cannot see,
+    would see it written over (policy.trainer keeps neither).
 
     A new [V, d] each step (50 MB on the 100M preset) grew the CPU trainer's heap by its size every
     few steps: glibc's free chunks, split by the step's other tensors, no longer held it, and
@@ -89,7 +91,8 @@ def _kept_grad(param: torch.Tensor) -> torch.Tensor:
     which ~2.5 in use; 87k page faults in 10 s of a small-short run). Kept, it stays allocated
     between steps, through the next forward (README "Memory")."""
     buffer, stored = _GRAD_BUFFERS.get(param, (None, None))
-    if buffer is None or stored() is not None:
+    if (buffer is None or stored() is not None or buffer.shape != param.shape or buffer.dtype != param.dtype
+            or buffer.device != param.device):
         buffer = torch.empty_like(param)
     view = buffer.view_as(buffer)
     _GRAD_BUFFERS[param] = (buffer, weakref.ref(view))
