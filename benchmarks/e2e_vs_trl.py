@@ -518,11 +518,15 @@ def main() -> None:
                 planned = [(s, seed) for s, seed in planned if s in systems]
             if planned:
                 jobs[name] = planned
-        # The heads, then every TRL run of every cell, then every rlaccel run: a TRL run or a
-        # head training must not share the cores with an idle Ray session (with kept small-model
-        # actors it used 9.6% of one core, ad hoc, 60 s), and each return to rlaccel after one
-        # started a new Ray session and actor processes (25-35 s on the Zen 3 machine, a cell's first
-        # rlaccel run): the rlaccel runs now share one session, across cells too.
+        # The heads, then cell by cell its TRL runs and then its rlaccel runs. A TRL run or a head
+        # training must not share the cores with an idle Ray session (with kept small-model actors it
+        # used 9.6% of one core, ad hoc, 60 s), so each cell's TRL runs stop the session and its
+        # rlaccel runs start a new one (Ray's start and new actor processes, a few seconds on the
+        # AVX-512 machine, in the cell's first rlaccel run). Cell by cell keeps a cell's TRL and rlaccel
+        # runs minutes apart: with every TRL run first, small-short's came ~15-20 minutes before its
+        # rlaccel runs, and the VM's speed drifted between them (2026-12-06 04:29: its rollouts, which
+        # nothing had changed, took 1.3-1.7x the seconds of the run before). The kept TRL process
+        # waits on its pipe (no CPU) through the rlaccel runs.
         model_dirs = {name: prepare_policy(plan[name]) for name in jobs}
         # The heads before any run, so that a failed training loses no result; a head's time is
         # reported in the first cell of its model that uses it.
@@ -534,16 +538,14 @@ def main() -> None:
                 heads[model], head_s[name] = train_head(plan[name], tmp, args.quick, log_dir)
                 print(f"== {model} drafter head trained in {head_s[name]:.0f}s "
                       f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
-        for phase in ("trl", "rlaccel"):
-            for name, planned in jobs.items():
+        for name, planned in jobs.items():
+            for phase in ("trl", "rlaccel"):
                 todo = [(s, seed) for s, seed in planned if s.startswith("trl") == (phase == "trl")]
                 if todo:
                     print(f"== {name}, {phase} runs: {plan[name]['steps']} steps, seeds {list(plan[name]['seeds'])}",
                           flush=True)
                     rows += run_cell(name, plan[name], todo, model_dirs[name], heads.get(plan[name]["model"], ""),
                                      head_s.get(name, 0.0), tmp, log_dir, actors, trl, t_all)
-            if phase == "trl":
-                trl.close()  # its memory, before the rlaccel runs
     stop_ray(actors)
     trl.close()
     if (args.cells or systems) and out.is_file():  # a subset re-run keeps the file's other rows
