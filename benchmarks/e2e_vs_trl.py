@@ -525,7 +525,7 @@ def main() -> None:
         # AVX-512 machine, in the cell's first rlaccel run). Cell by cell keeps a cell's TRL and rlaccel
         # runs minutes apart: with every TRL run first, small-short's came ~15-20 minutes before its
         # rlaccel runs, and the VM's speed drifted between them (2026-12-06 04:29: its rollouts, which
-        # nothing had changed, took 1.3-1.7x the seconds of the run before). The kept TRL process
+        # nothing had changed, took 1.2-1.7x the seconds of the run before). The kept TRL process
         # waits on its pipe (no CPU) through the rlaccel runs.
         model_dirs = {name: prepare_policy(plan[name]) for name in jobs}
         # The heads before any run, so that a failed training loses no result; a head's time is
