@@ -518,15 +518,17 @@ def main() -> None:
                 planned = [(s, seed) for s, seed in planned if s in systems]
             if planned:
                 jobs[name] = planned
-        # The heads, then cell by cell its TRL runs and then its rlaccel runs. A TRL run or a head
-        # training must not share the cores with an idle Ray session (with kept small-model actors it
-        # used 9.6% of one core, ad hoc, 60 s), so each cell's TRL runs stop the session and its
-        # rlaccel runs start a new one (Ray's start and new actor processes, a few seconds on the
-        # AVX-512 machine, in the cell's first rlaccel run). Cell by cell keeps a cell's TRL and rlaccel
-        # runs minutes apart: with every TRL run first, small-short's came ~15-20 minutes before its
-        # rlaccel runs, and the VM's speed drifted between them (2026-12-06 04:29: its rollouts, which
-        # nothing had changed, took 1.2-1.7x the seconds of the run before). The kept TRL process
-        # waits on its pipe (no CPU) through the rlaccel runs.
+        # The heads, then model by model: its cells' TRL runs (the last cell first), then its cells'
+        # rlaccel runs (the first cell first). A TRL run or a head training must not share the cores
+        # with an idle Ray session (with kept small-model actors it used 9.6% of one core, ad hoc,
+        # 60 s), so a model's TRL runs stop the session and its rlaccel runs start a new one (Ray's
+        # start and new actor processes, a few seconds on the AVX-512 machine). Each short cell's TRL
+        # and rlaccel runs are adjacent: with every TRL run first, small-short's came ~15-20 minutes
+        # before its rlaccel runs, and the VM's speed drifted between them (2026-12-06 04:29: its
+        # rollouts, which nothing had changed, took 1.2-1.7x the seconds of the run before). A model's
+        # rlaccel runs share actor processes, so the long cell's reuse the layers the short cell's
+        # compiled: cell by cell, small-long's first timed step took 8 s against ~2 (2026-12-06 05:36).
+        # The kept TRL process waits on its pipe (no CPU) through the rlaccel runs.
         model_dirs = {name: prepare_policy(plan[name]) for name in jobs}
         # The heads before any run, so that a failed training loses no result; a head's time is
         # reported in the first cell of its model that uses it.
@@ -538,9 +540,10 @@ def main() -> None:
                 heads[model], head_s[name] = train_head(plan[name], tmp, args.quick, log_dir)
                 print(f"== {model} drafter head trained in {head_s[name]:.0f}s "
                       f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
-        for name, planned in jobs.items():
-            for phase in ("trl", "rlaccel"):
-                todo = [(s, seed) for s, seed in planned if s.startswith("trl") == (phase == "trl")]
+        for model in dict.fromkeys(plan[name]["model"] for name in jobs):
+            names = [name for name in jobs if plan[name]["model"] == model]
+            for phase, name in [("trl", n) for n in reversed(names)] + [("rlaccel", n) for n in names]:
+                todo = [(s, seed) for s, seed in jobs[name] if s.startswith("trl") == (phase == "trl")]
                 if todo:
                     print(f"== {name}, {phase} runs: {plan[name]['steps']} steps, seeds {list(plan[name]['seeds'])}",
                           flush=True)
