@@ -528,7 +528,6 @@ def main() -> None:
         # rollouts, which nothing had changed, took 1.2-1.7x the seconds of the run before). A model's
         # rlaccel runs share actor processes, so the long cell's reuse the layers the short cell's
         # compiled: cell by cell, small-long's first timed step took 8 s against ~2 (2026-12-06 05:36).
-        # The kept TRL process waits on its pipe (no CPU) through the rlaccel runs.
         model_dirs = {name: prepare_policy(plan[name]) for name in jobs}
         # The heads before any run, so that a failed training loses no result; a head's time is
         # reported in the first cell of its model that uses it.
@@ -543,6 +542,11 @@ def main() -> None:
         for model in dict.fromkeys(plan[name]["model"] for name in jobs):
             names = [name for name in jobs if plan[name]["model"] == model]
             for phase, name in [("trl", n) for n in reversed(names)] + [("rlaccel", n) for n in names]:
+                if phase == "rlaccel":
+                    # its memory, before the rlaccel runs: with it kept through them, vLLM found 1.7
+                    # of 23.5 GiB free for small-long's KV cache after small-short's runs (2026-12-06
+                    # 07:00, rlaccel_sync failed; it held 4.7 GB resident)
+                    trl.close()
                 todo = [(s, seed) for s, seed in jobs[name] if s.startswith("trl") == (phase == "trl")]
                 if todo:
                     print(f"== {name}, {phase} runs: {plan[name]['steps']} steps, seeds {list(plan[name]['seeds'])}",
