@@ -541,18 +541,19 @@ def main() -> None:
                       f"(total {time.perf_counter() - t_all:.0f}s)", flush=True)
         for model in dict.fromkeys(plan[name]["model"] for name in jobs):
             names = [name for name in jobs if plan[name]["model"] == model]
-            for phase, name in [("trl", n) for n in reversed(names)] + [("rlaccel", n) for n in names]:
+            for phase, order in (("trl", names[::-1]), ("rlaccel", names)):
                 if phase == "rlaccel":
                     # its memory, before the rlaccel runs: with it kept through them, vLLM found 1.7
                     # of 23.5 GiB free for small-long's KV cache after small-short's runs (2026-12-06
                     # 07:00, rlaccel_sync failed; it held 4.7 GB resident)
                     trl.close()
-                todo = [(s, seed) for s, seed in jobs[name] if s.startswith("trl") == (phase == "trl")]
-                if todo:
-                    print(f"== {name}, {phase} runs: {plan[name]['steps']} steps, seeds {list(plan[name]['seeds'])}",
-                          flush=True)
-                    rows += run_cell(name, plan[name], todo, model_dirs[name], heads.get(plan[name]["model"], ""),
-                                     head_s.get(name, 0.0), tmp, log_dir, actors, trl, t_all)
+                for name in order:
+                    todo = [(s, seed) for s, seed in jobs[name] if s.startswith("trl") == (phase == "trl")]
+                    if todo:
+                        print(f"== {name}, {phase} runs: {plan[name]['steps']} steps, "
+                              f"seeds {list(plan[name]['seeds'])}", flush=True)
+                        rows += run_cell(name, plan[name], todo, model_dirs[name], heads.get(model, ""),
+                                         head_s.get(name, 0.0), tmp, log_dir, actors, trl, t_all)
     stop_ray(actors)
     trl.close()
     if (args.cells or systems) and out.is_file():  # a subset re-run keeps the file's other rows
