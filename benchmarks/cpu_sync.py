@@ -62,14 +62,16 @@ def main() -> None:
     from orchestration.model_prep import prepare_model
     from policy.models import load_model, load_tokenizer, pack_state, state_checksum
     from rollout.vllm_adapter import reload_weights, set_engine_env
-    config = load_config("configs/small.yaml", [f"rollout.threads={args.threads}", *LONG])
+    # every sync that is sent a probe runs it (the default probes every 8th: rollout.sync_probe_every)
+    config = load_config("configs/small.yaml", [f"rollout.threads={args.threads}", *LONG, "rollout.sync_probe_every=1"])
     model_dir = prepare_model(load_config("configs/small.yaml"))  # the long cell's prompts, the short cell's model
     set_engine_env(config.rollout.kv_cache_gib, args.threads)
     torch.set_num_threads(args.threads)
     from rollout.worker import RolloutWorker
     worker = RolloutWorker(str(model_dir), config.rollout, "float32", 0)
     dropped = RolloutWorker(str(model_dir), load_config("configs/small.yaml", [
-        f"rollout.threads={args.threads}", *LONG, "rollout.cpu_keep_weights=false"]).rollout, "float32", 0)
+        f"rollout.threads={args.threads}", *LONG, "rollout.sync_probe_every=1", "rollout.cpu_keep_weights=false"]).rollout,
+        "float32", 0)
     assert worker.engine.copy_reload and not dropped.engine.copy_reload
     tokenizer = load_tokenizer(model_dir)
     row = load_prompts(config.data, tokenizer)[0]

@@ -83,6 +83,8 @@ def validate(config: Config, warn: bool = True) -> None:
     _check("rollout.sync_probe_tolerance", r.sync_probe_tolerance is None or (
         math.isfinite(r.sync_probe_tolerance) and r.sync_probe_tolerance > 0), "null or finite, > 0",
         r.sync_probe_tolerance)
+    _check("rollout.sync_probe_every", r.sync_probe_every >= 1, ">= 1 (1: a probe at every weight sync)",
+           r.sync_probe_every)
     _check("rollout.gpu_memory_utilization", 0 < r.gpu_memory_utilization <= 1, "in (0, 1]", r.gpu_memory_utilization)
     _check("rollout.block_size", r.block_size is None or r.block_size >= 1, ">= 1 (or unset)", r.block_size)
     _check("rollout.top_p", 0 < r.top_p <= 1, "in (0, 1]", r.top_p)

@@ -5,7 +5,10 @@ applies verified weight updates: the received tensors must match the sender's ch
 it sends one: a GPU sender does not), and, when the sender names probe tokens (at least one of
 the two), the engine's logprobs of them after the update must
 match the reference ones (the trainer's, or a transformers forward of the policy's model class
-with the received weights), proving the engine samples with the new weights.
+with the received weights), proving the engine samples with the new weights. With a checksum the
+probe runs on an engine's first update, after a failed one and on every
+``rollout.sync_probe_every``-th (a reload that failed outright fails the engine's read-back of its
+norm weights at every update: ``rollout.vllm_adapter.reload_weights``); without one on every update.
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ class RolloutWorker:
         # Set when an update fails verification: the engine's weights are then unknown, and
         # the worker refuses to sample until a verified update succeeds.
         self.sync_error: str | None = None
+        # Updates since the engine's last probe; None: the next update probes (a new engine, or one
+        # after a failed update).
+        self._unprobed: int | None = None
 
     def adopt(self, run: str) -> bool:
         """Take this process back for ``run`` after Ray restarted it: False if it was started for
@@ -195,10 +201,13 @@ class RolloutWorker:
             raise WeightSyncError(f"worker {self.worker_id}: weights for version {version} arrived corrupted "
                                   f"(checksum {received} != {checksum}); the engine keeps version {self.version}")
         self.sync_error = "a weight update is in progress"
+        unprobed, self._unprobed = self._unprobed, None  # until this update verifies
+        due = probe is not None and (checksum is None or unprobed is None or unprobed + 1 >= self.cfg.sync_probe_every)
         self.engine.load_weights(state_dict)
         memory = {(t.data_ptr(), t.numel() * t.element_size()) for t in state_dict.values()}  # a tied matrix once
-        metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0, "sync_bytes": float(sum(n for _, n in memory))}
-        if probe is not None:
+        metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0, "sync_probed": float(due),
+                   "sync_bytes": float(sum(n for _, n in memory))}
+        if due:
             ids, expected = probe
             if expected is None:
                 from mtp.maintain import split_drafter
@@ -223,5 +232,6 @@ class RolloutWorker:
                 raise WeightSyncError(self.sync_error)
             metrics["sync_probe_diff"] = diff
         self.version, self.sync_error = version, None
+        self._unprobed = 0 if due else None if unprobed is None else unprobed + 1
         metrics["sync_s"] = time.perf_counter() - t0
         return metrics

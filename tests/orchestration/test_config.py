@@ -37,6 +37,7 @@ def test_wrong_type_names_its_path():
     ("algorithm.on_reward_error=ignore", "algorithm.on_reward_error"),
     ("algorithm.behaviour_weight=always", "algorithm.behaviour_weight"),
     ("rollout.sync_probe_tolerance=0", "rollout.sync_probe_tolerance"),
+    ("rollout.sync_probe_every=0", "rollout.sync_probe_every"),
     ("trainer.logit_chunk=-1", "trainer.logit_chunk"),
     ("trainer.fused_master_step=fast", "trainer.fused_master_step"),
     ("trainer.compile=fast", "trainer.compile"),

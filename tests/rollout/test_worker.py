@@ -16,7 +16,8 @@ ROWS = [(0, {"prompt": "12+7=", "answer": "19"}), (1, {"prompt": "3-5=", "answer
 
 @pytest.fixture()
 def worker(tiny_model_dir):
-    cfg = load_config(None, ["rollout.backend=hf", "rollout.n=3", "rollout.max_tokens=5", "rollout.temperature=0.8"])
+    cfg = load_config(None, ["rollout.backend=hf", "rollout.n=3", "rollout.max_tokens=5", "rollout.temperature=0.8",
+                             "rollout.sync_probe_every=1"])  # the probe's checks at every update
     return RolloutWorker(str(tiny_model_dir), cfg.rollout)
 
 
@@ -92,6 +93,37 @@ def test_update_is_verified_against_the_trainers_reference_when_sent(worker, tin
     # a reference that is not finite is a diverged policy, named as such
     with pytest.raises(WeightSyncError, match="version 4 gives non-finite logprobs.*diverged"):
         worker.update_weights(pack_state(state_b), 4, state_checksum(state_b), (probe_ids, [math.nan] * len(expected_b)))
+
+
+def test_a_checksummed_update_probes_on_the_first_every_nth_and_after_a_failure(tiny_model_dir, tiny_model_dir_b,
+                                                                                monkeypatch):
+    """rollout.sync_probe_every=3: an update with a checksum probes on the engine's first update,
+    then on every third, and on the one after a failed update; without a checksum (a GPU sender)
+    on every update. An update that does not probe runs no engine forward, and an engine that
+    stopped taking the weights in between is caught at the next probe."""
+    cfg = load_config(None, ["rollout.backend=hf", "rollout.sync_probe_every=3"])
+    worker = RolloutWorker(str(tiny_model_dir), cfg.rollout)
+    probe_ids = [3, 4, 74, 5, 82, 6]
+    state_b = load_model(tiny_model_dir_b).state_dict()
+    forwards = []
+    engine_logprobs = worker.engine.prompt_logprobs
+    monkeypatch.setattr(worker.engine, "prompt_logprobs", lambda ids: forwards.append(1) or engine_logprobs(ids))
+
+    def update(version: int, state=state_b, checksum: bool = True) -> float:
+        return worker.update_weights(pack_state(state), version, state_checksum(state) if checksum else None,
+                                     (probe_ids, None))["sync_probed"]
+    assert [update(v) for v in range(1, 8)] == [1, 0, 0, 1, 0, 0, 1] and len(forwards) == 3
+    # the engine stops taking the weights: the updates in between pass, the next probe fails ...
+    monkeypatch.setattr(worker.engine, "load_weights", lambda state_dict: None)
+    state_a = load_model(tiny_model_dir).state_dict()
+    assert [update(8, state_a), update(9, state_a)] == [0, 0]
+    with pytest.raises(WeightSyncError, match="not sampling with the new weights"):
+        update(10, state_a)
+    assert worker.version == 9
+    monkeypatch.undo()
+    # ... and the update after a failed one probes, whatever the count
+    assert [update(11), update(12)] == [1, 0]
+    assert [update(v, checksum=False) for v in (13, 14)] == [1, 1]  # no checksum: the probe is the check
 
 
 @pytest.mark.parametrize("tolerance, shift, passes", [(None, 0.05, False), (0.1, 0.05, True),
