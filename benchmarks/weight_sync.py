@@ -54,7 +54,8 @@ def run(actors, model: str, staleness: int, variant: str, quick: bool, run_dir: 
     config = load_config(preset, [*overrides, *(ASYNC if staleness else []), f"orchestration.max_staleness={staleness}",
                                   f"orchestration.weight_sync={mode}", f"orchestration.keep_freed_memory={keep}",
                                   f"orchestration.steps={quick_steps if quick else steps}",
-                                  f"logging.dir={run_dir}", "logging.tensorboard=false"])
+                                  f"logging.dir={run_dir}", "logging.tensorboard=false",
+                                  "rollout.sync_probe_every=1"])  # every sync probed, as when its results were recorded
     history = main(config, progress=False, actors=actors)
     timed = history[1:]  # step 0: first-call warm-up, and no sync measured yet
     median = lambda k: statistics.median(h[k] for h in timed)  # noqa: E731

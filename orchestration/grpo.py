@@ -101,7 +101,7 @@ def in_flight_depth(max_staleness: int, rollout_s: float, update_s: float) -> in
 # forward with the received weights) is the end of the first prompt and its answer, at most this
 # many tokens. Every layer's weights and the whole LM head take part at any length (the embedding
 # rows checked are those of its tokens, the positions its first 32); it costs two forwards of its
-# length per sync on a CPU worker (benchmarks/cpu_sync.py, 100M preset, 2 threads: with a 322-token
+# length per probed sync on a CPU worker (benchmarks/cpu_sync.py, 100M preset, 2 threads: with a 322-token
 # few-shot prompt as the probe a sync took 2.1 s, with its last 32 tokens 0.81 s, no probe 0.50 s).
 PROBE_TOKENS = 32
 

@@ -13,7 +13,7 @@ receives after the rollouts queued on it before: the trainer's next step waits f
 ``max_staleness`` >= 2 it no longer overlaps the rollout after the one it trains on).
 
 Either way the worker verifies what it loaded the same way (:meth:`RolloutWorker._apply`: the
-sender's checksum where the weights are on the CPU, the probe logprobs). A worker that Ray
+sender's checksum where the weights are on the CPU, the probe logprobs: rollout.sync_probe_every). A worker that Ray
 restarts is re-synced from the object store; a broadcast group cannot take in a new member, so
 with ``broadcast`` Ray does not restart workers and a worker's death ends the run
 (:class:`WorkerLost`). Its policy is then saved with gloo, which reports the lost peer at once;

@@ -362,8 +362,9 @@ def use_cpu_samplers(llm) -> bool:
 # weight update it copies the new weights in unpacked, and the kernel reads them as packed
 # (reloading a tiny Qwen3-MoE's own checkpoint left its prompt logprobs 7.4 nats off, its expert
 # tensors equal to the unpacked checkpoint's). `use_moe_repack` makes an update pack them too. No
-# self-test at start (the defect shows only on an update): the worker's probe after every weight
-# sync compares the engine's logprobs with the trainer's, and tests/rollout/test_vllm_engine.py
+# self-test at start (the defect shows only on an update): the worker's probe (on an engine's first
+# weight sync, then every rollout.sync_probe_every-th) compares the engine's logprobs with the
+# reference's, and tests/rollout/test_vllm_engine.py
 # fails once vLLM packs on updates itself (then this would pack twice).
 
 

@@ -5,10 +5,11 @@ applies verified weight updates: the received tensors must match the sender's ch
 it sends one: a GPU sender does not), and, when the sender names probe tokens (at least one of
 the two), the engine's logprobs of them after the update must
 match the reference ones (the trainer's, or a transformers forward of the policy's model class
-with the received weights), proving the engine samples with the new weights. With a checksum the
-probe runs on an engine's first update, after a failed one and on every
-``rollout.sync_probe_every``-th (a reload that failed outright fails the engine's read-back of its
-norm weights at every update: ``rollout.vllm_adapter.reload_weights``); without one on every update.
+with the received weights), proving the engine samples with the new weights. Where the worker
+computes the reference itself (a CPU trainer sends none) and the update is checksummed, the probe
+runs on an engine's first update, after a failed one and on every ``rollout.sync_probe_every``-th
+(a vLLM reload that did not happen fails the engine's read-back of its norm weights at every
+update: ``rollout.vllm_adapter.reload_weights``); otherwise on every update.
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ class RolloutWorker:
                                   f"(checksum {received} != {checksum}); the engine keeps version {self.version}")
         self.sync_error = "a weight update is in progress"
         unprobed, self._unprobed = self._unprobed, None  # until this update verifies
-        due = probe is not None and (checksum is None or unprobed is None or unprobed + 1 >= self.cfg.sync_probe_every)
+        due = probe is not None and (checksum is None or probe[1] is not None or unprobed is None
+                                     or unprobed + 1 >= self.cfg.sync_probe_every)
         self.engine.load_weights(state_dict)
         memory = {(t.data_ptr(), t.numel() * t.element_size()) for t in state_dict.values()}  # a tied matrix once
         metrics = {"sync_s": 0.0, "sync_probe_diff": 0.0, "sync_probed": float(due),

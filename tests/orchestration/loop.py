@@ -11,10 +11,11 @@ from orchestration.metrics import read_metrics
 
 def run_config(tmp_path, backend):
     # every response through the trainer: logp_mismatch_max then compares every sampled token's
-    # behaviour logprob with the trainer's (a skipped zero-advantage response is not compared)
+    # behaviour logprob with the trainer's (a skipped zero-advantage response is not compared);
+    # every weight sync probed, so that each sync's sync_probe_diff is a measured one
     return load_config("tiny", [f"rollout.backend={backend}", "orchestration.steps=3", "algorithm.prompts_per_step=4",
                                 "model.warm_start_steps=20", "data.num_prompts=64", f"logging.dir={tmp_path / 'run'}",
-                                "trainer.skip_zero_advantage=false"])
+                                "trainer.skip_zero_advantage=false", "rollout.sync_probe_every=1"])
 
 
 def check_run(tmp_path, history):

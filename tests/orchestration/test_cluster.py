@@ -39,7 +39,8 @@ def test_two_workers_and_two_trainer_ranks_spread_over_two_nodes(tmp_path, cache
     config = load_config("tiny", [
         "rollout.num_workers=2", "trainer.world_size=2", "trainer.zero_stage=2", "trainer.threads=1",
         "orchestration.placement_strategy=SPREAD", "orchestration.steps=3", "algorithm.prompts_per_step=4",
-        "model.warm_start_steps=20", "data.num_prompts=64", f"logging.dir={tmp_path / 'run'}"])
+        "model.warm_start_steps=20", "data.num_prompts=64", f"logging.dir={tmp_path / 'run'}",
+        "rollout.sync_probe_every=1"])
     history = main(config, progress=False)
     assert [h["version"] for h in history] == [1.0, 2.0, 3.0]
     assert all(h["rollout_sequences"] == 4 * 8 for h in history)

@@ -42,6 +42,7 @@ def test_loop_with_vllm_engine(tmp_path, cache, kept_actors):
     # the weight-sync bound of policy.models.sync_tolerance
     assert max(h["logp_mismatch_max"] for h in history) < 1e-3
     assert max(h["sync_probe_diff"] for h in history) < 1e-4
+    assert [h["sync_probed"] for h in history] == [0.0, 1.0, 1.0]  # step 0 collects no sync yet
 
 
 def test_too_few_cpus_is_an_error_not_a_hang(tmp_path, cache):
@@ -198,7 +199,7 @@ def test_broadcast_weight_sync_gives_the_object_store_run(tmp_path, cache, kept_
     assert [h["staleness_max"] for h in broadcast] == [h["staleness_max"] for h in store]
     assert max(h["staleness_max"] for h in broadcast) == 1  # the trainer trained on samples of an older policy
     assert trained_record(tmp_path / "broadcast" / "run") == trained_record(tmp_path / "object_store" / "run")
-    assert all(h["sync_bytes"] > 0 and h["sync_probe_diff"] < 1e-4 for h in broadcast[1:])
+    assert all(h["sync_bytes"] > 0 and h["sync_probed"] == 1 and h["sync_probe_diff"] < 1e-4 for h in broadcast[1:])
     other = load_file(tmp_path / "object_store" / "run" / "checkpoint" / "model.safetensors")
     assert final.keys() == other.keys() and all(torch.equal(final[k], other[k]) for k in final)
 

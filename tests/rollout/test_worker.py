@@ -97,10 +97,11 @@ def test_update_is_verified_against_the_trainers_reference_when_sent(worker, tin
 
 def test_a_checksummed_update_probes_on_the_first_every_nth_and_after_a_failure(tiny_model_dir, tiny_model_dir_b,
                                                                                 monkeypatch):
-    """rollout.sync_probe_every=3: an update with a checksum probes on the engine's first update,
-    then on every third, and on the one after a failed update; without a checksum (a GPU sender)
-    on every update. An update that does not probe runs no engine forward, and an engine that
-    stopped taking the weights in between is caught at the next probe."""
+    """rollout.sync_probe_every=3: a checksummed update whose reference the worker computes (a CPU
+    trainer sends none) probes on the engine's first update, then on every third, and on the one
+    after a failed update; with the reference sent (a GPU trainer) or without a checksum, on every
+    update. An update that does not probe runs no engine forward, and an engine that stopped taking
+    the weights in between is caught at the next probe."""
     cfg = load_config(None, ["rollout.backend=hf", "rollout.sync_probe_every=3"])
     worker = RolloutWorker(str(tiny_model_dir), cfg.rollout)
     probe_ids = [3, 4, 74, 5, 82, 6]
@@ -109,9 +110,9 @@ def test_a_checksummed_update_probes_on_the_first_every_nth_and_after_a_failure(
     engine_logprobs = worker.engine.prompt_logprobs
     monkeypatch.setattr(worker.engine, "prompt_logprobs", lambda ids: forwards.append(1) or engine_logprobs(ids))
 
-    def update(version: int, state=state_b, checksum: bool = True) -> float:
+    def update(version: int, state=state_b, checksum: bool = True, expected=None) -> float:
         return worker.update_weights(pack_state(state), version, state_checksum(state) if checksum else None,
-                                     (probe_ids, None))["sync_probed"]
+                                     (probe_ids, expected))["sync_probed"]
     assert [update(v) for v in range(1, 8)] == [1, 0, 0, 1, 0, 0, 1] and len(forwards) == 3
     # the engine stops taking the weights: the updates in between pass, the next probe fails ...
     monkeypatch.setattr(worker.engine, "load_weights", lambda state_dict: None)
@@ -122,8 +123,18 @@ def test_a_checksummed_update_probes_on_the_first_every_nth_and_after_a_failure(
     assert worker.version == 9
     monkeypatch.undo()
     # ... and the update after a failed one probes, whatever the count
-    assert [update(11), update(12)] == [1, 0]
-    assert [update(v, checksum=False) for v in (13, 14)] == [1, 1]  # no checksum: the probe is the check
+    assert update(11) == 1
+
+    def load_fails(state_dict):
+        raise RuntimeError("the engine's reload failed")
+    monkeypatch.setattr(worker.engine, "load_weights", load_fails)
+    with pytest.raises(RuntimeError, match="reload failed"):  # an update that would not have probed
+        update(12)
+    monkeypatch.undo()
+    assert [update(13), update(14)] == [1, 0]  # by the count alone 13 would not have probed
+    assert [update(v, checksum=False) for v in (15, 16)] == [1, 1]  # no checksum: the probe is the check
+    expected = probe_logprobs(load_model(tiny_model_dir_b).eval(), probe_ids)
+    assert [update(v, expected=expected) for v in (17, 18)] == [1, 1]  # the reference sent (a GPU trainer's)
 
 
 @pytest.mark.parametrize("tolerance, shift, passes", [(None, 0.05, False), (0.1, 0.05, True),
