@@ -116,12 +116,29 @@ def _step_both_and_compare(ref: LocalUpdate, fused: LocalUpdate, max_norm: float
                                                                (0.05, 1e-2, 0.01, (0.9, 0.999))])
 def test_the_fused_pass_steps_as_the_reference_does(max_norm, lr, weight_decay, betas):
     """Four steps (clipped in the last case: the gradients' norm is ~1.6, max_norm 0.05; the
-    second parameter has no gradient in the third step)."""
+    second parameter has no gradient in the third step, which then calls the pass per tensor; the
+    others make one call of each form over all four)."""
     ref, fused = _pair(lr, weight_decay, betas)
     for step in range(4):
         _set_grads([ref, fused], step)
         _step_both_and_compare(ref, fused, max_norm)
         _copy_state(ref, fused)  # the next step starts both from the same state
+    assert fused.fused._one_call_ran == {"norms", "updates"}
+
+
+def test_a_one_call_form_that_does_not_compile_steps_per_tensor(caplog):
+    ref, fused = _pair(1e-3, 0.1)
+
+    def fails(*args):
+        raise RuntimeError("no compiler")
+    fused.fused._one_call["updates"] = fails
+    for step in (0, 1):
+        _set_grads([ref, fused], step)
+        with caplog.at_level("WARNING"):
+            _step_both_and_compare(ref, fused, 1e9)
+        _copy_state(ref, fused)
+    assert "updates" not in fused.fused._one_call and fused.fused._one_call_ran == {"norms"}
+    assert sum("the one-call updates did not compile" in r.message for r in caplog.records) == 1
 
 
 def test_a_parameter_without_a_gradient_keeps_its_state():
