@@ -201,9 +201,10 @@ class TrainerConfig:
     # (policy/fused_adamw.py, compiled by torch.compile, which needs a C++ compiler): 0.29 -> 0.16 s
     # a step for the 100M preset on one CPU thread, the same update up to float rounding
     # (tests/policy/test_fused_adamw.py). "auto": for a master copy of >= 10M parameters on the CPU
-    # (the compile takes 4-12 s at start-up, and ~45 s at the first step on the 100M preset for the
-    # pass over all tensors in one call, policy/fused_adamw.py; both seconds from inductor's cache
-    # on disk), falling back with a warning where it cannot compile;
+    # (the compile takes 4-12 s at start-up, and ~45 s at the first step on the 100M preset, ad hoc,
+    # for the pass over all tensors in one call, policy/fused_adamw.py; less from inductor's cache
+    # on disk), falling back with a warning where it cannot compile (the one-call form falls back to
+    # per-tensor calls with a warning under "on" too);
     # "on": for every master copy on the CPU, an error where it cannot compile; "off": the reference
     # path. Float32 weights have no master copy and DeepSpeed's ranks their own: neither is affected.
     fused_master_step: str = "auto"

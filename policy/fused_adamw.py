@@ -14,9 +14,9 @@ process's count into the kernel, one thread as a serial loop, and a kept trainer
 orchestration.actors.Actors, reuses the compiled kernel in a later run with other threads). A step
 where every parameter has a gradient and the same scalars makes one call of each pass over all
 tensors instead of one per tensor (compiled for the parameters' shapes at the first such step: on
-the 100M preset ~45 s on an empty inductor cache, seconds from it): the update 0.506 -> 0.484 s a
-step, 57.2 -> 59.1 samples/s async in bfloat16 (three alternating runs each, ad hoc), where per
-tensor the 134 calls' overhead was ~20 ms a step.
+the 100M preset ~45 s on an empty inductor cache, ad hoc): the update 0.506 -> 0.484 s a step,
+57.2 -> 59.1 samples/s async in bfloat16 (three alternating runs each, ad hoc), where per tensor
+the 134 calls cost ~20 ms a step more.
 The pass updates the optimizer's own state (``exp_avg``, ``exp_avg_sq``, ``step``) with its
 groups' current hyperparameters, so checkpoints, a learning-rate schedule and the reference path
 read and write the same state; the optimizer's step hooks are not run (none is registered here).
@@ -105,30 +105,32 @@ class FusedMasterAdamW:
                     self._norm_part(grad)
                     self._update(grad, moment.clone(), moment.clone(), moment.clone(), grad.clone(),
                                  *(torch.ones(()) for _ in range(8)))
-        # A step where every parameter has a gradient and the same scalars makes one call of each
-        # instead of one per tensor (:meth:`_one_call`), compiled for these parameters' shapes at
-        # the first such step.
+        # A step where every parameter has a gradient and the same scalars (step count and group)
+        # makes one call of each form instead of one per tensor (:meth:`_call_once`), compiled for
+        # these parameters' shapes at the first such step.
         self._one_call = {"norms": torch.compile(_sums_of_squares, dynamic=False, fullgraph=True, options=options),
                           "updates": torch.compile(_adamw_master_updates, dynamic=False, fullgraph=True,
                                                    options=options)}
         self._one_call_ran: set[str] = set()
 
     def _call_once(self, name: str, *args) -> tuple[bool, object]:
-        """(True, the one-call form ``name``'s result), or (False, None) where it did not compile
-        (logged once; its steps then call per tensor). Only a compile fails here: a form's first
-        call, which raises before it computes anything."""
+        """(True, the one-call form ``name``'s result), or (False, None) where it is not compiled
+        and cannot be (logged once; the steps then call per tensor). Only compiling is caught, which
+        raises before the form computes anything: dynamo's and inductor's errors (a missing
+        compiler comes as one) and dynamo's recompile limit (``fullgraph`` raises there rather than
+        run uncompiled); an error while it runs would leave the tensors half-stepped and is raised."""
+        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
         fn = self._one_call.get(name)
         if fn is None:
             return False, None
-        if name in self._one_call_ran:
-            return True, fn(*args)
+        if name not in self._one_call_ran:
+            log.info("trainer.fused_master_step: compiling the one-call %s over %d tensors (with the other form ~45 s "
+                     "on the 100M preset with an empty inductor cache, ad hoc; seconds from it)", name, len(self.params))
         try:
-            log.info("trainer.fused_master_step: compiling the one-call %s over %d tensors (on the 100M preset "
-                     "~40 s on an empty inductor cache, seconds from it)", name, len(self.params))
             out = fn(*args)
-        except Exception as exc:  # noqa: BLE001 (inductor raises many kinds)
+        except (TorchDynamoException, FailOnRecompileLimitHit) as exc:
             log.warning("trainer.fused_master_step: the one-call %s did not compile (%s: %s); each tensor takes its "
-                        "own call (the same arithmetic, ~10 ms more a step on the 100M preset)",
+                        "own call (the same arithmetic, ~20 ms more a step on the 100M preset)",
                         name, type(exc).__name__, exc)
             del self._one_call[name]
             return False, None

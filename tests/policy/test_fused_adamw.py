@@ -116,21 +116,51 @@ def _step_both_and_compare(ref: LocalUpdate, fused: LocalUpdate, max_norm: float
                                                                (0.05, 1e-2, 0.01, (0.9, 0.999))])
 def test_the_fused_pass_steps_as_the_reference_does(max_norm, lr, weight_decay, betas):
     """Four steps (clipped in the last case: the gradients' norm is ~1.6, max_norm 0.05; the
-    second parameter has no gradient in the third step, which then calls the pass per tensor; the
-    others make one call of each form over all four)."""
+    second parameter has no gradient in the third step, which then calls both passes per tensor,
+    and is a step behind in the fourth, whose norm is one call over all four and whose update is
+    per tensor; the first two make one call of each form). Nothing compiles after the first step."""
     ref, fused = _pair(lr, weight_decay, betas)
     for step in range(4):
         _set_grads([ref, fused], step)
-        _step_both_and_compare(ref, fused, max_norm)
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            _step_both_and_compare(ref, fused, max_norm)
         _copy_state(ref, fused)  # the next step starts both from the same state
     assert fused.fused._one_call_ran == {"norms", "updates"}
 
 
+def test_the_one_call_pass_steps_parameters_laid_out_in_one_block():
+    """The trainer lays the parameters out in one block (policy.models.flatten_parameters): the
+    one-call update then writes views of one tensor, as the per-tensor calls did."""
+    from policy.models import flatten_parameters
+    cfg = load_config(None, ["trainer.lr=1e-3", "trainer.weight_decay=0.1"]).trainer
+    ref, flat = _model(), _model()
+    flatten_parameters(flat)
+    assert len({p.untyped_storage().data_ptr() for p in flat}) == 1
+    ref, fused = LocalUpdate(ref, cfg), LocalUpdate(flat, cfg)
+    fused.fused = fused_master_adamw(fused.optimizer, fused.params, fused.master, "on")
+    for step in (0, 1):
+        _set_grads([ref, fused], step)
+        _step_both_and_compare(ref, fused, 1e9)
+        _copy_state(ref, fused)
+    assert fused.fused._one_call_ran == {"norms", "updates"}
+
+
 def test_a_one_call_form_that_does_not_compile_steps_per_tensor(caplog):
+    """A compile error (dynamo's, which wraps inductor's and a missing compiler's) falls back to
+    the per-tensor calls; any other error is raised (it may come after some tensors were written)."""
+    from torch._dynamo.exc import TorchDynamoException
+    ref, fused = _pair(1e-3, 0.1)
+
+    def breaks(*args):
+        raise RuntimeError("while running")
+    fused.fused._one_call["updates"] = breaks
+    _set_grads([fused], 0)
+    with pytest.raises(RuntimeError, match="while running"):
+        fused.clip_and_step(fused.optimizer, 1e9)
     ref, fused = _pair(1e-3, 0.1)
 
     def fails(*args):
-        raise RuntimeError("no compiler")
+        raise TorchDynamoException("no compiler")
     fused.fused._one_call["updates"] = fails
     for step in (0, 1):
         _set_grads([ref, fused], step)
