@@ -364,7 +364,8 @@ def main(config: Config, progress: bool | None = None, actors: Actors | None = N
             # off the trainer's critical path; a broadcast holds the trainer until the workers receive.
             pushed = sync.push()
             synced = sync.results(pending_sync)
-            metrics.update(merge_worker_metrics(synced) if synced else {"sync_s": 0.0, "sync_probe_diff": 0.0, "sync_probed": 0.0})
+            metrics.update(merge_worker_metrics(synced) if synced else
+                           {"sync_s": 0.0, "sync_probe_diff": 0.0, "sync_probed": 0.0})
             pending_sync = pushed
             table = trajectories.table(step, groups)  # while the trainer trains
             metrics.update(trainer.metrics(update_refs))

@@ -101,9 +101,9 @@ class RolloutWorker:
         # Set when an update fails verification: the engine's weights are then unknown, and
         # the worker refuses to sample until a verified update succeeds.
         self.sync_error: str | None = None
-        # Updates since the engine's last probe; None: the next update probes (a new engine, or one
-        # after a failed update).
-        self._unprobed: int | None = None
+        # Updates since the engine's last probe; infinite until one: a new engine's first update and
+        # the one after a failed update probe.
+        self._unprobed = math.inf
 
     def adopt(self, run: str) -> bool:
         """Take this process back for ``run`` after Ray restarted it: False if it was started for
@@ -202,8 +202,8 @@ class RolloutWorker:
             raise WeightSyncError(f"worker {self.worker_id}: weights for version {version} arrived corrupted "
                                   f"(checksum {received} != {checksum}); the engine keeps version {self.version}")
         self.sync_error = "a weight update is in progress"
-        unprobed, self._unprobed = self._unprobed, None  # until this update verifies
-        due = probe is not None and (checksum is None or probe[1] is not None or unprobed is None
+        unprobed, self._unprobed = self._unprobed, math.inf  # until this update verifies
+        due = probe is not None and (checksum is None or probe[1] is not None
                                      or unprobed + 1 >= self.cfg.sync_probe_every)
         self.engine.load_weights(state_dict)
         memory = {(t.data_ptr(), t.numel() * t.element_size()) for t in state_dict.values()}  # a tied matrix once
@@ -234,6 +234,6 @@ class RolloutWorker:
                 raise WeightSyncError(self.sync_error)
             metrics["sync_probe_diff"] = diff
         self.version, self.sync_error = version, None
-        self._unprobed = 0 if due else None if unprobed is None else unprobed + 1
+        self._unprobed = 0 if due else unprobed + 1
         metrics["sync_s"] = time.perf_counter() - t0
         return metrics
